@@ -1,0 +1,17 @@
+"""hf-msam: micro-batch sharpness-aware minimization (mSAM) for the Hugging Face Trainer."""
+
+from .msam import MicroBatchSAM, MSAMStats, PerturbationRule, SAMPerturbation, split_batch
+from .trainer import MSAMTrainer
+from .training_args import MSAMTrainingArguments
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MSAMTrainer",
+    "MSAMTrainingArguments",
+    "MicroBatchSAM",
+    "MSAMStats",
+    "PerturbationRule",
+    "SAMPerturbation",
+    "split_batch",
+]

@@ -1,0 +1,196 @@
+"""`MSAMTrainer`: the `transformers.Trainer` with its training step delegated to `MicroBatchSAM`."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+from transformers.training_args import OptimizerNames
+
+from .msam import MicroBatchSAM, MSAMStats, PerturbationRule, SAMPerturbation, batch_size_of
+from .training_args import MSAMTrainingArguments, msam_setting
+
+__all__ = ["MSAMTrainer"]
+
+logger = logging.getLogger("hf_msam")
+
+MODEL_CARD_TAGS = ["msam", "sharpness-aware-minimization"]
+
+
+class MSAMTrainer(Trainer):
+    """A [`~transformers.Trainer`] that trains with micro-batch sharpness-aware minimization.
+
+    Give it [`MSAMTrainingArguments`] (plain `TrainingArguments` get the mSAM defaults). Everything
+    but the gradient of a training step is the plain `Trainer`'s: optimizer, scheduler, clipping,
+    gradient accumulation, mixed precision, DDP, logging, checkpoints. With `msam_rho=0` the step is
+    the plain one.
+
+    Args:
+        perturbation (`PerturbationRule`, *optional*):
+            Replaces the SAM/ASAM rule that turns an ascent gradient into a perturbation (rho
+            schedules, LookSAM, Friendly-SAM, ...). Defaults to `SAMPerturbation` built from `args`.
+        All other arguments are those of [`~transformers.Trainer`].
+    """
+
+    def __init__(self, *args: Any, perturbation: PerturbationRule | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        logger.setLevel(self.args.get_process_log_level())
+        if not isinstance(self.args, MSAMTrainingArguments):
+            logger.warning(
+                "MSAMTrainer got a plain TrainingArguments: using the mSAM defaults (msam_rho=%s, "
+                "msam_micro_batch_size=%s, msam_adaptive=%s). Pass MSAMTrainingArguments to set them.",
+                msam_setting(self.args, "msam_rho"),
+                msam_setting(self.args, "msam_micro_batch_size"),
+                msam_setting(self.args, "msam_adaptive"),
+            )
+        self.msam_perturbation = perturbation or SAMPerturbation(
+            rho=msam_setting(self.args, "msam_rho"),
+            adaptive=msam_setting(self.args, "msam_adaptive"),
+            eta=msam_setting(self.args, "msam_adaptive_eta"),
+            eps=msam_setting(self.args, "msam_eps"),
+        )
+        self.msam_micro_batch_size = msam_setting(self.args, "msam_micro_batch_size")
+        self._check_supported()
+        self._msam: MicroBatchSAM | None = None
+        self._msam_stats = MSAMStats()
+        self._msam_last_logged_step = 0
+        self._msam_announced = False
+
+    # -- what mSAM cannot do (yet) ----------------------------------------------------------------
+    def _check_supported(self) -> None:
+        if not self.msam_perturbation.enabled:
+            return  # msam_rho=0: the plain Trainer step, whatever the setup
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False):
+            raise NotImplementedError(
+                "MSAMTrainer does not support DeepSpeed or FSDP yet: the perturbation needs the full, unsharded "
+                "trainable weights and gradients on each device. Use plain data parallelism (DDP, e.g. "
+                "`accelerate launch --multi_gpu`), or set --msam_rho 0 to train without mSAM."
+            )
+        if self.args.optim in (OptimizerNames.LOMO, OptimizerNames.ADALOMO):
+            raise ValueError(
+                f"--optim {self.args.optim.value} fuses the optimizer step into backward, which mSAM needs to run "
+                "twice per step. Choose another optimizer (e.g. adamw_torch) or set --msam_rho 0."
+            )
+        if self.args.gradient_checkpointing and (self.args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+            raise ValueError(
+                "mSAM computes its ascent gradient with torch.autograd.grad, which reentrant gradient checkpointing "
+                "does not support. Drop use_reentrant=True from --gradient_checkpointing_kwargs (the default, "
+                "non-reentrant checkpointing works)."
+            )
+
+    @property
+    def msam_perturbations_per_step(self) -> int:
+        """Distinct perturbations per optimizer step: devices × accumulation steps × micro-batches per device."""
+        per_device = self.args.per_device_train_batch_size
+        mbs = self.msam_micro_batch_size
+        micro = 1 if mbs is None else math.ceil(per_device / mbs)
+        return self.args.world_size * self.args.gradient_accumulation_steps * micro
+
+    def _announce(self) -> None:
+        self._msam_announced = True
+        rule = self.msam_perturbation
+        if not rule.enabled:
+            logger.info("mSAM is off (msam_rho=0): plain Trainer steps.")
+            return
+        logger.info(
+            "mSAM: %d distinct perturbations per optimizer step (%d device(s) x %d accumulation step(s) x %s "
+            "micro-batch(es) of %s example(s) per device); rule %s.",
+            self.msam_perturbations_per_step,
+            self.args.world_size,
+            self.args.gradient_accumulation_steps,
+            self.msam_perturbations_per_step // (self.args.world_size * self.args.gradient_accumulation_steps),
+            self.msam_micro_batch_size or self.args.per_device_train_batch_size,
+            getattr(rule, "__dict__", rule),
+        )
+
+    # -- the step ---------------------------------------------------------------------------------
+    def _item_count(self, batch: Any) -> int | torch.Tensor:
+        """What `num_items_in_batch` counts, for one (micro-)batch: the label tokens that are not -100."""
+        if "shift_labels" in batch:
+            labels = batch["shift_labels"]
+        else:
+            labels = batch["labels"][..., 1:] if getattr(self, "_loss_shifts_labels", False) else batch["labels"]
+        return labels.ne(-100).sum()
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        if not self._msam_announced:
+            self._announce()
+        if not self.msam_perturbation.enabled:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if self._msam is None or self._msam.model is not model:
+            self._msam = MicroBatchSAM(
+                model,
+                micro_batch_size=self.msam_micro_batch_size,
+                accelerator=self.accelerator,
+                perturbation=self.msam_perturbation,
+            )
+            self._msam.stats = self._msam_stats
+
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+
+        # The same loss normalization as Trainer.training_step.
+        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
+            loss_is_scaled_for_ga = self.loss_is_scaled_for_ga
+        else:
+            loss_is_scaled_for_ga = (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ) or self.compute_loss_func is not None
+        # With `num_items_in_batch` the loss is normalized by a count of label tokens: weight the
+        # micro-batches by that count, and give each the count that makes its loss a mean over itself.
+        size_fn = self._item_count if num_items_in_batch is not None and "labels" in inputs else None
+
+        def loss_fn(micro_batch: dict[str, Any]) -> torch.Tensor:
+            num_items = num_items_in_batch
+            if num_items is not None and micro_batch is not inputs:
+                num_items = num_items * ((size_fn or batch_size_of)(micro_batch) / (size_fn or batch_size_of)(inputs))
+            with self.compute_loss_context_manager():
+                # compute_loss may pop "labels": give it a copy, the micro-batch is used twice.
+                loss = self.compute_loss(model, copy.copy(micro_batch), num_items_in_batch=num_items)
+            if self.args.n_gpu > 1:
+                loss = loss.mean()  # DataParallel returns one loss per GPU
+            if not loss_is_scaled_for_ga:
+                loss = loss / self.current_gradient_accumulation_steps
+            return loss
+
+        return self._msam.backward(inputs, loss_fn, size_fn=size_fn)
+
+    # -- logging ----------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the mSAM metrics of the logging window to each training log, averaged like `loss`."""
+        stats = self._msam_stats
+        if "loss" in logs and stats.micro_batches > 0:
+            steps = max(self.state.global_step - self._msam_last_logged_step, 1)
+            device = self.args.device
+            window = torch.stack(
+                [
+                    torch.as_tensor(v, dtype=torch.float32, device=device).reshape(())
+                    for v in (stats.clean_loss, stats.perturbed_loss, stats.ascent_grad_norm, stats.micro_batches, stats.skipped)
+                ]
+            )
+            window = self.accelerator.reduce(window, reduction="sum")  # across processes
+            clean, perturbed, grad_norm, micro_batches, skipped = window.tolist()
+            per_step = steps * self.accelerator.num_processes
+            logs["msam/perturbed_loss"] = perturbed / per_step
+            logs["msam/sharpness"] = (perturbed - clean) / per_step
+            logs["msam/ascent_grad_norm"] = grad_norm / micro_batches
+            logs["msam/skipped_perturbations"] = skipped / per_step
+        if "loss" in logs:
+            stats.reset()
+            self._msam_last_logged_step = self.state.global_step
+        super().log(logs, start_time)
+
+    # -- model card -------------------------------------------------------------------------------
+    def create_model_card(self, *args: Any, tags: str | list[str] | None = None, **kwargs: Any) -> None:
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        tags += [t for t in MODEL_CARD_TAGS if t not in tags]
+        super().create_model_card(*args, tags=tags, **kwargs)
