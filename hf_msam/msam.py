@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MicroBatchSAM", "PerturbationRule", "SAMPerturbation", "MSAMStats", "split_batch", "batch_size_of"]
+__all__ = ["MicroBatchSAM", "PerturbationRule", "SAMPerturbation", "MSAMStats", "split_batch", "batch_size_of", "micro_batch_weight"]
 
 
 class PerturbationRule:
@@ -145,6 +145,12 @@ def split_batch(batch: Any, micro_batch_size: int | None) -> list[Any]:
     return [_slice(batch, n, start, min(start + micro_batch_size, n)) for start in range(0, n, micro_batch_size)]
 
 
+def micro_batch_weight(micro_batch: Any, batch: Any, size_fn: Callable[[Any], int | torch.Tensor] | None = None) -> float:
+    """c_j = size(B_j) / size(B), as a Python float (exact in double precision, whatever the loss dtype)."""
+    size_fn = size_fn or batch_size_of
+    return float(size_fn(micro_batch)) / float(size_fn(batch))
+
+
 # ---------------------------------------------------------------------------------------------
 # The engine
 # ---------------------------------------------------------------------------------------------
@@ -246,9 +252,7 @@ class MicroBatchSAM:
         if len(micro_batches) == 1:
             weights = [None]
         else:
-            size_fn = size_fn or batch_size_of
-            total = size_fn(batch)
-            weights = [size_fn(mb) / total for mb in micro_batches]
+            weights = [micro_batch_weight(mb, batch, size_fn) for mb in micro_batches]
 
         w = [p.detach().clone() for p in params]  # restore by copy: w + e - e is not w in floating point
         clean_total = perturbed_total = 0.0
@@ -269,6 +273,9 @@ class MicroBatchSAM:
                     with torch.no_grad():
                         torch._foreach_add_(params, e)
                     del e
+                    # Inside an enclosing autocast region, casts of w are cached: drop them, or the
+                    # forward below would silently run at the stale, unperturbed w.
+                    torch.clear_autocast_cache()
                 with contextlib.nullcontext() if last else self._no_sync(), _running_stats_frozen(self.model):
                     perturbed_loss = loss_fn(mb)
                     self._backward(perturbed_loss if c_j is None else perturbed_loss * c_j)
@@ -276,6 +283,7 @@ class MicroBatchSAM:
                 # 4. Back to w, bitwise, whatever happened above.
                 with torch.no_grad():
                     torch._foreach_copy_(params, w)
+                torch.clear_autocast_cache()
 
             clean_loss, perturbed_loss = clean_loss.detach(), perturbed_loss.detach()
             clean_total = clean_total + (clean_loss if c_j is None else clean_loss * c_j)

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.training_args import OptimizerNames
 
-from .msam import MicroBatchSAM, MSAMStats, PerturbationRule, SAMPerturbation, batch_size_of
+from .msam import MicroBatchSAM, MSAMStats, PerturbationRule, SAMPerturbation, micro_batch_weight
 from .training_args import MSAMTrainingArguments, msam_setting
 
 __all__ = ["MSAMTrainer"]
@@ -152,7 +152,7 @@ class MSAMTrainer(Trainer):
         def loss_fn(micro_batch: dict[str, Any]) -> torch.Tensor:
             num_items = num_items_in_batch
             if num_items is not None and micro_batch is not inputs:
-                num_items = num_items * ((size_fn or batch_size_of)(micro_batch) / (size_fn or batch_size_of)(inputs))
+                num_items = float(num_items) * micro_batch_weight(micro_batch, inputs, size_fn)
             with self.compute_loss_context_manager():
                 # compute_loss may pop "labels": give it a copy, the micro-batch is used twice.
                 loss = self.compute_loss(model, copy.copy(micro_batch), num_items_in_batch=num_items)
