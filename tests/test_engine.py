@@ -1,0 +1,191 @@
+"""MicroBatchSAM on its own: hand-written loops, splitting, skipped perturbations, fp16 scaling, failures."""
+
+import copy
+
+import pytest
+import torch
+from accelerate import Accelerator
+from reference import MLP, flat, mlp_dataset, msam_gradient
+
+from hf_msam import MicroBatchSAM, split_batch
+from hf_msam.msam import batch_size_of
+
+TIGHT = dict(rtol=1e-10, atol=1e-13)
+
+
+def batch_of(n, seed=0):
+    data = mlp_dataset(n, seed=seed)
+    return {k: torch.stack([d[k] for d in data]) for k in data[0]}
+
+
+def model_loss(model):
+    return lambda mb: model(**mb)["loss"]
+
+
+def test_split_batch_slices_batch_tensors_and_passes_the_rest_through():
+    batch = {"x": torch.arange(10).view(5, 2), "labels": torch.arange(5), "scale": torch.tensor(3.0), "table": torch.ones(7, 2), "name": "a"}
+    parts = split_batch(batch, 2)
+    assert [p["labels"].tolist() for p in parts] == [[0, 1], [2, 3], [4]]
+    assert [p["x"].shape[0] for p in parts] == [2, 2, 1]
+    assert all(p["scale"] is batch["scale"] and p["table"] is batch["table"] and p["name"] == "a" for p in parts)
+    assert split_batch(batch, None) == [batch] and split_batch(batch, 5) == [batch]
+    assert [t.tolist() for t, _ in split_batch((torch.arange(3), "k"), 2)] == [[0, 1], [2]]
+
+
+def test_batch_without_tensors_cannot_be_split():
+    with pytest.raises(ValueError, match="no tensor with a batch dimension"):
+        batch_size_of({"text": ["a", "b"]})
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        MicroBatchSAM(torch.nn.Linear(1, 1), micro_batch_size=0)
+
+
+@pytest.mark.parametrize("micro_batch_size,adaptive", [(None, False), (3, False), (2, True)])
+def test_hand_written_accelerate_loop_matches_reference_sgd(micro_batch_size, adaptive):
+    torch.manual_seed(0)
+    model = MLP().double()
+    reference = copy.deepcopy(model)
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    sam = MicroBatchSAM(model, rho=0.2, micro_batch_size=micro_batch_size, adaptive=adaptive, accelerator=accelerator)
+    for step in range(3):
+        batch = batch_of(7, seed=step)
+        loss = sam.backward(batch, model_loss(model))
+        optimizer.step()
+        optimizer.zero_grad()
+
+        with torch.no_grad():
+            expected_loss = reference(**batch)["loss"]
+        grads = msam_gradient(reference, batch, micro_batch_size, 0.2, adaptive=adaptive)
+        with torch.no_grad():
+            for p, g in zip(reference.parameters(), grads):
+                p.sub_(0.3 * g)
+        torch.testing.assert_close(loss, expected_loss, **TIGHT)  # the clean loss of the whole batch
+        torch.testing.assert_close(flat(model.parameters()), flat(reference.parameters()), **TIGHT)
+    assert sam.stats.micro_batches == 3 * len(split_batch(batch, micro_batch_size))
+
+
+def test_backward_accumulates_into_existing_grad():
+    """Gradient accumulation: the ascent pass must not zero or overwrite .grad (davda54/sam#62)."""
+    torch.manual_seed(0)
+    model = MLP().double()
+    earlier = [torch.randn_like(p) for p in model.parameters()]
+    for p, g in zip(model.parameters(), earlier):
+        p.grad = g.clone()
+    batch = batch_of(6)
+    expected = msam_gradient(copy.deepcopy(model), batch, 2, 0.1)
+    MicroBatchSAM(model, rho=0.1, micro_batch_size=2).backward(batch, model_loss(model))
+    for p, e, g in zip(model.parameters(), earlier, expected):
+        torch.testing.assert_close(p.grad, e + g, **TIGHT)
+
+
+def test_enclosing_autocast_region_does_not_reuse_stale_weight_casts():
+    """Inside one autocast region, casts of w are cached: the forward at w + e must not see the stale w."""
+    torch.manual_seed(0)
+    model = MLP(d_in=16, d_hidden=32)
+    batch = {k: v.float() if v.is_floating_point() else v for k, v in batch_of(8).items()}
+    batch["x"] = torch.randn(8, 16)
+
+    def fresh_region_loss(m, mb):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return m(**mb)["loss"]
+
+    expected = msam_gradient(copy.deepcopy(model), batch, 4, 0.5, loss_of=fresh_region_loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        MicroBatchSAM(model, rho=0.5, micro_batch_size=4).backward(batch, model_loss(model))
+    torch.testing.assert_close(flat(p.grad for p in model.parameters()), flat(expected), rtol=1e-5, atol=1e-6)
+
+
+class ScriptedLoss:
+    """Model loss, except on chosen calls (1-based): 'zero' (no gradient), 'nan', or 'raise'."""
+
+    def __init__(self, model, script):
+        self.model, self.script, self.calls = model, script, 0
+
+    def __call__(self, mb):
+        self.calls += 1
+        loss = self.model(**mb)["loss"]
+        action = self.script.get(self.calls)
+        if action == "zero":
+            return loss * 0.0
+        if action == "nan":
+            return loss * float("nan")
+        if action == "raise":
+            raise RuntimeError("perturbed pass failed")
+        return loss
+
+
+@pytest.mark.parametrize("bad", ["zero", "nan"])
+def test_zero_or_non_finite_ascent_gradient_skips_that_perturbation(bad):
+    torch.manual_seed(0)
+    model = MLP().double()
+    batch = batch_of(6)
+    clean = copy.deepcopy(model)
+    plain_grad = torch.autograd.grad(clean(**{k: v[:3] for k, v in batch.items()})["loss"], list(clean.parameters()))
+    second = msam_gradient(clean, {k: v[3:] for k, v in batch.items()}, None, 0.1)
+    sam = MicroBatchSAM(model, rho=0.1, micro_batch_size=3)
+    sam.backward(batch, ScriptedLoss(model, {1: bad}))  # call 1: the ascent pass of micro-batch 1
+    assert sam.stats.skipped == 1 and sam.stats.micro_batches == 2
+    # micro-batch 1 falls back to its plain gradient at w; micro-batch 2 is perturbed as usual
+    expected = [0.5 * a + 0.5 * b for a, b in zip(plain_grad, second)]
+    torch.testing.assert_close(flat(p.grad for p in model.parameters()), flat(expected), **TIGHT)
+
+
+def test_exception_in_perturbed_pass_restores_weights_bitwise():
+    torch.manual_seed(0)
+    model = MLP().double()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="perturbed pass failed"):
+        MicroBatchSAM(model, rho=1.0, micro_batch_size=2).backward(batch_of(6), ScriptedLoss(model, {4: "raise"}))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_frozen_parameters_are_never_perturbed():
+    torch.manual_seed(0)
+    model = MLP().double()
+    model.fc1.requires_grad_(False)
+    seen = []
+    model.fc1.register_forward_pre_hook(lambda m, args: seen.append(m.weight.detach().clone()))
+    MicroBatchSAM(model, rho=1.0).backward(batch_of(4), model_loss(model))
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])  # same fc1 weight in both passes
+    assert model.fc1.weight.grad is None
+
+
+class ScalerAccelerator:
+    """What MicroBatchSAM needs from an accelerate.Accelerator with fp16 loss scaling."""
+
+    def __init__(self, scale):
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+
+    def no_sync(self, model):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        self.scaler.scale(loss).backward()
+
+
+def test_fp16_loss_scale_is_removed_before_the_norm():
+    torch.manual_seed(0)
+    model = MLP()
+    batch = {"x": torch.randn(6, 6), "labels": torch.randint(0, 3, (6,))}
+    expected = msam_gradient(copy.deepcopy(model), batch, 3, 0.1)
+    sam = MicroBatchSAM(model, rho=0.1, micro_batch_size=3, accelerator=ScalerAccelerator(2.0**12), eps=1.0)
+    sam.backward(batch, model_loss(model))
+    # eps = 1 would weigh 4096x less against a scaled norm: agreement shows the norm was unscaled
+    expected_eps1 = msam_gradient(copy.deepcopy(model), batch, 3, 0.1, eps=1.0)
+    got = flat(p.grad for p in model.parameters()) / 2.0**12
+    torch.testing.assert_close(got, flat(expected_eps1), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(got, flat(expected), rtol=1e-3, atol=0)
+
+
+def test_fp16_overflow_in_ascent_skips_perturbation_not_the_run():
+    torch.manual_seed(0)
+    model = MLP()
+    batch = {"x": torch.randn(6, 6), "labels": torch.randint(0, 3, (6,))}
+    before = [p.detach().clone() for p in model.parameters()]
+    sam = MicroBatchSAM(model, rho=0.1, micro_batch_size=3, accelerator=ScalerAccelerator(2.0**120))
+    sam.backward(batch, lambda mb: 1e6 * model(**mb)["loss"])  # the scaled gradients overflow float32
+    assert sam.stats.skipped == 2
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
