@@ -12,6 +12,7 @@ and w comes back to exactly what it was after every micro-batch. SAM is the case
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,9 +42,10 @@ class PerturbationRule:
 
 def _global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """‖(t_1, ..., t_m)‖₂ over all tensors, accumulated in at least float32."""
+    dtype = functools.reduce(torch.promote_types, {t.dtype for t in tensors}, torch.float32)
+    norms = torch._foreach_norm(tensors, 2, dtype=dtype)
     device = tensors[0].device
-    norms = [torch.linalg.vector_norm(t, dtype=torch.promote_types(t.dtype, torch.float32)).to(device) for t in tensors]
-    return torch.linalg.vector_norm(torch.stack(norms))
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
 
 
 class SAMPerturbation(PerturbationRule):
@@ -59,12 +61,10 @@ class SAMPerturbation(PerturbationRule):
 
     def __call__(self, params, grads):
         if self.adaptive:
-            # g ← T g in place (T recomputed per tensor: no extra copy of the model), norm, then g ← T² g.
+            # g ← T g in place (T recomputed per tensor: no extra copy of the model); later g ← T² g.
             for p, g in zip(params, grads):
                 g.mul_(p.detach().abs().add_(self.eta))
-            grad_norm = _global_norm(grads)
-        else:
-            grad_norm = _global_norm(grads)
+        grad_norm = _global_norm(grads)
         norm = grad_norm.item()
         # A zero or non-finite gradient has no direction to climb in (davda54/sam#14): skip, never divide.
         if not math.isfinite(norm) or norm == 0.0:
