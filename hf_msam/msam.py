@@ -59,6 +59,10 @@ class SAMPerturbation(PerturbationRule):
     def enabled(self) -> bool:
         return self.rho != 0
 
+    def __repr__(self) -> str:
+        asam = f", adaptive=True, eta={self.eta}" if self.adaptive else ""
+        return f"{'ASAM' if self.adaptive else 'SAM'}Perturbation(rho={self.rho}{asam}, eps={self.eps})"
+
     def __call__(self, params, grads):
         if self.adaptive:
             # g ← T g in place (T recomputed per tensor: no extra copy of the model); later g ← T² g.

@@ -5,19 +5,27 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from typing import Any
 
 import torch
+from accelerate.utils.memory import clear_device_cache
 from torch import nn
 from transformers import Trainer
 from transformers.training_args import OptimizerNames
 
+from .flatness import evaluate_flatness
 from .msam import MicroBatchSAM, MSAMStats, PerturbationRule, SAMPerturbation, micro_batch_weight
 from .training_args import MSAMTrainingArguments, msam_setting
 
 __all__ = ["MSAMTrainer"]
 
 logger = logging.getLogger("hf_msam")
+if not logger.handlers:  # our own handler, in the Trainer's format: scripts need no logging set-up to see us
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("[%(levelname)s|%(name)s] %(message)s"))
+    logger.addHandler(_handler)
+    logger.propagate = False
 
 MODEL_CARD_TAGS = ["msam", "sharpness-aware-minimization"]
 
@@ -39,7 +47,9 @@ class MSAMTrainer(Trainer):
 
     def __init__(self, *args: Any, perturbation: PerturbationRule | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        logger.setLevel(self.args.get_process_log_level())
+        # The main process tells its settings (INFO) unless a --log_level was asked for; replicas follow the Trainer.
+        passive = self.args.log_level == "passive" and self.args.should_log
+        logger.setLevel(min(logging.INFO, self.args.get_process_log_level()) if passive else self.args.get_process_log_level())
         if not isinstance(self.args, MSAMTrainingArguments):
             logger.warning(
                 "MSAMTrainer got a plain TrainingArguments: using the mSAM defaults (msam_rho=%s, "
@@ -71,6 +81,12 @@ class MSAMTrainer(Trainer):
                 "trainable weights and gradients on each device. Use plain data parallelism (DDP, e.g. "
                 "`accelerate launch --multi_gpu`), or set --msam_rho 0 to train without mSAM."
             )
+        pc = getattr(self.accelerator, "parallelism_config", None)
+        if pc is not None and any(getattr(pc, f"{kind}_enabled", False) for kind in ("tp", "cp", "sp", "dp_shard")):
+            raise NotImplementedError(
+                "MSAMTrainer does not support tensor, context, sequence or sharded data parallelism yet: each device "
+                "must hold whole examples and whole weights. Use plain data parallelism, or set --msam_rho 0."
+            )
         if self.args.optim in (OptimizerNames.LOMO, OptimizerNames.ADALOMO):
             raise ValueError(
                 f"--optim {self.args.optim.value} fuses the optimizer step into backward, which mSAM needs to run "
@@ -98,14 +114,14 @@ class MSAMTrainer(Trainer):
             logger.info("mSAM is off (msam_rho=0): plain Trainer steps.")
             return
         logger.info(
-            "mSAM: %d distinct perturbations per optimizer step (%d device(s) x %d accumulation step(s) x %s "
-            "micro-batch(es) of %s example(s) per device); rule %s.",
+            "mSAM: %d distinct perturbations per optimizer step (%d device(s) x %d accumulation step(s) x %d "
+            "micro-batch(es) of %s example(s) per device); rule: %s.",
             self.msam_perturbations_per_step,
             self.args.world_size,
             self.args.gradient_accumulation_steps,
             self.msam_perturbations_per_step // (self.args.world_size * self.args.gradient_accumulation_steps),
             self.msam_micro_batch_size or self.args.per_device_train_batch_size,
-            getattr(rule, "__dict__", rule),
+            rule,
         )
 
     # -- the step ---------------------------------------------------------------------------------
@@ -137,6 +153,8 @@ class MSAMTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
+        if self.args.torch_empty_cache_steps is not None and self.state.global_step % self.args.torch_empty_cache_steps == 0:
+            clear_device_cache()
 
         # The same loss normalization as Trainer.training_step.
         if getattr(self, "loss_is_scaled_for_ga", None) is not None:
@@ -191,6 +209,51 @@ class MSAMTrainer(Trainer):
 
     # -- model card -------------------------------------------------------------------------------
     def create_model_card(self, *args: Any, tags: str | list[str] | None = None, **kwargs: Any) -> None:
+        """[`~transformers.Trainer.create_model_card`], tagged `msam` and `sharpness-aware-minimization`, with a
+        "## mSAM settings" section (also what `push_to_hub` uploads: it writes the card through this method)."""
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         tags += [t for t in MODEL_CARD_TAGS if t not in tags]
         super().create_model_card(*args, tags=tags, **kwargs)
+        if not self.is_world_process_zero():
+            return
+        rule = self.msam_perturbation
+        per_device = self.args.per_device_train_batch_size
+        micro_batch_size = self.msam_micro_batch_size or per_device
+        lines = ["", "## mSAM settings", ""]
+        if not rule.enabled:
+            lines.append("Trained without mSAM (`msam_rho=0`): plain optimizer steps, the baseline for (m)SAM runs.")
+        else:
+            lines += [
+                "Trained with micro-batch sharpness-aware minimization (mSAM, [Behdin et al., 2023]"
+                "(https://arxiv.org/abs/2302.09693)) with `hf-msam`:",
+                "",
+                f"- rho: {msam_setting(self.args, 'msam_rho')}",
+                f"- micro-batch size: {micro_batch_size} example(s) per perturbation, per device"
+                + ("" if self.msam_micro_batch_size else " (the whole per-device batch: SAM on each device)"),
+                f"- adaptive (ASAM): {msam_setting(self.args, 'msam_adaptive')}"
+                + (f", eta {msam_setting(self.args, 'msam_adaptive_eta')}" if msam_setting(self.args, "msam_adaptive") else ""),
+                f"- perturbations per optimizer step: {self.msam_perturbations_per_step} ({self.args.world_size} device(s) "
+                f"x {self.args.gradient_accumulation_steps} accumulation step(s) x {math.ceil(per_device / micro_batch_size)} "
+                "micro-batch(es) per device)",
+            ]
+            if not isinstance(rule, SAMPerturbation):
+                lines.append(f"- perturbation rule: `{type(rule).__name__}`")
+        with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+
+    # -- flatness ---------------------------------------------------------------------------------
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """[`~transformers.Trainer.evaluate`], plus, with `msam_eval_flatness`, the Hessian top eigenvalue, the Hessian
+        trace and the sharpness, and with `msam_eval_landscape`, the loss landscape files (see
+        [`hf_msam.flatness.evaluate_flatness`]). The flatness metrics are logged right after the evaluation's own
+        and returned with them, so `save_metrics` puts them in `all_results.json`."""
+        metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        if isinstance(eval_dataset if eval_dataset is not None else self.eval_dataset, dict):
+            return metrics  # super() evaluated each dataset through this method, flatness included
+        flatness = evaluate_flatness(self, eval_dataset, metric_key_prefix)
+        if flatness:
+            self.log(flatness)
+            metrics.update(flatness)
+        return metrics

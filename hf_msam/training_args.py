@@ -28,6 +28,17 @@ class MSAMTrainingArguments(TrainingArguments):
             η of ASAM.
         msam_eps (`float`, *optional*, defaults to `1e-12`):
             Added to the gradient norm in the denominator of the perturbation.
+        msam_eval_flatness (`bool`, *optional*, defaults to `False`):
+            Every evaluation also reports `eval_hessian_top_eigenvalue`, `eval_hessian_trace` and `eval_sharpness`
+            (see `hf_msam.flatness`), measured on the first `msam_flatness_batches` evaluation batches.
+        msam_flatness_batches (`int`, *optional*, defaults to `8`):
+            Evaluation batches the flatness metrics and the loss landscape are measured on.
+        msam_flatness_rho (`float`, *optional*, defaults to `0.05`):
+            Radius of `eval_sharpness`, the same for every run (SAM perturbation, one micro-batch per batch).
+        msam_flatness_iters (`int`, *optional*, defaults to `100`):
+            Power iterations for the top eigenvalue and Hutchinson probes for the trace.
+        msam_eval_landscape (`bool`, *optional*, defaults to `False`):
+            Every evaluation writes `loss_landscape.json` and `loss_landscape.png` to `output_dir`; the last stays.
     """
 
     msam_rho: float = field(
@@ -57,6 +68,41 @@ class MSAMTrainingArguments(TrainingArguments):
         default=1e-12,
         metadata={"help": "Added to the gradient norm in the denominator of the perturbation, for stability."},
     )
+    msam_eval_flatness: bool = field(
+        default=False,
+        metadata={
+            "help": "At every evaluation, also report eval_hessian_top_eigenvalue, eval_hessian_trace and "
+            "eval_sharpness (hf_msam.flatness), measured on the first --msam_flatness_batches evaluation batches. "
+            "eval_sharpness uses this run's mSAM settings, with rho 0.05 when --msam_rho is 0, so a plain run "
+            "(--msam_rho 0) can be compared with an mSAM one. Costs about 200 double backward passes per batch."
+        },
+    )
+    msam_flatness_batches: int = field(
+        default=8,
+        metadata={"help": "Evaluation batches the flatness metrics and the loss landscape are measured on."},
+    )
+    msam_flatness_rho: float = field(
+        default=0.05,
+        metadata={
+            "help": "Radius at which eval_sharpness is measured (SAM perturbation, each evaluation batch one "
+            "micro-batch). The same for every run whatever its training rho, so runs compare on equal footing."
+        },
+    )
+    msam_flatness_iters: int = field(
+        default=100,
+        metadata={
+            "help": "Power iterations for eval_hessian_top_eigenvalue and Hutchinson probes for eval_hessian_trace "
+            "(each one Hessian-vector product, i.e. a double backward, per flatness batch). Lower it on large models."
+        },
+    )
+    msam_eval_landscape: bool = field(
+        default=False,
+        metadata={
+            "help": "At every evaluation, write loss_landscape.json and loss_landscape.png to output_dir: the loss "
+            "along a filter-normalized random direction (Li et al. 2018) on the first --msam_flatness_batches "
+            "evaluation batches. Each evaluation overwrites them: the last one stays."
+        },
+    )
 
     def __post_init__(self):
         if not (isinstance(self.msam_rho, (int, float)) and math.isfinite(self.msam_rho) and self.msam_rho >= 0):
@@ -81,6 +127,16 @@ class MSAMTrainingArguments(TrainingArguments):
             raise ValueError(f"--msam_adaptive_eta must be a finite number >= 0, got {self.msam_adaptive_eta!r}.")
         if not (isinstance(self.msam_eps, (int, float)) and math.isfinite(self.msam_eps) and self.msam_eps >= 0):
             raise ValueError(f"--msam_eps must be a finite number >= 0, got {self.msam_eps!r}.")
+        if (
+            isinstance(self.msam_flatness_batches, bool)
+            or not isinstance(self.msam_flatness_batches, int)
+            or self.msam_flatness_batches < 1
+        ):
+            raise ValueError(f"--msam_flatness_batches must be a whole number >= 1, got {self.msam_flatness_batches!r}.")
+        if isinstance(self.msam_flatness_iters, bool) or not isinstance(self.msam_flatness_iters, int) or self.msam_flatness_iters < 1:
+            raise ValueError(f"--msam_flatness_iters must be a whole number >= 1, got {self.msam_flatness_iters!r}.")
+        if not (isinstance(self.msam_flatness_rho, (int, float)) and math.isfinite(self.msam_flatness_rho) and self.msam_flatness_rho > 0):
+            raise ValueError(f"--msam_flatness_rho must be a finite number > 0, got {self.msam_flatness_rho!r}.")
         super().__post_init__()
 
 

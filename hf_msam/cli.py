@@ -1,0 +1,71 @@
+"""The `hf-msam` command (also `python -m hf_msam`)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+RUN_DESCRIPTION = """\
+Run an unmodified training script that uses transformers.Trainer and TrainingArguments (directly, through
+HfArgumentParser, or through subclasses of them) with mSAM swapped in: the --msam_* flags (--msam_rho,
+--msam_micro_batch_size, --msam_adaptive, --msam_adaptive_eta, --msam_eps) may be given anywhere among
+ARGS, and everything else goes to the script. Works under `accelerate launch -m hf_msam run ...` and
+`torchrun -m hf_msam run ...`: each process perturbs with its own micro-batches.
+"""
+
+RUN_EPILOG = """\
+examples:
+  hf-msam run run_glue.py --model_name_or_path bert-base-uncased --task_name mrpc --do_train --msam_rho 0.05 \\
+      --msam_micro_batch_size 8 --output_dir out
+  accelerate launch --num_processes 2 -m hf_msam run train.py --msam_rho 0.1 --output_dir out
+"""
+
+
+def _compare(argv: list[str]) -> int:
+    try:
+        compare = importlib.import_module("hf_msam.compare")
+    except ModuleNotFoundError as err:
+        if err.name != "hf_msam.compare":
+            raise
+        print(
+            "hf-msam: error: `hf-msam compare` is not available in this installation (hf_msam.compare is missing). "
+            "Install a release of hf-msam that ships it.",
+            file=sys.stderr,
+        )
+        return 2
+    return compare.main(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="hf-msam", description="Micro-batch sharpness-aware minimization (mSAM) for the Hugging Face Trainer."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run_parser = commands.add_parser(
+        "run",
+        help="run a transformers.Trainer script with mSAM, without changing it",
+        description=RUN_DESCRIPTION,
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run_parser.add_argument("script", metavar="SCRIPT.py", help="the training script")
+    run_parser.add_argument(
+        "script_args", nargs=argparse.REMAINDER, metavar="ARGS", help="its arguments, and --msam_* flags"
+    )
+    commands.add_parser("compare", help="compare training runs (see `hf-msam compare --help`)", add_help=False)
+
+    if argv[:1] == ["compare"]:  # compare parses its own arguments, --help included
+        return _compare(argv[1:])
+    args = parser.parse_args(argv)
+
+    from .launcher import LauncherError, run
+
+    try:
+        run(args.script, args.script_args)
+    except LauncherError as err:
+        print(f"hf-msam: error: {err}", file=sys.stderr)
+        return 2
+    return 0

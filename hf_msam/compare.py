@@ -1,0 +1,345 @@
+"""`hf-msam compare RUN_DIR [RUN_DIR ...] --output report`: one table and one figure for several training runs.
+
+For each run directory (a Trainer `output_dir`) it reads `trainer_state.json`, the training and
+evaluation logs (from the latest `checkpoint-*` when the run saved no state of its own), and when
+present `all_results.json` (the final metrics `trainer.save_metrics` writes), `loss_landscape.json`
+(`--msam_eval_landscape`) and `training_args.bin` (the mSAM settings). It writes OUTPUT.md, one row a
+run, and OUTPUT.png: training loss, an evaluation metric and the logged mSAM sharpness against steps,
+and the loss landscapes when the runs have them. A run whose files are missing or malformed is
+reported and skipped; the others still make the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import pickle
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .flatness import LANDSCAPE_JSON, LossLandscape, new_figure
+
+__all__ = ["Run", "RunError", "load_run", "main", "plot_runs", "write_report"]
+
+STATE, RESULTS, ARGS = "trainer_state.json", "all_results.json", "training_args.bin"
+FLATNESS = {"eval_hessian_top_eigenvalue": "λ_max(H)", "eval_hessian_trace": "tr(H)", "eval_sharpness": "sharpness"}
+# Evaluation numbers that say how fast, not how good.
+NOT_METRICS = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_model_preparation_time"}
+
+
+class RunError(Exception):
+    """A run directory that cannot be reported, and why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a run
+# ---------------------------------------------------------------------------------------------
+
+
+class _Opaque:
+    """Stands for every class or function `training_args.bin` names: it only keeps the attributes it is given."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+
+
+class _AttributesUnpickler(pickle.Unpickler):
+    # A pickle names the callables that rebuild it: hand it `_Opaque` instead, so that reading a run
+    # never imports nor runs anything (and needs neither transformers nor the run's own classes).
+    def find_class(self, module: str, name: str) -> type:
+        return _Opaque
+
+    def persistent_load(self, pid: Any) -> None:
+        return None  # tensor storages: training arguments hold none we read
+
+
+def _read_settings(path: Path) -> dict[str, Any]:
+    """The `msam_*` attributes of the `TrainingArguments` that `torch.save` wrote to `path` (empty: a plain run)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickled = next(name for name in archive.namelist() if name.endswith("/data.pkl"))
+            args = _AttributesUnpickler(io.BytesIO(archive.read(pickled))).load()
+    except (zipfile.BadZipFile, StopIteration, pickle.UnpicklingError, EOFError, ValueError) as error:
+        reason = error or type(error).__name__
+        raise RunError(f"{path.name} is not a torch.save file of training arguments ({reason})") from error
+    if not isinstance(args, _Opaque):
+        raise RunError(f"{path.name} holds a {type(args).__name__}, not training arguments")
+    settings = {k: v for k, v in vars(args).items() if k.startswith("msam_")}
+    return {k: v for k, v in settings.items() if isinstance(v, (bool, int, float, type(None)))}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunError(f"{path.name} is unreadable: {error}") from error
+    if not isinstance(data, dict):
+        raise RunError(f"{path.name} should hold a JSON object, found a {type(data).__name__}")
+    return data
+
+
+@dataclass
+class Run:
+    """What `compare` knows of one run."""
+
+    name: str
+    directory: Path
+    log_history: list[dict[str, Any]]
+    global_step: int
+    results: dict[str, Any]  # all_results.json; empty when absent
+    settings: dict[str, Any] | None  # msam_* of training_args.bin; None when absent
+    landscape: LossLandscape | None
+
+    def final(self, key: str) -> Any:
+        """The run's final `key`: from all_results.json, else its last logged value; None if neither has it."""
+        if key in self.results:
+            return self.results[key]
+        return next((log[key] for log in reversed(self.log_history) if key in log), None)
+
+    def curve(self, key: str) -> tuple[list[float], list[float]]:
+        """(steps, values) of every logged `key`."""
+        logs = [log for log in self.log_history if "step" in log and isinstance(log.get(key), (int, float))]
+        points = [(log["step"], log[key]) for log in logs]
+        return [s for s, _ in points], [v for _, v in points]
+
+    @property
+    def label(self) -> str:
+        """The run's name and mSAM settings, for legends."""
+        if not self.settings or "msam_rho" not in self.settings:
+            return self.name
+        parts = [f"ρ={self.settings['msam_rho']:g}" if self.settings["msam_rho"] else "ρ=0, no mSAM"]
+        if self.settings["msam_rho"] and self.settings.get("msam_micro_batch_size"):
+            parts.append(f"micro-batch {self.settings['msam_micro_batch_size']}")
+        if self.settings["msam_rho"] and self.settings.get("msam_adaptive"):
+            parts.append("ASAM")
+        return f"{self.name} ({', '.join(parts)})"
+
+
+def _latest_checkpoint(directory: Path) -> Path | None:
+    steps = {p: p.name.removeprefix("checkpoint-") for p in directory.glob("checkpoint-*") if (p / STATE).is_file()}
+    return max((p for p, step in steps.items() if step.isdigit()), key=lambda p: int(steps[p]), default=None)
+
+
+def load_run(directory: str | Path, name: str | None = None) -> Run:
+    """Read a run directory; `RunError` says why it cannot be reported."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise RunError("not a directory")
+    state_dir = directory if (directory / STATE).is_file() else _latest_checkpoint(directory)
+    if state_dir is None:
+        raise RunError(f"no {STATE}, here or in a checkpoint-* (save it with trainer.save_state())")
+    state = _read_json(state_dir / STATE)
+    log_history = state.get("log_history")
+    if not isinstance(log_history, list) or not all(isinstance(log, dict) for log in log_history):
+        raise RunError(f"{STATE} has no log_history list")
+    results = _read_json(directory / RESULTS) if (directory / RESULTS).is_file() else {}
+    landscape = None
+    if (directory / LANDSCAPE_JSON).is_file():
+        try:
+            landscape = LossLandscape.from_json(directory / LANDSCAPE_JSON)
+        except (OSError, UnicodeDecodeError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+            raise RunError(f"{LANDSCAPE_JSON} is unreadable: {error}") from error
+    args_path = next((d / ARGS for d in (directory, state_dir) if (d / ARGS).is_file()), None)
+    return Run(
+        name=name or directory.resolve().name,
+        directory=directory,
+        log_history=log_history,
+        global_step=state.get("global_step", 0),
+        results=results,
+        settings=None if args_path is None else _read_settings(args_path),
+        landscape=landscape,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "—" if value is None else str(value)
+    return f"{value:.4g}"
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+        return "—"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def _settings_cells(run: Run) -> list[str]:
+    """ρ, micro-batch, ASAM; "?" when the run saved no training_args.bin, "—" for plain TrainingArguments."""
+    if run.settings is None:
+        return ["?"] * 3
+    if "msam_rho" not in run.settings:
+        return ["—"] * 3
+    rho = run.settings["msam_rho"]
+    micro_batch = run.settings.get("msam_micro_batch_size")
+    adaptive = run.settings.get("msam_adaptive")
+    return [
+        f"{rho:g}" if rho else "0 (off)",
+        "whole batch" if micro_batch is None else str(micro_batch),
+        f"yes (η={run.settings.get('msam_adaptive_eta', 0.01):g})" if adaptive else "no",
+    ]
+
+
+def _eval_metrics(runs: list[Run]) -> list[str]:
+    """The final evaluation metrics any run has, eval_loss first."""
+    keys = {k for run in runs for k in (*run.results, *(k for log in run.log_history for k in log))}
+    keys = {k for k in keys if k.startswith("eval_") and k not in NOT_METRICS and k not in FLATNESS}
+    return sorted(keys, key=lambda k: (k != "eval_loss", k))
+
+
+def write_report(runs: list[Run], skipped: list[tuple[str, str]], path: Path, figure: str | None) -> None:
+    """The Markdown report: one row a run, the figure below, then the runs that were skipped."""
+    metrics = _eval_metrics(runs)
+    header = ["run", "ρ", "micro-batch", "ASAM", "steps", *metrics, *FLATNESS.values(), "train time"]
+    rows = [
+        [
+            f"`{run.name}`",
+            *_settings_cells(run),
+            str(run.global_step),
+            *(_number(run.final(k)) for k in metrics),
+            *(_number(run.final(k)) for k in FLATNESS),
+            _duration(run.final("train_runtime")),
+        ]
+        for run in runs
+    ]
+    lines = [
+        "# hf-msam compare",
+        "",
+        f"{len(runs)} run(s). Metrics are the final evaluation's. λ_max(H) and tr(H) are the top eigenvalue and the "
+        "trace of the Hessian of the evaluation loss, sharpness the mean rise of that loss under the mSAM perturbation "
+        "(`--msam_eval_flatness`; lower means flatter). ρ, micro-batch and ASAM are the mSAM settings (ρ = 0: plain "
+        "training; ?: no training_args.bin).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+    if figure:
+        lines += ["", f"![Training loss, evaluation metric, mSAM sharpness and loss landscape of each run]({figure})"]
+    if skipped:
+        lines += ["", "## Skipped", "", *(f"- `{directory}`: {reason}" for directory, reason in skipped)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# The figure
+# ---------------------------------------------------------------------------------------------
+
+
+def _landscape_curve(landscape: LossLandscape) -> list[float] | None:
+    """The 1-D curve along d₁; for a 2-D landscape, its β = 0 row when the grid has one."""
+    if landscape.directions == 1:
+        return landscape.losses
+    steps = len(landscape.coordinates)
+    return [row[steps // 2] for row in landscape.losses] if steps % 2 else None
+
+
+def plot_runs(runs: list[Run], path: Path, metric: str = "eval_loss") -> None:
+    """Training loss, `metric` and msam/sharpness against steps (and the loss landscapes), one color a run."""
+    panels = [
+        ("loss", "Training loss", "loss"),
+        (metric, f"Evaluation: {metric}", metric),
+        ("msam/sharpness", "mSAM sharpness during training (runs with ρ > 0)", "L(w + e) − L(w), per step"),
+    ]
+    curves = [run.landscape and _landscape_curve(run.landscape) for run in runs]
+    with_landscape = any(curve is not None for curve in curves)
+    fig = new_figure(figsize=(13, 9.5 if with_landscape else 5))
+    axes = fig.subplots(2, 2).flatten() if with_landscape else fig.subplots(1, 3)
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    lines = []
+    for ax, (key, title, ylabel) in zip(axes, panels):
+        missing = []
+        for run, color in zip(runs, colors):
+            steps, values = run.curve(key)
+            if steps:
+                ax.plot(steps, values, color=color, marker="o", markersize=3)
+            else:
+                missing.append(run.name)
+        _finish(ax, title, "optimizer step", ylabel, missing)
+    if with_landscape:
+        ax, missing = axes[3], []
+        for run, color, curve in zip(runs, colors, curves):
+            if curve is None:
+                missing.append(run.name)
+            else:
+                ax.plot(run.landscape.coordinates, curve, color=color, marker="o", markersize=3)
+        ax.axvline(0.0, color="gray", linestyle=":")
+        ax.annotate("trained weights", (0.0, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                    textcoords="offset points", color="gray", fontsize=8)
+        _finish(ax, "Loss landscape at the final evaluation (Li et al. 2018)",
+                "α: step along a filter-normalized random direction", "evaluation loss at w + α·d", missing)
+    for run, color in zip(runs, colors):
+        lines.append(axes[0].plot([], [], color=color, marker="o", markersize=3, label=run.label)[0])
+    fig.legend(handles=lines, loc="outside lower center", ncols=min(len(runs), 3), title="runs")
+    fig.suptitle(f"hf-msam compare: {len(runs)} run(s)", fontsize=14)
+    fig.savefig(path, dpi=110)
+
+
+def _finish(ax: Any, title: str, xlabel: str, ylabel: str, missing: list[str]) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if missing:
+        ax.text(0.02, 0.02, "not in the logs of: " + ", ".join(missing), transform=ax.transAxes, fontsize=8, color="gray")
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hf-msam compare",
+        description="Compare training runs (Trainer output directories): writes OUTPUT.md, a table with one row a "
+        "run (mSAM settings, final evaluation metrics, flatness numbers, train time), and OUTPUT.png (training "
+        "loss, an evaluation metric and the mSAM sharpness against steps, and the loss landscapes).",
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run's output_dir")
+    parser.add_argument("--output", default="report", help="where to write: OUTPUT.md and OUTPUT.png (default: report)")
+    parser.add_argument("--metric", default="eval_loss", help="the evaluation metric to plot (default: eval_loss)")
+    args = parser.parse_args(argv)
+
+    runs, skipped = [], []
+    names = [Path(d).resolve().name for d in args.runs]
+    for directory, name in zip(args.runs, names):
+        try:
+            runs.append(load_run(directory, name=name if names.count(name) == 1 else directory))
+        except RunError as error:
+            skipped.append((directory, str(error)))
+            print(f"hf-msam compare: skipping {directory}: {error}", file=sys.stderr)
+    if not runs:
+        print("hf-msam compare: no run could be read; nothing written.", file=sys.stderr)
+        return 1
+
+    output = Path(args.output)
+    if output.suffix in (".md", ".png"):
+        output = output.with_suffix("")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    markdown, figure = Path(f"{output}.md"), Path(f"{output}.png")
+    plot_runs(runs, figure, args.metric)
+    write_report(runs, skipped, markdown, figure=figure.name)
+    print(f"hf-msam compare: wrote {markdown} and {figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,560 @@
+"""Is my model flatter? The Hessian, the (m)SAM sharpness and the loss landscape of a model's own loss.
+
+Every function here takes `batches`, an iterable of model-input dicts (what a `DataLoader` yields,
+`labels` included), and measures the size-weighted mean of the model's own `loss` over them,
+
+    L(w) = Σ_b n_b L_b(w) / Σ_b n_b,
+
+as a function of the trainable parameters w only (with PEFT: the adapter):
+
+- `hessian_top_eigenvalue`: λ_max of ∇²L, by power iteration on Hessian-vector products (PyHessian, Yao et al.
+  2020);
+- `hessian_trace`: tr ∇²L, by Hutchinson's estimator E[zᵀ∇²L z] with Rademacher z (Hutchinson 1989);
+- `sharpness`: the mean over micro-batches of L_j(w + e_j) − L_j(w), e_j the (m)SAM perturbation: what mSAM minimizes;
+- `loss_landscape`, `plot_loss_landscape`: L along filter-normalized random directions (Li et al. 2018).
+
+They run the model in eval mode (no dropout, BatchNorm on its running statistics), so that L is a
+function of w alone, on the device the model is on, and leave it bitwise as they found it, in the
+train/eval mode each of its modules was in. Hessian-vector products are double backward passes
+(`torch.autograd.grad` with `create_graph=True`), so the model must be twice differentiable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from accelerate.utils import send_to_device
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm.auto import tqdm
+
+from .msam import SAMPerturbation, batch_size_of, split_batch
+from .training_args import msam_setting
+
+__all__ = [
+    "LossLandscape",
+    "evaluate_flatness",
+    "hessian_top_eigenvalue",
+    "hessian_trace",
+    "loss_landscape",
+    "plot_loss_landscape",
+    "sharpness",
+]
+
+DEFAULT_RHO = 0.05  # the radius `sharpness` measures at by default
+LANDSCAPE_JSON, LANDSCAPE_PNG = "loss_landscape.json", "loss_landscape.png"
+_PROGRESS_DELAY_S = 2.0  # a progress bar appears only when a computation has run this long
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss L(w) and its Hessian-vector products
+# ---------------------------------------------------------------------------------------------
+
+
+def _trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters (requires_grad=True): nothing to measure")
+    return params
+
+
+def _materialize(batches: Iterable[Mapping[str, Any]], device: torch.device) -> list[tuple[Mapping[str, Any], int]]:
+    """The batches, on `device`, with their sizes n_b: read once, since they are used many times."""
+    if isinstance(batches, Mapping):
+        raise TypeError("`batches` must be an iterable of batches, got a single dict: pass [batch].")
+    data = []
+    for batch in batches:
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"Each batch must be a dict of model inputs, got a {type(batch).__name__}")
+        data.append((send_to_device(batch, device), batch_size_of(batch)))
+    if not data:
+        raise ValueError("`batches` is empty: give at least one batch of model inputs, labels included.")
+    return data
+
+
+def _loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    """The model's own `loss` on `batch`, a 0-d tensor."""
+    output = model(**batch)
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    if loss is None:
+        raise ValueError(
+            f"{type(model).__name__} returned no `loss` for a batch with keys {sorted(batch)}: the flatness "
+            "measures need the model's own loss. Include the labels in each batch (e.g. `labels`)."
+        )
+    if loss.numel() != 1:
+        raise ValueError(f"The model's `loss` must be a single number, got a tensor of shape {tuple(loss.shape)}.")
+    return loss.reshape(())
+
+
+def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _mean_loss(model: nn.Module, data: list[tuple[Mapping[str, Any], int]]) -> float:
+    """L(w) = Σ_b n_b L_b(w) / Σ_b n_b."""
+    total = sum(n for _, n in data)
+    return sum(n * _loss(model, batch).double().item() for batch, n in data) / total
+
+
+def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    return sum((x * y).sum().to(a[0].device) for x, y in zip(a, b))
+
+
+def _hessian_vector_product(
+    model: nn.Module, params: list[nn.Parameter], data: list[tuple[Mapping[str, Any], int]], v: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """∇²L(w) v = Σ_b (n_b / n) ∇(∇L_b(w) · v), one double backward pass per batch."""
+    total = sum(n for _, n in data)
+    hv = [torch.zeros_like(x) for x in v]
+    # The fused attention kernels have no double backward: take the (exact, slower) math one.
+    with sdpa_kernel(SDPBackend.MATH):
+        for batch, n in data:
+            loss = _loss(model, batch)
+            g = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True, materialize_grads=True)
+            gv = sum((g_i * v_i.to(g_i.dtype)).sum() for g_i, v_i in zip(g, v))
+            if not gv.requires_grad:
+                continue  # ∇L_b does not depend on w: L_b is linear in w, its Hessian 0
+            h = torch.autograd.grad(gv, params, allow_unused=True, materialize_grads=True)
+            torch._foreach_add_(hv, [h_i.to(x.dtype) for h_i, x in zip(h, v)], alpha=n / total)
+    return hv
+
+
+@contextlib.contextmanager
+def _measuring(model: nn.Module):
+    """Eval mode and autograd on (even under the caller's `torch.no_grad`); then each module back in its mode."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _progress(total: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, delay=_PROGRESS_DELAY_S, leave=False, disable=not enabled)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hessian spectrum
+# ---------------------------------------------------------------------------------------------
+
+
+def hessian_top_eigenvalue(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    iters: int = 100,
+    tol: float = 1e-4,
+    seed: int = 0,
+    *,
+    progress_bar: bool = True,
+) -> float:
+    r"""
+    The top eigenvalue λ_max of the Hessian of the loss, by power iteration on Hessian-vector products.
+
+    From a Gaussian v (drawn on the CPU from `seed`, so the same on any device), repeats
+    λ ← vᵀHv, v ← Hv/‖Hv‖ until λ changes by at most `tol`·|λ| (as PyHessian, Yao et al. 2020). This
+    is the eigenvalue of largest magnitude: λ_max at a minimum, where H is positive semi-definite.
+
+    Args:
+        model (`nn.Module`):
+            Called as `model(**batch)`; must return its `loss`. Only the trainable parameters count.
+        batches (iterable of `dict`):
+            Model inputs with labels. The Hessian is that of the size-weighted mean loss over all of them.
+        iters (`int`, *optional*, defaults to 100):
+            At most this many Hessian-vector products (each a double backward pass over every batch).
+        tol (`float`, *optional*, defaults to 1e-4):
+            Relative change of λ at which to stop.
+        seed (`int`, *optional*, defaults to 0):
+            Seed of the starting vector.
+        progress_bar (`bool`, *optional*, defaults to `True`):
+            Show a progress bar when the computation takes more than a couple of seconds.
+
+    Returns:
+        `float`: the estimate of λ_max.
+    """
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}.")
+    params = _trainable_parameters(model)
+    data = _materialize(batches, params[0].device)
+    generator = torch.Generator().manual_seed(seed)
+    v = [torch.randn(p.shape, generator=generator, dtype=_accumulation_dtype(p)).to(p.device) for p in params]
+    norm = _dot(v, v).sqrt()
+    v = [x / norm for x in v]
+    eigenvalue = None
+    with _measuring(model), _progress(iters, "Hessian top eigenvalue", progress_bar) as bar:
+        for _ in range(iters):
+            hv = _hessian_vector_product(model, params, data, v)
+            rayleigh = _dot(v, hv).item()  # vᵀHv, ‖v‖ = 1
+            norm = _dot(hv, hv).sqrt()
+            bar.update()
+            if norm == 0:
+                return 0.0  # Hv = 0 for a random v: H = 0
+            v = [x / norm for x in hv]
+            converged = eigenvalue is not None and abs(rayleigh - eigenvalue) <= tol * (abs(eigenvalue) + 1e-6)
+            eigenvalue = rayleigh
+            if converged:
+                break
+    return eigenvalue
+
+
+def hessian_trace(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    samples: int = 100,
+    seed: int = 0,
+    *,
+    progress_bar: bool = True,
+) -> float:
+    r"""
+    The trace of the Hessian of the loss, by Hutchinson's estimator: tr H ≈ (1/m) Σ_k z_kᵀ H z_k.
+
+    The z_k are Rademacher vectors (entries ±1, drawn on the CPU from `seed`), for which the estimate is
+    unbiased with variance 2(‖H‖_F² − Σ_i H_ii²)/m: exact when H is diagonal.
+
+    Args:
+        model (`nn.Module`):
+            Called as `model(**batch)`; must return its `loss`. Only the trainable parameters count.
+        batches (iterable of `dict`):
+            Model inputs with labels. The Hessian is that of the size-weighted mean loss over all of them.
+        samples (`int`, *optional*, defaults to 100):
+            m, the number of Hessian-vector products (each a double backward pass over every batch).
+        seed (`int`, *optional*, defaults to 0):
+            Seed of the z_k.
+        progress_bar (`bool`, *optional*, defaults to `True`):
+            Show a progress bar when the computation takes more than a couple of seconds.
+
+    Returns:
+        `float`: the estimate of tr H.
+    """
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}.")
+    params = _trainable_parameters(model)
+    data = _materialize(batches, params[0].device)
+    generator = torch.Generator().manual_seed(seed)
+    estimates = []
+    with _measuring(model), _progress(samples, "Hessian trace", progress_bar) as bar:
+        for _ in range(samples):
+            bits = [torch.randint(0, 2, p.shape, generator=generator) for p in params]
+            z = [(2 * b - 1).to(device=p.device, dtype=_accumulation_dtype(p)) for b, p in zip(bits, params)]  # ±1
+            estimates.append(_dot(z, _hessian_vector_product(model, params, data, z)))
+            bar.update()
+    return torch.stack(estimates).mean().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharpness, as mSAM sees it
+# ---------------------------------------------------------------------------------------------
+
+
+def sharpness(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    rho: float = DEFAULT_RHO,
+    micro_batch_size: int | None = None,
+    adaptive: bool = False,
+    adaptive_eta: float = 0.01,
+    eps: float = 1e-12,
+    *,
+    progress_bar: bool = True,
+) -> float:
+    r"""
+    The sharpness mSAM minimizes: the mean over micro-batches B_j of L_j(w + e_j) − L_j(w).
+
+    Each batch is split into micro-batches of `micro_batch_size` examples (`None`: the batch is one
+    micro-batch), and each gets its own perturbation from its own gradient g_j, by the rule the trainer
+    uses ([`SAMPerturbation`]): e_j = ρ·g_j/‖g_j‖, or with `adaptive` (ASAM) e_j = ρ·T²g_j/‖T g_j‖ with
+    T = |w| + η. The mean weighs micro-batch j by its size n_j, as training does (the plain mean when
+    they are all the same size); a micro-batch with a zero or non-finite gradient is not perturbed and
+    adds 0, as in training.
+
+    Args:
+        model (`nn.Module`):
+            Called as `model(**batch)`; must return its `loss`. Only the trainable parameters are perturbed.
+        batches (iterable of `dict`):
+            Model inputs with labels.
+        rho (`float`, *optional*, defaults to 0.05):
+            The perturbation radius ρ.
+        micro_batch_size (`int` or `None`, *optional*, defaults to `None`):
+            Examples per micro-batch; `None`: each batch is one micro-batch (SAM).
+        adaptive (`bool`, *optional*, defaults to `False`):
+            ASAM scaling of the perturbation.
+        adaptive_eta (`float`, *optional*, defaults to 0.01):
+            η of ASAM.
+        eps (`float`, *optional*, defaults to 1e-12):
+            Added to the gradient norm in the denominator of e_j.
+        progress_bar (`bool`, *optional*, defaults to `True`):
+            Show a progress bar when the computation takes more than a couple of seconds.
+
+    Returns:
+        `float`: the sharpness, in units of the loss.
+    """
+    if not (math.isfinite(rho) and rho >= 0):
+        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}.")
+    if micro_batch_size is not None and micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be None or >= 1, got {micro_batch_size}.")
+    perturbation = SAMPerturbation(rho=rho, adaptive=adaptive, eta=adaptive_eta, eps=eps)
+    params = _trainable_parameters(model)
+    data = _materialize(batches, params[0].device)
+    micro_batches = [mb for batch, _ in data for mb in split_batch(batch, micro_batch_size)]
+    w = [p.detach().clone() for p in params]  # restore by copy: w + e - e is not w in floating point
+    rise, total = 0.0, 0
+    with _measuring(model), _progress(len(micro_batches), "Sharpness", progress_bar) as bar:
+        for mb in micro_batches:
+            n_j = batch_size_of(mb)
+            clean_loss = _loss(model, mb)
+            g = list(torch.autograd.grad(clean_loss, params, allow_unused=True, materialize_grads=True))
+            e, _ = perturbation(params, g)
+            if e is not None:
+                try:
+                    with torch.no_grad():
+                        torch._foreach_add_(params, e)
+                        perturbed_loss = _loss(model, mb)
+                finally:
+                    with torch.no_grad():
+                        torch._foreach_copy_(params, w)
+                rise += n_j * (perturbed_loss.double().item() - clean_loss.double().item())
+            total += n_j
+            bar.update()
+    return rise / total
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss landscape (Li et al. 2018)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossLandscape:
+    """The loss on a grid through the weights w, along filter-normalized random directions d₁ (and d₂).
+
+    Attributes:
+        directions (`int`): 1 or 2.
+        coordinates (`list[float]`): the grid on each axis, from −span to span; α = 0 is w itself.
+        losses (`list[float]` or `list[list[float]]`): 1-D: `losses[i]` = L(w + α_i d₁);
+            2-D: `losses[i][j]` = L(w + α_i d₁ + α_j d₂).
+        seed (`int`): the seed the directions were drawn from.
+    """
+
+    directions: int
+    coordinates: list[float]
+    losses: list[float] | list[list[float]]
+    seed: int = 0
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(asdict(self), f, indent=2)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> LossLandscape:
+        """Read what `to_json` wrote; `ValueError` when the file is not a loss landscape."""
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        try:
+            landscape = cls(**data)
+            steps = len(landscape.coordinates)
+            rows = [landscape.losses] if landscape.directions == 1 else landscape.losses
+            valid = landscape.directions in (1, 2) and steps >= 2
+            valid = valid and len(rows) == (1 if landscape.directions == 1 else steps)
+            valid = valid and all(len(row) == steps and all(isinstance(x, (int, float)) for x in row) for row in rows)
+        except TypeError as error:
+            raise ValueError(f"{path} is not a loss landscape: {error}") from error
+        if not valid:
+            raise ValueError(
+                f"{path} is not a loss landscape: expected 1 or 2 directions, and losses on the coordinates' grid."
+            )
+        return landscape
+
+
+def _filter_normalized_direction(params: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+    """d ~ N(0, I), then d_f ← d_f·‖w_f‖/‖d_f‖ for each filter f (Li et al. 2018, §4).
+
+    A filter is a slice along dim 0 (a convolution filter, the weights into one unit of a linear layer,
+    an embedding row); a 1-D or 0-D tensor (a bias, a norm's scale) is one filter. A filter of zeros
+    (e.g. LoRA's B at initialization) gets a zero direction.
+    """
+    direction = []
+    for p in params:
+        w = p.detach().to(_accumulation_dtype(p))
+        d = torch.randn(p.shape, generator=generator, dtype=w.dtype).to(p.device)
+        rows = p.shape[0] if p.dim() >= 2 else 1
+        w_f, d_f = w.reshape(rows, -1), d.reshape(rows, -1)
+        d_f = d_f * (w_f.norm(dim=1, keepdim=True) / (d_f.norm(dim=1, keepdim=True) + 1e-10))
+        direction.append(d_f.reshape(p.shape).to(p.dtype))
+    return direction
+
+
+def loss_landscape(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    directions: int = 1,
+    span: float = 1.0,
+    steps: int = 21,
+    seed: int = 0,
+    *,
+    progress_bar: bool = True,
+) -> LossLandscape:
+    r"""
+    The loss along filter-normalized random directions through the weights (Li et al. 2018).
+
+    With `directions=1`, L(w + α d₁) for `steps` values of α evenly spaced in [−span, span]; with
+    `directions=2`, L(w + α d₁ + β d₂) on the `steps` × `steps` grid. Filter normalization gives each
+    filter of d the norm of the same filter of w, so α = 1 moves every filter by its own size, and
+    landscapes of differently scaled networks can be compared. With an odd `steps`, α = 0 is on the
+    grid, and the loss there is exactly L(w).
+
+    Args:
+        model (`nn.Module`):
+            Called as `model(**batch)`; must return its `loss`. Only the trainable parameters move.
+        batches (iterable of `dict`):
+            Model inputs with labels; the loss is the size-weighted mean over them.
+        directions (`int`, *optional*, defaults to 1):
+            1 (a curve) or 2 (a surface).
+        span (`float`, *optional*, defaults to 1.0):
+            The grid covers [−span, span] on each axis.
+        steps (`int`, *optional*, defaults to 21):
+            Grid points on each axis.
+        seed (`int`, *optional*, defaults to 0):
+            Seed of the directions (drawn on the CPU, so the same on any device).
+        progress_bar (`bool`, *optional*, defaults to `True`):
+            Show a progress bar when the computation takes more than a couple of seconds.
+
+    Returns:
+        [`LossLandscape`]: the grid and the losses on it.
+    """
+    if directions not in (1, 2):
+        raise ValueError(f"directions must be 1 or 2, got {directions!r}.")
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2, got {steps}.")
+    if not (math.isfinite(span) and span > 0):
+        raise ValueError(f"span must be a finite number > 0, got {span!r}.")
+    params = _trainable_parameters(model)
+    data = _materialize(batches, params[0].device)
+    generator = torch.Generator().manual_seed(seed)
+    d = [_filter_normalized_direction(params, generator) for _ in range(directions)]
+    # span·(2i − (steps−1))/(steps−1): α = 0 exactly in the middle of an odd grid.
+    coordinates = [span * (2 * i - (steps - 1)) / (steps - 1) for i in range(steps)]
+    grid = list(itertools.product(coordinates, repeat=directions))
+    w = [p.detach().clone() for p in params]
+    losses = []
+    with _measuring(model), torch.no_grad(), _progress(len(grid), "Loss landscape", progress_bar) as bar:
+        try:
+            for point in grid:
+                torch._foreach_copy_(params, w)
+                for alpha, d_k in zip(point, d):
+                    torch._foreach_add_(params, d_k, alpha=alpha)
+                losses.append(_mean_loss(model, data))
+                bar.update()
+        finally:
+            torch._foreach_copy_(params, w)
+    if directions == 2:
+        losses = [losses[i * steps : (i + 1) * steps] for i in range(steps)]
+    return LossLandscape(directions=directions, coordinates=coordinates, losses=losses, seed=seed)
+
+
+def new_figure(**kwargs: Any) -> Any:
+    """A matplotlib `Figure` with constrained layout, made without pyplot's global state."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError("Plotting needs matplotlib: pip install 'hf-msam[flatness]'.") from error
+    return Figure(layout="constrained", **kwargs)
+
+
+def plot_loss_landscape(landscape: LossLandscape, path: str | os.PathLike, title: str | None = None) -> None:
+    """Draw `landscape` to the PNG `path`: a curve for 1 direction, filled contours for 2.
+
+    Needs matplotlib (`pip install hf-msam[flatness]`).
+    """
+    alphas = landscape.coordinates
+    fig = new_figure(figsize=(6.4, 4.8))
+    ax = fig.subplots()
+    if landscape.directions == 1:
+        ax.plot(alphas, landscape.losses, marker="o", markersize=3, label="loss L(w + α·d)")
+        ax.axvline(0.0, color="gray", linestyle=":", label="trained weights w (α = 0)")
+        ax.set_xlabel("α: step along a filter-normalized random direction d")
+        ax.set_ylabel("loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    else:
+        contours = ax.contourf(alphas, alphas, list(zip(*landscape.losses)), levels=20, cmap="viridis")
+        ax.contour(contours, colors="white", linewidths=0.4)
+        fig.colorbar(contours, ax=ax, label="loss L(w + α·d₁ + β·d₂)")
+        ax.plot([0.0], [0.0], marker="*", markersize=12, color="red", linestyle="none", label="trained weights w")
+        ax.set_xlabel("α: along filter-normalized random direction d₁")
+        ax.set_ylabel("β: along filter-normalized random direction d₂")
+        ax.set_aspect("equal")
+        ax.legend(loc="upper right")
+    ax.set_title(title or f"Loss landscape around the weights w ({landscape.directions}-D, Li et al. 2018)")
+    fig.savefig(path, dpi=120)
+
+
+# ---------------------------------------------------------------------------------------------
+# In the Trainer
+# ---------------------------------------------------------------------------------------------
+
+
+def _first_batches(dataloader: Iterable[Any], count: int) -> list[Any]:
+    batches = list(itertools.islice(dataloader, count))
+    # An accelerate dataloader leaves the gradient state only when run to its end: leave it now.
+    if hasattr(dataloader, "end"):
+        dataloader.end()
+    return batches
+
+
+def evaluate_flatness(trainer: Any, eval_dataset: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
+    """What [`MSAMTrainer.evaluate`] adds to an evaluation, per the trainer's `msam_eval_*` flags.
+
+    With `msam_eval_flatness`, returns `{prefix}_hessian_top_eigenvalue`, `{prefix}_hessian_trace` and
+    `{prefix}_sharpness`, measured on the unwrapped model (`trainer.model`) and the first
+    `msam_flatness_batches` batches of the evaluation dataloader, with `msam_flatness_iters` power iterations
+    and Hutchinson probes. The sharpness is the SAM one at radius `msam_flatness_rho`, each batch one
+    micro-batch, whatever the run trained with: runs compare on equal footing. With
+    `msam_eval_landscape`, writes `loss_landscape.json` and `loss_landscape.png` (1-D) to `output_dir`,
+    overwriting those of the previous evaluation.
+
+    With several processes, every process measures its own shard's first batches, with no collective
+    inside (the model is unwrapped); the three numbers are then averaged across processes, which all
+    reach that one all-reduce. The main process alone draws the landscape, on its own batches.
+    """
+    args = trainer.args
+    with_flatness, with_landscape = msam_setting(args, "msam_eval_flatness"), msam_setting(args, "msam_eval_landscape")
+    if not (with_flatness or with_landscape):
+        return {}
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        raise NotImplementedError(
+            "--msam_eval_flatness and --msam_eval_landscape need the whole, unsharded trainable weights on each "
+            "device: they do not work with DeepSpeed or FSDP. Compute them after training with hf_msam.flatness."
+        )
+    batches = _first_batches(trainer.get_eval_dataloader(eval_dataset), msam_setting(args, "msam_flatness_batches"))
+    model, progress_bar = trainer.model, trainer.is_local_process_zero() and not args.disable_tqdm
+    metrics = {}
+    if with_flatness:
+        values = [
+            hessian_top_eigenvalue(model, batches, iters=msam_setting(args, "msam_flatness_iters"), progress_bar=progress_bar),
+            hessian_trace(model, batches, samples=msam_setting(args, "msam_flatness_iters"), progress_bar=progress_bar),
+            sharpness(model, batches, rho=msam_setting(args, "msam_flatness_rho"), progress_bar=progress_bar),
+        ]
+        if trainer.accelerator.num_processes > 1:
+            values = trainer.accelerator.reduce(torch.tensor(values, device=args.device), reduction="mean").tolist()
+        names = ("hessian_top_eigenvalue", "hessian_trace", "sharpness")
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in zip(names, values)}
+    if with_landscape and trainer.is_world_process_zero():
+        landscape = loss_landscape(model, batches, progress_bar=progress_bar)
+        os.makedirs(args.output_dir, exist_ok=True)
+        landscape.to_json(os.path.join(args.output_dir, LANDSCAPE_JSON))
+        plot_loss_landscape(
+            landscape,
+            os.path.join(args.output_dir, LANDSCAPE_PNG),
+            title=f"Loss landscape at step {trainer.state.global_step}, on {len(batches)} evaluation batch(es)",
+        )
+    return metrics

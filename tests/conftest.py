@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny models saved from configs and tiny data sets, all written locally (no Hub)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# A vocabulary small enough for a 2-layer BERT, large enough for the sentences below.
+POSITIVE_WORDS = ["good", "great", "fine", "nice", "happy"]
+NEGATIVE_WORDS = ["bad", "awful", "poor", "sad", "ugly"]
+NEUTRAL_WORDS = ["the", "a", "movie", "film", "plot", "was", "is", "very", "really", "and", "it", "this", "story", "cast"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", *POSITIVE_WORDS, *NEGATIVE_WORDS, *NEUTRAL_WORDS]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer BERT for sequence classification (random weights) with a WordPiece tokenizer, saved to a dir."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(VOCAB)}, model_max_length=32)
+    tokenizer.save_pretrained(path)
+    config = BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    BertForSequenceClassification(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> Path:
+    """A 2-layer ViT for 32x32 images (random weights, 3 labels) with its ViTImageProcessor, saved to a dir."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    path = tmp_path_factory.mktemp("tiny-vit")
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        num_labels=3,  # deliberately not the 2 classes of `image_folders`: exercises --ignore_mismatched_sizes
+    )
+    ViTForImageClassification(config).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def _sentence(rng: random.Random, words: list[str]) -> str:
+    return " ".join([rng.choice(NEUTRAL_WORDS), rng.choice(words), rng.choice(NEUTRAL_WORDS), rng.choice(words)]) + " ."
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def sentiment_rows(n: int, seed: int, pairs: bool = False, regression: bool = False) -> list[dict]:
+    """Sentences whose label is 1 for positive words, 0 for negative ones (a score in [0, 5] with `regression`)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = POSITIVE_WORDS if label else NEGATIVE_WORDS
+        if pairs:
+            row = {"sentence1": _sentence(rng, words), "sentence2": _sentence(rng, words)}
+        else:
+            row = {"sentence": _sentence(rng, words)}
+        row["label"] = round(label * 4.0 + rng.random(), 3) if regression else label
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture
+def glue_csv(tmp_path) -> dict[str, Path]:
+    """train/validation/test csv files with `sentence` and integer `label` columns."""
+    return {
+        "train": write_csv(tmp_path / "train.csv", sentiment_rows(32, seed=0)),
+        "validation": write_csv(tmp_path / "validation.csv", sentiment_rows(16, seed=1)),
+        "test": write_csv(tmp_path / "test.csv", sentiment_rows(8, seed=2)),
+    }
+
+
+@pytest.fixture(scope="session")
+def image_folders(tmp_path_factory) -> dict[str, Path]:
+    """`imagefolder` train/ and validation/ dirs of 32x32 PNGs in two classes (reddish `cat`, bluish `dog`)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = random.Random(0)
+    for split, n in (("train", 12), ("validation", 6)):
+        for label, base in (("cat", (200, 40, 40)), ("dog", (40, 40, 200))):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(n // 2):
+                color = tuple(min(255, max(0, c + rng.randint(-30, 30))) for c in base)
+                Image.new("RGB", (32, 32), color).save(folder / f"{label}_{i}.png")
+    return {"train": root / "train", "validation": root / "validation"}

@@ -1,0 +1,158 @@
+"""`hf-msam compare` on run directories made by really training tiny MSAMTrainer runs, and on broken ones."""
+
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+from transformers import BertConfig, BertForSequenceClassification
+
+from hf_msam import MSAMTrainer, MSAMTrainingArguments
+from hf_msam.compare import load_run, main
+
+STEPS = 6
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, num_labels=2,
+    )
+    return BertForSequenceClassification(config)
+
+
+def bert_data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 50, (n, 6), generator=g)
+    labels = (ids[:, 0] > 25).long()  # learnable: the class is in the first token
+    return [{"input_ids": ids[i], "labels": labels[i]} for i in range(n)]
+
+
+def accuracy(prediction):
+    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+
+def train_run(output_dir, rho, micro_batch_size=None):
+    """A run as an example script leaves it: model and args, trainer state, all_results.json, the landscape."""
+    args = MSAMTrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=8, per_device_eval_batch_size=8, max_steps=STEPS,
+        learning_rate=1e-3, logging_steps=1, eval_strategy="steps", eval_steps=3, save_strategy="no",
+        report_to="none", use_cpu=True, msam_rho=rho, msam_micro_batch_size=micro_batch_size,
+        msam_eval_flatness=True, msam_flatness_batches=1, msam_flatness_iters=10, msam_eval_landscape=True,
+    )
+    trainer = MSAMTrainer(
+        model=tiny_bert(), args=args, train_dataset=bert_data(48, seed=1), eval_dataset=bert_data(16, seed=2),
+        compute_metrics=accuracy,
+    )
+    train_metrics = trainer.train().metrics
+    trainer.save_model()
+    trainer.save_metrics("train", train_metrics)
+    trainer.save_state()
+    trainer.save_metrics("eval", trainer.evaluate())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two real runs (plain AdamW, mSAM), a run whose state is only in a checkpoint, and broken ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest
+    root = tmp_path_factory.mktemp("runs")
+    try:
+        train_run(root / "adamw", rho=0.0)
+        train_run(root / "msam", rho=0.05, micro_batch_size=2)
+    finally:
+        torch.set_num_threads(threads)
+    checkpointed = root / "checkpointed"
+    shutil.copytree(root / "msam", checkpointed / f"checkpoint-{STEPS}")
+    (checkpointed / "checkpoint-2").mkdir()
+    (checkpointed / "checkpoint-2" / "trainer_state.json").write_text('{"log_history": []}')
+    broken = root / "broken"
+    shutil.copytree(root / "msam", broken)
+    (broken / "trainer_state.json").write_text('{"log_history": [{"step": 1, "loss"')  # cut short
+    bad_landscape = root / "bad_landscape"
+    shutil.copytree(root / "adamw", bad_landscape)
+    (bad_landscape / "loss_landscape.json").write_text('{"directions": 3}')
+    (root / "empty").mkdir()
+    return root
+
+
+def read_table(path):
+    """{run name: {column: cell}} from the Markdown table of report.md."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+    return {row[0].strip("`"): dict(zip(header, row)) for row in rows}
+
+
+def test_report_has_a_row_per_run_and_skips_the_broken(runs, tmp_path, capsys):
+    directories = ["adamw", "msam", "checkpointed", "broken", "bad_landscape", "empty", "missing"]
+    assert main([str(runs / d) for d in directories] + ["--output", str(tmp_path / "out" / "report")]) == 0
+    report = tmp_path / "out" / "report.md"
+    table = read_table(report)
+    assert list(table) == ["adamw", "msam", "checkpointed"]
+
+    # The mSAM settings, from training_args.bin.
+    settings = {name: (row["ρ"], row["micro-batch"], row["ASAM"]) for name, row in table.items()}
+    assert settings["adamw"] == ("0 (off)", "whole batch", "no")
+    assert settings["msam"] == ("0.05", "2", "no")
+    # The final evaluation and flatness numbers, and the train time, from all_results.json.
+    for name in ("adamw", "msam"):
+        with open(runs / name / "all_results.json") as f:
+            results = json.load(f)
+        row = table[name]
+        assert row["steps"] == str(STEPS)
+        assert row["eval_loss"] == f"{results['eval_loss']:.4g}"
+        assert row["eval_accuracy"] == f"{results['eval_accuracy']:.4g}"
+        assert row["λ_max(H)"] == f"{results['eval_hessian_top_eigenvalue']:.4g}"
+        assert row["tr(H)"] == f"{results['eval_hessian_trace']:.4g}"
+        assert row["sharpness"] == f"{results['eval_sharpness']:.4g}"
+        assert row["train time"] == f"{results['train_runtime']:.1f} s"
+    assert table["msam"]["eval_loss"] != table["adamw"]["eval_loss"]
+    # A run that saved its state only in checkpoints: the latest one's.
+    assert table["checkpointed"]["steps"] == str(STEPS) and table["checkpointed"]["ρ"] == "0.05"
+
+    # The broken runs are reported, in the report and on stderr, with why.
+    skipped = report.read_text().split("## Skipped")[1]
+    err = capsys.readouterr().err
+    for name, reason in [
+        ("broken", "trainer_state.json is unreadable"),
+        ("bad_landscape", "loss_landscape.json is unreadable"),
+        ("empty", "no trainer_state.json"),
+        ("missing", "not a directory"),
+    ]:
+        assert f"`{runs / name}`: {reason}" in skipped
+        assert f"skipping {runs / name}: {reason}" in err
+    assert "![" in report.read_text() and "(report.png)" in report.read_text()
+
+
+def test_report_png_is_a_figure(runs, tmp_path):
+    output = ["--output", str(tmp_path / "report.md"), "--metric", "eval_accuracy"]
+    assert main([str(runs / "adamw"), str(runs / "msam"), *output]) == 0
+    with Image.open(tmp_path / "report.png") as image:
+        image.verify()
+        assert image.format == "PNG" and image.width >= 1000 and image.height >= 700  # 2 x 2 panels: landscapes present
+
+
+def test_nothing_to_report(runs, tmp_path, capsys):
+    assert main([str(runs / "empty"), str(runs / "broken"), "--output", str(tmp_path / "report")]) == 1
+    assert "no run could be read" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_training_args_are_read_without_running_them(runs, tmp_path):
+    """training_args.bin is a pickle: reading the settings must not call what it names."""
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    run = tmp_path / "run"
+    shutil.copytree(runs / "adamw", run)
+    torch.save(SimpleNamespace(msam_rho=Payload(), msam_micro_batch_size=4), run / "training_args.bin")
+    assert load_run(run).settings == {"msam_micro_batch_size": 4}
+    assert not marker.exists()

@@ -1,0 +1,239 @@
+"""examples/glue/run_glue.py end to end, offline, on a tiny BERT and tiny csv files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT, sentiment_rows, write_csv
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from hf_msam import MSAMTrainer
+
+SCRIPT = REPO_ROOT / "examples" / "glue" / "run_glue.py"
+
+
+@pytest.fixture(scope="module")
+def run_glue():
+    spec = importlib.util.spec_from_file_location("run_glue", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def run(run_glue, monkeypatch):
+    """Run the script's main() in this process with `args`; return the MSAMTrainer it built (None if none)."""
+
+    def _run(*args) -> MSAMTrainer | None:
+        trainers = []
+
+        class RecordingTrainer(MSAMTrainer):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, **kw)
+                trainers.append(self)
+
+        monkeypatch.setattr(run_glue, "MSAMTrainer", RecordingTrainer)
+        monkeypatch.setattr(sys, "argv", [str(SCRIPT), *map(str, args)])
+        run_glue.main()
+        return trainers[0] if trainers else None
+
+    return _run
+
+
+def common_args(model: Path, out: Path, steps: int = 2) -> list:
+    return [
+        "--model_name_or_path", model, "--output_dir", out, "--do_train", "--do_eval",
+        "--max_seq_length", 16, "--per_device_train_batch_size", 8, "--per_device_eval_batch_size", 16,
+        "--max_steps", steps, "--logging_steps", 1, "--learning_rate", 1e-3, "--seed", 0,
+        "--save_strategy", "no", "--use_cpu", "--report_to", "none", "--disable_tqdm", "true",
+    ]  # fmt: skip
+
+
+def eval_predictions(trainer: MSAMTrainer) -> tuple[np.ndarray, np.ndarray]:
+    output = trainer.predict(trainer.eval_dataset)
+    return np.squeeze(output.predictions), output.label_ids
+
+
+def test_local_csv_end_to_end(tiny_bert, glue_csv, tmp_path, run, caplog):
+    out = tmp_path / "out"
+    trainer = run(
+        *common_args(tiny_bert, out, steps=3),
+        "--train_file", glue_csv["train"], "--validation_file", glue_csv["validation"], "--test_file", glue_csv["test"],
+        "--do_predict", "--msam_rho", 0.1, "--msam_micro_batch_size", 2,
+    )  # fmt: skip
+
+    for name in ("all_results.json", "eval_results.json", "train_results.json", "trainer_state.json", "README.md"):
+        assert (out / name).is_file(), name
+    # Accuracy, computed locally (offline) with a warning, is the accuracy of the model's predictions.
+    assert "Computing the same numbers locally" in caplog.text
+    eval_results = json.loads((out / "eval_results.json").read_text())
+    preds, labels = eval_predictions(trainer)
+    assert eval_results["eval_accuracy"] == pytest.approx(accuracy_score(labels, preds.argmax(-1)))
+    assert eval_results["eval_samples"] == 16
+    assert json.loads((out / "all_results.json").read_text())["train_samples"] == 32
+    # mSAM really trained: its metrics are in every training log.
+    logs = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert len(logs) == 3 and all("msam/sharpness" in e and "msam/perturbed_loss" in e for e in logs)
+    # Predictions are written with the label names of the data.
+    lines = (out / "predict_results_test.txt").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 9
+    assert {line.split("\t")[1] for line in lines[1:]} <= {"0", "1"}
+    # The model card: tags and mSAM settings.
+    card = ModelCard.load(out / "README.md")
+    assert {"msam", "sharpness-aware-minimization"} <= set(card.data.tags)
+    assert "## mSAM settings" in card.text
+    assert "- rho: 0.1" in card.text and "- micro-batch size: 2 example(s)" in card.text
+    assert "- adaptive (ASAM): False" in card.text
+    assert "- perturbations per optimizer step: 4 (1 device(s) x 1 accumulation step(s) x 4 micro-batch(es)" in card.text
+
+
+@pytest.mark.parametrize("task", ["cola", "mrpc", "stsb"])
+def test_glue_task_metrics_on_local_files(task, tiny_bert, tmp_path, run):
+    """--task_name with local files: the task's columns and GLUE metrics, computed offline like `evaluate` would."""
+    pairs, regression = task != "cola", task == "stsb"
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(16, seed=0, pairs=pairs, regression=regression))
+    validation = write_csv(tmp_path / "dev.csv", sentiment_rows(16, seed=1, pairs=pairs, regression=regression))
+    out = tmp_path / "out"
+    head = ["--ignore_mismatched_sizes"] if regression else []  # the tiny BERT has a 2-label head
+    trainer = run(
+        *common_args(tiny_bert, out, steps=1),
+        "--task_name", task, "--train_file", train, "--validation_file", validation, *head,
+    )  # fmt: skip
+
+    metrics = json.loads((out / "eval_results.json").read_text())
+    preds, labels = eval_predictions(trainer)
+    if task == "cola":
+        expected = {"matthews_correlation": matthews_corrcoef(labels, preds.argmax(-1))}
+    elif task == "mrpc":
+        expected = {"accuracy": accuracy_score(labels, preds.argmax(-1)), "f1": f1_score(labels, preds.argmax(-1))}
+        expected["combined_score"] = np.mean(list(expected.values()))
+    else:
+        assert trainer.model.config.num_labels == 1 and labels.dtype == np.float32  # regression
+        expected = {"pearson": pearsonr(preds, labels)[0], "spearmanr": spearmanr(preds, labels)[0]}
+        expected["combined_score"] = np.mean(list(expected.values()))
+    assert {k: metrics[f"eval_{k}"] for k in expected} == pytest.approx(expected)
+
+
+def test_float_labels_train_as_regression(tiny_bert, tmp_path, run):
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(16, seed=0, regression=True))
+    validation = write_csv(tmp_path / "dev.csv", sentiment_rows(8, seed=1, regression=True))
+    out = tmp_path / "out"
+    trainer = run(
+        *common_args(tiny_bert, out, steps=1),
+        "--train_file", train, "--validation_file", validation, "--ignore_mismatched_sizes",
+    )  # fmt: skip
+    assert trainer.model.config.num_labels == 1
+    preds, labels = eval_predictions(trainer)
+    assert json.loads((out / "eval_results.json").read_text())["eval_mse"] == pytest.approx(((preds - labels) ** 2).mean())
+
+
+def test_lora_trains_only_the_adapter(tiny_bert, glue_csv, tmp_path, run):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "out"
+    trainer = run(
+        *common_args(tiny_bert, out, steps=2),
+        "--train_file", glue_csv["train"], "--validation_file", glue_csv["validation"],
+        "--use_peft", "--lora_r", 4, "--lora_alpha", 8, "--lora_dropout", 0.0, "--lora_target_modules", "query", "value",
+        "--msam_micro_batch_size", 4, "--learning_rate", 1e-2,
+    )  # fmt: skip
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert).state_dict()
+    trained = trainer.model.state_dict()
+    lora_b = {k: v for k, v in trained.items() if "lora_B" in k}
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values())  # zero at init: the adapter has trained
+    frozen = {
+        k.replace("base_model.model.", "").replace(".base_layer", "").replace(".original_module", ""): v
+        for k, v in trained.items()
+        if "lora_" not in k and "modules_to_save" not in k
+    }
+    assert set(frozen) == set(base)
+    assert all(torch.equal(frozen[k], base[k]) for k in base), "a base weight moved"
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "modules_to_save" in n for n in trainable)
+    # Only the adapter is saved, and the card still records mSAM.
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    assert any("lora_B" in k for k in load_file(out / "adapter_model.safetensors"))
+    assert "## mSAM settings" in (out / "README.md").read_text()
+    assert "msam/sharpness" in json.dumps(json.loads((out / "trainer_state.json").read_text())["log_history"])
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("unknown_task", "Unknown --task_name 'glu': pick one of cola, mnli"),
+        ("missing_column", "The train data lacks the column(s) sentence"),
+        ("no_validation_label", "The validation data lacks the column(s) label"),
+        ("unseen_validation_label", "The validation data has label(s) [7] that the training data never shows"),
+        ("mixed_extensions", "must all be csv or all be json files"),
+    ],
+)
+def test_bad_input_fails_before_training(case, message, tiny_bert, glue_csv, tmp_path, run):
+    train, validation = glue_csv["train"], glue_csv["validation"]
+    extra = []
+    if case == "unknown_task":
+        extra = ["--task_name", "glu"]
+    elif case == "missing_column":
+        train = write_csv(tmp_path / "bad.csv", [{"text": "good movie .", "label": 1}, {"text": "bad .", "label": 0}])
+    elif case == "no_validation_label":
+        validation = write_csv(tmp_path / "bad.csv", [{"sentence": "good movie ."}])
+    elif case == "unseen_validation_label":
+        validation = write_csv(tmp_path / "bad.csv", [{"sentence": "good movie .", "label": 7}])
+    elif case == "mixed_extensions":
+        validation = tmp_path / "dev.json"
+        validation.write_text('{"sentence": "good .", "label": 1}\n')
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run(*common_args(tiny_bert, out), "--train_file", train, "--validation_file", validation, *extra)
+    assert not (out / "trainer_state.json").exists()
+
+
+def test_json_files(tiny_bert, tmp_path, run):
+    for split, seed in (("train", 0), ("dev", 1)):
+        with open(tmp_path / f"{split}.json", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in sentiment_rows(8, seed=seed, pairs=True))
+    out = tmp_path / "out"
+    trainer = run(
+        *common_args(tiny_bert, out, steps=1),
+        "--train_file", tmp_path / "train.json", "--validation_file", tmp_path / "dev.json",
+    )  # fmt: skip
+    assert trainer.train_dataset[0]["token_type_ids"].count(1) > 0  # sentence1 and sentence2 were encoded as a pair
+    assert "eval_accuracy" in json.loads((out / "eval_results.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_accelerate_launch_two_processes(tiny_bert, glue_csv, tmp_path):
+    out = tmp_path / "out"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), str(SCRIPT),
+        *map(str, common_args(tiny_bert, out)), "--per_device_train_batch_size", "4", "--msam_micro_batch_size", "2",
+        "--train_file", str(glue_csv["train"]), "--validation_file", str(glue_csv["validation"]),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    log = proc.stdout + proc.stderr
+    assert "mSAM: 4 distinct perturbations per optimizer step (2 device(s)" in log
+    card = (out / "README.md").read_text()
+    assert "- perturbations per optimizer step: 4 (2 device(s) x 1 accumulation step(s) x 2 micro-batch(es)" in card
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert all("msam/sharpness" in e for e in state["log_history"] if "loss" in e)
+    assert json.loads((out / "eval_results.json").read_text())["eval_samples"] == 16
