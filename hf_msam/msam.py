@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MicroBatchSAM", "PerturbationRule", "SAMPerturbation", "MSAMStats", "split_batch", "batch_size_of", "micro_batch_weight"]
+__all__ = ["MicroBatchSAM", "PerturbationRule", "SAMPerturbation", "MSAMStats", "split_batch", "batch_size_of", "micro_batch_weights"]
 
 
 class PerturbationRule:
@@ -149,10 +149,16 @@ def split_batch(batch: Any, micro_batch_size: int | None) -> list[Any]:
     return [_slice(batch, n, start, min(start + micro_batch_size, n)) for start in range(0, n, micro_batch_size)]
 
 
-def micro_batch_weight(micro_batch: Any, batch: Any, size_fn: Callable[[Any], int | torch.Tensor] | None = None) -> float:
-    """c_j = size(B_j) / size(B), as a Python float (exact in double precision, whatever the loss dtype)."""
-    size_fn = size_fn or batch_size_of
-    return float(size_fn(micro_batch)) / float(size_fn(batch))
+def micro_batch_weights(micro_batches: list[Any], size_fn: Callable[[Any], int | torch.Tensor] | None = None) -> list[float]:
+    """c_j = size(B_j) / Σ_i size(B_i), as Python floats (exact in double precision, whatever the loss dtype).
+
+    Sizes given as tensors (label-token counts, say) come to the host in one transfer, not one per micro-batch.
+    """
+    sizes = [(size_fn or batch_size_of)(mb) for mb in micro_batches]
+    if any(isinstance(n, torch.Tensor) for n in sizes):
+        sizes = torch.stack([torch.as_tensor(n, device=sizes[0].device if isinstance(sizes[0], torch.Tensor) else None) for n in sizes]).tolist()
+    total = float(sum(sizes))
+    return [float(n) / total for n in sizes]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +217,7 @@ class MicroBatchSAM:
         self.accelerator = accelerator
         self.perturbation = perturbation if perturbation is not None else SAMPerturbation(rho, adaptive, adaptive_eta, eps)
         self.stats = MSAMStats()
+        self.micro_batch_weight = 1.0  # c_j of the micro-batch `backward` is working on
 
     # -- the contexts and the backward the accelerator would use --------------------------------
     def _no_sync(self):
@@ -256,12 +263,13 @@ class MicroBatchSAM:
         if len(micro_batches) == 1:
             weights = [None]
         else:
-            weights = [micro_batch_weight(mb, batch, size_fn) for mb in micro_batches]
+            weights = micro_batch_weights(micro_batches, size_fn)
 
         w = [p.detach().clone() for p in params]  # restore by copy: w + e - e is not w in floating point
         clean_total = perturbed_total = 0.0
         for j, (mb, c_j) in enumerate(zip(micro_batches, weights)):
             last = j == len(micro_batches) - 1
+            self.micro_batch_weight = 1.0 if c_j is None else c_j  # for loss_fns that normalize by a global count
             try:
                 # 1. Clean pass at w: the ascent gradient g_j, local to this device, .grad untouched.
                 with self._no_sync():

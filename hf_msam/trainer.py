@@ -15,7 +15,7 @@ from transformers import Trainer
 from transformers.training_args import OptimizerNames
 
 from .flatness import evaluate_flatness
-from .msam import MicroBatchSAM, MSAMStats, PerturbationRule, SAMPerturbation, micro_batch_weight
+from .msam import MicroBatchSAM, MSAMStats, PerturbationRule, SAMPerturbation
 from .training_args import MSAMTrainingArguments, msam_setting
 
 __all__ = ["MSAMTrainer"]
@@ -167,10 +167,12 @@ class MSAMTrainer(Trainer):
         # micro-batches by that count, and give each the count that makes its loss a mean over itself.
         size_fn = self._item_count if num_items_in_batch is not None and "labels" in inputs else None
 
+        total_items = None if num_items_in_batch is None else float(num_items_in_batch)
+
         def loss_fn(micro_batch: dict[str, Any]) -> torch.Tensor:
             num_items = num_items_in_batch
             if num_items is not None and micro_batch is not inputs:
-                num_items = float(num_items) * micro_batch_weight(micro_batch, inputs, size_fn)
+                num_items = total_items * self._msam.micro_batch_weight
             with self.compute_loss_context_manager():
                 # compute_loss may pop "labels": give it a copy, the micro-batch is used twice.
                 loss = self.compute_loss(model, copy.copy(micro_batch), num_items_in_batch=num_items)

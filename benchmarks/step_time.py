@@ -1,0 +1,440 @@
+"""Step time and peak memory of `MSAMTrainer` against the plain `Trainer` and hand-written loops.
+
+One run measures, on a small BERT built from a config and trained on random tokens:
+
+    Trainer (AdamW)            the plain transformers Trainer
+    MSAMTrainer rho=0          must cost what the plain Trainer costs (target: within 3%)
+    MSAMTrainer SAM / mSAM     micro-batch size None (SAM), then each of --micro-batch-sizes
+    hand-written ...           the floors: the least PyTorch that computes the same step (plain AdamW
+                               step; two-pass SAM; mSAM with the same micro-batches). Targets: SAM
+                               and mSAM within 5% of their floor, and at most two copies of the
+                               trainable parameters of extra memory over the plain Trainer.
+
+Every configuration lives in its own worker process, forked from this one once torch, transformers
+and hf_msam are imported (so that each has its own peak memory), and the workers run in lockstep:
+one optimizer step each, in turn, in an order that rotates every round. Only one worker computes at
+any moment, and load from elsewhere on the machine lands on every configuration alike instead of on
+whichever happened to be running.
+
+A step is timed from `on_step_begin` to `on_step_end` (training_step, clipping, optimizer and
+scheduler step, zero_grad; not data loading or logging), and the hand-written loops time the same
+span. The figure is the median over --steps, after --warmup steps.
+
+Peak memory is measured afterwards, for each configuration alone, in a fresh worker taking
+MEMORY_STEPS steps: on CUDA, torch.cuda.max_memory_allocated; on CPU, the peak resident set size
+(ru_maxrss), with glibc's malloc told to hand freed tensor memory back at once, so that the resident
+set follows the live tensors (see `return_freed_memory_at_once`). The CPU figure also counts the
+interpreter and libraries, the same in every worker. "Extra" is the difference to the plain
+Trainer's peak, in copies of the trainable parameters.
+
+    python benchmarks/step_time.py --json results.json  # 5-10 minutes on an idle 2-core CPU
+    python benchmarks/step_time.py --threads 1          # on a machine shared with other jobs
+    python benchmarks/step_time.py --quick              # tiny model, a few steps: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import io
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+
+from hf_msam import MSAMTrainer, MSAMTrainingArguments
+
+RHO = 0.05
+LEARNING_RATE = 5e-5
+MAX_GRAD_NORM = 1.0  # the Trainer's default clipping, done by the hand-written loops too
+MEMORY_STEPS = 2  # steps each configuration then takes alone, in a fresh worker, for its peak memory
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+QUICK = dict(steps=3, warmup=1, batch_size=16, seq_len=16, hidden_size=32, layers=2, heads=2, vocab_size=500)
+TARGETS = {"rho0_vs_trainer": 1.03, "sam_vs_floor": 1.05, "extra_param_copies": 2.0}
+
+
+@dataclass(frozen=True)
+class Config:
+    key: str
+    label: str
+    runner: str  # "trainer" (transformers.Trainer), "msam" (MSAMTrainer) or "loop" (hand-written)
+    rho: float  # 0: the plain step
+    micro_batch_size: int | None
+    floor: str  # key of the hand-written loop that computes the same step
+
+
+def configurations(micro_batch_sizes: list[int]) -> list[Config]:
+    configs = [
+        Config("trainer", "Trainer (AdamW)", "trainer", 0.0, None, "loop_adamw"),
+        Config("msam_rho0", "MSAMTrainer rho=0", "msam", 0.0, None, "loop_adamw"),
+        Config("msam_sam", "MSAMTrainer SAM", "msam", RHO, None, "loop_sam"),
+    ]
+    for m in micro_batch_sizes:
+        configs.append(Config(f"msam_mbs{m}", f"MSAMTrainer mSAM mbs={m}", "msam", RHO, m, f"loop_mbs{m}"))
+    configs += [
+        Config("loop_adamw", "hand-written AdamW", "loop", 0.0, None, "loop_adamw"),
+        Config("loop_sam", "hand-written SAM", "loop", RHO, None, "loop_sam"),
+    ]
+    for m in micro_batch_sizes:
+        configs.append(Config(f"loop_mbs{m}", f"hand-written mSAM mbs={m}", "loop", RHO, m, f"loop_mbs{m}"))
+    return configs
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker: one configuration, one step at a time at the parent's signal
+# ---------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def return_freed_memory_at_once() -> None:
+    """glibc: give every block of 128 KiB or more its own mapping, unmapped as soon as it is freed.
+
+    By default malloc keeps freed memory for reuse, and the resident set counts it: the peak RSS then
+    depends on the order of allocations more than on the live tensors. The price is a page fault per
+    fresh page, which is why the timed workers leave malloc alone. Elsewhere (no mallopt): a no-op.
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+
+
+def peak_memory(device: torch.device) -> int:
+    """The worker's peak: bytes allocated by torch on CUDA; on CPU, the whole process's resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+class Lockstep:
+    """Times each step, and starts it only when the parent says so.
+
+    A step's time is reported when the worker is about to start the next one (or has finished):
+    whatever it does between steps (fetching the next batch, logging) is then over, and never runs
+    while another worker is being timed.
+    """
+
+    def __init__(self, device: torch.device, conn):
+        self.device, self.conn = device, conn
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def begin(self) -> None:
+        if self.times:
+            self.conn.send({"step_time": self.times[-1]})
+        else:
+            self.conn.send({"ready": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"})
+        self.conn.recv()
+        synchronize(self.device)
+        self._start = time.perf_counter()
+
+    def end(self) -> None:
+        synchronize(self.device)
+        self.times.append(time.perf_counter() - self._start)
+
+    def finish(self) -> None:
+        self.conn.send({"step_time": self.times[-1], "peak_memory_bytes": peak_memory(self.device)})
+
+
+def build_model(opts: argparse.Namespace, device: torch.device):
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=opts.vocab_size,
+        hidden_size=opts.hidden_size,
+        num_hidden_layers=opts.layers,
+        num_attention_heads=opts.heads,
+        intermediate_size=4 * opts.hidden_size,
+        max_position_embeddings=opts.seq_len,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(config).to(device)
+
+
+def synthetic_examples(opts: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    n = (opts.warmup + opts.steps) * opts.batch_size
+    input_ids = torch.randint(0, opts.vocab_size, (n, opts.seq_len), generator=generator)
+    labels = torch.randint(0, 2, (n,), generator=generator)
+    return [{"input_ids": input_ids[i], "labels": labels[i]} for i in range(n)]
+
+
+def run_trainer(config: Config, opts: argparse.Namespace, device: torch.device, lockstep: Lockstep) -> None:
+    class LockstepCallback(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            lockstep.begin()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            lockstep.end()
+
+    output_dir = tempfile.TemporaryDirectory(prefix="step_time_")
+    settings = dict(
+        output_dir=output_dir.name,
+        per_device_train_batch_size=opts.batch_size,
+        max_steps=opts.warmup + opts.steps,
+        learning_rate=LEARNING_RATE,
+        max_grad_norm=MAX_GRAD_NORM,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=device.type == "cpu",
+        seed=0,
+    )
+    if config.runner == "trainer":
+        trainer_cls, args = Trainer, TrainingArguments(**settings)
+    else:
+        args = MSAMTrainingArguments(**settings, msam_rho=config.rho, msam_micro_batch_size=config.micro_batch_size)
+        trainer_cls = MSAMTrainer
+    trainer = trainer_cls(
+        model=build_model(opts, device), args=args, train_dataset=synthetic_examples(opts), callbacks=[LockstepCallback()]
+    )
+    with output_dir:
+        trainer.train()
+
+
+def handwritten_msam_backward(model, params, batch, rho: float, micro_batch_size: int | None) -> None:
+    """Accumulate the (m)SAM gradient of `batch` into .grad: the same computation as MicroBatchSAM, bare."""
+    n = batch["labels"].shape[0]
+    size = micro_batch_size or n
+    w = [p.detach().clone() for p in params]
+    for start in range(0, n, size):
+        micro_batch = {k: v[start : start + size] for k, v in batch.items()}
+        g = torch.autograd.grad(model(**micro_batch).loss, params)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in g]))
+        torch._foreach_mul_(g, rho / (norm + 1e-12))
+        with torch.no_grad():
+            torch._foreach_add_(params, g)
+        del g
+        loss = model(**micro_batch).loss
+        (loss if size >= n else loss * (micro_batch["labels"].shape[0] / n)).backward()
+        with torch.no_grad():
+            torch._foreach_copy_(params, w)
+
+
+def run_loop(config: Config, opts: argparse.Namespace, device: torch.device, lockstep: Lockstep) -> None:
+    """The hand-written floor: the step the Trainer takes by default, without the Trainer."""
+    model = build_model(opts, device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    total_steps = opts.warmup + opts.steps
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0, fused=True)  # Trainer: adamw_torch_fused
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / total_steps)  # Trainer: linear
+    examples = synthetic_examples(opts)
+    batches = [
+        {k: torch.stack([e[k] for e in examples[i : i + opts.batch_size]]) for k in examples[0]}
+        for i in range(0, len(examples), opts.batch_size)
+    ]
+    for batch in batches:
+        lockstep.begin()
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if config.rho == 0:
+            model(**batch).loss.backward()
+        else:
+            handwritten_msam_backward(model, params, batch, config.rho, config.micro_batch_size)
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        lockstep.end()
+
+
+def worker(config: Config, opts: argparse.Namespace, conn, for_memory: bool) -> None:
+    torch.set_num_threads(opts.threads)
+    # Resolved here, not in the parent: CUDA initialized before a fork is unusable in the child.
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device)
+    if for_memory and device.type == "cpu":
+        return_freed_memory_at_once()
+    lockstep = Lockstep(device, conn)
+    with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints its final metrics
+        (run_loop if config.runner == "loop" else run_trainer)(config, opts, device, lockstep)
+    lockstep.finish()
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent: start the workers, step them in turn, report
+# ---------------------------------------------------------------------------------------------
+
+
+class Worker:
+    """A forked worker process running one configuration, and what it reported."""
+
+    def __init__(self, config: Config, opts: argparse.Namespace, for_memory: bool):
+        self.config = config
+        context = multiprocessing.get_context("fork")  # the children reuse this process's imports
+        self.conn, child_conn = context.Pipe()
+        args = (config, opts, child_conn, for_memory)
+        self.process = context.Process(target=worker, args=args, name=config.key, daemon=True)
+        self.process.start()
+        child_conn.close()  # the child's end now lives in the child only: recv() sees EOF if it dies
+        self.times: list[float] = []
+        self.peak_memory_bytes = 0
+
+    def receive(self) -> dict:
+        try:
+            return self.conn.recv()
+        except EOFError:
+            exitcode = self.process.exitcode
+            raise RuntimeError(f"worker {self.config.key} died (exit code {exitcode}); see its traceback above") from None
+
+    def step(self) -> None:
+        self.conn.send("go")
+        message = self.receive()
+        self.times.append(message["step_time"])
+        self.peak_memory_bytes = message.get("peak_memory_bytes", self.peak_memory_bytes)
+
+
+def trainable_parameter_bytes(opts: argparse.Namespace) -> int:
+    model = build_model(opts, torch.device("cpu"))
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def run_in_lockstep(
+    configs: list[Config], opts: argparse.Namespace, for_memory: bool = False
+) -> tuple[set[str], list[Worker]]:
+    """Start a worker per configuration, and step them in turn, in an order that rotates every round."""
+    workers = [Worker(config, opts, for_memory) for config in configs]
+    try:
+        devices = {w.receive()["ready"] for w in workers}  # model built, about to take its first step
+        for round_ in range(opts.warmup + opts.steps):
+            shift = round_ % len(workers)
+            for w in workers[shift:] + workers[:shift]:
+                w.step()
+            if not for_memory:
+                print(f"timing: round {round_ + 1}/{opts.warmup + opts.steps}", file=sys.stderr, flush=True)
+        for w in workers:
+            w.process.join()
+    finally:
+        for w in workers:
+            if w.process.is_alive():
+                w.process.kill()
+    return devices, workers
+
+
+def measure(opts: argparse.Namespace) -> dict:
+    load_before = os.getloadavg()
+    configs = configurations(opts.micro_batch_sizes)
+    devices, workers = run_in_lockstep(configs, opts)
+    memory_opts = argparse.Namespace(**{**vars(opts), "warmup": 0, "steps": MEMORY_STEPS})
+    peak = {}
+    for config in configs:  # one at a time, each alone on the machine
+        peak[config.key] = run_in_lockstep([config], memory_opts, for_memory=True)[1][0].peak_memory_bytes
+        print(f"memory: {config.label} done", file=sys.stderr, flush=True)
+
+    param_bytes = trainable_parameter_bytes(opts)
+    by_key = {w.config.key: w for w in workers}
+    median = {key: statistics.median(w.times[opts.warmup :]) for key, w in by_key.items()}
+    rows = []
+    for key, w in by_key.items():
+        measured = w.times[opts.warmup :]
+        q1, _, q3 = statistics.quantiles(measured, n=4) if len(measured) > 1 else (measured[0],) * 3
+        rows.append(
+            {
+                **asdict(w.config),
+                "median_s": median[key],
+                "q1_s": q1,
+                "q3_s": q3,
+                "vs_trainer": median[key] / median["trainer"],
+                "vs_floor": median[key] / median[w.config.floor],
+                "peak_memory_bytes": peak[key],
+                "extra_vs_trainer_param_copies": (peak[key] - peak["trainer"]) / param_bytes,
+                "step_times_s": measured,
+            }
+        )
+    return {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "device": ", ".join(sorted(devices)),
+            "torch": torch.__version__,
+            "threads": opts.threads,
+            "load_average_before_after": [load_before, os.getloadavg()],  # other work on the machine adds noise
+        },
+        "settings": {k: v for k, v in vars(opts).items() if k != "json"},
+        "trainable_param_bytes": param_bytes,
+        "memory_measure": (
+            f"peak RSS (ru_maxrss) of a fresh worker taking {MEMORY_STEPS} steps, malloc returning freed blocks at once"
+            if devices == {"cpu"}
+            else f"torch.cuda.max_memory_allocated of a fresh worker taking {MEMORY_STEPS} steps"
+        ),
+        "targets": check_targets(rows),
+        "rows": rows,
+    }
+
+
+def check_targets(rows: list[dict]) -> dict:
+    row = {r["key"]: r for r in rows}
+    sam_rows = [r for r in rows if r["runner"] == "msam" and r["rho"] > 0]
+    return {
+        "rho0_within_3pct_of_trainer": row["msam_rho0"]["vs_trainer"] <= TARGETS["rho0_vs_trainer"],
+        "sam_msam_within_5pct_of_floor": {r["key"]: r["vs_floor"] <= TARGETS["sam_vs_floor"] for r in sam_rows},
+        "extra_memory_at_most_2_param_copies": {
+            r["key"]: r["extra_vs_trainer_param_copies"] <= TARGETS["extra_param_copies"] for r in sam_rows
+        },
+    }
+
+
+def markdown_table(result: dict) -> str:
+    lines = [
+        "| configuration | median step (s) | IQR (s) | vs Trainer | vs floor | peak memory (MB) | extra vs Trainer (param copies) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        vs_floor = "floor" if r["key"] == r["floor"] else f"{r['vs_floor']:.3f}"
+        lines.append(
+            f"| {r['label']} | {r['median_s']:.4f} | {r['q1_s']:.4f}–{r['q3_s']:.4f} | {r['vs_trainer']:.3f} | {vs_floor} "
+            f"| {r['peak_memory_bytes'] / 2**20:.1f} | {r['extra_vs_trainer_param_copies']:+.2f} |"
+        )
+    lines.append(f"\ntrainable parameters: {result['trainable_param_bytes'] / 2**20:.1f} MB (one copy)")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20, help="measured steps per configuration")
+    parser.add_argument("--warmup", type=int, default=3, help="steps per configuration left out of the figures")
+    parser.add_argument("--batch-size", type=int, default=32, help="per-device batch size")
+    parser.add_argument("--micro-batch-sizes", type=int, nargs="+", default=[8, 4], help="mSAM micro-batch sizes")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto: cuda when available")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in every worker")
+    parser.add_argument("--json", help="also write the JSON result to this path")
+    parser.add_argument("--quick", action="store_true", help="tiny model, few steps (other flags still apply): a smoke test")
+    opts = parser.parse_args(argv)
+    if opts.quick:
+        parser.set_defaults(**QUICK)
+        opts = parser.parse_args(argv)
+    return opts
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_args(argv)
+    result = measure(opts)
+    print(markdown_table(result))
+    print(json.dumps(result["targets"], indent=2))
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(result, f, indent=2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
