@@ -60,6 +60,7 @@ def test_prepare_text_binary_unescaped_stratified(study, tmp_path):
     assert study.prepare_text(task, tmp_path) == stats
 
 
+@needs_data
 def test_select_rho_best_validation_accuracy_then_loss_then_smaller(study, tmp_path):
     task = study.smoke_tasks()["text"]
     method = study.Method("sam", "SAM", (0.02, 0.05, 0.1))
