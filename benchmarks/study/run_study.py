@@ -747,7 +747,7 @@ def collect(task: Task, grid: dict[str, list[Run]], selected: dict[str, float], 
     paired = {}
     for ref in ("adamw", "sam"):
         for m in summary:
-            if m == ref or ref not in by_seed:
+            if m == ref or ref not in by_seed or (ref == "sam" and m == "adamw"):  # adamw - sam = -(sam - adamw)
                 continue
             diffs = [by_seed[m][s] - by_seed[ref][s] for s in by_seed[m] if s in by_seed[ref]]
             paired[f"{m} - {ref}"] = {**_mean_std(diffs), "per_seed": diffs, "wins": sum(d > 0 for d in diffs),
@@ -807,7 +807,7 @@ def markdown(results: dict) -> str:
             per = ", ".join(f"{100 * d:+.1f}" for d in p["per_seed"])
             lines.append(f"| {key} | {_pm(p, 100, 1)} | {per} | {p['wins']} / {p['ties']} of {p['n']} |")
         lines += ["", "Validation accuracy of the grid (seed " + str(t["seeds"][0]) + "; the chosen ρ in bold):", ""]
-        lines += ["| method | " + " | ".join(["ρ = val. acc %"]) + " |", "| --- | --- |"]
+        lines += ["| method | ρ: validation accuracy % |", "| --- | --- |"]
         for m, s in t["summary"].items():
             cells = []
             for g in (g for g in t["grid"] if g["method"] == m):
@@ -841,7 +841,7 @@ def summary_plot(results: dict, path: Path) -> None:
                 ax.errorbar(i, mean, yerr=std, color="black", capsize=5, linewidth=1, marker="_", markersize=22,
                             markeredgewidth=2, zorder=3)
                 ax.plot([i] * len(values), values, "o", color=colors[i % len(colors)], markersize=4, markeredgecolor="black", markeredgewidth=0.5)
-            ax.set_xticks(range(len(methods)), [f"{t['summary'][m]['label']}\nρ={t['summary'][m]['rho']:g}" for m in methods], fontsize=7)
+            ax.set_xticks(range(len(methods)), [f"{t['summary'][m]['label'].replace(' (', chr(10) + '(')}\nρ={t['summary'][m]['rho']:g}" for m in methods], fontsize=7)
             if key == "test_accuracy" and t.get("test_majority"):
                 ax.axhline(100 * t["test_majority"], color="gray", linestyle="--", linewidth=1)
                 ax.annotate("majority class", (1.0, 100 * t["test_majority"]), xycoords=("axes fraction", "data"),
