@@ -155,8 +155,9 @@ def micro_batch_weights(micro_batches: list[Any], size_fn: Callable[[Any], int |
     Sizes given as tensors (label-token counts, say) come to the host in one transfer, not one per micro-batch.
     """
     sizes = [(size_fn or batch_size_of)(mb) for mb in micro_batches]
-    if any(isinstance(n, torch.Tensor) for n in sizes):
-        sizes = torch.stack([torch.as_tensor(n, device=sizes[0].device if isinstance(sizes[0], torch.Tensor) else None) for n in sizes]).tolist()
+    device = next((n.device for n in sizes if isinstance(n, torch.Tensor)), None)
+    if device is not None:
+        sizes = torch.stack([torch.as_tensor(n, device=device) for n in sizes]).tolist()
     total = float(sum(sizes))
     return [float(n) / total for n in sizes]
 
@@ -166,14 +167,18 @@ def micro_batch_weights(micro_batches: list[Any], size_fn: Callable[[Any], int |
 # ---------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _running_stats_frozen(model: nn.Module):
-    """Leave BatchNorm-style running statistics as they are: only the clean pass may update them."""
-    saved = [
-        (m, {k: b.clone() for k, b in m.named_buffers(recurse=False) if b is not None})
+def _modules_with_running_stats(model: nn.Module) -> list[nn.Module]:
+    return [
+        m
         for m in model.modules()
         if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats and m.training
     ]
+
+
+@contextlib.contextmanager
+def _running_stats_frozen(modules: list[nn.Module]):
+    """Leave BatchNorm-style running statistics as they are: only the clean pass may update them."""
+    saved = [(m, {k: b.clone() for k, b in m.named_buffers(recurse=False) if b is not None}) for m in modules]
     try:
         yield
     finally:
@@ -265,6 +270,7 @@ class MicroBatchSAM:
         else:
             weights = micro_batch_weights(micro_batches, size_fn)
 
+        norm_modules = _modules_with_running_stats(self.model)
         w = [p.detach().clone() for p in params]  # restore by copy: w + e - e is not w in floating point
         clean_total = perturbed_total = 0.0
         for j, (mb, c_j) in enumerate(zip(micro_batches, weights)):
@@ -288,7 +294,7 @@ class MicroBatchSAM:
                     # Inside an enclosing autocast region, casts of w are cached: drop them, or the
                     # forward below would silently run at the stale, unperturbed w.
                     torch.clear_autocast_cache()
-                with contextlib.nullcontext() if last else self._no_sync(), _running_stats_frozen(self.model):
+                with contextlib.nullcontext() if last else self._no_sync(), _running_stats_frozen(norm_modules):
                     perturbed_loss = loss_fn(mb)
                     self._backward(perturbed_loss if c_j is None else perturbed_loss * c_j)
             finally:

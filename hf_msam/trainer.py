@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import os
@@ -167,12 +168,14 @@ class MSAMTrainer(Trainer):
         # micro-batches by that count, and give each the count that makes its loss a mean over itself.
         size_fn = self._item_count if num_items_in_batch is not None and "labels" in inputs else None
 
-        total_items = None if num_items_in_batch is None else float(num_items_in_batch)
+        @functools.cache
+        def total_items() -> float:  # one host transfer, and only when the batch is split
+            return float(num_items_in_batch)
 
         def loss_fn(micro_batch: dict[str, Any]) -> torch.Tensor:
             num_items = num_items_in_batch
             if num_items is not None and micro_batch is not inputs:
-                num_items = total_items * self._msam.micro_batch_weight
+                num_items = total_items() * self._msam.micro_batch_weight
             with self.compute_loss_context_manager():
                 # compute_loss may pop "labels": give it a copy, the micro-batch is used twice.
                 loss = self.compute_loss(model, copy.copy(micro_batch), num_items_in_batch=num_items)

@@ -504,9 +504,6 @@ def _apply_patches(patches: dict) -> None:
     if budget is not None:
         from hf_msam import flatness
 
-        if hasattr(flatness, "EVAL_POWER_ITERS"):
-            flatness.EVAL_POWER_ITERS = budget["eigen_iters"]
-            flatness.EVAL_HUTCHINSON_SAMPLES = budget["trace_samples"]
         flatness.hessian_top_eigenvalue = _forcing(
             flatness.hessian_top_eigenvalue, iters=budget["eigen_iters"], tol=budget["eigen_tol"]
         )
