@@ -1,13 +1,15 @@
 """hf-msam: micro-batch sharpness-aware minimization (mSAM) for the Hugging Face Trainer."""
 
 from .msam import MicroBatchSAM, MSAMStats, PerturbationRule, SAMPerturbation, split_batch
-from .trainer import MSAMTrainer
-from .training_args import MSAMTrainingArguments
+from .trainer import MSAMMixin, MSAMTrainer
+from .training_args import MSAMArguments, MSAMTrainingArguments
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MSAMMixin",
     "MSAMTrainer",
+    "MSAMArguments",
     "MSAMTrainingArguments",
     "MicroBatchSAM",
     "MSAMStats",

@@ -25,7 +25,7 @@ from typing import Any
 
 from transformers import HfArgumentParser, Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
 
-from .trainer import MSAMTrainer
+from .trainer import MSAMMixin, MSAMTrainer
 from .training_args import MSAMTrainingArguments, msam_setting
 
 __all__ = ["LauncherError", "MSAMScriptTrainer", "MSAMScriptTrainingArguments", "patched_transformers", "run"]
@@ -67,7 +67,7 @@ class MSAMScriptSeq2SeqTrainingArguments(MSAMScriptTrainingArguments, Seq2SeqTra
 
 def _check_patchable(cls: type) -> None:
     owner = next(c for c in cls.__mro__ if "training_step" in vars(c))
-    if owner is not MSAMTrainer:
+    if owner is not MSAMMixin:
         raise LauncherError(
             f"`{cls.__qualname__}` overrides `training_step` (in `{owner.__module__}.{owner.__qualname__}`), "
             "the step mSAM replaces, so `hf-msam run` cannot train it with mSAM. Move the custom logic to "

@@ -257,14 +257,16 @@ class MicroBatchSAM:
         batch: Any,
         loss_fn: Callable[[Any], torch.Tensor],
         size_fn: Callable[[Any], int | torch.Tensor] | None = None,
+        split_fn: Callable[[Any, int | None], list[Any]] | None = None,
     ) -> torch.Tensor:
         """Accumulate the mSAM gradient of `batch` into `.grad`; return the clean loss, detached.
 
         `loss_fn(micro_batch)` returns the mean loss over that micro-batch. Micro-batch j is weighted
         by size_fn(B_j) / size_fn(batch), by default its share of the examples, n_j / n.
+        `split_fn(batch, micro_batch_size)` cuts the batch into micro-batches (default: `split_batch`, along dim 0).
         """
         params = [p for p in self.model.parameters() if p.requires_grad]  # frozen (PEFT) weights: never perturbed
-        micro_batches = split_batch(batch, self.micro_batch_size)
+        micro_batches = (split_fn or split_batch)(batch, self.micro_batch_size)
         if len(micro_batches) == 1:
             weights = [None]
         else:

@@ -17,9 +17,9 @@ from transformers.training_args import OptimizerNames
 
 from .flatness import evaluate_flatness
 from .msam import MicroBatchSAM, MSAMStats, PerturbationRule, SAMPerturbation
-from .training_args import MSAMTrainingArguments, msam_setting
+from .training_args import MSAMArguments, msam_setting
 
-__all__ = ["MSAMTrainer"]
+__all__ = ["MSAMMixin", "MSAMTrainer"]
 
 logger = logging.getLogger("hf_msam")
 if not logger.handlers:  # our own handler, in the Trainer's format: scripts need no logging set-up to see us
@@ -31,19 +31,20 @@ if not logger.handlers:  # our own handler, in the Trainer's format: scripts nee
 MODEL_CARD_TAGS = ["msam", "sharpness-aware-minimization"]
 
 
-class MSAMTrainer(Trainer):
-    """A [`~transformers.Trainer`] that trains with micro-batch sharpness-aware minimization.
+class MSAMMixin:
+    """Micro-batch sharpness-aware minimization for any [`~transformers.Trainer`] subclass: put it first,
+    `class MySFTTrainer(MSAMMixin, SFTTrainer)`. It replaces the gradient of `Trainer.training_step`, so a
+    subclass's own `training_step` keeps working as long as it calls `super().training_step(...)` (TRL's do).
 
-    Give it [`MSAMTrainingArguments`] (plain `TrainingArguments` get the mSAM defaults). Everything
-    but the gradient of a training step is the plain `Trainer`'s: optimizer, scheduler, clipping,
-    gradient accumulation, mixed precision, DDP, logging, checkpoints. With `msam_rho=0` the step is
-    the plain one.
+    Give it arguments that include [`MSAMArguments`] (plain ones get the mSAM defaults). Everything but the
+    gradient of a training step is the base trainer's: optimizer, scheduler, clipping, gradient accumulation,
+    mixed precision, DDP, logging, checkpoints. With `msam_rho=0` the step is the base trainer's own.
 
     Args:
         perturbation (`PerturbationRule`, *optional*):
             Replaces the SAM/ASAM rule that turns an ascent gradient into a perturbation (rho
             schedules, LookSAM, Friendly-SAM, ...). Defaults to `SAMPerturbation` built from `args`.
-        All other arguments are those of [`~transformers.Trainer`].
+        All other arguments are those of the base trainer.
     """
 
     def __init__(self, *args: Any, perturbation: PerturbationRule | None = None, **kwargs: Any):
@@ -51,10 +52,12 @@ class MSAMTrainer(Trainer):
         # The main process tells its settings (INFO) unless a --log_level was asked for; replicas follow the Trainer.
         passive = self.args.log_level == "passive" and self.args.should_log
         logger.setLevel(min(logging.INFO, self.args.get_process_log_level()) if passive else self.args.get_process_log_level())
-        if not isinstance(self.args, MSAMTrainingArguments):
+        if not isinstance(self.args, MSAMArguments):
             logger.warning(
-                "MSAMTrainer got a plain TrainingArguments: using the mSAM defaults (msam_rho=%s, "
-                "msam_micro_batch_size=%s, msam_adaptive=%s). Pass MSAMTrainingArguments to set them.",
+                "%s got arguments without the mSAM settings (%s): using the mSAM defaults (msam_rho=%s, "
+                "msam_micro_batch_size=%s, msam_adaptive=%s). Pass MSAMTrainingArguments (or a config with MSAMArguments) to set them.",
+                type(self).__name__,
+                type(self.args).__name__,
                 msam_setting(self.args, "msam_rho"),
                 msam_setting(self.args, "msam_micro_batch_size"),
                 msam_setting(self.args, "msam_adaptive"),
@@ -262,3 +265,8 @@ class MSAMTrainer(Trainer):
             self.log(flatness)
             metrics.update(flatness)
         return metrics
+
+
+class MSAMTrainer(MSAMMixin, Trainer):
+    """A [`~transformers.Trainer`] that trains with micro-batch sharpness-aware minimization: [`MSAMMixin`] on the
+    plain `Trainer`. Give it [`MSAMTrainingArguments`]. See [`MSAMMixin`] for what it changes and what it keeps."""

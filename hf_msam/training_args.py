@@ -7,15 +7,16 @@ from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
-__all__ = ["MSAMTrainingArguments", "msam_setting"]
+__all__ = ["MSAMArguments", "MSAMTrainingArguments", "msam_setting"]
 
 
 @dataclass
-class MSAMTrainingArguments(TrainingArguments):
+class MSAMArguments:
     r"""
-    Configuration for [`MSAMTrainer`]: every argument of [`~transformers.TrainingArguments`], plus the
-    micro-batch sharpness-aware minimization (mSAM) settings below. With `HfArgumentParser`, each
-    appears on the command line as `--msam_*`.
+    The micro-batch sharpness-aware minimization (mSAM) settings, as a dataclass mixin that goes in front of any
+    `TrainingArguments` subclass: `MSAMTrainingArguments(MSAMArguments, TrainingArguments)`, or a TRL config,
+    `MSAMSFTConfig(MSAMArguments, SFTConfig)`. With `HfArgumentParser`, each appears on the command line as
+    `--msam_*`; they are validated before the base class's own `__post_init__` runs.
 
     Parameters:
         msam_rho (`float`, *optional*, defaults to `0.05`):
@@ -140,7 +141,15 @@ class MSAMTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
-_DEFAULTS = {f.name: f.default for f in fields(MSAMTrainingArguments) if f.name.startswith("msam_")}
+@dataclass
+class MSAMTrainingArguments(MSAMArguments, TrainingArguments):
+    r"""
+    Configuration for [`MSAMTrainer`]: every argument of [`~transformers.TrainingArguments`], plus the
+    mSAM settings of [`MSAMArguments`] (`--msam_*` with `HfArgumentParser`).
+    """
+
+
+_DEFAULTS = {f.name: f.default for f in fields(MSAMArguments)}
 
 
 def msam_setting(args: TrainingArguments, name: str):

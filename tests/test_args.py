@@ -45,7 +45,7 @@ def test_every_msam_field_is_a_documented_command_line_flag(tmp_path):
 def test_plain_training_arguments_get_the_defaults_and_a_notice(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="hf_msam"):
         trainer = MSAMTrainer(model=MLP(), args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"))
-    assert "plain TrainingArguments" in caplog.text
+    assert "without the mSAM settings (TrainingArguments)" in caplog.text
     assert trainer.msam_perturbation.rho == 0.05 and trainer.msam_micro_batch_size is None
 
 
