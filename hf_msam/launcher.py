@@ -200,11 +200,16 @@ def _trl_swaps() -> dict[type, type]:
         original = getattr(trl, name)
         if issubclass(original, (MSAMMixin, MSAMArguments)):
             continue  # built on the swapped classes during an earlier run
-        ours = getattr(msam_trl, f"MSAM{name}")
-        if name.endswith("Config"):
-            swapped = dataclasses.dataclass(type(f"MSAMScript{name}", (_FlagsFromCommandLine, ours), {"__module__": __name__}))
-        else:
-            swapped = type(f"MSAMScript{name}", (_ScriptTrainer, ours), {"__module__": __name__})
+        swapped_name = f"MSAMScript{name}"
+        swapped = globals().get(swapped_name)
+        if swapped is None:  # built once, and kept here so that pickles (training_args.bin) find it by name
+            ours = getattr(msam_trl, f"MSAM{name}")
+            namespace = {"__module__": __name__, "__qualname__": swapped_name}
+            if name.endswith("Config"):
+                swapped = dataclasses.dataclass(type(swapped_name, (_FlagsFromCommandLine, ours), namespace))
+            else:
+                swapped = type(swapped_name, (_ScriptTrainer, ours), namespace)
+            globals()[swapped_name] = swapped
         swaps[original] = swapped
     return swaps
 
