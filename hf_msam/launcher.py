@@ -1,9 +1,16 @@
-"""`hf-msam run SCRIPT.py [ARGS...]`: train an unmodified `transformers.Trainer` script with mSAM.
+"""`hf-msam run SCRIPT.py [ARGS...]` / `hf-msam run -m MODULE [ARGS...]`: train an unmodified
+`transformers.Trainer` (or TRL) script with mSAM.
 
 Before the script runs, `transformers.Trainer` and `transformers.TrainingArguments` (and their
 Seq2Seq variants) are swapped for subclasses of `MSAMTrainer` and `MSAMTrainingArguments`, in the
 `transformers` namespace and in every `transformers.*` module that holds them. A script that imports
-them, subclasses them, or parses them with `HfArgumentParser` then trains with mSAM unchanged.
+them, subclasses them, or parses them with `HfArgumentParser` then trains with mSAM unchanged. TRL's
+`SFTTrainer`/`DPOTrainer`/`RewardTrainer` and their configs are swapped for `hf_msam.trl`'s classes, and TRL's
+`trl` command (`-m trl.cli.main`) starts its training processes through `hf-msam run`.
+
+A subclass may override `training_step` if the override calls `super().training_step(...)`: one whose code does
+not is refused before training, and if the mSAM step is still not reached by the first optimizer step, training
+stops there with an error (before any weight moves).
 
 The `--msam_*` flags are taken off the command line by the launcher and applied to every training
 arguments object the script builds, so they work for `HfArgumentParser` scripts, `argparse` scripts
