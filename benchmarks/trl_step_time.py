@@ -4,7 +4,8 @@
 
 Builds a Llama from a config (random weights, no download), random token data, and times optimizer steps
 (median over the steps after the first `--warmup`) of: plain `SFTTrainer`, `MSAMSFTTrainer` with `msam_rho=0`
-(must cost the same), and `MSAMSFTTrainer` with mSAM on (`--micro_batch` sequences per perturbation).
+(must cost the same), `MSAMSFTTrainer` with SAM (one micro-batch: two passes, the floor of any (m)SAM step) and
+with mSAM (`--micro_batch` sequences per perturbation).
 Prints one line per run and the ratios, with the load average (the CPU may be shared).
 """
 
@@ -85,6 +86,7 @@ def main() -> None:
     runs = {
         "plain SFTTrainer": (SFTTrainer, SFTConfig, {}),
         "MSAMSFTTrainer rho=0": (MSAMSFTTrainer, MSAMSFTConfig, {"msam_rho": 0.0}),
+        "MSAMSFTTrainer rho=0.05 (SAM, 1 micro-batch)": (MSAMSFTTrainer, MSAMSFTConfig, {"msam_rho": 0.05}),
         f"MSAMSFTTrainer rho=0.05 mbs={args.micro_batch}": (
             MSAMSFTTrainer, MSAMSFTConfig, {"msam_rho": 0.05, "msam_micro_batch_size": args.micro_batch}),
     }  # fmt: skip
@@ -101,10 +103,10 @@ def main() -> None:
                                   processing_class=tok, callbacks=[timer])  # fmt: skip
             trainer.train()
             medians[name] = statistics.median(timer.times[args.warmup :])
-            print(f"{name:40s} median step {medians[name]:.3f} s  (load average {load_before:.2f} -> {os.getloadavg()[0]:.2f})")
+            print(f"{name:46s} median step {medians[name]:.3f} s  (load average {load_before:.2f} -> {os.getloadavg()[0]:.2f})")
     base = medians["plain SFTTrainer"]
     for name, t in medians.items():
-        print(f"ratio {name:40s} {t / base:.2f}x")
+        print(f"ratio {name:46s} {t / base:.2f}x")
 
 
 if __name__ == "__main__":

@@ -109,3 +109,43 @@ def test_splitter_for_trainers():
     with pytest.raises(NotImplementedError, match="GRPOTrainer.*--msam_rho 0"):
         splitter_for(fake_trainer("GRPOTrainer", "trl.trainer.grpo_trainer"))
     assert splitter_for(fake_trainer("GRPOTrainer", "trl.trainer.grpo_trainer"), strict=False).layout == "rows"
+
+
+def test_msam_trainer_on_a_flattened_batch_equals_reference(tmp_path):
+    """The plain MSAMTrainer (no TRL) with transformers' DataCollatorWithFlattening: one padding-free row of 5
+    sequences, micro-batches of 2, 2, 1 sequences weighted by label tokens; the reference runs each sequence alone."""
+    from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
+    from trl_helpers import msam_gradient, sgd_reference, token_nll_sum, write_tiny_llama
+
+    from hf_msam import MSAMTrainer, MSAMTrainingArguments
+
+    llama = write_tiny_llama(tmp_path / "llama")
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 3, 7, 4, 6]
+    data = []
+    for n in lengths:
+        ids = torch.randint(3, 20, (n,), generator=g).tolist()
+        labels = [-100, -100, *ids[2:]]  # the first two tokens are "prompt"
+        data.append({"input_ids": ids, "labels": labels})
+    model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float64)
+    reference = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float64)
+    args = MSAMTrainingArguments(
+        str(tmp_path / "out"), per_device_train_batch_size=5, max_steps=1, optim="sgd", learning_rate=0.5,
+        lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, report_to="none", use_cpu=True,
+        save_strategy="no", train_sampling_strategy="sequential", msam_rho=0.1, msam_micro_batch_size=2,
+        remove_unused_columns=False,
+    )  # fmt: skip
+    MSAMTrainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorWithFlattening()).train()
+
+    sequences = [(torch.tensor([d["input_ids"]]), torch.tensor([d["labels"]])) for d in data]
+    groups = [sequences[0:2], sequences[2:4], sequences[4:5]]
+    counts = [sum(int(lab[:, 1:].ne(-100).sum()) for _, lab in grp) for grp in groups]
+
+    def loss_of(group, count):
+        return lambda: sum(token_nll_sum(reference, ids, lab)[0] for ids, lab in group) / count
+
+    gradient = msam_gradient(reference, [loss_of(grp, c) for grp, c in zip(groups, counts)], [c / sum(counts) for c in counts], rho=0.1)
+    expected = sgd_reference(reference, gradient, lr=0.5)
+    for name, p in model.named_parameters():
+        # float64, yet the embedding update differs by ~3e-8 (of ~1e-1), like the plain step in test_trl.py
+        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-6, atol=1e-7, msg=name)
