@@ -98,6 +98,7 @@ def test_configs_carry_the_msam_flags_and_validate():
     assert issubclass(MSAMSFTTrainer, MSAMMixin) and issubclass(MSAMSFTTrainer, SFTTrainer)
 
 
+@pytest.mark.slow
 def test_sft_step_equals_token_weighted_reference(llama_dir, tmp_path):
     """Completion-only loss, 5 rows in micro-batches of 2, 2, 1: w − lr·Σ_j (n_j/n)·∇L_j(w + e_j), n_j label tokens."""
     model = load(llama_dir)
@@ -207,6 +208,7 @@ def test_user_mixin_class_and_lora(llama_dir, tmp_path):
     assert "msam/sharpness" in [h for h in trainer.state.log_history if "loss" in h][0]
 
 
+@pytest.mark.slow
 def test_sft_flatness_in_evaluation(llama_dir, tmp_path):
     """--msam_eval_flatness on a causal LM in TRL's evaluation: finite metrics, weights untouched."""
     model = load(llama_dir)
@@ -252,6 +254,7 @@ def test_dpo_rho_zero_is_plain_dpo_bitwise(llama_dir, tmp_path):
     assert not torch.equal(plain.lm_head.weight, load(llama_dir).lm_head.weight)
 
 
+@pytest.mark.slow
 def test_dpo_step_equals_pairwise_reference(llama_dir, tmp_path):
     """5 pairs in micro-batches of 2, 2, 1 pairs (each chosen answer with its rejected one), weighted by pairs; the
     reference model is never perturbed."""

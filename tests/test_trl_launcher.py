@@ -156,6 +156,7 @@ def test_unmodified_sft_script_trains_with_msam(tmp_path, llama_dir, data_dir, c
     assert sys.modules["trl"].SFTTrainer is SFTTrainer  # unpatched afterwards
 
 
+@pytest.mark.slow
 def test_super_calling_override_trains_with_msam(tmp_path, llama_dir, data_dir):
     code, out = run_script(tmp_path, llama_dir, data_dir, "--step_override", "super")
     assert code == 0
