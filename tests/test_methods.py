@@ -297,3 +297,44 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, flags):
 def test_bad_values_and_combinations_raise_naming_the_flag(tmp_path, kwargs, flag):
     with pytest.raises(ValueError, match=flag):
         MSAMTrainingArguments(str(tmp_path), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes (gloo): a stateful method keeps its state per device, and the ranks stay in sync
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_process_ddp_looksam_matches_per_device_reference(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(port), str(here / "ddp_method_script.py"), str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["world_size"] == 2 and len(ranks[0]["batches"]) == 3
+    assert not torch.equal(ranks[0]["batches"][0]["x"], ranks[1]["batches"][0]["x"])
+    for a, b in zip(ranks[0]["final"], ranks[1]["final"]):
+        assert torch.equal(a, b)  # all-reduced once per step: the ranks end bitwise in sync
+
+    # Reference: each device runs LookSAM on its own micro-batches with its own g_v; DDP averages the descents.
+    model = MLP().double()
+    set_flat(model, flat(ranks[0]["initial"]))
+    refs = [Reference(copy.deepcopy(model), "looksam", 3, k=2, alpha=0.7) for _ in ranks]
+    w = flat(ranks[0]["initial"])
+    for step in range(3):
+        grads = [ref.gradient(w, r["batches"][step], rho=0.2) for ref, r in zip(refs, ranks)]
+        w = w - 0.5 * (grads[0] + grads[1]) / 2
+    torch.testing.assert_close(flat(ranks[0]["final"]), w, **TIGHT)
