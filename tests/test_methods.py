@@ -58,12 +58,14 @@ class Reference:
         self.g_v, self.reuses_left = None, 0  # LookSAM
 
     def gradient(self, w, batch, rho=RHO, momentum=None):
+        """`batch`, or a list of accumulation batches of one optimizer step (each weighted 1/len)."""
+        batches = batch if isinstance(batch, list) else [batch]
         h, total = self.h, torch.zeros_like(w)
         looksam_sam_step = self.method == "looksam" and (self.g_v is None or self.reuses_left == 0)
         if self.method == "looksam":
             self.reuses_left = h["k"] - 1 if looksam_sam_step else self.reuses_left - 1
             new_g_v = torch.zeros_like(w)
-        for mb, c in micro_batches(batch, self.mbs):
+        for mb, c in [(mb, c / len(batches)) for b in batches for mb, c in micro_batches(b, self.mbs)]:
             if self.method == "momentum":  # Becker et al.: e = −ρ m/‖m‖, one pass; no momentum yet: e = 0
                 e = torch.zeros_like(w) if momentum is None else -rho * momentum / momentum.norm()
                 total += c * grad_at(self.model, w + e, mb)
@@ -171,6 +173,73 @@ def test_methods_differ_from_sam(tmp_path):
             assert not torch.allclose(reference_run(model, data, 3, 5, method=method, mbs=2, **h), sam, rtol=1e-6, atol=0), method
     momentum = reference_run(model, data, 3, 5, method="momentum", mbs=2, sgd_momentum=0.9)
     assert not torch.allclose(momentum, reference_run(model, data, 3, 5, method="sam", mbs=2, plain_steps=(1, 2, 3), sgd_momentum=0.9))
+
+
+@pytest.mark.parametrize("method", ["gsam", "fsam", "looksam"])
+def test_gradient_accumulation_holds_for_stateful_and_explicit_methods(tmp_path, method):
+    """GA = 2: each accumulation step perturbs on its own; LookSAM decides SAM/reuse once per optimizer step."""
+    flags, h = CASES[method]
+    model, data = mlp(), mlp_dataset(24)
+    ref_model = copy.deepcopy(model)
+    ref = Reference(ref_model, method, 3, **h)
+    w = flat(params_of(ref_model)).detach().clone()
+    for t in range(3):
+        halves = [stack(data[8 * t : 8 * t + 4]), stack(data[8 * t + 4 : 8 * t + 8])]
+        w = w - LR * ref.gradient(w, halves)
+    got = train(model, data, tmp_path, 4, 3, gradient_accumulation_steps=2, msam_micro_batch_size=3, **flags)
+    torch.testing.assert_close(got, w, **TIGHT)
+
+
+class ScalerAccelerator:
+    """What MicroBatchSAM needs from an accelerate.Accelerator with fp16 loss scaling."""
+
+    def __init__(self, scale):
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+
+    def no_sync(self, model):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        self.scaler.scale(loss).backward()
+
+
+@pytest.mark.parametrize("method", ["gsam", "looksam"])
+def test_fp16_loss_scale_applies_to_explicit_descents(method):
+    """Under fp16 scaling g and g_p are unscaled before GSAM/LookSAM combine them, and the descent is scaled back."""
+    from hf_msam import MicroBatchSAM, build_method
+
+    torch.manual_seed(0)
+    model = MLP()
+    batch = {"x": torch.randn(6, 6), "labels": torch.randint(0, 3, (6,))}
+    model64 = copy.deepcopy(model).double()
+    flags, h = CASES[method]
+    expected = Reference(model64, method, 3, **h).gradient(flat(params_of(model64)).detach(), {"x": batch["x"].double(), "labels": batch["labels"]}, rho=0.1)
+    ascent, descent = build_method(method, rho=0.1, gsam_alpha=0.4, looksam_k=2, looksam_alpha=0.7)
+    MicroBatchSAM(model, micro_batch_size=3, accelerator=ScalerAccelerator(2.0**12), perturbation=ascent, descent=descent).backward(batch, lambda mb: model(**mb)["loss"])
+    got = flat(p.grad for p in model.parameters()) / 2.0**12
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["sam", "gsam", "fsam", "looksam", "momentum"])
+def test_frozen_parameters_are_never_perturbed_nor_updated(method):
+    from hf_msam import MicroBatchSAM, build_method
+
+    torch.manual_seed(0)
+    model = MLP().double()
+    model.fc1.requires_grad_(False)
+    seen = []
+    model.fc1.register_forward_pre_hook(lambda m, args: seen.append(m.weight.detach().clone()))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    ascent, descent = build_method(method, rho=1.0, looksam_k=2)
+    sam = MicroBatchSAM(model, micro_batch_size=2, perturbation=ascent, descent=descent, optimizer=optimizer)
+    for step in range(3):  # momentum: no momentum at step 1; looksam: SAM, reuse, SAM
+        sam.backward(stack(mlp_dataset(4, seed=step)), lambda mb: model(**mb)["loss"])
+        optimizer.step()
+        optimizer.zero_grad()
+    assert len(seen) > 3 and all(torch.equal(seen[0], s) for s in seen)
+    assert model.fc1.weight.grad is None
 
 
 def test_momentum_needs_an_optimizer_with_momentum(tmp_path):
