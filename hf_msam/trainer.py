@@ -224,7 +224,8 @@ class MSAMMixin:
         group = self.optimizer.param_groups[0]
         if "betas" not in group and not group.get("momentum", 0):
             raise ValueError(
-                f"--msam_method momentum perturbs along the optimizer's momentum, and {type(self.optimizer).__name__} "
+                "--msam_method momentum perturbs along the optimizer's momentum, and "
+                f"{type(getattr(self.optimizer, 'optimizer', self.optimizer)).__name__} "
                 "(--optim) keeps none: use an Adam-type optimizer (e.g. --optim adamw_torch) or SGD with momentum "
                 '(--optim sgd --optim_args "momentum=0.9"), or another --msam_method.'
             )
