@@ -87,6 +87,7 @@ METHODS = [
     dict(msam_method="fsam"),
     dict(msam_method="looksam", msam_looksam_k=2),
     dict(msam_method="momentum"),
+    dict(msam_method="sam", msam_interval=2, msam_start=0.3),  # plain steps too: the base Trainer's own
 ]
 
 
