@@ -666,6 +666,8 @@ class MicroBatchSAM:
                 # 2. e_j from g_j (in g's storage, so keep a copy of g_j when the descent needs it);
                 #    e_j = 0 and ok False when g_j is zero, non-finite or overflowed in fp16.
                 e, grad_norm, ok = self.perturbation.perturb(params, [t.clone() for t in g] if explicit else g, rho)
+                if not explicit:
+                    g = None  # e lives in g's storage: no other reference may keep it alive past `del e`
                 # 3. Climb to w + e_j, and take the gradient there. Only the last micro-batch may
                 #    synchronize: DDP all-reduces everything accumulated so far.
                 if e is not None:
