@@ -9,6 +9,11 @@ One run measures, on a small BERT built from a config and trained on random toke
                                step; two-pass SAM; mSAM with the same micro-batches). Targets: SAM
                                and mSAM within 5% of their floor, and at most two copies of the
                                trainable parameters of extra memory over the plain Trainer.
+    MSAMTrainer interval 4, LookSAM k=5, Momentum-SAM, GSAM, F-SAM
+                               the cheaper and stronger methods, each next to its hand-written floor
+                               (`HandwrittenMethod`). Targets (METHOD_TARGETS): interval 4 and LookSAM
+                               at most 1.3x the plain Trainer (their mean step: they mix step kinds),
+                               Momentum-SAM at most 1.1x, GSAM and F-SAM within 5% of SAM.
 
 Every configuration lives in its own worker process, forked from this one once torch, transformers
 and hf_msam are imported (so that each has its own peak memory), and the workers run in lockstep:
@@ -30,6 +35,7 @@ Trainer's peak, in copies of the trainable parameters.
     python benchmarks/step_time.py --json results.json  # 5-10 minutes on an idle 2-core CPU
     python benchmarks/step_time.py --threads 1          # on a machine shared with other jobs
     python benchmarks/step_time.py --quick              # tiny model, a few steps: a smoke test
+    python benchmarks/step_time.py --rows msam_gsam     # some rows only (with their floors and the Trainer)
 """
 
 from __future__ import annotations
