@@ -9,6 +9,11 @@ One run measures, on a small BERT built from a config and trained on random toke
                                step; two-pass SAM; mSAM with the same micro-batches). Targets: SAM
                                and mSAM within 5% of their floor, and at most two copies of the
                                trainable parameters of extra memory over the plain Trainer.
+    MSAMTrainer interval 4, LookSAM k=5, Momentum-SAM, GSAM, F-SAM
+                               the cheaper and stronger methods, each next to its hand-written floor
+                               (`HandwrittenMethod`). Targets (METHOD_TARGETS): interval 4 and LookSAM
+                               at most 1.3x the plain Trainer (their mean step: they mix step kinds),
+                               Momentum-SAM at most 1.1x, GSAM and F-SAM within 5% of SAM.
 
 Every configuration lives in its own worker process, forked from this one once torch, transformers
 and hf_msam are imported (so that each has its own peak memory), and the workers run in lockstep:
@@ -30,6 +35,7 @@ Trainer's peak, in copies of the trainable parameters.
     python benchmarks/step_time.py --json results.json  # 5-10 minutes on an idle 2-core CPU
     python benchmarks/step_time.py --threads 1          # on a machine shared with other jobs
     python benchmarks/step_time.py --quick              # tiny model, a few steps: a smoke test
+    python benchmarks/step_time.py --rows msam_gsam     # some rows only (with their floors and the Trainer)
 """
 
 from __future__ import annotations
@@ -61,6 +67,9 @@ MEMORY_STEPS = 2  # steps each configuration then takes alone, in a fresh worker
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 QUICK = dict(steps=3, warmup=1, batch_size=16, seq_len=16, hidden_size=32, layers=2, heads=2, vocab_size=500)
 TARGETS = {"rho0_vs_trainer": 1.03, "sam_vs_floor": 1.05, "extra_param_copies": 2.0}
+# The cheaper and stronger methods (README "Methods and schedules"): ratio of the mean step to the plain
+# Trainer's (interval, LookSAM, Momentum-SAM), or to MSAMTrainer SAM's (GSAM, F-SAM).
+METHOD_TARGETS = {"msam_interval4": 1.3, "msam_looksam5": 1.3, "msam_momentum": 1.1, "msam_gsam": 1.05, "msam_fsam": 1.05}
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,18 @@ class Config:
     rho: float  # 0: the plain step
     micro_batch_size: int | None
     floor: str  # key of the hand-written loop that computes the same step
+    flags: tuple = ()  # extra MSAMTrainingArguments, as (name, value) pairs; for loops: the method's settings
+    stat: str = "median"  # "mean" for rows whose steps differ in kind (a schedule), where the median would hide the cost
+
+
+METHOD_ROWS = [
+    # key, label, MSAMTrainer flags, hand-written floor
+    ("interval4", "interval 4", (("msam_interval", 4),)),
+    ("looksam5", "LookSAM k=5", (("msam_method", "looksam"), ("msam_looksam_k", 5))),
+    ("momentum", "Momentum-SAM", (("msam_method", "momentum"),)),
+    ("gsam", "GSAM", (("msam_method", "gsam"),)),
+    ("fsam", "F-SAM", (("msam_method", "fsam"),)),
+]
 
 
 def configurations(micro_batch_sizes: list[int]) -> list[Config]:
@@ -87,6 +108,10 @@ def configurations(micro_batch_sizes: list[int]) -> list[Config]:
     ]
     for m in micro_batch_sizes:
         configs.append(Config(f"loop_mbs{m}", f"hand-written mSAM mbs={m}", "loop", RHO, m, f"loop_mbs{m}"))
+    for key, label, flags in METHOD_ROWS:
+        stat = "mean" if key in ("interval4", "looksam5") else "median"
+        configs.append(Config(f"msam_{key}", f"MSAMTrainer {label}", "msam", RHO, None, f"loop_{key}", flags, stat))
+        configs.append(Config(f"loop_{key}", f"hand-written {label}", "loop", RHO, None, f"loop_{key}", flags, stat))
     return configs
 
 
@@ -198,7 +223,9 @@ def run_trainer(config: Config, opts: argparse.Namespace, device: torch.device, 
     if config.runner == "trainer":
         trainer_cls, args = Trainer, TrainingArguments(**settings)
     else:
-        args = MSAMTrainingArguments(**settings, msam_rho=config.rho, msam_micro_batch_size=config.micro_batch_size)
+        args = MSAMTrainingArguments(
+            **settings, msam_rho=config.rho, msam_micro_batch_size=config.micro_batch_size, **dict(config.flags)
+        )
         trainer_cls = MSAMTrainer
     trainer = trainer_cls(
         model=build_model(opts, device), args=args, train_dataset=synthetic_examples(opts), callbacks=[LockstepCallback()]
@@ -226,6 +253,93 @@ def handwritten_msam_backward(model, params, batch, rho: float, micro_batch_size
             torch._foreach_copy_(params, w)
 
 
+def _grad(loss, params):
+    return list(torch.autograd.grad(loss, params))
+
+
+def _norm(tensors):
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+
+
+def _dot(a, b):
+    return torch.stack([torch.sum(x * y) for x, y in zip(a, b)]).sum()
+
+
+class HandwrittenMethod:
+    """The bare PyTorch of each method's step (one micro-batch, the whole batch): the floor of its row.
+
+    Each step leaves the gradient in .grad, and w where it was; no guards, no bookkeeping beyond the method's own.
+    """
+
+    def __init__(self, config: Config, model, params, optimizer):
+        self.flags, self.model, self.params, self.optimizer = dict(config.flags), model, params, optimizer
+        self.rho, self.t = config.rho, 0
+        self.m = self.g_v = None
+
+    def perturbed_grad(self, batch, e):
+        with torch.no_grad():
+            torch._foreach_add_(self.params, e)
+        g_p = _grad(self.model(**batch).loss, self.params)
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.w)
+        return g_p
+
+    def set_grad(self, d):
+        for p, d_i in zip(self.params, d):
+            p.grad = d_i
+
+    def step(self, batch) -> None:
+        self.t += 1
+        method = self.flags.get("msam_method", "sam")
+        if "msam_interval" in self.flags:
+            if (self.t - 1) % self.flags["msam_interval"]:
+                self.model(**batch).loss.backward()
+            else:
+                handwritten_msam_backward(self.model, self.params, batch, self.rho, None)
+            return
+        self.w = [p.detach().clone() for p in self.params]
+        if method == "momentum":  # e = −ρ m/‖m‖ from AdamW's exp_avg; no momentum yet: a plain step
+            state = self.optimizer.state
+            if not state:
+                self.model(**batch).loss.backward()
+                return
+            m = [state[p]["exp_avg"] for p in self.params]
+            e = torch._foreach_mul(m, -self.rho / _norm(m))
+            with torch.no_grad():
+                torch._foreach_add_(self.params, e)
+            del e
+            self.model(**batch).loss.backward()
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.w)
+            return
+        g = _grad(self.model(**batch).loss, self.params)
+        if method == "looksam" and self.g_v is not None and (self.t - 1) % self.flags["msam_looksam_k"]:
+            scale = self.flags.get("alpha", 0.7) * _norm(g) / _norm(self.g_v)  # reuse: g + α‖g‖/‖g_v‖ g_v
+            torch._foreach_add_(g, torch._foreach_mul(self.g_v, scale))
+            self.set_grad(g)
+            return
+        if method == "fsam":  # d = g − σm, m ← λm + (1 − λ)g  (σ = 1, λ = 0.95)
+            if self.m is None:
+                self.m, d = [t.clone() for t in g], g
+            else:
+                d = torch._foreach_sub(g, self.m)
+                torch._foreach_lerp_(self.m, g, 0.05)
+        else:
+            d = g
+        e = torch._foreach_mul(d, self.rho / (_norm(d) + 1e-12))
+        del d
+        g_p = self.perturbed_grad(batch, e)
+        del e
+        if method == "gsam":  # g_p − α(g − s·g_p), α = 0.1
+            s = _dot(g, g_p) / _dot(g_p, g_p)
+            torch._foreach_mul_(g_p, 1 + 0.1 * s)
+            torch._foreach_add_(g_p, g, alpha=-0.1)
+        elif method == "looksam":  # keep g_v = g_p − (⟨g, g_p⟩/‖g‖²)·g
+            s = _dot(g, g_p) / _dot(g, g)
+            self.g_v = torch._foreach_sub(g_p, torch._foreach_mul(g, s))
+        self.set_grad(g_p)
+
+
 def run_loop(config: Config, opts: argparse.Namespace, device: torch.device, lockstep: Lockstep) -> None:
     """The hand-written floor: the step the Trainer takes by default, without the Trainer."""
     model = build_model(opts, device).train()
@@ -238,10 +352,13 @@ def run_loop(config: Config, opts: argparse.Namespace, device: torch.device, loc
         {k: torch.stack([e[k] for e in examples[i : i + opts.batch_size]]) for k in examples[0]}
         for i in range(0, len(examples), opts.batch_size)
     ]
+    method = HandwrittenMethod(config, model, params, optimizer) if config.flags else None
     for batch in batches:
         lockstep.begin()
         batch = {k: v.to(device) for k, v in batch.items()}
-        if config.rho == 0:
+        if method is not None:
+            method.step(batch)
+        elif config.rho == 0:
             model(**batch).loss.backward()
         else:
             handwritten_msam_backward(model, params, batch, config.rho, config.micro_batch_size)
@@ -327,6 +444,15 @@ def run_in_lockstep(
 def measure(opts: argparse.Namespace) -> dict:
     load_before = os.getloadavg()
     configs = configurations(opts.micro_batch_sizes)
+    if opts.rows:
+        unknown = set(opts.rows) - {c.key for c in configs}
+        if unknown:
+            raise SystemExit(f"unknown --rows {sorted(unknown)}; known: {[c.key for c in configs]}")
+        needed = set(opts.rows) | {"trainer"}
+        if needed & {"msam_gsam", "msam_fsam"}:
+            needed.add("msam_sam")  # their targets are relative to SAM
+        needed |= {c.floor for c in configs if c.key in needed}
+        configs = [c for c in configs if c.key in needed]
     devices, workers = run_in_lockstep(configs, opts)
     memory_opts = argparse.Namespace(**{**vars(opts), "warmup": 0, "steps": MEMORY_STEPS})
     peak = {}
@@ -336,7 +462,10 @@ def measure(opts: argparse.Namespace) -> dict:
 
     param_bytes = trainable_parameter_bytes(opts)
     by_key = {w.config.key: w for w in workers}
-    median = {key: statistics.median(w.times[opts.warmup :]) for key, w in by_key.items()}
+    median = {
+        key: (statistics.fmean if w.config.stat == "mean" else statistics.median)(w.times[opts.warmup :])
+        for key, w in by_key.items()
+    }
     rows = []
     for key, w in by_key.items():
         measured = w.times[opts.warmup :]
@@ -344,7 +473,8 @@ def measure(opts: argparse.Namespace) -> dict:
         rows.append(
             {
                 **asdict(w.config),
-                "median_s": median[key],
+                "median_s": median[key],  # the mean for rows with stat "mean"
+                "mean_s": statistics.fmean(measured),
                 "q1_s": q1,
                 "q3_s": q3,
                 "vs_trainer": median[key] / median["trainer"],
@@ -378,9 +508,15 @@ def measure(opts: argparse.Namespace) -> dict:
 
 def check_targets(rows: list[dict]) -> dict:
     row = {r["key"]: r for r in rows}
-    sam_rows = [r for r in rows if r["runner"] == "msam" and r["rho"] > 0]
+    sam_rows = [r for r in rows if r["runner"] == "msam" and r["rho"] > 0 and not r["flags"]]
+    methods = {}
+    for key, target in METHOD_TARGETS.items():
+        if key in row:
+            base = row["msam_sam"] if key in ("msam_gsam", "msam_fsam") else row["trainer"]
+            methods[key] = row[key]["median_s"] / base["median_s"] <= target
     return {
-        "rho0_within_3pct_of_trainer": row["msam_rho0"]["vs_trainer"] <= TARGETS["rho0_vs_trainer"],
+        "methods_vs_trainer_or_sam": methods,
+        "rho0_within_3pct_of_trainer": row["msam_rho0"]["vs_trainer"] <= TARGETS["rho0_vs_trainer"] if "msam_rho0" in row else None,
         "sam_msam_within_5pct_of_floor": {r["key"]: r["vs_floor"] <= TARGETS["sam_vs_floor"] for r in sam_rows},
         "extra_memory_at_most_2_param_copies": {
             r["key"]: r["extra_vs_trainer_param_copies"] <= TARGETS["extra_param_copies"] for r in sam_rows
@@ -395,8 +531,9 @@ def markdown_table(result: dict) -> str:
     ]
     for r in result["rows"]:
         vs_floor = "floor" if r["key"] == r["floor"] else f"{r['vs_floor']:.3f}"
+        label = r["label"] + (" (mean)" if r.get("stat") == "mean" else "")
         lines.append(
-            f"| {r['label']} | {r['median_s']:.4f} | {r['q1_s']:.4f}–{r['q3_s']:.4f} | {r['vs_trainer']:.3f} | {vs_floor} "
+            f"| {label} | {r['median_s']:.4f} | {r['q1_s']:.4f}–{r['q3_s']:.4f} | {r['vs_trainer']:.3f} | {vs_floor} "
             f"| {r['peak_memory_bytes'] / 2**20:.1f} | {r['extra_vs_trainer_param_copies']:+.2f} |"
         )
     lines.append(f"\ntrainable parameters: {result['trainable_param_bytes'] / 2**20:.1f} MB (one copy)")
@@ -417,6 +554,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto: cuda when available")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in every worker")
     parser.add_argument("--json", help="also write the JSON result to this path")
+    parser.add_argument("--rows", nargs="+", help="only these configuration keys (e.g. trainer msam_sam msam_gsam loop_gsam)")
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps (other flags still apply): a smoke test")
     opts = parser.parse_args(argv)
     if opts.quick:

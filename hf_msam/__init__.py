@@ -1,6 +1,20 @@
 """hf-msam: micro-batch sharpness-aware minimization (mSAM) for the Hugging Face Trainer."""
 
-from .msam import MicroBatchSAM, MSAMStats, PerturbationRule, SAMPerturbation, split_batch
+from .msam import (
+    DescentRule,
+    FriendlyPerturbation,
+    GSAMDescent,
+    LookSAMDescent,
+    MicroBatchSAM,
+    MomentumPerturbation,
+    MSAMStats,
+    PerturbationRule,
+    SAMDescent,
+    SAMPerturbation,
+    Schedule,
+    build_method,
+    split_batch,
+)
 from .trainer import MSAMMixin, MSAMTrainer
 from .training_args import MSAMArguments, MSAMTrainingArguments
 
@@ -15,5 +29,13 @@ __all__ = [
     "MSAMStats",
     "PerturbationRule",
     "SAMPerturbation",
+    "FriendlyPerturbation",
+    "MomentumPerturbation",
+    "DescentRule",
+    "SAMDescent",
+    "GSAMDescent",
+    "LookSAMDescent",
+    "Schedule",
+    "build_method",
     "split_batch",
 ]

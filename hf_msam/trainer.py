@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import math
 import os
@@ -13,11 +12,12 @@ import torch
 from accelerate.utils.memory import clear_device_cache
 from torch import nn
 from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.training_args import OptimizerNames
 
 from .batches import SequenceBoundsRecorder, splitter_for
 from .flatness import evaluate_flatness
-from .msam import MicroBatchSAM, MSAMStats, PerturbationRule, SAMPerturbation
+from .msam import DescentRule, MicroBatchSAM, MomentumPerturbation, MSAMStats, PerturbationRule, SAMPerturbation, Schedule, build_method
 from .training_args import MSAMArguments, msam_setting
 
 __all__ = ["MSAMMixin", "MSAMTrainer"]
@@ -43,12 +43,17 @@ class MSAMMixin:
 
     Args:
         perturbation (`PerturbationRule`, *optional*):
-            Replaces the SAM/ASAM rule that turns an ascent gradient into a perturbation (rho
-            schedules, LookSAM, Friendly-SAM, ...). Defaults to `SAMPerturbation` built from `args`.
+            Replaces the rule that turns an ascent gradient into a perturbation. Defaults to the one of
+            `--msam_method` (SAM/ASAM, Friendly-SAM or Momentum-SAM) built from `args`.
+        descent (`DescentRule`, *optional*):
+            Replaces the rule that makes the descent contribution from the clean and perturbed gradients.
+            Defaults to the one of `--msam_method` (SAM, GSAM or LookSAM).
         All other arguments are those of the base trainer.
     """
 
-    def __init__(self, *args: Any, perturbation: PerturbationRule | None = None, **kwargs: Any):
+    def __init__(
+        self, *args: Any, perturbation: PerturbationRule | None = None, descent: DescentRule | None = None, **kwargs: Any
+    ):
         super().__init__(*args, **kwargs)
         # The main process tells its settings (INFO) unless a --log_level was asked for; replicas follow the Trainer.
         passive = self.args.log_level == "passive" and self.args.should_log
@@ -63,11 +68,25 @@ class MSAMMixin:
                 msam_setting(self.args, "msam_micro_batch_size"),
                 msam_setting(self.args, "msam_adaptive"),
             )
-        self.msam_perturbation = perturbation or SAMPerturbation(
+        default_perturbation, default_descent = build_method(
+            msam_setting(self.args, "msam_method"),
             rho=msam_setting(self.args, "msam_rho"),
             adaptive=msam_setting(self.args, "msam_adaptive"),
-            eta=msam_setting(self.args, "msam_adaptive_eta"),
+            adaptive_eta=msam_setting(self.args, "msam_adaptive_eta"),
             eps=msam_setting(self.args, "msam_eps"),
+            gsam_alpha=msam_setting(self.args, "msam_gsam_alpha"),
+            fsam_lambda=msam_setting(self.args, "msam_fsam_lambda"),
+            fsam_sigma=msam_setting(self.args, "msam_fsam_sigma"),
+            looksam_k=msam_setting(self.args, "msam_looksam_k"),
+            looksam_alpha=msam_setting(self.args, "msam_looksam_alpha"),
+        )
+        self._default_perturbation = default_perturbation
+        self.msam_perturbation = perturbation or default_perturbation
+        self.msam_descent = descent or default_descent
+        self.msam_schedule = Schedule(
+            start=msam_setting(self.args, "msam_start"),
+            interval=msam_setting(self.args, "msam_interval"),
+            rho_schedule=msam_setting(self.args, "msam_rho_schedule"),
         )
         self.msam_micro_batch_size = msam_setting(self.args, "msam_micro_batch_size")
         self._check_supported()
@@ -122,13 +141,15 @@ class MSAMMixin:
             return
         logger.info(
             "mSAM: %d distinct perturbations per optimizer step (%d device(s) x %d accumulation step(s) x %d "
-            "micro-batch(es) of %s example(s) per device); rule: %s.",
+            "micro-batch(es) of %s example(s) per device); rule: %s, %s; schedule: %s.",
             self.msam_perturbations_per_step,
             self.args.world_size,
             self.args.gradient_accumulation_steps,
             self.msam_perturbations_per_step // (self.args.world_size * self.args.gradient_accumulation_steps),
             self.msam_micro_batch_size or self.args.per_device_train_batch_size,
             rule,
+            self.msam_descent,
+            self.msam_schedule,
         )
 
     # -- the step ---------------------------------------------------------------------------------
@@ -146,14 +167,18 @@ class MSAMMixin:
         if not self._msam_announced:
             self._announce()
         split_fn = self._msam_splitter.for_batch(inputs)  # also takes recorded sequence boundaries out of `inputs`
-        if not self.msam_perturbation.enabled:
-            return super().training_step(model, inputs, num_items_in_batch)
+        t = self.state.global_step + 1  # the optimizer step this call contributes to (1-based)
+        if not self.msam_perturbation.enabled or not self.msam_schedule.perturbs(t, self.state.max_steps):
+            return super().training_step(model, inputs, num_items_in_batch)  # a plain step, the base trainer's own
         if self._msam is None or self._msam.model is not model:
+            self._check_optimizer_has_momentum()
             self._msam = MicroBatchSAM(
                 model,
                 micro_batch_size=self.msam_micro_batch_size,
                 accelerator=self.accelerator,
                 perturbation=self.msam_perturbation,
+                descent=self.msam_descent,
+                optimizer=self.optimizer,
             )
             self._msam.stats = self._msam_stats
 
@@ -175,14 +200,10 @@ class MSAMMixin:
         # micro-batches by that count, and give each the count that makes its loss a mean over itself.
         size_fn = self._item_count if num_items_in_batch is not None and "labels" in inputs else self._msam_splitter.size_fn
 
-        @functools.cache
-        def total_items() -> float:  # one host transfer, and only when the batch is split
-            return float(num_items_in_batch)
-
         def loss_fn(micro_batch: dict[str, Any]) -> torch.Tensor:
             num_items = num_items_in_batch
             if num_items is not None and micro_batch is not inputs:
-                num_items = total_items() * self._msam.micro_batch_weight
+                num_items = num_items_in_batch * self._msam.micro_batch_weight  # tensor × tensor: no host sync
             with self.compute_loss_context_manager():
                 # compute_loss may pop "labels": give it a copy, the micro-batch is used twice.
                 loss = self.compute_loss(model, copy.copy(micro_batch), num_items_in_batch=num_items)
@@ -192,7 +213,46 @@ class MSAMMixin:
                 loss = loss / self.current_gradient_accumulation_steps
             return loss
 
-        return self._msam.backward(inputs, loss_fn, size_fn=size_fn, split_fn=split_fn)
+        return self._msam.backward(inputs, loss_fn, size_fn=size_fn, split_fn=split_fn, step=t, rho=self._msam_rho_now())
+
+    def _msam_rho_now(self) -> float | torch.Tensor | None:
+        """ρ_t of `--msam_rho_schedule lr` (ρ·lr_t/lr_max, from the optimizer's first group); None: the rule's own ρ."""
+        if self.msam_schedule.rho_schedule == "constant" or not hasattr(self.msam_perturbation, "rho"):
+            return None
+        group = self.optimizer.param_groups[0]
+        return self.msam_schedule.rho(self.msam_perturbation.rho, group["lr"], group.get("initial_lr", group["lr"]))
+
+    def _check_optimizer_has_momentum(self) -> None:
+        if not isinstance(self.msam_perturbation, MomentumPerturbation):
+            return
+        group = self.optimizer.param_groups[0]
+        if "betas" not in group and not group.get("momentum", 0):
+            raise ValueError(
+                "--msam_method momentum perturbs along the optimizer's momentum, and "
+                f"{type(getattr(self.optimizer, 'optimizer', self.optimizer)).__name__} "
+                "(--optim) keeps none: use an Adam-type optimizer (e.g. --optim adamw_torch) or SGD with momentum "
+                '(--optim sgd --optim_args "momentum=0.9"), or another --msam_method.'
+            )
+
+    # -- state that crosses steps (F-SAM's EMA, LookSAM's g_v) goes into each checkpoint ------------
+    def _msam_state_file(self, checkpoint: str) -> str:
+        return os.path.join(checkpoint, f"msam_state_{self.args.process_index}.pt")  # per process: it is per device
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)  # called by every process for each checkpoint, like the RNG state
+        state = {"perturbation": self.msam_perturbation.state_dict(), "descent": self.msam_descent.state_dict()}
+        if any(state.values()):
+            torch.save(state, self._msam_state_file(output_dir))
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        checkpoint = resume_from_checkpoint
+        if isinstance(checkpoint, bool):
+            checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
+        if checkpoint is not None and os.path.isfile(self._msam_state_file(checkpoint)):
+            state = torch.load(self._msam_state_file(checkpoint), map_location=self.args.device, weights_only=True)
+            self.msam_perturbation.load_state_dict(state["perturbation"])
+            self.msam_descent.load_state_dict(state["descent"])
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def get_train_dataloader(self):
         """[`~transformers.Trainer.get_train_dataloader`]; when mSAM cuts batches, its collator also records the
@@ -211,17 +271,16 @@ class MSAMMixin:
         """Add the mSAM metrics of the logging window to each training log, averaged like `loss`."""
         stats = self._msam_stats
         if "loss" in logs and stats.micro_batches > 0:
-            steps = max(self.state.global_step - self._msam_last_logged_step, 1)
             device = self.args.device
             window = torch.stack(
                 [
                     torch.as_tensor(v, dtype=torch.float32, device=device).reshape(())
-                    for v in (stats.clean_loss, stats.perturbed_loss, stats.ascent_grad_norm, stats.micro_batches, stats.skipped)
+                    for v in (stats.clean_loss, stats.perturbed_loss, stats.ascent_grad_norm, stats.micro_batches, stats.skipped, stats.steps)
                 ]
             )
             window = self.accelerator.reduce(window, reduction="sum")  # across processes
-            clean, perturbed, grad_norm, micro_batches, skipped = window.tolist()
-            per_step = steps * self.accelerator.num_processes
+            clean, perturbed, grad_norm, micro_batches, skipped, steps = window.tolist()
+            per_step = max(steps, 1)  # perturbed optimizer steps in the window, over all processes
             logs["msam/perturbed_loss"] = perturbed / per_step
             logs["msam/sharpness"] = (perturbed - clean) / per_step
             logs["msam/ascent_grad_norm"] = grad_norm / micro_batches
@@ -260,7 +319,14 @@ class MSAMMixin:
                 f"x {self.args.gradient_accumulation_steps} accumulation step(s) x {math.ceil(per_device / micro_batch_size)} "
                 "micro-batch(es) per device)",
             ]
-            if not isinstance(rule, SAMPerturbation):
+            lines.append(f"- method: {msam_setting(self.args, 'msam_method')}")
+            schedule = self.msam_schedule
+            if schedule != Schedule():
+                lines.append(
+                    f"- schedule: plain steps up to {schedule.start:g} of max_steps, then every {schedule.interval} step(s) "
+                    f"perturbed; rho {schedule.rho_schedule}"
+                )
+            if type(rule) not in (SAMPerturbation, type(self._default_perturbation)):
                 lines.append(f"- perturbation rule: `{type(rule).__name__}`")
         with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")

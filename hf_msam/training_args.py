@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
+from .msam import METHODS
+
 __all__ = ["MSAMArguments", "MSAMTrainingArguments", "msam_setting"]
 
 
@@ -29,6 +31,25 @@ class MSAMArguments:
             η of ASAM.
         msam_eps (`float`, *optional*, defaults to `1e-12`):
             Added to the gradient norm in the denominator of the perturbation.
+        msam_method (`str`, *optional*, defaults to `"sam"`):
+            `sam` (with `msam_adaptive`: ASAM), `gsam`, `fsam` (Friendly-SAM), `looksam` or `momentum` (Momentum-SAM).
+            See README "Methods and schedules".
+        msam_start (`float`, *optional*, defaults to `0.0`):
+            Optimizer steps t <= msam_start * max_steps are plain steps (late-phase SAM). In [0, 1).
+        msam_interval (`int`, *optional*, defaults to `1`):
+            Optimizer step t (1-based) is perturbed when (t - 1) % msam_interval == 0, plain in between.
+        msam_rho_schedule (`str`, *optional*, defaults to `"constant"`):
+            `constant`: rho every step; `lr`: rho_t = rho * lr_t / lr_max (rho follows the learning-rate schedule).
+        msam_gsam_alpha (`float`, *optional*, defaults to `0.1`):
+            alpha of GSAM: descent = g_p - alpha * (the part of the clean gradient orthogonal to g_p).
+        msam_fsam_lambda (`float`, *optional*, defaults to `0.95`):
+            lambda of Friendly-SAM: the EMA m <- lambda * m + (1 - lambda) * g of past micro-batch gradients. In [0, 1).
+        msam_fsam_sigma (`float`, *optional*, defaults to `1.0`):
+            sigma of Friendly-SAM: the ascent direction is g - sigma * m.
+        msam_looksam_k (`int`, *optional*, defaults to `5`):
+            LookSAM: a full SAM step every k optimizer steps; the k - 1 between reuse its direction at one pass each.
+        msam_looksam_alpha (`float`, *optional*, defaults to `0.7`):
+            alpha of LookSAM: reuse steps descend along g + alpha * (||g|| / ||g_v||) * g_v.
         msam_eval_flatness (`bool`, *optional*, defaults to `False`):
             Every evaluation also reports `eval_hessian_top_eigenvalue`, `eval_hessian_trace` and `eval_sharpness`
             (see `hf_msam.flatness`), measured on the first `msam_flatness_batches` evaluation batches.
@@ -68,6 +89,69 @@ class MSAMArguments:
     msam_eps: float = field(
         default=1e-12,
         metadata={"help": "Added to the gradient norm in the denominator of the perturbation, for stability."},
+    )
+    msam_method: str = field(
+        default="sam",
+        metadata={
+            "help": "The sharpness-aware method: sam (SAM/mSAM; with --msam_adaptive, ASAM), gsam (GSAM, Zhuang et al. "
+            "2022), fsam (Friendly-SAM, Li et al. 2024), looksam (LookSAM, Liu et al. 2022) or momentum "
+            "(Momentum-SAM, Becker et al. 2024: one pass per step, needs an optimizer with momentum).",
+            "choices": list(METHODS),
+        },
+    )
+    msam_start: float = field(
+        default=0.0,
+        metadata={
+            "help": "Late-phase SAM: optimizer steps t <= msam_start * max_steps are plain steps (one forward and "
+            "backward). A number in [0, 1); 0 perturbs from the first step."
+        },
+    )
+    msam_interval: int = field(
+        default=1,
+        metadata={
+            "help": "Perturb every k-th optimizer step only: step t (1-based) is perturbed when (t - 1) % k == 0 and "
+            "plain in between. With --msam_start too, a step is perturbed only when both allow it."
+        },
+    )
+    msam_rho_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "constant: rho at every step. lr: rho_t = rho * lr_t / lr_max, rho following the learning-rate "
+            "schedule (warmup and decay), as GSAM does.",
+            "choices": ["constant", "lr"],
+        },
+    )
+    msam_gsam_alpha: float = field(
+        default=0.1,
+        metadata={
+            "help": "alpha of GSAM (--msam_method gsam): each micro-batch descends along g_p - alpha * g_perp, g_perp "
+            "the part of its clean gradient orthogonal to its perturbed gradient g_p. 0 is SAM."
+        },
+    )
+    msam_fsam_lambda: float = field(
+        default=0.95,
+        metadata={
+            "help": "lambda of Friendly-SAM (--msam_method fsam): the EMA m <- lambda * m + (1 - lambda) * g_j of "
+            "past micro-batch gradients, in [0, 1)."
+        },
+    )
+    msam_fsam_sigma: float = field(
+        default=1.0,
+        metadata={"help": "sigma of Friendly-SAM (--msam_method fsam): the ascent direction is g_j - sigma * m."},
+    )
+    msam_looksam_k: int = field(
+        default=5,
+        metadata={
+            "help": "LookSAM (--msam_method looksam): a full SAM step every k optimizer steps; the k - 1 steps between "
+            "take one pass and reuse the stored direction g_v. 1 is SAM."
+        },
+    )
+    msam_looksam_alpha: float = field(
+        default=0.7,
+        metadata={
+            "help": "alpha of LookSAM (--msam_method looksam): reuse steps descend along g + alpha * (||g|| / ||g_v||) "
+            "* g_v."
+        },
     )
     msam_eval_flatness: bool = field(
         default=False,
@@ -128,6 +212,47 @@ class MSAMArguments:
             raise ValueError(f"--msam_adaptive_eta must be a finite number >= 0, got {self.msam_adaptive_eta!r}.")
         if not (isinstance(self.msam_eps, (int, float)) and math.isfinite(self.msam_eps) and self.msam_eps >= 0):
             raise ValueError(f"--msam_eps must be a finite number >= 0, got {self.msam_eps!r}.")
+        def finite(value, low=None, high=None, low_open=False):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                return False
+            if low is not None and (value <= low if low_open else value < low):
+                return False
+            return high is None or value < high
+
+        def whole(value, low=1):
+            return not isinstance(value, bool) and isinstance(value, int) and value >= low
+
+        if self.msam_method not in METHODS:
+            raise ValueError(f"--msam_method must be one of {', '.join(METHODS)}; got {self.msam_method!r}.")
+        if not finite(self.msam_start, 0.0, 1.0):
+            raise ValueError(
+                f"--msam_start must be a number in [0, 1) (the fraction of max_steps trained with plain steps first), "
+                f"got {self.msam_start!r}."
+            )
+        if not whole(self.msam_interval):
+            raise ValueError(f"--msam_interval must be a whole number >= 1 (1: every step is perturbed), got {self.msam_interval!r}.")
+        if self.msam_rho_schedule not in ("constant", "lr"):
+            raise ValueError(f"--msam_rho_schedule must be 'constant' or 'lr', got {self.msam_rho_schedule!r}.")
+        if not finite(self.msam_gsam_alpha, 0.0):
+            raise ValueError(f"--msam_gsam_alpha must be a finite number >= 0, got {self.msam_gsam_alpha!r}.")
+        if not finite(self.msam_fsam_lambda, 0.0, 1.0):
+            raise ValueError(f"--msam_fsam_lambda must be a number in [0, 1), got {self.msam_fsam_lambda!r}.")
+        if not finite(self.msam_fsam_sigma, 0.0):
+            raise ValueError(f"--msam_fsam_sigma must be a finite number >= 0, got {self.msam_fsam_sigma!r}.")
+        if not whole(self.msam_looksam_k):
+            raise ValueError(f"--msam_looksam_k must be a whole number >= 1, got {self.msam_looksam_k!r}.")
+        if not finite(self.msam_looksam_alpha, 0.0):
+            raise ValueError(f"--msam_looksam_alpha must be a finite number >= 0, got {self.msam_looksam_alpha!r}.")
+        if self.msam_adaptive and self.msam_method in ("fsam", "momentum"):
+            raise ValueError(
+                f"--msam_adaptive (ASAM) does not combine with --msam_method {self.msam_method}: drop --msam_adaptive, "
+                "or use --msam_method sam, gsam or looksam."
+            )
+        if self.msam_method == "looksam" and self.msam_interval != 1:
+            raise ValueError(
+                "--msam_interval does not combine with --msam_method looksam, which has its own interval: set the "
+                "steps between full SAM steps with --msam_looksam_k and leave --msam_interval at 1."
+            )
         if (
             isinstance(self.msam_flatness_batches, bool)
             or not isinstance(self.msam_flatness_batches, int)
