@@ -585,6 +585,9 @@ class MicroBatchSAM:
         self.micro_batch_weight: float | torch.Tensor = 1.0  # c_j of the micro-batch `backward` is working on
         self._step: Any = object()  # the optimizer step `backward` last worked on
         self._mode = "perturbed"
+        # False while loss_fn runs a pass whose loss `backward` does not report (the perturbed pass, when there is a
+        # clean one): a trainer that records metrics inside its loss function can skip recording them then.
+        self.reported_pass = True
 
     # -- the contexts and the backward the accelerator would use --------------------------------
     def _no_sync(self):
@@ -678,12 +681,14 @@ class MicroBatchSAM:
                     # forward below would silently run at the stale, unperturbed w.
                     torch.clear_autocast_cache()
                 with contextlib.nullcontext() if last else self._no_sync(), _running_stats_frozen(norm_modules):
+                    self.reported_pass = not clean_pass  # the loss at w + e is reported only without a clean pass
                     perturbed_loss = loss_fn(mb)
                     if explicit:
                         g_p = self.ascent_gradient(perturbed_loss, params)  # g_p,j; .grad untouched
                     else:
                         self._backward(_weighted(perturbed_loss, c_j))  # SAM: .grad += c_j·g_p,j
             finally:
+                self.reported_pass = True
                 # 4. Back to w, bitwise, whatever happened above.
                 with torch.no_grad():
                     torch._foreach_copy_(params, w)

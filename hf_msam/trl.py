@@ -47,25 +47,14 @@ class _TRLStep:
     - TRL wraps `Trainer.training_step` in its activation-offloading context. The mSAM step comes before TRL's in the
       method order and replaces it when mSAM is on, so it enters that context itself.
     - TRL's `compute_loss` records metrics (token count, accuracy, entropy, rewards, ...) on every call. The mSAM step
-      calls it twice per micro-batch, clean at w then perturbed at w + e_j, always in that order: the metrics of the
-      perturbed calls are dropped, so the logged ones are those of the clean model, over each token once.
+      calls it twice per micro-batch, clean at w then perturbed at w + e_j: the metrics of the calls whose loss the
+      step does not report (`MicroBatchSAM.reported_pass` False) are dropped, so the logged ones are those of the
+      reported loss (the clean one; at w + e for Momentum-SAM, which has no clean pass), over each token once.
     """
 
-    _msam_loss_calls: int | None = None
-
-    def training_step(self, *args: Any, **kwargs: Any):
-        self._msam_loss_calls = 0 if self.msam_perturbation.enabled else None
-        try:
-            with getattr(self, "maybe_activation_offload_context", None) or contextlib.nullcontext():
-                return super().training_step(*args, **kwargs)
-        finally:
-            self._msam_loss_calls = None
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self._msam_loss_calls is None:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        self._msam_loss_calls += 1
-        if self._msam_loss_calls % 2 == 1:  # the clean pass
+        engine = getattr(self, "_msam", None)
+        if engine is None or engine.reported_pass:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         metrics = self._metrics["train"]
         saved = ({key: list(values) for key, values in metrics.items()}, getattr(self, "_total_train_tokens", None))
@@ -76,6 +65,10 @@ class _TRLStep:
             metrics.update(saved[0])
             if saved[1] is not None:
                 self._total_train_tokens = saved[1]
+
+    def training_step(self, *args: Any, **kwargs: Any):
+        with getattr(self, "maybe_activation_offload_context", None) or contextlib.nullcontext():
+            return super().training_step(*args, **kwargs)
 
 
 @dataclass
