@@ -253,7 +253,8 @@ class ClassNames:
     def check_known(self, split: Dataset, column: str, split_name: str) -> None:
         """Raise if `split` has a label the training data never shows: the model would have no output for it."""
         values = split.unique(column)
-        unknown = [v for v, n in zip(values, _names_of(split.features[column], values)) if n is not None and n not in self.names]
+        names = _names_of(split.features[column], values)
+        unknown = [v for v, n in zip(values, names) if n is not None and n not in self.names]
         if unknown:
             raise ValueError(
                 f"The {split_name} data has label(s) {sorted(unknown, key=str)} that the training data never shows "
@@ -378,7 +379,7 @@ def _checkpoint_to_resume(training_args: MSAMTrainingArguments) -> str | None:
         return None
     found = get_last_checkpoint(training_args.output_dir)
     if found is not None:
-        logger.info(f"Resuming from {found}, the last checkpoint in --output_dir (give another --output_dir to start over).")
+        logger.info(f"Resuming from {found}, the last checkpoint in --output_dir (another --output_dir starts over).")
     return found
 
 

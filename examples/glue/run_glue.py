@@ -87,7 +87,7 @@ class TextDataArguments(DataArguments):
     )
     test_file: str | None = field(
         default=None,
-        metadata={"help": "Data to predict with --do_predict, same format as --train_file (the label column is optional)."},
+        metadata={"help": "Data to predict with --do_predict, as --train_file (the label column is optional)."},
     )
     max_seq_length: int = field(
         default=128,
@@ -95,10 +95,7 @@ class TextDataArguments(DataArguments):
     )
     pad_to_max_length: bool = field(
         default=True,
-        metadata={
-            "help": "Pad every example to --max_seq_length. False: pad each batch to its longest example "
-            "(faster on GPUs when lengths vary)."
-        },
+        metadata={"help": "Pad every example to --max_seq_length. False: pad each batch to its longest one."},
     )
     overwrite_cache: bool = field(
         default=False, metadata={"help": "Tokenize again instead of reading the cached result."}
@@ -181,17 +178,19 @@ def require_columns(splits: DatasetDict, texts: tuple[str, ...], data_args: Text
             )
 
 
-def split_names(task_name: str | None, kind: str) -> list[tuple[str, str]]:
-    """(split, suffix) of what is evaluated (`kind` "validation") or predicted ("test"): MNLI has a matched
-    and a mismatched one; the mismatched numbers get the suffix `_mm`."""
-    if task_name == "mnli":
+def split_names(task_name: str | None, kind: str, splits: DatasetDict) -> list[tuple[str, str]]:
+    """(split, suffix) of what is evaluated (`kind` "validation") or predicted ("test"): GLUE's MNLI has a
+    matched and a mismatched one; the mismatched numbers get the suffix `_mm`."""
+    if task_name == "mnli" and f"{kind}_matched" in splits:
         return [(f"{kind}_matched", ""), (f"{kind}_mismatched", "_mm")]
     return [(kind, "")]
 
 
 def write_predictions(trainer: MSAMTrainer, dataset, path: str, regression: bool) -> None:
     """`index<TAB>prediction` lines: a score for a regression, the class name for a classifier."""
-    logits = trainer.predict(dataset.remove_columns([c for c in ("label",) if c in dataset.column_names])).predictions
+    if "label" in dataset.column_names:  # unlabeled test sets hold -1 there
+        dataset = dataset.remove_columns("label")
+    logits = trainer.predict(dataset).predictions
     logits = logits[0] if isinstance(logits, tuple) else logits
     if not trainer.is_world_process_zero():
         return
@@ -225,7 +224,7 @@ def main():
     else:
         classes = ClassNames.of(splits["train"], "label").in_model_order(config)
         if training_args.do_eval:
-            for split, _ in split_names(data_args.task_name, "validation"):
+            for split, _ in split_names(data_args.task_name, "validation", splits):
                 if split in splits:
                     classes.check_known(splits[split], "label", split)
         classes.set_on(config)
@@ -263,7 +262,7 @@ def main():
         """The (first) validation or test split, when the run uses it."""
         if not wanted:
             return None
-        name = split_names(data_args.task_name, kind)[0][0]
+        name = split_names(data_args.task_name, kind, splits)[0][0]
         if name not in splits:
             raise ValueError(f"--do_{'eval' if kind == 'validation' else 'predict'} needs a {kind} split.")
         return first(splits[name], limit)
@@ -291,12 +290,12 @@ def main():
         train(trainer, training_args)
     if training_args.do_eval:
         results = {}
-        for split, suffix in split_names(data_args.task_name, "validation"):
+        for split, suffix in split_names(data_args.task_name, "validation", splits):
             if split in splits:
                 results |= evaluate(trainer, first(splits[split], data_args.max_eval_samples), suffix)
         trainer.save_metrics("eval", results)
     if training_args.do_predict:
-        for split, suffix in split_names(data_args.task_name, "test"):
+        for split, suffix in split_names(data_args.task_name, "test", splits):
             if split in splits:
                 name = (data_args.task_name or "test") + ("-mm" if suffix else "")
                 path = os.path.join(training_args.output_dir, f"predict_results_{name}.txt")

@@ -127,9 +127,8 @@ def build_transforms(image_processor, data_args: ImageDataArguments) -> tuple[v2
 
 def load_splits(data_args: ImageDataArguments, model_args: ImageModelArguments):
     if data_args.dataset_name is not None:
-        return load_dataset(
-            data_args.dataset_name, data_args.dataset_config_name, cache_dir=model_args.cache_dir, token=model_args.token
-        )
+        name, subset = data_args.dataset_name, data_args.dataset_config_name
+        return load_dataset(name, subset, cache_dir=model_args.cache_dir, token=model_args.token)
     folders = {"train": data_args.train_dir, "validation": data_args.validation_dir}
     files = {split: os.path.join(folder, "**") for split, folder in folders.items() if folder is not None}
     return load_dataset("imagefolder", data_files=files, cache_dir=model_args.cache_dir)
@@ -138,7 +137,7 @@ def load_splits(data_args: ImageDataArguments, model_args: ImageModelArguments):
 def main():
     model_args, data_args, training_args = parse_arguments(ImageModelArguments, ImageDataArguments)
     if training_args.remove_unused_columns:
-        logger.info("Setting --remove_unused_columns False: the transforms read the image column, which the model does not take.")
+        logger.info("Setting --remove_unused_columns False: the transforms read the image column.")
         training_args.remove_unused_columns = False
     set_seed(training_args.seed)
 
