@@ -124,10 +124,18 @@ class DataArguments:
     )
 
 
+def under_launcher(ours: type, name: str) -> type:
+    """`ours`, or, while `hf-msam run` runs the script, the launcher's subclass of it that it put in
+    `transformers.<name>`: that one applies the `--msam_*` flags the launcher took off the command line (and
+    reports the trainer), so the examples honour them under the launcher too."""
+    swapped = getattr(transformers, name)
+    return swapped if isinstance(swapped, type) and issubclass(swapped, ours) else ours
+
+
 def parse_arguments(*dataclass_types: type) -> tuple:
     """The command line (or one `.json` file holding every argument) as instances of `dataclass_types` and
     `MSAMTrainingArguments`, in that order; logging is set up for this process."""
-    parser = HfArgumentParser((*dataclass_types, MSAMTrainingArguments))
+    parser = HfArgumentParser((*dataclass_types, under_launcher(MSAMTrainingArguments, "TrainingArguments")))
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         parsed = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
     else:

@@ -302,6 +302,7 @@ def test_class_name_labels_train_evaluate_predict(ext, tiny_bert, tmp_path, run)
     assert len(logs) == 4 and all(math.isfinite(e["loss"]) for e in logs)
 
 
+@pytest.mark.slow
 def test_trained_class_names_model_evaluates_again_with_its_own_order(tiny_bert, tmp_path, run):
     """A checkpoint whose config names the classes in its own order (not sorted) is evaluated with the ids of
     that order: its head keeps its meaning."""
@@ -339,3 +340,17 @@ def test_unknown_class_name_in_validation_fails_before_training(tiny_bert, tmp_p
     validation = write_csv(tmp_path / "dev.csv", [{"sentence": "good .", "label": "cheerful"}])
     with pytest.raises(ValueError, match=re.escape("The validation data has label(s) ['cheerful'] that the training")):
         run(*common_args(tiny_bert, tmp_path / "out"), "--train_file", train, "--validation_file", validation)
+
+
+def test_under_hf_msam_run_the_msam_flags_are_honoured(tiny_bert, glue_csv, tmp_path):
+    """`hf-msam run run_glue.py --msam_micro_batch_size 2`: the launcher takes the --msam_* flags off the command
+    line; the script must still train with them (2 micro-batches of 2), not with the defaults."""
+    from hf_msam.launcher import run as launcher_run
+
+    out = tmp_path / "out"
+    args = [*common_args(tiny_bert, out, steps=1), "--train_file", glue_csv["train"], "--validation_file",
+            glue_csv["validation"], "--per_device_train_batch_size", 4, "--msam_micro_batch_size", 2, "--msam_rho", 0.2]
+    launcher_run(str(SCRIPT), [str(a) for a in args])
+    card = (out / "README.md").read_text()
+    assert "- rho: 0.2" in card and "- micro-batch size: 2 example(s)" in card
+    assert "- perturbations per optimizer step: 2 (1 device(s) x 1 accumulation step(s) x 2 micro-batch(es)" in card

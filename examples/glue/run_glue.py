@@ -40,6 +40,7 @@ from hf_msam.examples_common import (
     metric_function,
     parse_arguments,
     train,
+    under_launcher,
 )
 
 logger = logging.getLogger(__name__)
@@ -276,7 +277,7 @@ def main():
     else:  # pad each batch; multiples of 8 suit fp16 tensor cores
         collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if training_args.fp16 else None)
     metric = metric_function(data_args.task_name, regression, model_args.cache_dir)
-    trainer = MSAMTrainer(
+    trainer = under_launcher(MSAMTrainer, "Trainer")(
         model=model,
         args=training_args,
         train_dataset=train_dataset,

@@ -30,6 +30,7 @@ from hf_msam.examples_common import (
     metric_function,
     parse_arguments,
     train,
+    under_launcher,
 )
 
 try:
@@ -88,10 +89,7 @@ class ImageDataArguments(DataArguments):
     )
     horizontal_flip: bool = field(
         default=True,
-        metadata={
-            "help": "Training augmentation: mirror half of the images left to right. Turn it off "
-            "(--horizontal_flip false) where a mirrored image is another class or no image of the task (digits, text)."
-        },
+        metadata={"help": "Training augmentation: mirror half of the images (false for digits, text, ...)."},
     )
 
     def __post_init__(self):
@@ -204,7 +202,7 @@ def main():
             "labels": torch.tensor([e[label_column] for e in examples]),
         }
 
-    trainer = MSAMTrainer(
+    trainer = under_launcher(MSAMTrainer, "Trainer")(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
