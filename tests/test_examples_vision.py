@@ -227,3 +227,30 @@ def test_validation_classes_are_matched_by_name(tiny_vit, image_folders, tmp_pat
     assert list(output.label_ids) == [1, 1, 1]  # dog, not the folder's own index 0
     eval_results = json.loads((out / "eval_results.json").read_text())
     assert eval_results["eval_accuracy"] == pytest.approx(accuracy_score([1, 1, 1], output.predictions.argmax(-1)))
+
+
+def test_label_column_of_class_names(tiny_vit, tmp_path, run):
+    """A dataset whose label column holds class names (strings, not a ClassLabel) trains, with the names sorted
+    into ids and kept in the config."""
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    data = tmp_path / "named"
+    data.mkdir()
+    features = Features({"image": Image(), "label": Value("string")})
+    for split, n in (("train", 8), ("validation", 4)):
+        names = ["red", "blue"] * (n // 2)
+        images = [PILImage.new("RGB", (32, 32), (200, 30, 30) if c == "red" else (30, 30, 200)) for c in names]
+        Dataset.from_dict({"image": images, "label": names}, features=features).to_parquet(data / f"{split}.parquet")
+    out = tmp_path / "out"
+    trainer = run(
+        "--model_name_or_path", tiny_vit, "--dataset_name", data, "--ignore_mismatched_sizes", "--output_dir", out,
+        "--do_train", "--do_eval", "--max_steps", 1, "--per_device_train_batch_size", 4, "--seed", 0,
+        "--save_strategy", "no", "--use_cpu", "--report_to", "none", "--disable_tqdm", "true",
+    )  # fmt: skip
+    assert trainer.model.config.id2label == {0: "blue", 1: "red"}
+    assert json.loads((out / "config.json").read_text())["label2id"] == {"blue": 0, "red": 1}
+    output = trainer.predict(trainer.eval_dataset)
+    assert list(output.label_ids) == [1, 0, 1, 0]
+    eval_results = json.loads((out / "eval_results.json").read_text())
+    assert eval_results["eval_accuracy"] == pytest.approx(accuracy_score(output.label_ids, output.predictions.argmax(-1)))
