@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import socket
@@ -237,3 +238,119 @@ def test_accelerate_launch_two_processes(tiny_bert, glue_csv, tmp_path):
     state = json.loads((out / "trainer_state.json").read_text())
     assert all("msam/sharpness" in e for e in state["log_history"] if "loss" in e)
     assert json.loads((out / "eval_results.json").read_text())["eval_samples"] == 16
+
+
+def topic_rows(n: int, seed: int) -> list[dict]:
+    """Sentences labelled with class names (three moods), in the order upbeat, gloomy, plain, upbeat, ..."""
+    import random
+
+    from conftest import NEGATIVE_WORDS, NEUTRAL_WORDS, POSITIVE_WORDS
+
+    rng = random.Random(seed)
+    words = {"upbeat": POSITIVE_WORDS, "gloomy": NEGATIVE_WORDS, "plain": NEUTRAL_WORDS}
+    names = list(words)
+    return [
+        {"sentence": " ".join(rng.choice(words[names[i % 3]]) for _ in range(5)) + " .", "label": names[i % 3]}
+        for i in range(n)
+    ]
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    if path.suffix == ".csv":
+        return write_csv(path, rows)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def read_predictions(path: Path) -> list[str]:
+    lines = path.read_text().splitlines()
+    assert lines[0] == "index\tprediction"
+    assert [line.split("\t")[0] for line in lines[1:]] == [str(i) for i in range(len(lines) - 1)]
+    return [line.split("\t")[1] for line in lines[1:]]
+
+
+@pytest.mark.parametrize("ext", ["csv", "json"])
+def test_class_name_labels_train_evaluate_predict(ext, tiny_bert, tmp_path, run):
+    """Labels written as class names: ids in the model, names in its config and in the predictions file."""
+    train = write_rows(tmp_path / f"train.{ext}", topic_rows(36, seed=0))
+    validation_rows = topic_rows(15, seed=1)
+    validation = write_rows(tmp_path / f"dev.{ext}", validation_rows)
+    out = tmp_path / "out"
+    trainer = run(
+        *common_args(tiny_bert, out, steps=4),
+        "--train_file", train, "--validation_file", validation, "--test_file", validation, "--do_predict",
+        "--ignore_mismatched_sizes", "--msam_micro_batch_size", 4,  # the tiny BERT has a 2-label head
+    )  # fmt: skip
+
+    # The names, sorted, are the classes 0, 1, 2, in the saved config too.
+    names = {0: "gloomy", 1: "plain", 2: "upbeat"}
+    assert trainer.model.config.id2label == names
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["id2label"] == {str(i): name for i, name in names.items()}
+    assert saved["label2id"] == {name: i for i, name in names.items()}
+    # The model saw integer class ids (the encoded `label` column), not the strings of the file.
+    assert trainer.train_dataset[0]["label"] == {"upbeat": 2, "gloomy": 0, "plain": 1}[topic_rows(1, seed=0)[0]["label"]]
+    assert trainer.train_dataset.features["label"].names == list(names.values())
+    # Predictions are written as names; the evaluation's accuracy is scikit-learn's on them.
+    predicted = read_predictions(out / "predict_results_test.txt")
+    truth = [row["label"] for row in validation_rows]
+    assert len(predicted) == len(truth) and set(predicted) <= set(names.values())
+    eval_results = json.loads((out / "eval_results.json").read_text())
+    assert eval_results["eval_accuracy"] == pytest.approx(accuracy_score(truth, predicted))
+    assert eval_results["eval_samples"] == 15
+    logs = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert len(logs) == 4 and all(math.isfinite(e["loss"]) for e in logs)
+
+
+@pytest.mark.slow
+def test_trained_class_names_model_evaluates_again_with_its_own_order(tiny_bert, tmp_path, run):
+    """A checkpoint whose config names the classes in its own order (not sorted) is evaluated with the ids of
+    that order: its head keeps its meaning."""
+    rows = topic_rows(24, seed=0)
+    train = write_csv(tmp_path / "train.csv", rows)
+    validation_rows = topic_rows(12, seed=1)
+    validation = write_csv(tmp_path / "dev.csv", validation_rows)
+    first_out, second_out = tmp_path / "first", tmp_path / "second"
+    run(
+        *common_args(tiny_bert, first_out, steps=2), "--train_file", train, "--validation_file", validation,
+        "--test_file", validation, "--do_predict", "--ignore_mismatched_sizes",
+    )  # fmt: skip
+    # The trained config, with the names in another order than sorted: the ids must follow the model.
+    config_path = first_out / "config.json"
+    config = json.loads(config_path.read_text())
+    config["id2label"] = {"0": "upbeat", "1": "gloomy", "2": "plain"}
+    config["label2id"] = {"upbeat": 0, "gloomy": 1, "plain": 2}
+    config_path.write_text(json.dumps(config))
+    trainer = run(
+        "--model_name_or_path", first_out, "--output_dir", second_out, "--do_eval", "--do_predict",
+        "--train_file", train, "--validation_file", validation, "--test_file", validation,
+        "--max_seq_length", 16, "--per_device_eval_batch_size", 16, "--use_cpu", "--report_to", "none",
+    )  # fmt: skip
+    assert trainer.model.config.id2label == {0: "upbeat", 1: "gloomy", 2: "plain"}
+    assert trainer.eval_dataset["label"] == [{"upbeat": 0, "gloomy": 1, "plain": 2}[r["label"]] for r in validation_rows]
+    predicted = read_predictions(second_out / "predict_results_test.txt")
+    truth = [r["label"] for r in validation_rows]
+    assert json.loads((second_out / "eval_results.json").read_text())["eval_accuracy"] == pytest.approx(
+        accuracy_score(truth, predicted)
+    )
+
+
+def test_unknown_class_name_in_validation_fails_before_training(tiny_bert, tmp_path, run):
+    train = write_csv(tmp_path / "train.csv", topic_rows(12, seed=0))
+    validation = write_csv(tmp_path / "dev.csv", [{"sentence": "good .", "label": "cheerful"}])
+    with pytest.raises(ValueError, match=re.escape("The validation data has label(s) ['cheerful'] that the training")):
+        run(*common_args(tiny_bert, tmp_path / "out"), "--train_file", train, "--validation_file", validation)
+
+
+def test_under_hf_msam_run_the_msam_flags_are_honoured(tiny_bert, glue_csv, tmp_path):
+    """`hf-msam run run_glue.py --msam_micro_batch_size 2`: the launcher takes the --msam_* flags off the command
+    line; the script must still train with them (2 micro-batches of 2), not with the defaults."""
+    from hf_msam.launcher import run as launcher_run
+
+    out = tmp_path / "out"
+    args = [*common_args(tiny_bert, out, steps=1), "--train_file", glue_csv["train"], "--validation_file",
+            glue_csv["validation"], "--per_device_train_batch_size", 4, "--msam_micro_batch_size", 2, "--msam_rho", 0.2]
+    launcher_run(str(SCRIPT), [str(a) for a in args])
+    card = (out / "README.md").read_text()
+    assert "- rho: 0.2" in card and "- micro-batch size: 2 example(s)" in card
+    assert "- perturbations per optimizer step: 2 (1 device(s) x 1 accumulation step(s) x 2 micro-batch(es)" in card

@@ -71,7 +71,7 @@ def test_image_folders_end_to_end(tiny_vit, image_folders, tmp_path, run, caplog
     # The 3-label head was replaced by one for the 2 classes of the folders.
     assert trainer.model.config.id2label == {0: "cat", 1: "dog"}
     # Accuracy, computed locally (offline) with a warning, is the accuracy of the model's predictions.
-    assert "Computing it locally" in caplog.text
+    assert "Computing the same numbers locally" in caplog.text
     output = trainer.predict(trainer.eval_dataset)
     eval_results = json.loads((out / "eval_results.json").read_text())
     assert eval_results["eval_accuracy"] == pytest.approx(accuracy_score(output.label_ids, output.predictions.argmax(-1)))
@@ -158,3 +158,99 @@ def test_accelerate_launch_two_processes(tiny_vit, image_folders, tmp_path):
     assert "- perturbations per optimizer step: 2 (2 device(s) x 1 accumulation step(s) x 1 micro-batch(es)" in card
     logs = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert all("msam/sharpness" in e for e in logs if "loss" in e)
+
+
+def parse_data_args(module, *args):
+    from transformers import HfArgumentParser
+
+    (data_args,) = HfArgumentParser(module.ImageDataArguments).parse_args_into_dataclasses(
+        ["--train_dir", "x", *map(str, args)]
+    )
+    return data_args
+
+
+def test_augmentation_flags_change_the_transforms(run_image_classification, tiny_vit):
+    from torchvision.transforms import v2
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(tiny_vit)
+    module = run_image_classification
+
+    def steps(*args):
+        train, evaluation = module.build_transforms(processor, parse_data_args(module, *args))
+        assert not any(isinstance(t, (v2.RandomResizedCrop, v2.RandomHorizontalFlip)) for t in evaluation.transforms)
+        return train.transforms
+
+    default = steps()
+    assert isinstance(default[0], v2.RandomResizedCrop) and tuple(default[0].size) == (32, 32)
+    assert default[0].scale == pytest.approx((0.08, 1.0)) and default[0].ratio == pytest.approx((3 / 4, 4 / 3))
+    assert isinstance(default[1], v2.RandomHorizontalFlip) and default[1].p == 0.5
+
+    tuned = steps("--crop_scale", 0.85, 1.0, "--crop_ratio", 0.9, 1.1, "--horizontal_flip", "false")
+    assert tuned[0].scale == pytest.approx((0.85, 1.0)) and tuned[0].ratio == pytest.approx((0.9, 1.1))
+    assert not any(isinstance(t, v2.RandomHorizontalFlip) for t in tuned)
+    assert not any(isinstance(t, v2.RandomHorizontalFlip) for t in steps("--no_horizontal_flip"))
+    # The same transform on one image: with scale 1 1 and ratio 1 1 (a square image) the crop is the whole image.
+    from PIL import Image
+
+    image = Image.new("RGB", (32, 32))
+    image.putpixel((0, 0), (255, 0, 0))
+    pixels = v2.Compose(steps("--crop_scale", 1, 1, "--crop_ratio", 1, 1, "--no_horizontal_flip"))(image)
+    assert pixels[0, 0, 0] == pytest.approx((1.0 - 0.5) / 0.5)  # red channel of the corner, normalized (mean 0.5, std 0.5)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--crop_scale", 0.5), "--crop_scale takes two fractions"),
+        (("--crop_scale", 0.9, 0.5), "--crop_scale takes two fractions"),
+        (("--crop_ratio", 0, 1), "--crop_ratio takes two aspect ratios"),
+    ],
+)
+def test_bad_augmentation_flags_are_refused(args, message, run_image_classification):
+    with pytest.raises(ValueError, match=message):
+        parse_data_args(run_image_classification, *args)
+
+
+def test_validation_classes_are_matched_by_name(tiny_vit, image_folders, tmp_path, run):
+    """A validation folder with only some of the classes: its images get the training ids of their class names."""
+    import shutil
+
+    validation = tmp_path / "validation"
+    shutil.copytree(image_folders["validation"] / "dog", validation / "dog")
+    out = tmp_path / "out"
+    args = common_args(tiny_vit, image_folders, out)
+    args[args.index("--validation_dir") + 1] = validation
+    trainer = run(*args, "--per_device_train_batch_size", 4, "--max_steps", 1)
+    assert trainer.model.config.id2label == {0: "cat", 1: "dog"}
+    output = trainer.predict(trainer.eval_dataset)
+    assert list(output.label_ids) == [1, 1, 1]  # dog, not the folder's own index 0
+    eval_results = json.loads((out / "eval_results.json").read_text())
+    assert eval_results["eval_accuracy"] == pytest.approx(accuracy_score([1, 1, 1], output.predictions.argmax(-1)))
+
+
+def test_label_column_of_class_names(tiny_vit, tmp_path, run):
+    """A dataset whose label column holds class names (strings, not a ClassLabel) trains, with the names sorted
+    into ids and kept in the config."""
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    data = tmp_path / "named"
+    data.mkdir()
+    features = Features({"image": Image(), "label": Value("string")})
+    for split, n in (("train", 8), ("validation", 4)):
+        names = ["red", "blue"] * (n // 2)
+        images = [PILImage.new("RGB", (32, 32), (200, 30, 30) if c == "red" else (30, 30, 200)) for c in names]
+        Dataset.from_dict({"image": images, "label": names}, features=features).to_parquet(data / f"{split}.parquet")
+    out = tmp_path / "out"
+    trainer = run(
+        "--model_name_or_path", tiny_vit, "--dataset_name", data, "--ignore_mismatched_sizes", "--output_dir", out,
+        "--do_train", "--do_eval", "--max_steps", 1, "--per_device_train_batch_size", 4, "--seed", 0,
+        "--save_strategy", "no", "--use_cpu", "--report_to", "none", "--disable_tqdm", "true",
+    )  # fmt: skip
+    assert trainer.model.config.id2label == {0: "blue", 1: "red"}
+    assert json.loads((out / "config.json").read_text())["label2id"] == {"blue": 0, "red": 1}
+    output = trainer.predict(trainer.eval_dataset)
+    assert list(output.label_ids) == [1, 0, 1, 0]
+    eval_results = json.loads((out / "eval_results.json").read_text())
+    assert eval_results["eval_accuracy"] == pytest.approx(accuracy_score(output.label_ids, output.predictions.argmax(-1)))

@@ -99,17 +99,15 @@ class FlatnessBudget:
     """How the test-split flatness is measured (the same for every method of a task).
 
     The library's `--msam_eval_flatness` runs the power iteration for up to 100 Hessian-vector
-    products and Hutchinson's estimator with 100; this study patches those two budgets (nothing
-    else) in the evaluation-only call, because a Hessian-vector product of MiniLM costs ~3 forward +
-    backward passes on 2 CPU cores.
+    products and Hutchinson's estimator with 100 probes; this study lowers that budget with
+    `--msam_flatness_iters` in the evaluation-only call, because a Hessian-vector product of MiniLM
+    costs ~3 forward + backward passes on 2 CPU cores.
     """
 
     batches: int  # --msam_flatness_batches
     batch_size: int  # --per_device_eval_batch_size of the evaluation call
-    eigen_iters: int
-    eigen_tol: float
-    trace_samples: int
-    sharpness_rho: float = 0.05  # SAM sharpness at this rho, no micro-batches, for every method
+    iters: int  # --msam_flatness_iters: power iterations (at most) and Hutchinson probes
+    sharpness_rho: float = 0.05  # --msam_flatness_rho: SAM sharpness at this rho, no micro-batches, for every method
 
 
 @dataclass(frozen=True)
@@ -122,7 +120,6 @@ class Task:
     train_args: tuple[str, ...]  # the example's arguments shared by every training run
     flatness: FlatnessBudget
     data: dict[str, Any] = field(default_factory=dict)  # what `prepare` makes (sizes, model shape)
-    augment: dict[str, Any] | None = None  # the vision example's training augmentation (see `_apply_patches`)
 
 
 def _methods(micro_sizes: tuple[int, int], sam_rhos, asam_rhos, msam_rhos) -> tuple[Method, ...]:
@@ -176,10 +173,12 @@ def image_task(*, batch: int, epochs: str, micro: tuple[int, int], grids: dict, 
             *COMMON_TRAIN_ARGS,
             "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", str(flatness.batch_size),
             "--num_train_epochs", epochs, "--learning_rate", "2e-3", "--weight_decay", "0.05",
+            # The example's default augmentation (crops down to 8% of the area, mirror images) is made for
+            # photos; digits want nearly whole crops and no mirroring.
+            "--crop_scale", "0.85", "1.0", "--crop_ratio", "0.9", "1.1", "--horizontal_flip", "false",
             *extra,
         ),  # fmt: skip
         flatness=flatness,
-        augment={"crop_scale": [0.85, 1.0], "crop_ratio": [0.9, 1.1]},
         data={"image_size": 28, "patch_size": 7, "hidden_size": 64, "layers": 4, "heads": 4, "intermediate_size": 128,
               **data},
     )  # fmt: skip
@@ -193,12 +192,12 @@ def full_tasks() -> dict[str, Task]:
     return {
         "text": text_task(
             seq=48, batch=16, epochs="3", micro=(4, 8), grids=GRIDS, seeds=(0, 1, 2),
-            flatness=FlatnessBudget(batches=1, batch_size=16, eigen_iters=8, eigen_tol=1e-2, trace_samples=4),
+            flatness=FlatnessBudget(batches=1, batch_size=16, iters=8),
             data={},
         ),
         "image": image_task(
             batch=64, epochs="8", micro=(16, 32), grids=GRIDS, seeds=(0, 1, 2),
-            flatness=FlatnessBudget(batches=1, batch_size=128, eigen_iters=20, eigen_tol=1e-3, trace_samples=10),
+            flatness=FlatnessBudget(batches=1, batch_size=128, iters=20),
             data={"train": 2400, "validation": 600, "test": 2000},
         ),
     }  # fmt: skip
@@ -211,12 +210,12 @@ def smoke_tasks() -> dict[str, Task]:
     keep = ("adamw", "msam-4")
     text = text_task(
         seq=16, batch=8, epochs="1", micro=(4, 2), grids=grids, seeds=(0, 1),
-        flatness=FlatnessBudget(batches=1, batch_size=4, eigen_iters=1, eigen_tol=1e-2, trace_samples=1),
+        flatness=FlatnessBudget(batches=1, batch_size=4, iters=1),
         data={"train": 24, "validation": 8, "test": 8}, extra=smoke,
     )  # fmt: skip
     image = image_task(
         batch=16, epochs="1", micro=(8, 4), grids=grids, seeds=(0, 1),
-        flatness=FlatnessBudget(batches=1, batch_size=8, eigen_iters=1, eigen_tol=1e-2, trace_samples=1),
+        flatness=FlatnessBudget(batches=1, batch_size=8, iters=1),
         data={"train": 40, "validation": 20, "test": 20, "hidden_size": 16, "layers": 1, "heads": 2,
               "intermediate_size": 16},
         extra=smoke,
@@ -397,18 +396,10 @@ class Run:
     def name(self) -> str:
         return f"{self.method.name}_rho{self.rho:g}_seed{self.seed}"
 
-    def patches(self) -> dict:
-        """What `_apply_patches` changes in this run (threads aside)."""
-        return {
-            "flatness": None if self.flatness is None else dataclasses.asdict(self.flatness),
-            "augment": self.task.augment if self.kind == "train" else None,
-        }
-
     def spec(self) -> dict:
         return {
             "script": str(self.task.script.relative_to(REPO_ROOT)),
             "argv": self.argv,
-            **self.patches(),
             "depends_on": self.depends_on,
         }
 
@@ -465,8 +456,8 @@ def test_run(trained: Run) -> Run:
         "--seed", str(trained.seed),
         # Measurement settings, the same for every method (no training happens in this call):
         "--msam_eval_flatness", "true", "--msam_eval_landscape", "true",
-        "--msam_flatness_batches", str(budget.batches),
-        "--msam_rho", f"{budget.sharpness_rho:g}",
+        "--msam_flatness_batches", str(budget.batches), "--msam_flatness_iters", str(budget.iters),
+        "--msam_flatness_rho", f"{budget.sharpness_rho:g}", "--msam_rho", f"{budget.sharpness_rho:g}",
         "--output_dir", str(output_dir),
     ]  # fmt: skip
     if task.name == "text":
@@ -477,49 +468,7 @@ def test_run(trained: Run) -> Run:
     )  # fmt: skip
 
 
-def _forcing(function, **forced):
-    """`function` with some keyword arguments forced, whatever the caller passes."""
-    import functools
-
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        return function(*args, **{**kwargs, **forced})
-
-    return wrapper
-
-
-def _apply_patches(patches: dict) -> None:
-    """What this study changes in an example run, and nothing else (all of it is recorded in the run's spec):
-
-    - `threads`: torch's intra-op threads;
-    - `flatness`: the iteration budgets of `--msam_eval_flatness` (power iterations, tolerance, Hutchinson probes);
-    - `augment`: the training augmentation of the vision example, `RandomResizedCrop(size)` +
-      `RandomHorizontalFlip()`, replaced by `RandomResizedCrop(size, scale, ratio)` without the flip: the
-      example's defaults (crops down to 8% of the image, mirrored digits) are made for photos, not digits.
-    """
-    import torch
-
-    torch.set_num_threads(int(patches.get("threads") or torch.get_num_threads()))
-    budget = patches.get("flatness")
-    if budget is not None:
-        from hf_msam import flatness
-
-        flatness.hessian_top_eigenvalue = _forcing(
-            flatness.hessian_top_eigenvalue, iters=budget["eigen_iters"], tol=budget["eigen_tol"]
-        )
-        flatness.hessian_trace = _forcing(flatness.hessian_trace, samples=budget["trace_samples"])
-    augment = patches.get("augment")
-    if augment is not None:
-        from torchvision.transforms import v2
-
-        crop = v2.RandomResizedCrop
-        v2.RandomResizedCrop = lambda size, *args, **kwargs: crop(
-            size, scale=tuple(augment["crop_scale"]), ratio=tuple(augment["crop_ratio"])
-        )
-        v2.RandomHorizontalFlip = lambda *args, **kwargs: v2.Identity()
-
-
-def _exec_script(script: str, argv: list[str], log_path: str | None, patches: dict) -> None:
+def _exec_script(script: str, argv: list[str], log_path: str | None, threads: int | None) -> None:
     """Run `script` as __main__ with `argv`, stdout and stderr to `log_path` (in a fresh or forked process)."""
     import runpy
 
@@ -532,7 +481,9 @@ def _exec_script(script: str, argv: list[str], log_path: str | None, patches: di
         os.close(fd)
     code = 0
     try:
-        _apply_patches(patches)
+        import torch
+
+        torch.set_num_threads(threads or torch.get_num_threads())
         sys.argv = [script, *argv]
         sys.path.insert(0, str(Path(script).parent))
         runpy.run_path(script, run_name="__main__")
@@ -554,7 +505,7 @@ def _exec_script(script: str, argv: list[str], log_path: str | None, patches: di
 PRELOAD = [
     "__main__", "torch", "numpy", "PIL.Image", "datasets", "evaluate", "sklearn.metrics", "scipy.stats",
     "transformers", "transformers.trainer", "transformers.models.bert.modeling_bert",
-    "transformers.models.vit.modeling_vit", "torchvision.transforms.v2", "hf_msam", "hf_msam.flatness",
+    "transformers.models.vit.modeling_vit", "torchvision.transforms.v2", "hf_msam", "hf_msam.flatness", "hf_msam.examples_common",
     "matplotlib.figure",
 ]  # fmt: skip
 
@@ -572,12 +523,11 @@ class Launcher:
             self.ctx.set_forkserver_preload(PRELOAD)
 
     def start(self, run: Run, log_path: Path):
-        patches = {"threads": self.threads, **run.patches()}
         if self.ctx is not None:
-            process = self.ctx.Process(target=_exec_script, args=(str(run.task.script), run.argv, str(log_path), patches))
+            process = self.ctx.Process(target=_exec_script, args=(str(run.task.script), run.argv, str(log_path), self.threads))
             process.start()
             return process
-        command = [sys.executable, str(Path(__file__).resolve()), "_exec", json.dumps([str(run.task.script), run.argv, patches])]
+        command = [sys.executable, str(Path(__file__).resolve()), "_exec", json.dumps([str(run.task.script), run.argv, self.threads])]
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
         with open(log_path, "ab") as log:
             return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
@@ -914,8 +864,8 @@ def _git_commit() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_exec"]:  # internal: one example run in a fresh process (--launcher subprocess)
-        script, script_argv, patches = json.loads(argv[1])
-        _exec_script(script, script_argv, None, patches)
+        script, script_argv, threads = json.loads(argv[1])
+        _exec_script(script, script_argv, None, threads)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="where data, models and runs go (default: benchmarks/study/runs, or runs-smoke with --smoke)")

@@ -1,47 +1,37 @@
 #!/usr/bin/env python
-# Copyright 2021 The HuggingFace Inc. team. All rights reserved.
-# Copyright 2025 The hf-msam authors.
-#
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#
-#     http://www.apache.org/licenses/LICENSE-2.0
-#
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-# See the License for the specific language governing permissions and
-# limitations under the License.
-"""Fine-tuning a 🤗 Transformers model for image classification with mSAM.
+"""Image classification (image folders or a Hub dataset) trained with mSAM.
 
-The `transformers` image-classification example (examples/pytorch/image-classification/run_image_classification.py)
-with `MSAMTrainer` and `MSAMTrainingArguments`: every `--msam_*` flag works, and `--msam_rho 0` is the plain
-optimizer baseline. The accuracy is computed locally when `evaluate` cannot reach the Hub, and `--use_peft`
-fine-tunes a LoRA adapter through `peft`.
+    python run_image_classification.py --model_name_or_path MODEL --dataset_name beans --do_train --do_eval \
+        --msam_rho 0.05 --msam_micro_batch_size 8 --output_dir out
+
+Any `AutoModelForImageClassification` checkpoint; its image processor gives the input size and the
+normalization. Every `TrainingArguments` flag works, plus the `--msam_*` ones and the augmentation flags
+(`--crop_scale`, `--crop_ratio`, `--horizontal_flip`). See README.md next to this file.
 """
 
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
-import evaluate
-import numpy as np
 import torch
-from datasets import ClassLabel, load_dataset
+from datasets import load_dataset
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, set_seed
 
-import transformers
-from hf_msam import MSAMTrainer, MSAMTrainingArguments
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModelForImageClassification,
-    HfArgumentParser,
-    set_seed,
+from hf_msam import MSAMTrainer
+from hf_msam.examples_common import (
+    ClassNames,
+    DataArguments,
+    ModelArguments,
+    add_lora,
+    compute_metrics_for,
+    evaluate,
+    finish,
+    first,
+    metric_function,
+    parse_arguments,
+    train,
+    under_launcher,
 )
-from transformers.trainer_utils import get_last_checkpoint
-
 
 try:
     from torchvision.transforms import v2
@@ -51,413 +41,188 @@ except ImportError as err:
         "pip install 'hf-msam[vision]'"
     ) from err
 
-
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DataTrainingArguments:
-    """
-    Arguments pertaining to what data we are going to input our model for training and eval.
-    Using `HfArgumentParser` we can turn this class into argparse arguments to be able to specify
-    them on the command line.
-    """
+class ImageModelArguments(ModelArguments):
+    model_name_or_path: str = field(
+        default="google/vit-base-patch16-224-in21k",
+        metadata={"help": "A model id on the Hugging Face Hub, or a local directory saved with save_pretrained."},
+    )
+    image_processor_name: str | None = field(
+        default=None, metadata={"help": "Load the image processor from here instead of --model_name_or_path."}
+    )
+    lora_modules_to_save: list[str] = field(
+        default_factory=lambda: ["classifier"],
+        metadata={"help": "Modules trained in full beside the LoRA adapter, e.g. the new head (with --use_peft)."},
+    )
 
-    dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Name of a dataset from the hub (could be your own, possibly private dataset hosted on the hub)."
-        },
-    )
-    dataset_config_name: str | None = field(
-        default=None, metadata={"help": "The configuration name of the dataset to use (via the datasets library)."}
-    )
+
+@dataclass
+class ImageDataArguments(DataArguments):
     train_dir: str | None = field(
-        default=None, metadata={"help": "A folder of training images, one sub-folder per class (`imagefolder`)."}
+        default=None, metadata={"help": "Training images, one sub-folder per class (the `imagefolder` layout)."}
     )
     validation_dir: str | None = field(
-        default=None, metadata={"help": "A folder of validation images, one sub-folder per class (`imagefolder`)."}
+        default=None, metadata={"help": "Validation images, one sub-folder per class."}
     )
     train_val_split: float | None = field(
-        default=0.15, metadata={"help": "Percent to split off of train for validation, without a validation split."}
+        default=0.15,
+        metadata={"help": "Without a validation split, hold out this fraction of the training images for it."},
     )
-    max_train_samples: int | None = field(
-        default=None,
-        metadata={
-            "help": (
-                "For debugging purposes or quicker training, truncate the number of training examples to this "
-                "value if set."
-            )
-        },
-    )
-    max_eval_samples: int | None = field(
-        default=None,
-        metadata={
-            "help": (
-                "For debugging purposes or quicker training, truncate the number of evaluation examples to this "
-                "value if set."
-            )
-        },
-    )
-    image_column_name: str = field(
-        default="image",
-        metadata={"help": "The name of the dataset column containing the image data. Defaults to 'image'."},
-    )
+    image_column_name: str = field(default="image", metadata={"help": "The column holding the images."})
     label_column_name: str = field(
-        default="label",
-        metadata={"help": "The name of the dataset column containing the labels. Defaults to 'label'."},
+        default="label", metadata={"help": "The column holding the labels (class ids or class names)."}
+    )
+    crop_scale: list[float] = field(
+        default_factory=lambda: [0.08, 1.0],
+        metadata={
+            "help": "Training augmentation: the random crop covers between these two fractions of the image's "
+            "area before it is resized to the model's input (RandomResizedCrop's scale). `1 1` keeps the whole "
+            "image."
+        },
+    )
+    crop_ratio: list[float] = field(
+        default_factory=lambda: [3 / 4, 4 / 3],
+        metadata={"help": "Training augmentation: the range of the random crop's aspect ratio (width / height)."},
+    )
+    horizontal_flip: bool = field(
+        default=True,
+        metadata={"help": "Training augmentation: mirror half of the images (false for digits, text, ...)."},
     )
 
     def __post_init__(self):
         if self.dataset_name is None and self.train_dir is None and self.validation_dir is None:
+            raise ValueError("Give a --dataset_name, or a --train_dir (and optionally a --validation_dir).")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(
-                "You must specify either a dataset name from the hub or a train and/or validation directory."
+                f"--crop_scale takes two fractions of the image area, 0 < min <= max <= 1 (e.g. 0.08 1), got "
+                f"{self.crop_scale}."
+            )
+        if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(
+                f"--crop_ratio takes two aspect ratios, 0 < min <= max (e.g. 0.75 1.333), got {self.crop_ratio}."
             )
 
 
-@dataclass
-class ModelArguments:
-    """
-    Arguments pertaining to which model/config/image processor we are going to fine-tune from.
-    """
-
-    model_name_or_path: str = field(
-        default="google/vit-base-patch16-224-in21k",
-        metadata={"help": "Path to pretrained model or model identifier from huggingface.co/models"},
-    )
-    config_name: str | None = field(
-        default=None, metadata={"help": "Pretrained config name or path if not the same as model_name"}
-    )
-    cache_dir: str | None = field(
-        default=None, metadata={"help": "Where do you want to store the pretrained models downloaded from s3"}
-    )
-    model_revision: str = field(
-        default="main",
-        metadata={"help": "The specific model version to use (can be a branch name, tag name or commit id)."},
-    )
-    image_processor_name: str | None = field(default=None, metadata={"help": "Name or path of preprocessor config."})
-    token: str | None = field(
-        default=None,
-        metadata={
-            "help": (
-                "The token to use as HTTP bearer authorization for remote files. If not specified, will use the token "
-                "generated when running `hf auth login` (stored in `~/.huggingface`)."
-            )
-        },
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={
-            "help": (
-                "Whether to trust the execution of code from models defined on the Hub."
-                " This option should only be set to `True` for repositories you trust and in which you have read the"
-                " code, as it will execute code present on the Hub on your local machine."
-            )
-        },
-    )
-    ignore_mismatched_sizes: bool = field(
-        default=False,
-        metadata={
-            "help": "Will enable to load a pretrained model whose head dimensions are different, e.g. a new label set."
-        },
-    )
-    use_peft: bool = field(
-        default=False,
-        metadata={
-            "help": "Fine-tune a LoRA adapter through `peft` instead of the whole model. mSAM then perturbs only the "
-            "trainable weights: the adapter and the modules in --lora_modules_to_save."
-        },
-    )
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank (with --use_peft)."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha (with --use_peft)."})
-    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA layers (with --use_peft)."})
-    lora_target_modules: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Names of the modules to adapt with LoRA, e.g. `q_proj v_proj` for ViT (with --use_peft). "
-            "Defaults to the ones `peft` knows for the architecture."
-        },
-    )
-    lora_modules_to_save: list[str] = field(
-        default_factory=lambda: ["classifier"],
-        metadata={
-            "help": "Modules trained in full next to the adapter, e.g. the new classification head (with --use_peft)."
-        },
-    )
+def build_transforms(image_processor, data_args: ImageDataArguments) -> tuple[v2.Compose, v2.Compose]:
+    """The training transform (augmentation, as the flags say) and the evaluation one (resize, center crop),
+    both ending with the checkpoint's normalization."""
+    size = image_processor.size
+    side = size["shortest_edge"] if size.get("shortest_edge") is not None else (size["height"], size["width"])
+    mean, std = getattr(image_processor, "image_mean", None), getattr(image_processor, "image_std", None)
+    tail = [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=mean, std=std) if mean is not None and std is not None else v2.Identity(),
+    ]
+    augment = [v2.RandomResizedCrop(side, scale=tuple(data_args.crop_scale), ratio=tuple(data_args.crop_ratio))]
+    if data_args.horizontal_flip:
+        augment.append(v2.RandomHorizontalFlip())
+    return v2.Compose([*augment, *tail]), v2.Compose([v2.Resize(side), v2.CenterCrop(side), *tail])
 
 
-def load_accuracy(cache_dir: str | None):
-    """`evaluate`'s accuracy, or the same number computed locally when the Hub cannot be reached."""
-    try:
-        return evaluate.load("accuracy", cache_dir=cache_dir).compute
-    # Offline, `evaluate` fails with whatever its HTTP stack raises (FileNotFoundError under HF_HUB_OFFLINE=1,
-    # connection errors otherwise): any failure here means "no metric script", and the fallback gives the same number.
-    except Exception as err:
-        logger.warning(
-            f"Could not load the 'accuracy' metric with `evaluate` ({type(err).__name__}: {err}). Computing it locally."
-        )
-        return lambda predictions, references: {"accuracy": float((predictions == references).mean())}
+def load_splits(data_args: ImageDataArguments, model_args: ImageModelArguments):
+    if data_args.dataset_name is not None:
+        name, subset = data_args.dataset_name, data_args.dataset_config_name
+        return load_dataset(name, subset, cache_dir=model_args.cache_dir, token=model_args.token)
+    folders = {"train": data_args.train_dir, "validation": data_args.validation_dir}
+    files = {split: os.path.join(folder, "**") for split, folder in folders.items() if folder is not None}
+    return load_dataset("imagefolder", data_files=files, cache_dir=model_args.cache_dir)
 
 
 def main():
-    # See all possible arguments in src/transformers/training_args.py and hf_msam/training_args.py
-    # or by passing the --help flag to this script.
-    # We now keep distinct sets of args, for a cleaner separation of concerns.
-
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, MSAMTrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        # If we pass only one argument to the script and it's the path to a json file,
-        # let's parse it to get our arguments.
-        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses()
-
-    # Setup logging
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-
-    if training_args.should_log:
-        # The default of training_args.log_level is passive, so we set log level at info here to have that default.
-        transformers.utils.logging.set_verbosity_info()
-
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
-
-    # Log on each process the small summary:
-    logger.warning(
-        f"Process rank: {training_args.process_index}, device: {training_args.device}, n_gpu: {training_args.n_gpu}, "
-        f"distributed training: {training_args.parallel_mode.value == 'distributed'}, "
-        f"16-bits training: {training_args.fp16}"
-    )
-    logger.info(f"Training/evaluation parameters {training_args}")
-
-    # The transforms below read the raw image column: the Trainer must not drop it as "unused" by the model.
+    model_args, data_args, training_args = parse_arguments(ImageModelArguments, ImageDataArguments)
     if training_args.remove_unused_columns:
-        logger.info("Setting --remove_unused_columns False: the image transforms need the raw image column.")
+        logger.info("Setting --remove_unused_columns False: the transforms read the image column.")
         training_args.remove_unused_columns = False
-
-    # Detecting last checkpoint.
-    last_checkpoint = None
-    if os.path.isdir(training_args.output_dir) and training_args.do_train:
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-            logger.info(
-                f"Checkpoint detected, resuming training at {last_checkpoint}. To avoid this behavior, change "
-                "the `--output_dir` to train from scratch."
-            )
-
-    # Set seed before initializing model.
     set_seed(training_args.seed)
 
-    # Initialize our dataset and prepare it for the 'image-classification' task.
-    if data_args.dataset_name is not None:
-        dataset = load_dataset(
-            data_args.dataset_name,
-            data_args.dataset_config_name,
-            cache_dir=model_args.cache_dir,
-            token=model_args.token,
-        )
-    else:
-        data_files = {}
-        if data_args.train_dir is not None:
-            data_files["train"] = os.path.join(data_args.train_dir, "**")
-        if data_args.validation_dir is not None:
-            data_files["validation"] = os.path.join(data_args.validation_dir, "**")
-        dataset = load_dataset(
-            "imagefolder",
-            data_files=data_files,
-            cache_dir=model_args.cache_dir,
-        )
-
-    if "train" not in dataset:
+    splits = load_splits(data_args, model_args)
+    if "train" not in splits:
         raise ValueError("The dataset has no train split: give a --train_dir (its classes define the labels).")
-    dataset_column_names = dataset["train"].column_names
-    dataset_label = data_args.dataset_name or data_args.train_dir
-    if data_args.image_column_name not in dataset_column_names:
-        raise ValueError(
-            f"--image_column_name {data_args.image_column_name} not found in dataset '{dataset_label}'. "
-            "Make sure to set `--image_column_name` to the correct image column - one of "
-            f"{', '.join(dataset_column_names)}."
-        )
-    if data_args.label_column_name not in dataset_column_names:
-        raise ValueError(
-            f"--label_column_name {data_args.label_column_name} not found in dataset '{dataset_label}'. "
-            "Make sure to set `--label_column_name` to the correct label column - one of "
-            f"{', '.join(dataset_column_names)}."
-        )
-    label_feature = dataset["train"].features[data_args.label_column_name]
-    if not isinstance(label_feature, ClassLabel):
-        raise ValueError(
-            f"The label column {data_args.label_column_name!r} holds {label_feature}, "
-            "not class labels (`datasets.ClassLabel`). Use an image folder (one sub-folder per class) or a dataset "
-            "whose label column is a ClassLabel."
-        )
-
-    def collate_fn(examples):
-        pixel_values = torch.stack([example["pixel_values"] for example in examples])
-        labels = torch.tensor([example[data_args.label_column_name] for example in examples])
-        return {"pixel_values": pixel_values, "labels": labels}
-
-    # If we don't have a validation split, split off a percentage of train as validation.
-    data_args.train_val_split = None if "validation" in dataset.keys() else data_args.train_val_split
-    if isinstance(data_args.train_val_split, float) and data_args.train_val_split > 0.0:
-        split = dataset["train"].train_test_split(data_args.train_val_split)
-        dataset["train"] = split["train"]
-        dataset["validation"] = split["test"]
-
-    # Prepare label mappings.
-    # We'll include these in the model's config to get human readable labels in the Inference API.
-    labels = dataset["train"].features[data_args.label_column_name].names
-    if "validation" in dataset and dataset["validation"].features[data_args.label_column_name].names != labels:
-        raise ValueError(
-            f"The validation classes {dataset['validation'].features[data_args.label_column_name].names} differ from "
-            f"the training classes {labels}: give both directories the same class sub-folders."
-        )
-    label2id = {label: i for i, label in enumerate(labels)}
-    id2label = {i: label for i, label in enumerate(labels)}
-
-    # Load the accuracy metric from the evaluate package
-    metric = load_accuracy(model_args.cache_dir)
-
-    # Define our compute_metrics function. It takes an `EvalPrediction` object (a namedtuple with a
-    # predictions and label_ids field) and has to return a dictionary string to float.
-    def compute_metrics(p):
-        """Computes accuracy on a batch of predictions"""
-        return metric(predictions=np.argmax(p.predictions, axis=1), references=p.label_ids)
+    image_column, label_column = data_args.image_column_name, data_args.label_column_name
+    columns = splits["train"].column_names
+    for flag, name in (("--image_column_name", image_column), ("--label_column_name", label_column)):
+        if name not in columns:
+            raise ValueError(
+                f"{flag} {name} not found in dataset '{data_args.dataset_name or data_args.train_dir}': set it to "
+                f"one of its columns: {', '.join(columns)}."
+            )
+    if "validation" not in splits and data_args.train_val_split:
+        held_out = splits["train"].train_test_split(data_args.train_val_split, seed=training_args.seed)
+        splits["train"], splits["validation"] = held_out["train"], held_out["test"]
 
     config = AutoConfig.from_pretrained(
         model_args.config_name or model_args.model_name_or_path,
-        label2id=label2id,
-        id2label=id2label,
         finetuning_task="image-classification",
-        cache_dir=model_args.cache_dir,
-        revision=model_args.model_revision,
-        token=model_args.token,
-        trust_remote_code=model_args.trust_remote_code,
+        **model_args.hub_kwargs(),
     )
+    classes = ClassNames.of(splits["train"], label_column).in_model_order(config)
+    if training_args.do_eval and "validation" in splits:
+        classes.check_known(splits["validation"], label_column, "validation")
+    classes.set_on(config)
+    with training_args.main_process_first(desc="label ids"):
+        splits = classes.encode(splits, label_column)
+
     model = AutoModelForImageClassification.from_pretrained(
         model_args.model_name_or_path,
         config=config,
-        cache_dir=model_args.cache_dir,
-        revision=model_args.model_revision,
-        token=model_args.token,
-        trust_remote_code=model_args.trust_remote_code,
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        **model_args.hub_kwargs(),
     )
     if model_args.use_peft:
-        from peft import LoraConfig, get_peft_model
-
-        peft_config = LoraConfig(
-            r=model_args.lora_r,
-            lora_alpha=model_args.lora_alpha,
-            lora_dropout=model_args.lora_dropout,
-            target_modules=model_args.lora_target_modules,
-            modules_to_save=model_args.lora_modules_to_save,
-        )
-        model = get_peft_model(model, peft_config)
-        model.print_trainable_parameters()
-
+        model = add_lora(model, model_args, modules_to_save=model_args.lora_modules_to_save)
     image_processor = AutoImageProcessor.from_pretrained(
-        model_args.image_processor_name or model_args.model_name_or_path,
-        cache_dir=model_args.cache_dir,
-        revision=model_args.model_revision,
-        token=model_args.token,
-        trust_remote_code=model_args.trust_remote_code,
+        model_args.image_processor_name or model_args.model_name_or_path, **model_args.hub_kwargs()
     )
+    train_transform, eval_transform = build_transforms(image_processor, data_args)
 
-    # Define torchvision transforms to be applied to each image.
-    if image_processor.size.get("shortest_edge") is not None:
-        size = image_processor.size["shortest_edge"]
-    else:
-        size = (image_processor.size["height"], image_processor.size["width"])
-    normalize = (
-        v2.Normalize(mean=image_processor.image_mean, std=image_processor.image_std)
-        if hasattr(image_processor, "image_mean") and hasattr(image_processor, "image_std")
-        else v2.Identity()
-    )
-    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
-    _train_transforms = v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), *to_tensor, normalize])
-    _val_transforms = v2.Compose([v2.Resize(size), v2.CenterCrop(size), *to_tensor, normalize])
+    def transformed(transform):
+        def apply(batch):
+            batch["pixel_values"] = [transform(image.convert("RGB")) for image in batch[image_column]]
+            return batch
 
-    def train_transforms(example_batch):
-        """Apply _train_transforms across a batch."""
-        example_batch["pixel_values"] = [
-            _train_transforms(pil_img.convert("RGB")) for pil_img in example_batch[data_args.image_column_name]
-        ]
-        return example_batch
+        return apply
 
-    def val_transforms(example_batch):
-        """Apply _val_transforms across a batch."""
-        example_batch["pixel_values"] = [
-            _val_transforms(pil_img.convert("RGB")) for pil_img in example_batch[data_args.image_column_name]
-        ]
-        return example_batch
-
+    train_dataset = eval_dataset = None
     if training_args.do_train:
-        if data_args.max_train_samples is not None:
-            dataset["train"] = (
-                dataset["train"].shuffle(seed=training_args.seed).select(range(data_args.max_train_samples))
-            )
-        # Set the training transforms
-        dataset["train"].set_transform(train_transforms)
-
+        train_dataset = first(splits["train"], data_args.max_train_samples, shuffle_seed=training_args.seed)
+        train_dataset.set_transform(transformed(train_transform))
     if training_args.do_eval:
-        if "validation" not in dataset:
-            raise ValueError("--do_eval requires a validation dataset")
-        if data_args.max_eval_samples is not None:
-            dataset["validation"] = (
-                dataset["validation"].shuffle(seed=training_args.seed).select(range(data_args.max_eval_samples))
-            )
-        # Set the validation transforms
-        dataset["validation"].set_transform(val_transforms)
+        if "validation" not in splits:
+            raise ValueError("--do_eval needs a validation split: give a --validation_dir or a --train_val_split.")
+        eval_dataset = first(splits["validation"], data_args.max_eval_samples, shuffle_seed=training_args.seed)
+        eval_dataset.set_transform(transformed(eval_transform))
 
-    # Initialize our trainer
-    trainer = MSAMTrainer(
+    def collate(examples):
+        return {
+            "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+            "labels": torch.tensor([e[label_column] for e in examples]),
+        }
+
+    trainer = under_launcher(MSAMTrainer, "Trainer")(
         model=model,
         args=training_args,
-        train_dataset=dataset["train"] if training_args.do_train else None,
-        eval_dataset=dataset["validation"] if training_args.do_eval else None,
-        compute_metrics=compute_metrics,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        compute_metrics=compute_metrics_for(metric_function(None, False, model_args.cache_dir), regression=False),
         processing_class=image_processor,
-        data_collator=collate_fn,
+        data_collator=collate,
     )
-
-    # Training
     if training_args.do_train:
-        checkpoint = None
-        if training_args.resume_from_checkpoint is not None:
-            checkpoint = training_args.resume_from_checkpoint
-        elif last_checkpoint is not None:
-            checkpoint = last_checkpoint
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
-        trainer.save_state()
-
-    # Evaluation
+        train(trainer, training_args)
     if training_args.do_eval:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-
-    # Write model card and (optionally) push to hub
-    kwargs = {
-        "finetuned_from": model_args.model_name_or_path,
-        "tasks": "image-classification",
-        "dataset": data_args.dataset_name,
-        "tags": ["image-classification", "vision"],
-    }
-    if training_args.push_to_hub:
-        trainer.push_to_hub(**kwargs)
-    else:
-        trainer.create_model_card(**kwargs)
+        trainer.save_metrics("eval", evaluate(trainer, eval_dataset))
+    finish(
+        trainer,
+        training_args,
+        finetuned_from=model_args.model_name_or_path,
+        tasks="image-classification",
+        dataset=data_args.dataset_name,
+        tags=["image-classification", "vision"],
+    )
 
 
 if __name__ == "__main__":
