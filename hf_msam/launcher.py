@@ -44,7 +44,7 @@ from transformers import (
 )
 
 from .trainer import MSAMMixin, MSAMTrainer
-from .training_args import MSAMArguments, MSAMTrainingArguments, msam_setting
+from .training_args import MSAMArguments, MSAMTrainingArguments, command_line_overrides, msam_setting
 
 __all__ = ["LauncherError", "MSAMScriptTrainer", "MSAMScriptTrainingArguments", "patched_transformers", "run"]
 
@@ -53,8 +53,8 @@ class LauncherError(RuntimeError):
     """The script cannot be trained with mSAM as it is."""
 
 
-# The --msam_* flags given on the command line (only those given), applied by MSAMScriptTrainingArguments.
-_flag_values: dict[str, Any] = {}
+# The --msam_* flags given on the command line (only those given): every MSAMArguments applies them.
+_flag_values = command_line_overrides
 _trainers_created = 0
 
 
@@ -67,17 +67,8 @@ def _say(message: str) -> None:
         print(f"hf-msam: {message}", file=sys.stderr, flush=True)
 
 
-class _FlagsFromCommandLine:
-    """Applies the `--msam_*` flags given on the command line over whatever the script set, then validates."""
-
-    def __post_init__(self):
-        for name, value in _flag_values.items():
-            setattr(self, name, value)
-        super().__post_init__()
-
-
 @dataclasses.dataclass
-class MSAMScriptTrainingArguments(_FlagsFromCommandLine, MSAMTrainingArguments):
+class MSAMScriptTrainingArguments(MSAMTrainingArguments):
     """`transformers.TrainingArguments` inside `hf-msam run`: `MSAMTrainingArguments`, with the `--msam_*` flags
     given on the command line applied over whatever the script set."""
 
@@ -213,7 +204,7 @@ def _trl_swaps() -> dict[type, type]:
             ours = getattr(msam_trl, f"MSAM{name}")
             namespace = {"__module__": __name__, "__qualname__": swapped_name}
             if name.endswith("Config"):
-                swapped = dataclasses.dataclass(type(swapped_name, (_FlagsFromCommandLine, ours), namespace))
+                swapped = dataclasses.dataclass(type(swapped_name, (ours,), namespace))
             else:
                 swapped = type(swapped_name, (_ScriptTrainer, ours), namespace)
             globals()[swapped_name] = swapped

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from transformers import TrainingArguments
 
 from .msam import METHODS
 
 __all__ = ["MSAMArguments", "MSAMTrainingArguments", "msam_setting"]
+
+
+# `hf-msam run` puts here the --msam_* flags it took off the command line: every MSAMArguments built while it runs
+# (the swapped TrainingArguments, MSAMTrainingArguments built directly, a TRL config) applies them over what the
+# script or its JSON config set.
+command_line_overrides: dict[str, Any] = {}
 
 
 @dataclass
@@ -190,6 +197,8 @@ class MSAMArguments:
     )
 
     def __post_init__(self):
+        for name, value in command_line_overrides.items():
+            setattr(self, name, value)
         if not (isinstance(self.msam_rho, (int, float)) and math.isfinite(self.msam_rho) and self.msam_rho >= 0):
             raise ValueError(
                 f"--msam_rho must be a finite number >= 0 (0 turns mSAM off), got {self.msam_rho!r}. "

@@ -300,3 +300,23 @@ def test_accelerate_launch_two_processes(tmp_path):
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert json.loads((out / "script_report.json").read_text())["args"]["msam_micro_batch_size"] == 2
     assert all("msam/sharpness" in entry for entry in log_history(out) if "loss" in entry)
+
+
+def test_run_applies_the_flags_to_msam_arguments_built_by_the_script(tmp_path, capsys):
+    # A script that builds hf_msam's own MSAMTrainingArguments (not transformers.TrainingArguments) still gets the
+    # --msam_* flags given to the launcher, over the values it set itself; outside the launcher they are gone again.
+    script = write(
+        tmp_path / "own_args.py",
+        textwrap.dedent(
+            """
+            import json, sys
+            from hf_msam import MSAMTrainingArguments
+            args = MSAMTrainingArguments(output_dir=sys.argv[1], msam_rho=0.5, msam_micro_batch_size=8, report_to="none")
+            print(json.dumps({"rho": args.msam_rho, "mbs": args.msam_micro_batch_size, "method": args.msam_method}))
+            """
+        ),
+    )
+    assert cli.main(["run", str(script), str(tmp_path / "o"), "--msam_micro_batch_size", "2", "--msam_method", "gsam"]) == 0
+    seen = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert seen == {"rho": 0.5, "mbs": 2, "method": "gsam"}
+    assert MSAMTrainingArguments(output_dir=str(tmp_path / "o"), report_to="none").msam_micro_batch_size is None
