@@ -188,7 +188,7 @@ def train_run(name: str, settings: DemoSettings, data: dict[str, Any], output_di
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from . import MSAMTrainer, MSAMTrainingArguments
-    from .flatness import hessian_top_eigenvalue, sharpness
+    from .flatness import hessian_top_eigenvalue, hessian_trace, sharpness
 
     description, msam = METHODS[name]
     steps_per_epoch = -(-len(data["train"]) // settings.batch_size)
@@ -228,10 +228,13 @@ def train_run(name: str, settings: DemoSettings, data: dict[str, Any], output_di
     train_metrics = trainer.train().metrics
     train_metrics["train_wall_time"] = time.perf_counter() - started
     metrics = trainer.evaluate()  # the final evaluation, on all three sets
-    # Flatness of the clean test loss at the end, the same measurement for every run.
-    batches = list(itertools.islice(trainer.get_eval_dataloader(data["test"]), 2))
+    # Flatness at the end of the loss that was minimized (noisy training labels), the same measurement for every run.
+    batches = list(itertools.islice(trainer.get_eval_dataloader(data["train"]), 2))
     metrics["eval_hessian_top_eigenvalue"] = hessian_top_eigenvalue(
         trainer.model, batches, iters=settings.flatness_iters, progress_bar=False
+    )
+    metrics["eval_hessian_trace"] = hessian_trace(
+        trainer.model, batches, samples=settings.flatness_iters, progress_bar=False
     )
     metrics["eval_sharpness"] = sharpness(trainer.model, batches, rho=0.05, progress_bar=False)
     # The weights (config.json, model.safetensors: `ViTForImageClassification.from_pretrained(output_dir)` loads them).
@@ -250,6 +253,8 @@ def train_run(name: str, settings: DemoSettings, data: dict[str, Any], output_di
 
 
 def _table(results: dict[str, dict[str, float]]) -> list[str]:
+    from .compare import eigenvalue_cell
+
     header = ["method", "test acc (clean)", "train acc (noisy labels)", "flipped labels memorized", "λ_max(H)",
               "sharpness", "train time"]
     rows = []
@@ -259,7 +264,7 @@ def _table(results: dict[str, dict[str, float]]) -> list[str]:
             f"{m['eval_test_accuracy']:.1%}",
             f"{m['eval_train_accuracy']:.1%}",
             f"{m['eval_flipped_accuracy']:.1%}",
-            f"{m['eval_hessian_top_eigenvalue']:.3g}",
+            eigenvalue_cell(m["eval_hessian_top_eigenvalue"]),
             f"{m['eval_sharpness']:.3g}",
             f"{m['train_wall_time']:.0f} s",
         ])
@@ -299,11 +304,13 @@ def run_demo(output: str | Path, settings: DemoSettings, methods: tuple[str, ...
         f"with their label flipped to another class at random (seed {settings.seed}); {len(data['test'])} clean digits "
         "for testing. The same tiny ViT initialization and batches for every method. *test acc*: accuracy on the "
         "clean test labels; *train acc*: on the noisy training labels; *flipped labels memorized*: the share of "
-        "flipped examples predicted as their wrong label. λ_max(H) and sharpness: of the test loss at the end "
-        "(sharpness at ρ = 0.05 for every run). Train time is wall time.",
+        "flipped examples predicted as their wrong label. λ_max(H), tr(H) and sharpness (at ρ = 0.05 for every run): "
+        "of the loss on the first 512 noisy training examples at the end, the loss that training minimized (here, "
+        "not the evaluation loss that the table of `hf-msam compare` below speaks of). Train time is wall time.",
         "",
         *table,
         "",
+        *([compare.NEGATIVE_EIGENVALUE_NOTE, ""] if any(compare.NEGATIVE_EIGENVALUE_MARK in row for row in table) else []),
         f"Settings: `{json.dumps(asdict(settings))}`",
         "",
         "In the table below (from `hf-msam compare`), `eval_test_*` is the clean test set, `eval_train_*` the noisy "
@@ -311,7 +318,7 @@ def run_demo(output: str | Path, settings: DemoSettings, methods: tuple[str, ...
         "",
     ]
     compared = report.read_text(encoding="utf-8").replace("# hf-msam compare", "## hf-msam compare", 1)
-    report.write_text("\n".join(intro) + compared, encoding="utf-8")
+    report.write_text("\n".join(intro) + "\n" + compared, encoding="utf-8")
     print("\n" + "\n".join(table) + "\n")
     if settings.epochs < FULL.epochs:
         print(f"(With {settings.epochs} epochs the plain run has had little time to memorize the wrong labels: run "
