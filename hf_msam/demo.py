@@ -59,7 +59,7 @@ class DemoSettings:
 
 
 FULL = DemoSettings()
-QUICK = replace(FULL, epochs=10, eval_every_epochs=5, flatness_iters=10)
+QUICK = replace(FULL, epochs=6, eval_every_epochs=3, flatness_iters=10)
 
 NUM_CLASSES = 10
 
