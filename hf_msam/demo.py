@@ -330,10 +330,10 @@ def run_demo(output: str | Path, settings: DemoSettings, methods: tuple[str, ...
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hf-msam demo",
-        description="Train a tiny ViT on scikit-learn's 8x8 digits with 40%% of the training labels flipped, with "
-        "the plain optimizer, SAM and mSAM, then print a table (clean test accuracy, memorization of the wrong "
-        "labels, flatness, time) and write OUTPUT/report.md and OUTPUT/report.png. Offline; about 10 minutes on "
-        "2 CPU cores (--quick: about 2).",
+        description="Train a tiny ViT on scikit-learn's 8x8 digits with a fraction (default 40 percent) of the "
+        "training labels flipped, with the plain optimizer, SAM and mSAM, then print a table (clean test accuracy, "
+        "memorization of the wrong labels, flatness, time) and write OUTPUT/report.md and OUTPUT/report.png. "
+        "Offline; 5 to 10 minutes on 2 CPU cores (--quick: 1 to 2).",
     )
     parser.add_argument("--output", default="hf-msam-demo", help="where to write the runs and the report "
                         "(default: ./hf-msam-demo)")
