@@ -60,6 +60,9 @@ def test_quick_demo_writes_the_report(tmp_path, capsys):
     assert all(row in report for row in rows)
     compared = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| `")}
     assert list(compared) == ["`adamw`", "`sam`", "`msam`"]
+    header = next(line for line in report.splitlines() if line.startswith("| run |"))
+    assert "eval_test_accuracy" in header and "eval_flipped_accuracy" in header
+    assert "runtime" not in header and "per_second" not in header  # speed, not metrics, of the named eval sets
     micro_batch = demo.QUICK.batch_size // demo.QUICK.micro_batches
     assert "| 0 (off) | whole batch |" in compared["`adamw`"]
     assert f"| {demo.QUICK.rho:g} | whole batch |" in compared["`sam`"]
