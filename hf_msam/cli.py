@@ -44,6 +44,12 @@ def _compare(argv: list[str]) -> int:
     return compare.main(argv)
 
 
+def _demo(argv: list[str]) -> int:
+    from . import demo
+
+    return demo.main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
@@ -64,9 +70,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "script_args", nargs=argparse.REMAINDER, metavar="ARGS", help="its arguments, and --msam_* flags"
     )
     commands.add_parser("compare", help="compare training runs (see `hf-msam compare --help`)", add_help=False)
+    commands.add_parser(
+        "demo", help="plain training vs SAM vs mSAM on noisy labels, offline, in minutes (see `hf-msam demo --help`)",
+        add_help=False,
+    )
 
     if argv[:1] == ["compare"]:  # compare parses its own arguments, --help included
         return _compare(argv[1:])
+    if argv[:1] == ["demo"]:  # so does demo
+        return _demo(argv[1:])
     module = None
     if argv[:2] == ["run", "-m"]:  # run -m MODULE ARGS...: everything after MODULE is the module's
         if len(argv) < 3:

@@ -24,12 +24,19 @@ from typing import Any
 
 from .flatness import LANDSCAPE_JSON, LossLandscape, new_figure
 
-__all__ = ["Run", "RunError", "load_run", "main", "plot_runs", "write_report"]
+__all__ = ["Run", "RunError", "eigenvalue_cell", "load_run", "main", "plot_runs", "write_report"]
 
 STATE, RESULTS, ARGS = "trainer_state.json", "all_results.json", "training_args.bin"
 FLATNESS = {"eval_hessian_top_eigenvalue": "λ_max(H)", "eval_hessian_trace": "tr(H)", "eval_sharpness": "sharpness"}
-# Evaluation numbers that say how fast, not how good.
-NOT_METRICS = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_model_preparation_time"}
+# Evaluation numbers that say how fast, not how good (also with a dataset's name: eval_test_runtime).
+NOT_METRICS = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")
+# Power iteration finds the Hessian eigenvalue of largest magnitude: the top one at a minimum, a negative one elsewhere.
+NEGATIVE_EIGENVALUE_MARK = "†"
+NEGATIVE_EIGENVALUE_NOTE = (
+    f"{NEGATIVE_EIGENVALUE_MARK} Negative: λ_max(H) is the Hessian eigenvalue of largest magnitude that power iteration "
+    "finds, which is the top one only at a minimum. A negative one means a direction of strong negative curvature "
+    "dominates: the weights are not at a minimum of the evaluation loss, and the number does not say the run is flat."
+)
 
 
 class RunError(Exception):
@@ -172,6 +179,12 @@ def _number(value: Any) -> str:
     return f"{value:.4g}"
 
 
+def eigenvalue_cell(value: Any) -> str:
+    """A table cell for `eval_hessian_top_eigenvalue`, marked when negative (see `NEGATIVE_EIGENVALUE_NOTE`)."""
+    negative = isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0
+    return _number(value) + (f" {NEGATIVE_EIGENVALUE_MARK}" if negative else "")
+
+
 def _duration(seconds: Any) -> str:
     if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
         return "—"
@@ -200,7 +213,7 @@ def _settings_cells(run: Run) -> list[str]:
 def _eval_metrics(runs: list[Run]) -> list[str]:
     """The final evaluation metrics any run has, eval_loss first."""
     keys = {k for run in runs for k in (*run.results, *(k for log in run.log_history for k in log))}
-    keys = {k for k in keys if k.startswith("eval_") and k not in NOT_METRICS and k not in FLATNESS}
+    keys = {k for k in keys if k.startswith("eval_") and not k.endswith(NOT_METRICS) and k not in FLATNESS}
     return sorted(keys, key=lambda k: (k != "eval_loss", k))
 
 
@@ -214,7 +227,7 @@ def write_report(runs: list[Run], skipped: list[tuple[str, str]], path: Path, fi
             *_settings_cells(run),
             str(run.global_step),
             *(_number(run.final(k)) for k in metrics),
-            *(_number(run.final(k)) for k in FLATNESS),
+            *((eigenvalue_cell if k == "eval_hessian_top_eigenvalue" else _number)(run.final(k)) for k in FLATNESS),
             _duration(run.final("train_runtime")),
         ]
         for run in runs
@@ -222,8 +235,9 @@ def write_report(runs: list[Run], skipped: list[tuple[str, str]], path: Path, fi
     lines = [
         "# hf-msam compare",
         "",
-        f"{len(runs)} run(s). Metrics are the final evaluation's. λ_max(H) and tr(H) are the top eigenvalue and the "
-        "trace of the Hessian of the evaluation loss, sharpness the mean rise of that loss under the mSAM perturbation "
+        f"{len(runs)} run(s). Metrics are the final evaluation's. λ_max(H) is the eigenvalue of largest magnitude of the "
+        "Hessian of the evaluation loss (its top eigenvalue at a minimum), tr(H) its trace, sharpness the mean rise of "
+        "that loss under the SAM perturbation at `--msam_flatness_rho` "
         "(`--msam_eval_flatness`; lower means flatter). ρ, micro-batch and ASAM are the mSAM settings (ρ = 0: plain "
         "training; ?: no training_args.bin).",
         "",
@@ -231,6 +245,8 @@ def write_report(runs: list[Run], skipped: list[tuple[str, str]], path: Path, fi
         "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
         *("| " + " | ".join(row) + " |" for row in rows),
     ]
+    if any(eigenvalue_cell(run.final("eval_hessian_top_eigenvalue")).endswith(NEGATIVE_EIGENVALUE_MARK) for run in runs):
+        lines += ["", NEGATIVE_EIGENVALUE_NOTE]
     if figure:
         lines += ["", f"![Training loss, evaluation metric, mSAM sharpness and loss landscape of each run]({figure})"]
     if skipped:
@@ -251,12 +267,15 @@ def _landscape_curve(landscape: LossLandscape) -> list[float] | None:
     return [row[steps // 2] for row in landscape.losses] if steps % 2 else None
 
 
-def plot_runs(runs: list[Run], path: Path, metric: str = "eval_loss") -> None:
-    """Training loss, `metric` and msam/sharpness against steps (and the loss landscapes), one color a run."""
+def plot_runs(runs: list[Run], path: Path, metric: str = "eval_loss") -> Any:
+    """Training loss, `metric` and msam/sharpness against steps (and the loss landscapes), one color a run.
+
+    A run evaluated only at the end (no `metric` in its logs, but in all_results.json) gets one point at its last
+    step. Returns the matplotlib `Figure` (panels in `fig.axes`, in that order), which is also saved to `path`."""
     panels = [
         ("loss", "Training loss", "loss"),
         (metric, f"Evaluation: {metric}", metric),
-        ("msam/sharpness", "mSAM sharpness during training (runs with ρ > 0)", "L(w + e) − L(w), per step"),
+        ("msam/sharpness", "mSAM sharpness in training (ρ > 0)", "L(w + e) − L(w), per step"),
     ]
     curves = [run.landscape and _landscape_curve(run.landscape) for run in runs]
     with_landscape = any(curve is not None for curve in curves)
@@ -265,13 +284,20 @@ def plot_runs(runs: list[Run], path: Path, metric: str = "eval_loss") -> None:
     colors = [f"C{i % 10}" for i in range(len(runs))]
     lines = []
     for ax, (key, title, ylabel) in zip(axes, panels):
-        missing = []
+        missing, final_only = [], False
         for run, color in zip(runs, colors):
             steps, values = run.curve(key)
+            final = run.final(key) if key == metric else None
             if steps:
                 ax.plot(steps, values, color=color, marker="o", markersize=3)
+            elif isinstance(final, (int, float)) and not isinstance(final, bool):
+                # Evaluated only at the end (--eval_strategy no, then trainer.evaluate()): one point at the last step.
+                ax.plot([run.global_step], [final], color=color, marker="*", markersize=12, linestyle="none")
+                final_only = True
             else:
                 missing.append(run.name)
+        if final_only:
+            ax.text(0.02, 0.94, "★ evaluated only at the end", transform=ax.transAxes, fontsize=8, color="gray")
         _finish(ax, title, "optimizer step", ylabel, missing)
     if with_landscape:
         ax, missing = axes[3], []
@@ -290,6 +316,7 @@ def plot_runs(runs: list[Run], path: Path, metric: str = "eval_loss") -> None:
     fig.legend(handles=lines, loc="outside lower center", ncols=min(len(runs), 3), title="runs")
     fig.suptitle(f"hf-msam compare: {len(runs)} run(s)", fontsize=14)
     fig.savefig(path, dpi=110)
+    return fig
 
 
 def _finish(ax: Any, title: str, xlabel: str, ylabel: str, missing: list[str]) -> None:

@@ -165,8 +165,9 @@ class MSAMArguments:
         metadata={
             "help": "At every evaluation, also report eval_hessian_top_eigenvalue, eval_hessian_trace and "
             "eval_sharpness (hf_msam.flatness), measured on the first --msam_flatness_batches evaluation batches. "
-            "eval_sharpness uses this run's mSAM settings, with rho 0.05 when --msam_rho is 0, so a plain run "
-            "(--msam_rho 0) can be compared with an mSAM one. Costs about 200 double backward passes per batch."
+            "eval_sharpness is the SAM sharpness at radius --msam_flatness_rho (each batch one micro-batch), whatever "
+            "this run's --msam_rho and --msam_micro_batch_size, so plain and mSAM runs compare on equal footing. "
+            "Costs up to 2 x --msam_flatness_iters double backward passes per batch."
         },
     )
     msam_flatness_batches: int = field(

@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import BertConfig, BertForSequenceClassification
 
 from hf_msam import MSAMTrainer, MSAMTrainingArguments
-from hf_msam.compare import load_run, main
+from hf_msam.compare import NEGATIVE_EIGENVALUE_NOTE, load_run, main, plot_runs
 
 STEPS = 6
 
@@ -36,13 +36,15 @@ def accuracy(prediction):
     return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
 
 
-def train_run(output_dir, rho, micro_batch_size=None):
-    """A run as an example script leaves it: model and args, trainer state, all_results.json, the landscape."""
+def train_run(output_dir, rho, micro_batch_size=None, evaluate_during_training=True):
+    """A run as an example script leaves it: model and args, trainer state, all_results.json, the landscape.
+    Without `evaluate_during_training`: `--eval_strategy no`, one evaluation after the state is saved, no flatness."""
     args = MSAMTrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=8, per_device_eval_batch_size=8, max_steps=STEPS,
-        learning_rate=1e-3, logging_steps=1, eval_strategy="steps", eval_steps=3, save_strategy="no",
-        report_to="none", use_cpu=True, msam_rho=rho, msam_micro_batch_size=micro_batch_size,
-        msam_eval_flatness=True, msam_flatness_batches=1, msam_flatness_iters=10, msam_eval_landscape=True,
+        learning_rate=1e-3, logging_steps=1, eval_strategy="steps" if evaluate_during_training else "no", eval_steps=3,
+        save_strategy="no", report_to="none", use_cpu=True, msam_rho=rho, msam_micro_batch_size=micro_batch_size,
+        msam_eval_flatness=evaluate_during_training, msam_flatness_batches=1, msam_flatness_iters=10,
+        msam_eval_landscape=evaluate_during_training,
     )
     trainer = MSAMTrainer(
         model=tiny_bert(), args=args, train_dataset=bert_data(48, seed=1), eval_dataset=bert_data(16, seed=2),
@@ -64,6 +66,7 @@ def runs(tmp_path_factory):
     try:
         train_run(root / "adamw", rho=0.0)
         train_run(root / "msam", rho=0.05, micro_batch_size=2)
+        train_run(root / "final_eval_only", rho=0.05, evaluate_during_training=False)
     finally:
         torch.set_num_threads(threads)
     checkpointed = root / "checkpointed"
@@ -156,3 +159,40 @@ def test_training_args_are_read_without_running_them(runs, tmp_path):
     torch.save(SimpleNamespace(msam_rho=Payload(), msam_micro_batch_size=4), run / "training_args.bin")
     assert load_run(run).settings == {"msam_micro_batch_size": 4}
     assert not marker.exists()
+
+
+def test_eval_panel_of_a_run_evaluated_only_at_the_end(runs, tmp_path):
+    """--eval_strategy no: no evaluation in the logs, the final one in all_results.json: one point at the last step."""
+    run = load_run(runs / "final_eval_only")
+    assert not any("eval_accuracy" in log for log in run.log_history)
+    with open(runs / "final_eval_only" / "all_results.json") as f:
+        final = json.load(f)["eval_accuracy"]
+    figure = plot_runs([load_run(runs / "adamw"), run], tmp_path / "report.png", metric="eval_accuracy")
+    eval_panel = figure.axes[1]
+    assert eval_panel.get_title() == "Evaluation: eval_accuracy"
+    adamw_line, final_point = eval_panel.get_lines()
+    assert list(adamw_line.get_xdata()) == [3, 6]  # evaluated every 3 steps
+    assert list(final_point.get_xdata()) == [STEPS] and list(final_point.get_ydata()) == [final]
+    texts = [text.get_text() for text in eval_panel.texts]
+    assert "★ evaluated only at the end" in texts and not any("not in the logs" in t for t in texts)
+    # The table has its final metrics too.
+    assert main([str(runs / "final_eval_only"), "--output", str(tmp_path / "r")]) == 0
+    assert read_table(tmp_path / "r.md")["final_eval_only"]["eval_accuracy"] == f"{final:.4g}"
+
+
+def test_negative_eigenvalue_is_marked_as_the_largest_magnitude_one(runs, tmp_path):
+    negative = tmp_path / "negative"
+    shutil.copytree(runs / "adamw", negative)
+    with open(negative / "all_results.json") as f:
+        results = json.load(f)
+    results["eval_hessian_top_eigenvalue"] = -856.9237
+    (negative / "all_results.json").write_text(json.dumps(results))
+    assert main([str(runs / "msam"), str(negative), "--output", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report.md").read_text()
+    table = read_table(tmp_path / "report.md")
+    assert table["negative"]["λ_max(H)"] == "-856.9 †"
+    assert "†" not in table["msam"]["λ_max(H)"] and float(table["msam"]["λ_max(H)"]) > 0
+    assert NEGATIVE_EIGENVALUE_NOTE in text and "largest magnitude" in NEGATIVE_EIGENVALUE_NOTE
+    # Without a negative one, no note.
+    assert main([str(runs / "msam"), "--output", str(tmp_path / "positive")]) == 0
+    assert NEGATIVE_EIGENVALUE_NOTE not in (tmp_path / "positive.md").read_text()
