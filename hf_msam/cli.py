@@ -9,10 +9,14 @@ from collections.abc import Sequence
 
 RUN_DESCRIPTION = """\
 Run an unmodified training script that uses transformers.Trainer and TrainingArguments (directly, through
-HfArgumentParser, or through subclasses of them) with mSAM swapped in: the --msam_* flags (--msam_rho,
---msam_micro_batch_size, --msam_adaptive, --msam_adaptive_eta, --msam_eps) may be given anywhere among
-ARGS, and everything else goes to the script. Works under `accelerate launch -m hf_msam run ...` and
-`torchrun -m hf_msam run ...`: each process perturbs with its own micro-batches.
+HfArgumentParser, or through subclasses of them, TRL's SFT/DPO/Reward trainers and configs included) with
+mSAM swapped in. `-m MODULE` runs a module as `python -m` does (e.g. TRL's scripts: -m trl.scripts.sft, or
+TRL's own command: -m trl.cli.main sft). The --msam_* flags (--msam_rho, --msam_micro_batch_size,
+--msam_adaptive, --msam_adaptive_eta, --msam_eps, ...) may be given anywhere among ARGS, and everything else
+goes to the script. Trainer subclasses whose training_step override calls super().training_step(...) train
+with mSAM; overrides that replace the step are refused before training. Works under
+`accelerate launch -m hf_msam run ...` and `torchrun -m hf_msam run ...`: each process perturbs with its
+own micro-batches.
 """
 
 RUN_EPILOG = """\
@@ -20,6 +24,8 @@ examples:
   hf-msam run run_glue.py --model_name_or_path bert-base-uncased --task_name mrpc --do_train --msam_rho 0.05 \\
       --msam_micro_batch_size 8 --output_dir out
   accelerate launch --num_processes 2 -m hf_msam run train.py --msam_rho 0.1 --output_dir out
+  hf-msam run -m trl.scripts.sft --model_name_or_path MODEL_DIR --dataset_name DATA_DIR --output_dir out \
+      --msam_rho 0.05 --msam_micro_batch_size 2
 """
 
 
@@ -51,7 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog=RUN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run_parser.add_argument("script", metavar="SCRIPT.py", help="the training script")
+    run_parser.add_argument(
+        "script", metavar="SCRIPT.py | -m MODULE", help="the training script, or -m and a module to run like python -m"
+    )
     run_parser.add_argument(
         "script_args", nargs=argparse.REMAINDER, metavar="ARGS", help="its arguments, and --msam_* flags"
     )
@@ -59,12 +67,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if argv[:1] == ["compare"]:  # compare parses its own arguments, --help included
         return _compare(argv[1:])
-    args = parser.parse_args(argv)
+    module = None
+    if argv[:2] == ["run", "-m"]:  # run -m MODULE ARGS...: everything after MODULE is the module's
+        if len(argv) < 3:
+            run_parser.error("-m needs a module name: hf-msam run -m MODULE [ARGS...]")
+        module, script, script_args = argv[2], None, argv[3:]
+    else:
+        args = parser.parse_args(argv)
+        script, script_args = args.script, args.script_args
 
     from .launcher import LauncherError, run
 
     try:
-        run(args.script, args.script_args)
+        run(script, script_args, module=module)
     except LauncherError as err:
         print(f"hf-msam: error: {err}", file=sys.stderr)
         return 2

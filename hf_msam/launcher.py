@@ -1,9 +1,16 @@
-"""`hf-msam run SCRIPT.py [ARGS...]`: train an unmodified `transformers.Trainer` script with mSAM.
+"""`hf-msam run SCRIPT.py [ARGS...]` / `hf-msam run -m MODULE [ARGS...]`: train an unmodified
+`transformers.Trainer` (or TRL) script with mSAM.
 
 Before the script runs, `transformers.Trainer` and `transformers.TrainingArguments` (and their
 Seq2Seq variants) are swapped for subclasses of `MSAMTrainer` and `MSAMTrainingArguments`, in the
 `transformers` namespace and in every `transformers.*` module that holds them. A script that imports
-them, subclasses them, or parses them with `HfArgumentParser` then trains with mSAM unchanged.
+them, subclasses them, or parses them with `HfArgumentParser` then trains with mSAM unchanged. TRL's
+`SFTTrainer`/`DPOTrainer`/`RewardTrainer` and their configs are swapped for `hf_msam.trl`'s classes, and TRL's
+`trl` command (`-m trl.cli.main`) starts its training processes through `hf-msam run`.
+
+A subclass may override `training_step` if the override calls `super().training_step(...)`: one whose code does
+not is refused before training, and if the mSAM step is still not reached by the first optimizer step, training
+stops there with an error (before any weight moves).
 
 The `--msam_*` flags are taken off the command line by the launcher and applied to every training
 arguments object the script builds, so they work for `HfArgumentParser` scripts, `argparse` scripts
@@ -15,18 +22,29 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
+import inspect
 import os
+import re
 import runpy
 import sys
+import types
 import typing
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from transformers import HfArgumentParser, Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
+from transformers import (
+    HfArgumentParser,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from .trainer import MSAMMixin, MSAMTrainer
-from .training_args import MSAMTrainingArguments, msam_setting
+from .training_args import MSAMArguments, MSAMTrainingArguments, msam_setting
 
 __all__ = ["LauncherError", "MSAMScriptTrainer", "MSAMScriptTrainingArguments", "patched_transformers", "run"]
 
@@ -49,10 +67,8 @@ def _say(message: str) -> None:
         print(f"hf-msam: {message}", file=sys.stderr, flush=True)
 
 
-@dataclasses.dataclass
-class MSAMScriptTrainingArguments(MSAMTrainingArguments):
-    """`transformers.TrainingArguments` inside `hf-msam run`: `MSAMTrainingArguments`, with the `--msam_*` flags
-    given on the command line applied over whatever the script set."""
+class _FlagsFromCommandLine:
+    """Applies the `--msam_*` flags given on the command line over whatever the script set, then validates."""
 
     def __post_init__(self):
         for name, value in _flag_values.items():
@@ -61,28 +77,80 @@ class MSAMScriptTrainingArguments(MSAMTrainingArguments):
 
 
 @dataclasses.dataclass
+class MSAMScriptTrainingArguments(_FlagsFromCommandLine, MSAMTrainingArguments):
+    """`transformers.TrainingArguments` inside `hf-msam run`: `MSAMTrainingArguments`, with the `--msam_*` flags
+    given on the command line applied over whatever the script set."""
+
+
+@dataclasses.dataclass
 class MSAMScriptSeq2SeqTrainingArguments(MSAMScriptTrainingArguments, Seq2SeqTrainingArguments):
     """`transformers.Seq2SeqTrainingArguments` inside `hf-msam run`."""
 
 
+def _calls_super_training_step(function: Any) -> bool | None:
+    """Whether `function`'s code calls `super().training_step` (names `super` and `training_step`, in it or in code
+    nested in it); None when it has no Python code to read (the runtime check decides then)."""
+    function = inspect.unwrap(function)
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return None
+    names: set[str] = set()
+    stack = [code]
+    while stack:
+        c = stack.pop()
+        names.update(c.co_names)
+        stack.extend(const for const in c.co_consts if isinstance(const, types.CodeType))
+    return {"super", "training_step"} <= names
+
+
 def _check_patchable(cls: type) -> None:
-    owner = next(c for c in cls.__mro__ if "training_step" in vars(c))
-    if owner is not MSAMMixin:
-        raise LauncherError(
-            f"`{cls.__qualname__}` overrides `training_step` (in `{owner.__module__}.{owner.__qualname__}`), "
-            "the step mSAM replaces, so `hf-msam run` cannot train it with mSAM. Move the custom logic to "
-            "`compute_loss` or a `TrainerCallback`, or make the class subclass `hf_msam.MSAMTrainer` and run the "
-            "script directly."
-        )
+    """Refuse, before training, a class whose `training_step` override (outside hf_msam) does not call `super()`."""
+    for klass in cls.__mro__:
+        if klass is MSAMMixin or klass.__module__.split(".")[0] == "transformers":
+            return
+        if "training_step" not in vars(klass) or klass.__module__.split(".")[0] == "hf_msam":
+            continue
+        if _calls_super_training_step(vars(klass)["training_step"]) is False:
+            raise LauncherError(
+                f"`{cls.__qualname__}` overrides `training_step` (in `{klass.__module__}.{klass.__qualname__}`) "
+                "without calling `super().training_step(...)`: it replaces the step mSAM changes, so `hf-msam run` "
+                "cannot train it with mSAM. Call `super().training_step(model, inputs, num_items_in_batch)` in the "
+                "override (code around the call is fine), move the custom logic to `compute_loss` or a "
+                "`TrainerCallback`, or make the class subclass `hf_msam.MSAMTrainer` and run the script directly."
+            )
 
 
-class MSAMScriptTrainer(MSAMTrainer):
-    """`transformers.Trainer` inside `hf-msam run`: an `MSAMTrainer` that refuses subclasses it cannot train."""
+class _CheckStepReached(TrainerCallback):
+    """Stops training at the first optimizer step if the mSAM step was never reached (an override that calls
+    `super().training_step` only sometimes, or not at all in a way the code check could not see)."""
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer is None:
+            return
+        self.trainer = None  # check the first optimizer step only
+        if not trainer._msam_script_step_reached:
+            raise LauncherError(
+                f"`{type(trainer).__qualname__}` reached its first optimizer step without running the mSAM step: its "
+                "`training_step` override did not call `super().training_step(...)`. Stopped before updating the "
+                "weights rather than train without mSAM. Make the override call `super().training_step(model, inputs, "
+                "num_items_in_batch)` on every step, or move its logic to `compute_loss` or a `TrainerCallback`."
+            )
+
+
+class _ScriptTrainer:
+    """What every trainer class `hf-msam run` swaps in adds: the checks above, the count of trainers created, and
+    the start-up line."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         global _trainers_created
         _check_patchable(type(self))
         super().__init__(*args, **kwargs)
+        self._msam_script_step_reached = False
+        self.add_callback(_CheckStepReached(self))
         _trainers_created += 1
         if self.is_world_process_zero():
             name = type(self).__qualname__
@@ -101,6 +169,14 @@ class MSAMScriptTrainer(MSAMTrainer):
                 flush=True,
             )
 
+    def training_step(self, *args: Any, **kwargs: Any):
+        self._msam_script_step_reached = True
+        return super().training_step(*args, **kwargs)
+
+
+class MSAMScriptTrainer(_ScriptTrainer, MSAMTrainer):
+    """`transformers.Trainer` inside `hf-msam run`: an `MSAMTrainer` that refuses subclasses it cannot train."""
+
 
 class MSAMScriptSeq2SeqTrainer(MSAMScriptTrainer, Seq2SeqTrainer):
     """`transformers.Seq2SeqTrainer` inside `hf-msam run`."""
@@ -112,6 +188,64 @@ _SWAPS = {
     Seq2SeqTrainer: MSAMScriptSeq2SeqTrainer,
     Seq2SeqTrainingArguments: MSAMScriptSeq2SeqTrainingArguments,
 }
+
+_TRL_CLASSES = ("SFTTrainer", "SFTConfig", "DPOTrainer", "DPOConfig", "RewardTrainer", "RewardConfig")
+
+
+def _trl_swaps() -> dict[type, type]:
+    """When TRL's trainers were imported before the launcher patched `transformers` (they then derive from the
+    original `Trainer`), swap them too, for launcher versions of `hf_msam.trl`'s classes. When TRL is imported
+    by the script itself, it builds its classes on the swapped `Trainer`/`TrainingArguments`: nothing to do."""
+    if "trl.trainer.sft_trainer" not in sys.modules and "trl.trainer.dpo_trainer" not in sys.modules:
+        return {}
+    import trl
+
+    from . import trl as msam_trl
+
+    swaps = {}
+    for name in _TRL_CLASSES:
+        original = getattr(trl, name)
+        if issubclass(original, (MSAMMixin, MSAMArguments)):
+            continue  # built on the swapped classes during an earlier run
+        swapped_name = f"MSAMScript{name}"
+        swapped = globals().get(swapped_name)
+        if swapped is None:  # built once, and kept here so that pickles (training_args.bin) find it by name
+            ours = getattr(msam_trl, f"MSAM{name}")
+            namespace = {"__module__": __name__, "__qualname__": swapped_name}
+            if name.endswith("Config"):
+                swapped = dataclasses.dataclass(type(swapped_name, (_FlagsFromCommandLine, ours), namespace))
+            else:
+                swapped = type(swapped_name, (_ScriptTrainer, ours), namespace)
+            globals()[swapped_name] = swapped
+        swaps[original] = swapped
+    return swaps
+
+
+def _relaunch_with_msam(flag_values: dict[str, Any]):
+    """A stand-in for `trl.cli.accelerate_launcher.launch_training_script`: TRL's `trl sft|dpo|reward` command
+    starts its script in new processes through `accelerate launch`; start them as `-m hf_msam run SCRIPT`, with
+    the `--msam_*` flags, so they train with mSAM too."""
+    from importlib import resources
+
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    def launch_training_script(script_name, launch_args, training_script_args, *, launch_command_fn=launch_command,
+                               launch_parser_fn=launch_command_parser):  # fmt: skip
+        script = str(resources.files("trl.scripts").joinpath(script_name))
+        args = [*launch_args, "-m", "hf_msam", "run", script, *training_script_args, *format_msam_flags(flag_values)]
+        launch_command_fn(launch_parser_fn().parse_args(args))
+
+    return launch_training_script
+
+
+def format_msam_flags(flag_values: dict[str, Any]) -> list[str]:
+    """The `--msam_*` command-line arguments that `parse_msam_flags` reads back as `flag_values`."""
+    argv = []
+    for name, value in flag_values.items():
+        if value is None:
+            continue
+        argv += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv
 
 
 def parse_msam_flags(args: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
@@ -133,19 +267,23 @@ def parse_msam_flags(args: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
 def patched_transformers(flag_values: dict[str, Any] | None = None) -> Iterator[dict[str, str]]:
     """Swap the `transformers` training classes for the mSAM ones while inside; yields {original: swapped} names."""
     saved = []
+    swaps_by_package = {"transformers": _SWAPS, "trl": _trl_swaps()}
     for name, module in list(sys.modules.items()):
-        if name != "transformers" and not name.startswith("transformers."):
+        package = name.split(".")[0]
+        if package not in swaps_by_package:
             continue
-        for original, swapped in _SWAPS.items():
+        for original, swapped in swaps_by_package[package].items():
             attr = original.__name__
             # The top-level lazy module resolves names on first access: set them there even when not yet cached.
-            if vars(module).get(attr) is original or (name == "transformers" and attr not in vars(module)):
+            if vars(module).get(attr) is original or (name == package and attr not in vars(module)):
                 saved.append((module, attr, vars(module).get(attr)))
                 setattr(module, attr, swapped)
     _flag_values.clear()
     _flag_values.update(flag_values or {})
     try:
-        yield {original.__name__: swapped.__name__ for original, swapped in _SWAPS.items()}
+        yield {
+            original.__name__: swapped.__name__ for swaps in swaps_by_package.values() for original, swapped in swaps.items()
+        }
     finally:
         _flag_values.clear()
         for module, attr, value in reversed(saved):
@@ -155,30 +293,87 @@ def patched_transformers(flag_values: dict[str, Any] | None = None) -> Iterator[
                 setattr(module, attr, value)
 
 
-def run(script: str, args: Sequence[str]) -> None:
-    """Run `script` as `__main__` with `args` as its command line, training with mSAM."""
+# TRL's `trl` command lives here; it starts its training scripts in new processes (see _relaunch_with_msam).
+_TRL_CLI_MODULES = ("trl", "trl.cli", "trl.cli.main")
+
+
+def run(script: str | None, args: Sequence[str], module: str | None = None) -> None:
+    """Run `script` (or, like `python -m`, `module`) as `__main__` with `args` as its command line, training with
+    mSAM."""
     global _trainers_created
-    path = Path(script)
-    if not path.is_file():
-        raise LauncherError(f"{script}: no such file. Usage: hf-msam run SCRIPT.py [ARGS...]")
+    if (script is None) == (module is None):
+        raise LauncherError("give a script or -m MODULE. Usage: hf-msam run SCRIPT.py [ARGS...] | -m MODULE [ARGS...]")
+    if module is not None:
+        try:
+            spec = importlib.util.find_spec(module)
+            if spec is not None and spec.submodule_search_locations is not None:  # a package: its __main__ runs
+                spec = importlib.util.find_spec(f"{module}.__main__")
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or spec.origin is None:
+            raise LauncherError(f"No module named {module!r} (or no {module}.__main__ to run). Usage: hf-msam run -m MODULE [ARGS...]")
+        origin, target, name = spec.origin, f"-m {module}", module
+    else:
+        path = Path(script)
+        if not path.is_file():
+            raise LauncherError(f"{script}: no such file. Usage: hf-msam run SCRIPT.py [ARGS...]")
+        origin, target, name = str(path), path.name, path.name
     flag_values, script_args = parse_msam_flags(args)
+    if _uses_trl(origin, module):
+        # Import TRL's trainers on the original transformers classes, then swap them for hf_msam.trl's (whose
+        # steps also keep TRL's metrics to the clean passes); see _trl_swaps.
+        import hf_msam.trl  # noqa: F401
     saved_argv, saved_path = sys.argv, list(sys.path)
-    sys.argv = [str(path), *script_args]
-    sys.path.insert(0, str(path.resolve().parent))  # what `python SCRIPT.py` does, for the script's own imports
+    sys.argv = [origin, *script_args]
+    # What `python SCRIPT.py` / `python -m MODULE` put first on the path, for the script's own imports.
+    sys.path.insert(0, str(Path(origin).resolve().parent) if module is None else os.getcwd())
     _trainers_created = 0
+    relaunched = False
     try:
-        with patched_transformers(flag_values) as swaps:
+        with patched_transformers(flag_values) as swaps, _trl_cli_patched(module, flag_values) as relaunched:
             swapped = ", ".join(f"{original} -> hf_msam.launcher.{new}" for original, new in swaps.items())
             given = ", ".join(f"{name}={value}" for name, value in flag_values.items()) or "none, mSAM defaults"
             _say(
-                f"running {path.name} with mSAM. Swapped in transformers: {swapped} (subclasses of MSAMTrainer and "
+                f"running {target} with mSAM. Swapped: {swapped} (subclasses of MSAMTrainer and "
                 f"MSAMTrainingArguments). --msam_* flags given: {given}."
             )
-            runpy.run_path(str(path), run_name="__main__")
+            if module is None:
+                runpy.run_path(origin, run_name="__main__")
+            else:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
-    if _trainers_created == 0:
+    if _trainers_created == 0 and not relaunched:
         _say(
-            f"{path.name} finished without creating a transformers.Trainer: mSAM was not used. `hf-msam run` only "
-            "reaches scripts that build their trainer from transformers.Trainer (or a subclass of it)."
+            f"{name} finished without creating a transformers.Trainer: mSAM was not used. `hf-msam run` only "
+            "reaches scripts that build their trainer from transformers.Trainer (or a subclass of it) in this process."
         )
+
+
+def _uses_trl(origin: str, module: str | None) -> bool:
+    """Whether the script or module to run is TRL's or imports it (and TRL is installed)."""
+    if importlib.util.find_spec("trl") is None:
+        return False
+    if module is not None and module.split(".")[0] == "trl":
+        return True
+    try:
+        source = Path(origin).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return re.search(r"^\s*(from\s+trl[\s.]|import\s+trl\b)", source, flags=re.MULTILINE) is not None
+
+
+@contextlib.contextmanager
+def _trl_cli_patched(module: str | None, flag_values: dict[str, Any]) -> Iterator[bool]:
+    """Under `-m trl.cli.main` (TRL's `trl` command), make the processes it starts run through `hf-msam run`."""
+    if module not in _TRL_CLI_MODULES:
+        yield False
+        return
+    import trl.cli.accelerate_launcher as launcher_module
+
+    saved = launcher_module.launch_training_script
+    launcher_module.launch_training_script = _relaunch_with_msam(flag_values)
+    try:
+        yield True
+    finally:
+        launcher_module.launch_training_script = saved

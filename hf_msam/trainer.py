@@ -15,6 +15,7 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.training_args import OptimizerNames
 
+from .batches import SequenceBoundsRecorder, splitter_for
 from .flatness import evaluate_flatness
 from .msam import DescentRule, MicroBatchSAM, MomentumPerturbation, MSAMStats, PerturbationRule, SAMPerturbation, Schedule, build_method
 from .training_args import MSAMArguments, msam_setting
@@ -89,6 +90,8 @@ class MSAMMixin:
         )
         self.msam_micro_batch_size = msam_setting(self.args, "msam_micro_batch_size")
         self._check_supported()
+        # How batches are cut into micro-batches: dim 0, packed rows at sequence boundaries, or preference pairs.
+        self._msam_splitter = splitter_for(self, strict=self.msam_perturbation.enabled)
         self._msam: MicroBatchSAM | None = None
         self._msam_stats = MSAMStats()
         self._msam_last_logged_step = 0
@@ -163,6 +166,7 @@ class MSAMMixin:
     ) -> torch.Tensor:
         if not self._msam_announced:
             self._announce()
+        split_fn = self._msam_splitter.for_batch(inputs)  # also takes recorded sequence boundaries out of `inputs`
         t = self.state.global_step + 1  # the optimizer step this call contributes to (1-based)
         if not self.msam_perturbation.enabled or not self.msam_schedule.perturbs(t, self.state.max_steps):
             return super().training_step(model, inputs, num_items_in_batch)  # a plain step, the base trainer's own
@@ -194,7 +198,7 @@ class MSAMMixin:
             ) or self.compute_loss_func is not None
         # With `num_items_in_batch` the loss is normalized by a count of label tokens: weight the
         # micro-batches by that count, and give each the count that makes its loss a mean over itself.
-        size_fn = self._item_count if num_items_in_batch is not None and "labels" in inputs else None
+        size_fn = self._item_count if num_items_in_batch is not None and "labels" in inputs else self._msam_splitter.size_fn
 
         def loss_fn(micro_batch: dict[str, Any]) -> torch.Tensor:
             num_items = num_items_in_batch
@@ -209,7 +213,7 @@ class MSAMMixin:
                 loss = loss / self.current_gradient_accumulation_steps
             return loss
 
-        return self._msam.backward(inputs, loss_fn, size_fn=size_fn, step=t, rho=self._msam_rho_now())
+        return self._msam.backward(inputs, loss_fn, size_fn=size_fn, split_fn=split_fn, step=t, rho=self._msam_rho_now())
 
     def _msam_rho_now(self) -> float | torch.Tensor | None:
         """ρ_t of `--msam_rho_schedule lr` (ρ·lr_t/lr_max, from the optimizer's first group); None: the rule's own ρ."""
@@ -249,6 +253,18 @@ class MSAMMixin:
             self.msam_perturbation.load_state_dict(state["perturbation"])
             self.msam_descent.load_state_dict(state["descent"])
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def get_train_dataloader(self):
+        """[`~transformers.Trainer.get_train_dataloader`]; when mSAM cuts batches, its collator also records the
+        sequence boundaries of packed rows on the CPU (see `hf_msam.batches`), so cutting them needs no host sync."""
+        if not (self.msam_perturbation.enabled and self.msam_micro_batch_size) or self.data_collator is None:
+            return super().get_train_dataloader()
+        collator = self.data_collator
+        self.data_collator = SequenceBoundsRecorder(collator)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = collator
 
     # -- logging ----------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -126,7 +126,9 @@ from transformers import Trainer, TrainingArguments
 
 class CustomStepTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = self.compute_loss(model, inputs)  # its own step: never reaches Trainer.training_step
+        self.accelerator.backward(loss)
+        return loss.detach()
 
 
 CustomStepTrainer(model=None, args=TrainingArguments(output_dir="unused", use_cpu=True, report_to="none"))
@@ -225,7 +227,7 @@ def test_run_refuses_a_trainer_that_overrides_training_step(tmp_path, capsys):
     assert cli.main(["run", str(script)]) == 2
     err = capsys.readouterr().err
     assert "hf-msam: error: `CustomStepTrainer` overrides `training_step`" in err
-    assert "compute_loss" in err
+    assert "without calling `super().training_step(...)`" in err and "compute_loss" in err
 
 
 def test_run_missing_script(tmp_path, capsys):

@@ -1,0 +1,315 @@
+"""mSAM on TRL's trainers (SFT, DPO, reward): one step against a plain-PyTorch reference, rho=0 against TRL bitwise."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from datasets import Dataset  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
+from trl_helpers import (  # noqa: E402
+    PREFERENCES,
+    PROMPT_COMPLETION,
+    completion_logps,
+    msam_gradient,
+    sft_reference_step,
+    sgd_reference,
+    token_nll_sum,
+    write_tiny_llama,
+)
+
+from hf_msam import MSAMArguments, MSAMMixin  # noqa: E402
+from hf_msam.trl import (  # noqa: E402
+    MSAMDPOConfig,
+    MSAMDPOTrainer,
+    MSAMRewardConfig,
+    MSAMRewardTrainer,
+    MSAMSFTConfig,
+    MSAMSFTTrainer,
+)
+
+COMMON = dict(
+    max_steps=1, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
+    bf16=False, report_to="none", use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
+    train_sampling_strategy="sequential", dataloader_drop_last=False,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def load(llama_dir, cls=AutoModelForCausalLM, **kwargs):
+    return cls.from_pretrained(llama_dir, dtype=torch.float64, **kwargs)
+
+
+def recording(cls):
+    """`cls` with a `training_step` override that records its inputs and calls super(): also the pattern the mixin
+    must keep working."""
+
+    class Recording(cls):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            self.seen = getattr(self, "seen", [])
+            self.seen.append({k: v.clone() if torch.is_tensor(v) else v for k, v in inputs.items()})
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return Recording
+
+
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# TRL's fused LM head leaves errors of about 1e-8 in the float64 embedding update even of a plain SFTTrainer step
+# (measured: rho=0 against the same reference), against updates of about 1e-1.
+RTOL, ATOL = 1e-6, 1e-7
+
+
+def assert_weights_close(model, expected, rtol=RTOL, atol=ATOL):
+    got = trainable(model)
+    assert got.keys() == expected.keys()
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=rtol, atol=atol, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT
+# ---------------------------------------------------------------------------------------------
+
+
+def test_configs_carry_the_msam_flags_and_validate():
+    from transformers import HfArgumentParser
+
+    (config,) = HfArgumentParser(MSAMSFTConfig).parse_args_into_dataclasses(
+        ["--output_dir", "x", "--msam_rho", "0.2", "--msam_micro_batch_size", "3", "--packing", "--use_cpu"]
+    )
+    assert isinstance(config, SFTConfig) and isinstance(config, MSAMArguments)
+    assert (config.msam_rho, config.msam_micro_batch_size, config.packing) == (0.2, 3, True)
+    for cls in (MSAMSFTConfig, MSAMDPOConfig, MSAMRewardConfig):
+        with pytest.raises(ValueError, match="--msam_rho"):
+            cls(output_dir="x", msam_rho=-1.0, use_cpu=True)
+    assert issubclass(MSAMSFTTrainer, MSAMMixin) and issubclass(MSAMSFTTrainer, SFTTrainer)
+
+
+@pytest.mark.slow
+def test_sft_step_equals_token_weighted_reference(llama_dir, tmp_path):
+    """Completion-only loss, 5 rows in micro-batches of 2, 2, 1: w − lr·Σ_j (n_j/n)·∇L_j(w + e_j), n_j label tokens."""
+    model = load(llama_dir)
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    args = MSAMSFTConfig(str(tmp_path), per_device_train_batch_size=5, msam_rho=0.1, msam_micro_batch_size=2, **COMMON)
+    trainer = recording(MSAMSFTTrainer)(
+        model=model, args=args, train_dataset=Dataset.from_list(PROMPT_COMPLETION[:5]),
+        processing_class=AutoTokenizer.from_pretrained(llama_dir),
+    )  # fmt: skip
+    trainer.train()
+
+    (batch,) = trainer.seen
+    assert batch["labels"][:, 1:].ne(-100).sum(1).unique().numel() > 1  # uneven label counts per row
+    assert (batch["labels"] == -100).any(1).all()  # the prompts are masked out
+    reference = load(llama_dir)
+    reference.load_state_dict(w0)
+    expected = sft_reference_step(reference, batch, micro_batch_size=2, rho=0.1, lr=0.5)
+    assert_weights_close(model, expected)
+    # The tolerance tells the token weighting from a weighting by rows (2/5, 2/5, 1/5), and mSAM from SAM.
+    by_rows = sft_reference_step(reference, batch, micro_batch_size=2, rho=0.1, lr=0.5, by_rows=True)
+    sam = sft_reference_step(reference, batch, micro_batch_size=5, rho=0.1, lr=0.5)
+    for other in (by_rows, sam):
+        assert max((other[k] - expected[k]).abs().max().item() for k in expected) > 100 * ATOL
+
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and logs[0]["msam/sharpness"] > 0 and logs[0]["msam/skipped_perturbations"] == 0
+    # TRL's own metrics are those of the clean passes, each token counted once.
+    assert logs[0]["num_tokens"] == batch["attention_mask"].sum().item()
+
+
+def test_sft_padding_free_step_equals_reference(llama_dir, tmp_path):
+    """A padding-free batch (one row of 5 sequences) is cut at sequence boundaries, 2 + 2 + 1 sequences; the
+    reference runs every sequence on its own, unpadded."""
+    model = load(llama_dir)
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    args = MSAMSFTConfig(
+        str(tmp_path), per_device_train_batch_size=5, padding_free=True, max_length=None, msam_rho=0.1,
+        msam_micro_batch_size=2, **COMMON,
+    )  # fmt: skip
+    trainer = recording(MSAMSFTTrainer)(
+        model=model, args=args, train_dataset=Dataset.from_list(PROMPT_COMPLETION[:5]),
+        processing_class=AutoTokenizer.from_pretrained(llama_dir),
+    )  # fmt: skip
+    trainer.train()
+
+    (batch,) = trainer.seen
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+    # The sequences, read off position_ids in plain torch.
+    positions = batch["position_ids"][0]
+    starts = [i for i in range(positions.numel()) if positions[i] == 0] + [positions.numel()]
+    sequences = [(batch["input_ids"][:, a:b], batch["labels"][:, a:b]) for a, b in zip(starts, starts[1:])]
+    assert len(sequences) == 5
+    reference = load(llama_dir)
+    reference.load_state_dict(w0)
+    groups = [sequences[0:2], sequences[2:4], sequences[4:5]]
+    counts = [sum(int(labels[:, 1:].ne(-100).sum()) for _, labels in g) for g in groups]
+
+    def loss_of(group):
+        return lambda: sum(token_nll_sum(reference, ids, labels)[0] for ids, labels in group) / sum(
+            int(labels[:, 1:].ne(-100).sum()) for _, labels in group
+        )
+
+    gradient = msam_gradient(reference, [loss_of(g) for g in groups], [c / sum(counts) for c in counts], rho=0.1)
+    assert_weights_close(model, sgd_reference(reference, gradient, lr=0.5))
+
+
+def test_sft_rho_zero_is_plain_sft_bitwise(llama_dir, tmp_path):
+    data = Dataset.from_list(PROMPT_COMPLETION)
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    common = {**COMMON, "max_steps": 2, "optim": "adamw_torch", "learning_rate": 1e-2, "max_grad_norm": 1.0}
+    plain = load(llama_dir)
+    SFTTrainer(model=plain, args=SFTConfig(str(tmp_path / "a"), per_device_train_batch_size=4, **common),
+               train_dataset=data, processing_class=tokenizer).train()  # fmt: skip
+    ours = load(llama_dir)
+    trainer = MSAMSFTTrainer(
+        model=ours, args=MSAMSFTConfig(str(tmp_path / "b"), per_device_train_batch_size=4, msam_rho=0.0, msam_micro_batch_size=2, **common),
+        train_dataset=data, processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    for (name, a), b in zip(plain.named_parameters(), ours.parameters()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(plain.lm_head.weight, load(llama_dir).lm_head.weight)  # it did train
+    assert not any("msam/sharpness" in h for h in trainer.state.log_history)
+
+
+def test_user_mixin_class_and_lora(llama_dir, tmp_path):
+    """`class MySFT(MSAMMixin, SFTTrainer)` with LoRA: trains with mSAM, only the adapter moves (the frozen base
+    weights are never perturbed: they end bitwise as they started)."""
+    from peft import LoraConfig
+
+    class MySFT(MSAMMixin, SFTTrainer):
+        pass
+
+    args = MSAMSFTConfig(str(tmp_path), per_device_train_batch_size=3, msam_rho=0.2, msam_micro_batch_size=2, **COMMON)
+    trainer = MySFT(
+        model=load(llama_dir), args=args, train_dataset=Dataset.from_list(PROMPT_COMPLETION[:3]),
+        processing_class=AutoTokenizer.from_pretrained(llama_dir),
+        peft_config=LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )  # fmt: skip
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    moved = {n for n, w in before.items() if not torch.equal(after[n], w)}
+    assert moved and all("lora_" in n for n in moved)
+    assert moved == {n for n, p in after.items() if p.requires_grad}
+    assert trainer.msam_perturbations_per_step == 2
+    assert "msam/sharpness" in [h for h in trainer.state.log_history if "loss" in h][0]
+
+
+@pytest.mark.slow
+def test_sft_flatness_in_evaluation(llama_dir, tmp_path):
+    """--msam_eval_flatness on a causal LM in TRL's evaluation: finite metrics, weights untouched."""
+    model = load(llama_dir)
+    args = MSAMSFTConfig(
+        str(tmp_path), per_device_eval_batch_size=4, msam_eval_flatness=True, msam_flatness_batches=1,
+        msam_flatness_iters=3, **COMMON,
+    )  # fmt: skip
+    trainer = MSAMSFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(PROMPT_COMPLETION),
+        eval_dataset=Dataset.from_list(PROMPT_COMPLETION[:4]), processing_class=AutoTokenizer.from_pretrained(llama_dir),
+    )  # fmt: skip
+    before = trainable(model)
+    metrics = trainer.evaluate()
+    for key in ("eval_loss", "eval_hessian_top_eigenvalue", "eval_hessian_trace", "eval_sharpness"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["eval_hessian_trace"] != 0
+    assert all(torch.equal(before[n], p) for n, p in trainable(model).items())
+
+
+# ---------------------------------------------------------------------------------------------
+# DPO and reward models
+# ---------------------------------------------------------------------------------------------
+
+
+def dpo_common(tmp_path, **kwargs):
+    return {**COMMON, "output_dir": str(tmp_path), "per_device_train_batch_size": 5, "beta": 0.5, **kwargs}
+
+
+def test_dpo_rho_zero_is_plain_dpo_bitwise(llama_dir, tmp_path):
+    data = Dataset.from_list(PREFERENCES)
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    common = {"max_steps": 2, "optim": "adamw_torch", "learning_rate": 1e-2, "per_device_train_batch_size": 3}
+    plain = load(llama_dir)
+    DPOTrainer(model=plain, ref_model=load(llama_dir), args=DPOConfig(**dpo_common(tmp_path / "a", **common)),
+               train_dataset=data, processing_class=tokenizer).train()  # fmt: skip
+    ours = load(llama_dir)
+    MSAMDPOTrainer(
+        model=ours, ref_model=load(llama_dir), args=MSAMDPOConfig(**dpo_common(tmp_path / "b", **common), msam_rho=0.0),
+        train_dataset=data, processing_class=tokenizer,
+    ).train()  # fmt: skip
+    for (name, a), b in zip(plain.named_parameters(), ours.parameters()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(plain.lm_head.weight, load(llama_dir).lm_head.weight)
+
+
+@pytest.mark.slow
+def test_dpo_step_equals_pairwise_reference(llama_dir, tmp_path):
+    """5 pairs in micro-batches of 2, 2, 1 pairs (each chosen answer with its rejected one), weighted by pairs; the
+    reference model is never perturbed."""
+    model, ref_model = load(llama_dir), load(llama_dir)
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = recording(MSAMDPOTrainer)(
+        model=model, ref_model=ref_model, args=MSAMDPOConfig(**dpo_common(tmp_path), msam_rho=0.1, msam_micro_batch_size=2),
+        train_dataset=Dataset.from_list(PREFERENCES), processing_class=AutoTokenizer.from_pretrained(llama_dir),
+    )  # fmt: skip
+    trainer.train()
+    (batch,) = trainer.seen
+    n = batch["input_ids"].shape[0] // 2
+    assert n == 5
+    policy = load(llama_dir)
+    policy.load_state_dict(w0)
+    frozen = load(llama_dir)
+    with torch.no_grad():
+        ref_logps = completion_logps(frozen, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    pairs = [range(0, 2), range(2, 4), range(4, 5)]
+
+    def loss_of(r):
+        rows = list(r) + [n + i for i in r]
+
+        def loss():
+            logps = completion_logps(policy, batch["input_ids"][rows], batch["attention_mask"][rows], batch["completion_mask"][rows])
+            ref = ref_logps[rows]
+            k = len(r)
+            margin = (logps[:k] - ref[:k]) - (logps[k:] - ref[k:])
+            return -torch.nn.functional.logsigmoid(0.5 * margin).mean()
+
+        return loss
+
+    gradient = msam_gradient(policy, [loss_of(r) for r in pairs], [len(r) / n for r in pairs], rho=0.1)
+    assert_weights_close(model, sgd_reference(policy, gradient, lr=0.5))
+    assert all(torch.equal(a, b) for a, b in zip(ref_model.parameters(), frozen.parameters()))
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert "msam/sharpness" in logs[0] and "rewards/chosen" in logs[0]
+
+
+def test_reward_trainer_splits_by_pairs(llama_dir, tmp_path):
+    """RewardTrainer: micro-batches of whole pairs (the reward loss needs both answers), msam metrics logged."""
+    model = load(llama_dir, AutoModelForSequenceClassification, num_labels=1)
+    model.config.pad_token_id = 0
+    data = Dataset.from_list([{"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]} for p in PREFERENCES])
+    trainer = recording(MSAMRewardTrainer)(
+        model=model, args=MSAMRewardConfig(str(tmp_path), per_device_train_batch_size=4, msam_rho=0.1, msam_micro_batch_size=3, **COMMON),
+        train_dataset=data, processing_class=AutoTokenizer.from_pretrained(llama_dir),
+    )  # fmt: skip
+    trainer.train()
+    (batch,) = trainer.seen
+    assert batch["input_ids"].shape[0] == 8
+    from hf_msam.batches import split_pairs
+
+    micro = split_pairs(batch, 3)
+    assert [mb["input_ids"].shape[0] for mb in micro] == [6, 2]
+    assert torch.equal(micro[1]["input_ids"], batch["input_ids"][[3, 7]])
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert "msam/sharpness" in logs[0] and "accuracy" in logs[0]
