@@ -1,0 +1,133 @@
+"""Synchronized perturbations (--msam_sync_perturbation) and the FSDP2 decisions of the trainer.
+
+Two CPU processes (gloo): the ranks end bitwise equal, and equal a single-process reference (plain PyTorch, from
+test_methods) whose micro-batch j is the union of both ranks' j-th micro-batches: with an even split, with an
+uneven split and gradient accumulation, and with Friendly-SAM (whose EMA then sees the union's gradients)."""
+
+import types
+
+import pytest
+import torch
+from reference import MLP, flat
+from test_fsdp2 import torchrun, union
+from test_methods import LR, TIGHT, Reference
+from transformers import Trainer
+
+from hf_msam import MicroBatchSAM, MSAMTrainer, MSAMTrainingArguments
+from hf_msam.msam import GSAMDescent, LookSAMDescent
+
+FSAM = dict(lmbda=0.6, sigma=0.8)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return torchrun("sync_script.py", tmp_path_factory.mktemp("sync"))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    "name, mbs, accumulation, method",
+    [("even", 2, 1, "sam"), ("uneven_ga", 3, 2, "sam"), ("fsam", 2, 1, "fsam")],
+)
+def test_synchronized_ranks_equal_the_union_reference(two_ranks, name, mbs, accumulation, method):
+    r0, r1 = (r[name] for r in two_ranks)
+    assert not torch.equal(r0["batches"][0]["x"], r1["batches"][0]["x"])  # the ranks saw different data
+    for a, b in zip(r0["final"], r1["final"]):
+        assert torch.equal(a, b)
+    assert r0["perturbations_per_step"] == accumulation * -(-4 // mbs)  # no factor for the 2 devices
+    assert any("scope: synchronized" in line for line in r0["log"])
+
+    model = MLP().double()
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), r0["initial"]):
+            p.copy_(w)
+    ref = Reference(model, method, 2 * mbs, **(FSAM if method == "fsam" else {}))
+    w = flat(list(model.parameters())).detach().clone()
+    calls = len(r0["batches"])
+    for step in range(calls // accumulation):
+        batches = [union([r0["batches"][i], r1["batches"][i]], mbs) for i in range(step * accumulation, (step + 1) * accumulation)]
+        w = w - LR * ref.gradient(w, batches)
+    torch.testing.assert_close(flat(r0["final"]), w, **TIGHT)
+
+    # Device-local perturbations (each rank its own micro-batches) would have given something else.
+    local = Reference(MLP().double(), method, mbs, **(FSAM if method == "fsam" else {}))
+    set_to = flat(r0["initial"])
+    g_local = sum(local.gradient(set_to, [r["batches"][i] for i in range(accumulation)]) for r in (r0, r1)) / 2
+    g_sync = Reference(MLP().double(), method, 2 * mbs, **(FSAM if method == "fsam" else {})).gradient(
+        set_to, [union([r0["batches"][i], r1["batches"][i]], mbs) for i in range(accumulation)]
+    )
+    assert (g_local - g_sync).abs().max() > 1e-6
+
+
+def test_sync_flag_is_validated(tmp_path):
+    for method in ("gsam", "looksam"):
+        with pytest.raises(ValueError, match=f"--msam_sync_perturbation does not combine with --msam_method {method}"):
+            MSAMTrainingArguments(str(tmp_path), use_cpu=True, msam_sync_perturbation=True, msam_method=method)
+    with pytest.raises(ValueError, match="--msam_sync_perturbation must be True or False"):
+        MSAMTrainingArguments(str(tmp_path), use_cpu=True, msam_sync_perturbation="yes")
+    for descent in (GSAMDescent(), LookSAMDescent()):
+        with pytest.raises(ValueError, match="sync_perturbation=True"):
+            MicroBatchSAM(MLP(), sync_perturbation=True, descent=descent)
+
+
+def test_single_process_sync_is_the_device_local_step(tmp_path):
+    """One process: the union of the devices' j-th micro-batches is micro-batch j itself."""
+    torch.manual_seed(0)
+    model = MLP().double()
+    batch = {"x": torch.randn(5, 6, dtype=torch.float64), "labels": torch.tensor([0, 1, 2, 0, 1])}
+    grads = []
+    for sync in (False, True):
+        m = MLP().double()
+        m.load_state_dict(model.state_dict())
+        MicroBatchSAM(m, rho=0.3, micro_batch_size=2, sync_perturbation=sync).backward(batch, lambda mb: m(**mb)["loss"])
+        grads.append([p.grad for p in m.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def _trainer(tmp_path, **kwargs):
+    args = MSAMTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=4, **kwargs)
+    return MSAMTrainer(model=MLP(), args=args)
+
+
+def _fsdp(monkeypatch, trainer, version):
+    """What accelerate's state looks like under FSDP `version` (FSDP needs a GPU launch to construct for real)."""
+    plugin = types.SimpleNamespace(fsdp_version=version)
+    monkeypatch.setattr(trainer.accelerator, "state", types.SimpleNamespace(fsdp_plugin=plugin, is_fsdp2=version == 2))
+    trainer.is_fsdp_enabled = True
+
+
+def test_fsdp2_is_accepted_and_synchronizes(tmp_path, monkeypatch, caplog):
+    trainer = _trainer(tmp_path, msam_micro_batch_size=2)
+    assert trainer.msam_scope == "device-local"
+    _fsdp(monkeypatch, trainer, 2)
+    trainer.msam_sync_perturbation = trainer._msam_fsdp2()  # what __init__ decides under FSDP2
+    trainer._check_supported()  # no refusal
+    assert trainer.msam_scope == "synchronized"
+    trainer._announce()
+    trainer.args.output_dir = str(tmp_path)
+    monkeypatch.setattr(Trainer, "create_model_card", lambda self, *a, **k: None)  # the base card needs a config
+    trainer.create_model_card()
+    card = (tmp_path / "README.md").read_text()
+    assert "- perturbation scope: synchronized" in card and "- perturbations per optimizer step: 2 (1 accumulation" in card
+
+
+@pytest.mark.parametrize("method", ["gsam", "looksam", "momentum"])
+def test_fsdp2_refuses_methods_it_cannot_make_right(tmp_path, monkeypatch, method):
+    trainer = _trainer(tmp_path, msam_method=method)
+    _fsdp(monkeypatch, trainer, 2)
+    trainer.msam_sync_perturbation = True
+    with pytest.raises(ValueError, match=f"--msam_method {method} is not supported under FSDP2"):
+        trainer._check_supported()
+
+
+def test_fsdp1_and_deepspeed_are_refused_naming_fsdp2(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path)
+    _fsdp(monkeypatch, trainer, 1)
+    with pytest.raises(NotImplementedError, match=r"FSDP1.*fsdp_version: 2"):
+        trainer._check_supported()
+    trainer = _trainer(tmp_path)
+    trainer.is_deepspeed_enabled = True
+    with pytest.raises(NotImplementedError, match=r"DeepSpeed.*FSDP2"):
+        trainer._check_supported()
