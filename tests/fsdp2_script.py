@@ -1,5 +1,5 @@
 """Run by test_fsdp2.py under `torchrun --nproc_per_node 2`: MicroBatchSAM on a model sharded with FSDP2's
-`fully_shard` (gloo, CPU), in a hand-written loop of SGD steps with two accumulation calls each.
+`fully_shard` (gloo, CPU), in a hand-written loop of SGD steps with two accumulation calls each, for SAM and Friendly-SAM.
 
 Each rank saves its batches, the full weights it starts and ends with, and what it checked on its own shards:
 restored bitwise after every call, and `.grad` holding the sum of the calls' contributions.
@@ -12,11 +12,10 @@ import torch.distributed as dist
 from reference import MLP
 from torch.distributed.fsdp import fully_shard
 
-from hf_msam import MicroBatchSAM
+from hf_msam import FriendlyPerturbation, MicroBatchSAM
 
 
-def main(out_dir, steps=2, accumulation=2, batch_size=4, micro_batch_size=3, rho=0.2, lr=0.5):
-    dist.init_process_group("gloo")
+def run(method, steps=2, accumulation=2, batch_size=4, micro_batch_size=3, rho=0.2, lr=0.5):
     rank = dist.get_rank()
     torch.manual_seed(0)
     model = MLP().double()
@@ -24,26 +23,35 @@ def main(out_dir, steps=2, accumulation=2, batch_size=4, micro_batch_size=3, rho
     fully_shard(model.fc1)
     fully_shard(model.fc2)
     fully_shard(model)
-    sam = MicroBatchSAM(model, rho=rho, micro_batch_size=micro_batch_size)
+    rule = FriendlyPerturbation(rho=rho, sigma=0.8, lmbda=0.6) if method == "fsam" else None
+    sam = MicroBatchSAM(model, rho=rho, micro_batch_size=micro_batch_size, perturbation=rule)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
     batches, restored, accumulated = [], [], []
     for step in range(steps):
-        for _ in range(accumulation):
+        for i in range(accumulation):
             batch = {"x": torch.randn(batch_size, 6, generator=gen, dtype=torch.float64),
                      "labels": torch.randint(0, 3, (batch_size,), generator=gen)}
             batches.append(batch)
             shards = [p.to_local().detach().clone() for p in model.parameters()]
             before = [None if p.grad is None else p.grad.to_local().clone() for p in model.parameters()]
+            # As accelerate's no_sync does for all but the last accumulation step: the engine must reduce anyway.
+            model.set_requires_gradient_sync(i == accumulation - 1)
             sam.backward(batch, lambda mb: model(**mb)["loss"] / accumulation, step=step)
+            model.set_requires_gradient_sync(True)
             restored.append(all(torch.equal(p.to_local(), s) for p, s in zip(model.parameters(), shards)))
-            accumulated.append(([b for b in before], [p.grad.to_local().clone() for p in model.parameters()]))
+            accumulated.append((before, [p.grad.to_local().clone() for p in model.parameters()]))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     final = [p.full_tensor().detach().clone() for p in model.parameters()]
-    torch.save({"initial": initial, "batches": batches, "final": final, "restored": restored,
-                "accumulated": accumulated, "world_size": dist.get_world_size(), "sync": sam.sync_perturbation},
-               f"{out_dir}/rank{rank}.pt")
+    return {"initial": initial, "batches": batches, "final": final, "restored": restored, "accumulated": accumulated,
+            "world_size": dist.get_world_size(), "sync": sam.sync_perturbation}
+
+
+def main(out_dir):
+    dist.init_process_group("gloo")
+    results = {method: run(method) for method in ("sam", "fsam")}
+    torch.save(results, f"{out_dir}/rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import MLP, msam_gradient
+from reference import MLP, flat, unflat
 from test_multiprocess import free_port
 
 HERE = Path(__file__).parent
@@ -32,10 +32,18 @@ def union(batches, micro_batch_size):
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return torchrun("fsdp2_script.py", tmp_path_factory.mktemp("fsdp2"))
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_fsdp2_engine_matches_the_union_reference(tmp_path):
-    ranks = torchrun("fsdp2_script.py", tmp_path)
+@pytest.mark.parametrize("method", ["sam", "fsam"])
+def test_fsdp2_engine_matches_the_union_reference(two_ranks, method):
+    from test_methods import Reference  # plain PyTorch, from the papers
+
+    ranks = [r[method] for r in two_ranks]
     assert ranks[0]["world_size"] == 2 and ranks[0]["sync"]  # FSDP2 always synchronizes the perturbations
     assert not torch.equal(ranks[0]["batches"][0]["x"], ranks[1]["batches"][0]["x"])
 
@@ -47,22 +55,23 @@ def test_fsdp2_engine_matches_the_union_reference(tmp_path):
     with torch.no_grad():
         for p, w in zip(model.parameters(), ranks[0]["initial"]):
             p.copy_(w)
+    ref = Reference(model, method, 6, **(dict(lmbda=0.6, sigma=0.8) if method == "fsam" else {}))
+    params = list(model.parameters())
+    w = flat(params).detach().clone()
     calls, accumulation, rho, lr = len(ranks[0]["batches"]), 2, 0.2, 0.5
     for step in range(calls // accumulation):
-        total = [torch.zeros_like(p) for p in model.parameters()]
+        total = torch.zeros_like(w)
         for i in range(step * accumulation, (step + 1) * accumulation):
             batch = union([r["batches"][i] for r in ranks], 3)
-            contribution = [g / accumulation for g in msam_gradient(model, batch, 6, rho)]
+            contribution = ref.gradient(w, [batch], rho=rho) / accumulation
             # .grad gained exactly this call's contribution (this rank's shard of it, dim-0 chunks), the rest kept.
             for r, saved in enumerate(ranks):
                 before, after = saved["accumulated"][i]
-                for b, a, c in zip(before, after, contribution):
+                for b, a, c in zip(before, after, unflat(contribution, params)):
                     shard = torch.chunk(c, 2, dim=0)[r]
                     torch.testing.assert_close(a - (0 if b is None else b), shard, rtol=1e-9, atol=1e-12)
-            total = [t + c for t, c in zip(total, contribution)]
-        with torch.no_grad():
-            for p, g in zip(model.parameters(), total):
-                p.sub_(lr * g)
-    for p, w0, w1 in zip(model.parameters(), ranks[0]["final"], ranks[1]["final"]):
-        torch.testing.assert_close(w0, p.detach(), rtol=1e-10, atol=1e-13)
+            total += contribution
+        w = w - lr * total
+    for w0, w1, expected in zip(ranks[0]["final"], ranks[1]["final"], unflat(w, params)):
+        torch.testing.assert_close(w0, expected, rtol=1e-10, atol=1e-13)
         assert torch.equal(w0, w1)
