@@ -608,9 +608,10 @@ class MicroBatchSAM:
     and accelerate's gradient-accumulation scaling apply as usual.
 
     `sync_perturbation` True synchronizes the perturbations: g_j becomes the gradient of the union over all
-    devices of their j-th micro-batches, Σ_r c_r,j·g_r,j / Σ_r c_r,j (c_r,j the weight of micro-batch j on
-    device r, so micro-batches of unequal size or token count weigh as they would in the union; one
-    all-reduce of the trainable gradients and one of c_j per micro-batch, no host sync), and every device
+    devices of their j-th micro-batches, Σ_r a_r,j·g_r,j / Σ_r a_r,j (a_r,j the size of micro-batch j on
+    device r, or its weight c_r,j: see `backward`'s `sync_weight`; micro-batches of unequal size or token
+    count weigh as they would in the union; one all-reduce of the trainable gradients and one of a_r,j per
+    micro-batch, no host sync), and every device
     applies the same e_j. All devices must then cut their batches into the same number of micro-batches
     (a device with fewer would wait forever for the others). Friendly-SAM's EMA then stays the same on
     every device; Momentum-SAM is the same in both scopes (its momentum already is). GSAM and LookSAM
@@ -737,17 +738,18 @@ class MicroBatchSAM:
             return list(grads)
         return list(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True))
 
-    def _union_ascent_gradient(self, loss: torch.Tensor, params: list[torch.Tensor], c: float | torch.Tensor | None) -> list[torch.Tensor]:
+    def _union_ascent_gradient(self, loss: torch.Tensor, params: list[torch.Tensor], a: int | float | torch.Tensor) -> list[torch.Tensor]:
         """Synchronized scope: g_j of the union over devices of their j-th micro-batches, on every device.
 
-        Device r weighs c_r,j / Σ_r c_r,j (its micro-batch's share of its batch, so devices whose micro-batches
-        differ in size or token count weigh as in the union). Under FSDP2 the returned tensors are this rank's
-        shards; otherwise whole gradients, the same on every device."""
+        Device r weighs a_r / Σ_r a_r (see `backward`'s `sync_weight`), so devices whose micro-batches differ in
+        size or token count weigh as in the union. Under FSDP2 the returned tensors are this rank's shards;
+        otherwise whole gradients, the same on every device."""
         group = self._group(params)
         if group is None and not self.fsdp2:
             return self.ascent_gradient(loss, params)  # a single process: the union is this micro-batch
         device = loss.device
-        c = torch.as_tensor(1.0 if c is None else c, dtype=_weight_dtype(device), device=device).reshape(())
+        dtype = _weight_dtype(device)  # Python numbers straight to float64: through float32 they would round
+        c = (a.to(device=device, dtype=dtype) if isinstance(a, torch.Tensor) else torch.tensor(a, dtype=dtype, device=device)).reshape(())
         total = c.clone()
         if group is not None:
             dist.all_reduce(total, group=group)
@@ -798,6 +800,7 @@ class MicroBatchSAM:
         *,
         step: Any = None,
         rho: float | torch.Tensor | None = None,
+        sync_weight: str = "size",
     ) -> torch.Tensor:
         """Accumulate the mSAM gradient of `batch` into `.grad`; return the clean loss, detached.
 
@@ -806,13 +809,22 @@ class MicroBatchSAM:
         `split_fn(batch, micro_batch_size)` cuts the batch into micro-batches (default: `split_batch`, along dim 0).
         `step` names the optimizer step: calls with the same `step` are accumulation steps of one optimizer
         step (None: every call is a step of its own). `rho` overrides the rule's radius for this call.
+
+        `sync_weight` says how devices weigh in a synchronized ascent gradient. "size": `loss_fn` returns the
+        mean over the micro-batch (times a factor common to all devices), and device r weighs size_fn(B_r,j),
+        which makes the average the gradient of the union's mean. "share": `loss_fn` returns the micro-batch's
+        share of a sum normalized by a count common to all devices, divided by c_j (the Trainer's losses under
+        `num_items_in_batch` counted over all devices), and device r weighs c_r,j, which makes the average
+        the union's gradient up to a positive factor; e_j then has exactly the union's direction.
         """
+        if sync_weight not in ("size", "share"):
+            raise ValueError(f"sync_weight must be 'size' or 'share', got {sync_weight!r}.")
         if self.fsdp2:
             with self._fsdp2_reduces_every_backward():
-                return self._backward_all(batch, loss_fn, size_fn, split_fn, step, rho)
-        return self._backward_all(batch, loss_fn, size_fn, split_fn, step, rho)
+                return self._backward_all(batch, loss_fn, size_fn, split_fn, step, rho, sync_weight)
+        return self._backward_all(batch, loss_fn, size_fn, split_fn, step, rho, sync_weight)
 
-    def _backward_all(self, batch, loss_fn, size_fn, split_fn, step, rho) -> torch.Tensor:
+    def _backward_all(self, batch, loss_fn, size_fn, split_fn, step, rho, sync_weight) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.requires_grad]  # frozen (PEFT) weights: never perturbed
         with torch.no_grad():  # the tensors perturbed and restored: under FSDP2, this rank's shards
             local = [_local(p) for p in params] if self.fsdp2 else params
@@ -841,7 +853,8 @@ class MicroBatchSAM:
                     with self._no_sync():
                         clean_loss = loss_fn(mb)
                         if self.sync_perturbation:
-                            g = self._union_ascent_gradient(clean_loss, params, c_j)
+                            a = (size_fn or batch_size_of)(mb) if sync_weight == "size" else (1.0 if c_j is None else c_j)
+                            g = self._union_ascent_gradient(clean_loss, params, a)
                         else:
                             g = self.ascent_gradient(clean_loss, params)
                 # 2. e_j from g_j (in g's storage, so keep a copy of g_j when the descent needs it);

@@ -279,7 +279,13 @@ class MSAMMixin:
                 loss = loss / self.current_gradient_accumulation_steps
             return loss
 
-        return self._msam.backward(inputs, loss_fn, size_fn=size_fn, split_fn=split_fn, step=t, rho=self._msam_rho_now())
+        # Synchronized perturbations: when the loss is normalized by num_items_in_batch (counted over all devices),
+        # each micro-batch's loss is its share of that sum, so devices weigh by that share; otherwise (mean losses)
+        # by their micro-batch's size.
+        sync_weight = "share" if size_fn == self._item_count and loss_is_scaled_for_ga else "size"
+        return self._msam.backward(
+            inputs, loss_fn, size_fn=size_fn, split_fn=split_fn, step=t, rho=self._msam_rho_now(), sync_weight=sync_weight
+        )
 
     def _msam_rho_now(self) -> float | torch.Tensor | None:
         """ρ_t of `--msam_rho_schedule lr` (ρ·lr_t/lr_max, from the optimizer's first group); None: the rule's own ρ."""

@@ -6,9 +6,10 @@ import logging
 import sys
 
 import torch
+import torch.distributed as dist
 from reference import MLP, mlp_dataset
 
-from hf_msam import MSAMTrainer, MSAMTrainingArguments
+from hf_msam import MicroBatchSAM, MSAMTrainer, MSAMTrainingArguments
 
 SETTINGS = {
     "even": dict(per_device_train_batch_size=4, msam_micro_batch_size=2, gradient_accumulation_steps=1),
@@ -56,7 +57,34 @@ def main(out_dir):
             "perturbations_per_step": trainer.msam_perturbations_per_step, "log": list(lines.lines),
         }
         rank = trainer.args.process_index
+    results["engine"] = engine_with_unequal_batches(rank)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
+
+
+def engine_with_unequal_batches(rank, rho=0.3):
+    """MicroBatchSAM in a hand-written DDP step, rank 0 with 4 examples and rank 1 with 3 (micro-batches 2 + 2 and
+    2 + 1), once with mean losses (sync_weight="size") and once with losses that are shares of a sum normalized by
+    the count over both ranks, as the Trainer's under num_items_in_batch (sync_weight="share")."""
+    gen = torch.Generator().manual_seed(7 + rank)
+    n = 4 - rank
+    batch = {"x": torch.randn(n, 6, generator=gen, dtype=torch.float64), "labels": torch.randint(0, 3, (n,), generator=gen)}
+    total = torch.tensor(float(n), dtype=torch.float64)
+    dist.all_reduce(total)  # 7 examples over both ranks
+    out = {"batch": batch}
+    for mode in ("size", "share"):
+        torch.manual_seed(0)
+        model = torch.nn.parallel.DistributedDataParallel(MLP().double())
+        sam = MicroBatchSAM(model, rho=rho, micro_batch_size=2, sync_perturbation=True)
+
+        def loss_fn(mb):
+            if mode == "size":
+                return model(**mb)["loss"]
+            summed = torch.nn.functional.cross_entropy(model(x=mb["x"])["logits"], mb["labels"], reduction="sum")
+            return summed / (total * sam.micro_batch_weight)
+
+        sam.backward(batch, loss_fn, sync_weight=mode)
+        out[mode] = [p.grad.clone() for p in model.parameters()]
+    return out
 
 
 if __name__ == "__main__":

@@ -2,13 +2,14 @@
 
 Two CPU processes (gloo): the ranks end bitwise equal, and equal a single-process reference (plain PyTorch, from
 test_methods) whose micro-batch j is the union of both ranks' j-th micro-batches: with an even split, with an
-uneven split and gradient accumulation, and with Friendly-SAM (whose EMA then sees the union's gradients)."""
+uneven split and gradient accumulation, and with Friendly-SAM (whose EMA then sees the union's gradients); and the
+engine with ranks whose micro-batches differ in size, for mean losses and for shares of a global sum."""
 
 import types
 
 import pytest
 import torch
-from reference import MLP, flat
+from reference import MLP, flat, unflat
 from test_fsdp2 import torchrun, union
 from test_methods import LR, TIGHT, Reference
 from transformers import Trainer
@@ -58,6 +59,42 @@ def test_synchronized_ranks_equal_the_union_reference(two_ranks, name, mbs, accu
         set_to, [union([r0["batches"][i], r1["batches"][i]], mbs) for i in range(accumulation)]
     )
     assert (g_local - g_sync).abs().max() > 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", ["size", "share"])
+def test_devices_with_unequal_micro_batches_weigh_as_in_the_union(two_ranks, mode):
+    """Rank 0: micro-batches of 2 and 2 examples; rank 1: 2 and 1. e_j comes from the union's mean loss (4 then
+    3 examples); each rank descends with its own micro-batches at w + e_j, and DDP averages the two ranks."""
+    ranks = [r["engine"] for r in two_ranks]
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0][mode], ranks[1][mode]))
+    torch.manual_seed(0)
+    model = MLP().double()
+    params = list(model.parameters())
+    w0 = flat(params).detach().clone()
+    cut = lambda b, s, e: {k: v[s:e] for k, v in b.items()}  # noqa: E731
+    batches = [r["batch"] for r in ranks]
+    expected = torch.zeros_like(w0)
+    for start in (0, 2):
+        union_j = {k: torch.cat([b[k][start : start + 2] for b in batches]) for k in batches[0]}
+        g = flat(torch.autograd.grad(model(**union_j)["loss"], params))
+        e = 0.3 * g / (g.norm() + 1e-12)
+        with torch.no_grad():
+            for p, v in zip(params, unflat(w0 + e, params)):
+                p.copy_(v)
+        for b in batches:
+            mb = cut(b, start, start + 2)
+            n_j, n = mb["labels"].shape[0], b["labels"].shape[0]
+            if mode == "size":  # the rank's mean loss: micro-batch j weighs n_j / n
+                loss = n_j / n * model(**mb)["loss"]
+            else:  # the rank's share of the sum over all 7 examples
+                loss = torch.nn.functional.cross_entropy(model(x=mb["x"])["logits"], mb["labels"], reduction="sum") / 7
+            expected += flat(torch.autograd.grad(loss, params)) / 2  # DDP averages the ranks
+        with torch.no_grad():
+            for p, v in zip(params, unflat(w0, params)):
+                p.copy_(v)
+    torch.testing.assert_close(flat(ranks[0][mode]), expected, **TIGHT)
 
 
 def test_sync_flag_is_validated(tmp_path):
