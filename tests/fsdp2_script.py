@@ -5,6 +5,7 @@ Each rank saves its batches, the full weights it starts and ends with, and what 
 restored bitwise after every call, and `.grad` holding the sum of the calls' contributions.
 """
 
+import contextlib
 import sys
 
 import torch
@@ -13,6 +14,30 @@ from reference import MLP
 from torch.distributed.fsdp import fully_shard
 
 from hf_msam import FriendlyPerturbation, MicroBatchSAM
+
+
+SYNCING = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+
+
+@contextlib.contextmanager
+def host_syncs(calls):
+    """Record in `calls` every tensor method that would synchronize with the host, while inside."""
+    originals = {name: getattr(torch.Tensor, name) for name in SYNCING}
+
+    def counted(name):
+        def method(t, *args, **kwargs):
+            calls.append(name)
+            return originals[name](t, *args, **kwargs)
+
+        return method
+
+    for name in SYNCING:
+        setattr(torch.Tensor, name, counted(name))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
 
 
 def run(method, steps=2, accumulation=2, batch_size=4, micro_batch_size=3, rho=0.2, lr=0.5):
@@ -27,7 +52,7 @@ def run(method, steps=2, accumulation=2, batch_size=4, micro_batch_size=3, rho=0
     sam = MicroBatchSAM(model, rho=rho, micro_batch_size=micro_batch_size, perturbation=rule)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
-    batches, restored, accumulated = [], [], []
+    batches, restored, accumulated, syncs = [], [], [], []
     for step in range(steps):
         for i in range(accumulation):
             batch = {"x": torch.randn(batch_size, 6, generator=gen, dtype=torch.float64),
@@ -37,7 +62,8 @@ def run(method, steps=2, accumulation=2, batch_size=4, micro_batch_size=3, rho=0
             before = [None if p.grad is None else p.grad.to_local().clone() for p in model.parameters()]
             # As accelerate's no_sync does for all but the last accumulation step: the engine must reduce anyway.
             model.set_requires_gradient_sync(i == accumulation - 1)
-            sam.backward(batch, lambda mb: model(**mb)["loss"] / accumulation, step=step)
+            with host_syncs(syncs):
+                sam.backward(batch, lambda mb: model(**mb)["loss"] / accumulation, step=step)
             model.set_requires_gradient_sync(True)
             restored.append(all(torch.equal(p.to_local(), s) for p, s in zip(model.parameters(), shards)))
             accumulated.append((before, [p.grad.to_local().clone() for p in model.parameters()]))
@@ -45,7 +71,8 @@ def run(method, steps=2, accumulation=2, batch_size=4, micro_batch_size=3, rho=0
         optimizer.zero_grad(set_to_none=True)
     final = [p.full_tensor().detach().clone() for p in model.parameters()]
     return {"initial": initial, "batches": batches, "final": final, "restored": restored, "accumulated": accumulated,
-            "world_size": dist.get_world_size(), "sync": sam.sync_perturbation}
+            "world_size": dist.get_world_size(), "sync": sam.sync_perturbation,
+            "host_syncs": syncs}
 
 
 def main(out_dir):

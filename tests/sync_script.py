@@ -2,6 +2,7 @@
 (gloo), in several settings. Each rank saves, per setting, its start, the batches of its training steps, its end
 and the start-up line."""
 
+import contextlib
 import logging
 import sys
 
@@ -32,6 +33,30 @@ class Lines(logging.Handler):
 
     def emit(self, record):
         self.lines.append(record.getMessage())
+
+
+SYNCING = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+
+
+@contextlib.contextmanager
+def host_syncs(calls):
+    """Record in `calls` every tensor method that would synchronize with the host, while inside."""
+    originals = {name: getattr(torch.Tensor, name) for name in SYNCING}
+
+    def counted(name):
+        def method(t, *args, **kwargs):
+            calls.append(name)
+            return originals[name](t, *args, **kwargs)
+
+        return method
+
+    for name in SYNCING:
+        setattr(torch.Tensor, name, counted(name))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
 
 
 def main(out_dir):
@@ -82,8 +107,11 @@ def engine_with_unequal_batches(rank, rho=0.3):
             summed = torch.nn.functional.cross_entropy(model(x=mb["x"])["logits"], mb["labels"], reduction="sum")
             return summed / (total * sam.micro_batch_weight)
 
-        sam.backward(batch, loss_fn, sync_weight=mode)
+        calls = []
+        with host_syncs(calls):
+            sam.backward(batch, loss_fn, sync_weight=mode)
         out[mode] = [p.grad.clone() for p in model.parameters()]
+        out[f"{mode}_host_syncs"] = calls
     return out
 
 

@@ -49,6 +49,8 @@ def test_fsdp2_engine_matches_the_union_reference(two_ranks, method):
 
     # Every call left this rank's shards bitwise as they were.
     assert all(ranks[0]["restored"]) and all(ranks[1]["restored"])
+    # No host sync in the engine's calls (FSDP2's own hooks included).
+    assert ranks[0]["host_syncs"] == [] and ranks[1]["host_syncs"] == []
 
     # Reference: one process; micro-batch j of a call = both ranks' j-th micro-batches (3 + 3, then 1 + 1 examples).
     model = MLP().double()

@@ -69,6 +69,7 @@ def test_devices_with_unequal_micro_batches_weigh_as_in_the_union(two_ranks, mod
     3 examples); each rank descends with its own micro-batches at w + e_j, and DDP averages the two ranks."""
     ranks = [r["engine"] for r in two_ranks]
     assert all(torch.equal(a, b) for a, b in zip(ranks[0][mode], ranks[1][mode]))
+    assert ranks[0][f"{mode}_host_syncs"] == [] and ranks[1][f"{mode}_host_syncs"] == []  # no .item(), bool(t), ...
     torch.manual_seed(0)
     model = MLP().double()
     params = list(model.parameters())
