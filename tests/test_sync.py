@@ -136,7 +136,7 @@ def _fsdp(monkeypatch, trainer, version):
     trainer.is_fsdp_enabled = True
 
 
-def test_fsdp2_is_accepted_and_synchronizes(tmp_path, monkeypatch, caplog):
+def test_fsdp2_is_accepted_and_synchronizes(tmp_path, monkeypatch):
     trainer = _trainer(tmp_path, msam_micro_batch_size=2)
     assert trainer.msam_scope == "device-local"
     _fsdp(monkeypatch, trainer, 2)
