@@ -9,6 +9,7 @@ import sys
 import torch
 import torch.distributed as dist
 from reference import MLP, mlp_dataset
+from test_no_host_sync import TokenLM
 
 from hf_msam import MicroBatchSAM, MSAMTrainer, MSAMTrainingArguments
 
@@ -17,12 +18,26 @@ SETTINGS = {
     "uneven_ga": dict(per_device_train_batch_size=4, msam_micro_batch_size=3, gradient_accumulation_steps=2),
     "fsam": dict(per_device_train_batch_size=4, msam_micro_batch_size=2, gradient_accumulation_steps=1,
                  msam_method="fsam", msam_fsam_lambda=0.6, msam_fsam_sigma=0.8),
+    # A token-level loss over num_items_in_batch: the ranks' micro-batches hold different numbers of label tokens.
+    "tokens": dict(per_device_train_batch_size=4, msam_micro_batch_size=2, gradient_accumulation_steps=1),
 }
+
+
+def token_data(n, length=7, vocab=11):
+    """Sequences whose label-token counts differ between micro-batches and between consecutive batches (so
+    between the ranks, which take alternate batches)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (n, length), generator=g)
+    labels = ids.clone()
+    for i in range(n):
+        labels[i, 2 + i % 3 + 2 * ((i // 4) % 2) :] = -100
+    return [{"input_ids": ids[i], "labels": labels[i]} for i in range(n)]
 
 
 class RecordingTrainer(MSAMTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.seen.append({k: v.detach().clone() for k, v in inputs.items()})
+        self.num_items.append(num_items_in_batch)
         return super().training_step(model, inputs, num_items_in_batch)
 
 
@@ -65,21 +80,23 @@ def main(out_dir):
     results = {}
     for name, setting in SETTINGS.items():
         torch.manual_seed(0)
-        model = MLP().double()
+        model = (TokenLM() if name == "tokens" else MLP()).double()
         initial = [p.detach().clone() for p in model.parameters()]
+        data = token_data(32) if name == "tokens" else mlp_dataset(32)
         args = MSAMTrainingArguments(
             f"{out_dir}/{name}", max_steps=2, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant",
             max_grad_norm=0.0, weight_decay=0.0, train_sampling_strategy="sequential", report_to="none", use_cpu=True,
             save_strategy="no", logging_strategy="no", disable_tqdm=True, msam_rho=0.3, ddp_backend="gloo",
             msam_sync_perturbation=True, **setting,
         )
-        trainer = RecordingTrainer(model=model, args=args, train_dataset=mlp_dataset(32))
-        trainer.seen = []
+        trainer = RecordingTrainer(model=model, args=args, train_dataset=data)
+        trainer.seen, trainer.num_items = [], []
         lines.lines.clear()
         trainer.train()
         results[name] = {
             "initial": initial, "batches": trainer.seen, "final": [p.detach().clone() for p in model.parameters()],
             "perturbations_per_step": trainer.msam_perturbations_per_step, "log": list(lines.lines),
+            "num_items": trainer.num_items,
         }
         rank = trainer.args.process_index
     results["engine"] = engine_with_unequal_batches(rank)

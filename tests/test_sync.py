@@ -63,6 +63,47 @@ def test_synchronized_ranks_equal_the_union_reference(two_ranks, name, mbs, accu
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+def test_token_level_loss_takes_the_union_direction(two_ranks):
+    """A causal-LM loss over num_items_in_batch (label tokens counted over both ranks): e_j follows the token-sum
+    gradient of the union of the ranks' j-th micro-batches, and each rank descends with its own at w + e_j."""
+    from test_no_host_sync import TokenLM
+
+    r0, r1 = (r["tokens"] for r in two_ranks)
+    for a, b in zip(r0["final"], r1["final"]):
+        assert torch.equal(a, b)
+    model = TokenLM().double()
+    params = list(model.parameters())
+    w = flat(r0["initial"]).clone()
+
+    def token_sum(mb):
+        logits = model(input_ids=mb["input_ids"])["logits"]
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), mb["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+        )
+
+    def set_to(v):
+        with torch.no_grad():
+            for p, t in zip(params, unflat(v, params)):
+                p.copy_(t)
+
+    for step in range(len(r0["batches"])):
+        batches, n_items = [r0["batches"][step], r1["batches"][step]], r0["num_items"][step]
+        assert r1["num_items"][step] == n_items  # counted over both ranks
+        descent = torch.zeros_like(w)
+        for start in (0, 2):
+            set_to(w)
+            union_j = {k: torch.cat([b[k][start : start + 2] for b in batches]) for k in batches[0]}
+            g = flat(torch.autograd.grad(token_sum(union_j), params))
+            set_to(w + 0.3 * g / g.norm())
+            for b in batches:
+                mb = {k: v[start : start + 2] for k, v in b.items()}
+                descent += flat(torch.autograd.grad(token_sum(mb), params)) / n_items
+        w = w - LR * descent
+    torch.testing.assert_close(flat(r0["final"]), w, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("mode", ["size", "share"])
 def test_devices_with_unequal_micro_batches_weigh_as_in_the_union(two_ranks, mode):
     """Rank 0: micro-batches of 2 and 2 examples; rank 1: 2 and 1. e_j comes from the union's mean loss (4 then
