@@ -149,12 +149,13 @@ class _ScriptTrainer:
                 print(f"hf-msam: {name}: msam_rho=0, plain optimizer steps (the baseline).", file=sys.stderr, flush=True)
                 return
             processes, accumulation = self.args.world_size, self.args.gradient_accumulation_steps
-            micro = self.msam_perturbations_per_step // (processes * accumulation)
+            micro = self.msam_perturbations_per_step // (self._msam_perturbing_devices * accumulation)
+            devices = f"the same on all {processes} process(es): " if self.msam_sync_perturbation else f"{processes} process(es) x "
             print(
                 f"hf-msam: {name} trains with mSAM (msam_rho={msam_setting(self.args, 'msam_rho')}, "
                 f"msam_micro_batch_size={self.msam_micro_batch_size}, "
                 f"msam_adaptive={msam_setting(self.args, 'msam_adaptive')}): {self.msam_perturbations_per_step} "
-                f"perturbations per optimizer step ({processes} process(es) x {accumulation} accumulation step(s) x "
+                f"perturbations per optimizer step ({devices}{accumulation} accumulation step(s) x "
                 f"{micro} micro-batch(es)).",
                 file=sys.stderr,
                 flush=True,

@@ -11,6 +11,10 @@ and w comes back to exactly what it was after every micro-batch. SAM is the case
 A `Schedule` says, per optimizer step, whether the step is perturbed at all (late-phase SAM, an interval)
 and which ρ it uses (constant, or following the learning rate).
 
+Across devices, each device perturbs with its own micro-batches by default (device-local scope). With
+`sync_perturbation` (forced under FSDP2), g_j is the gradient of the union over all devices of their j-th
+micro-batches, so every device applies the same e_j (synchronized scope; see `MicroBatchSAM`).
+
 Nothing here synchronizes with the host: decisions that depend on a tensor's value (skip a zero or
 non-finite ascent gradient, guard a division) are made with tensor ops, and micro-batch weights that
 come from tensors (token counts) stay tensors.
@@ -19,12 +23,14 @@ come from tensors (token counts) stay tensors.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 __all__ = [
@@ -54,19 +60,34 @@ METHODS = ("sam", "gsam", "fsam", "looksam", "momentum")
 # ---------------------------------------------------------------------------------------------
 
 
+# Under FSDP2 each rank holds a shard of every vector the rules see: the engine sets the process group the
+# shards are spread over, and norms and dot products then sum over all shards (one all-reduce each).
+_SHARD_GROUP: contextvars.ContextVar[Any] = contextvars.ContextVar("msam_shard_group", default=None)
+
+
+def _sum_over_shards(x: torch.Tensor) -> torch.Tensor:
+    group = _SHARD_GROUP.get()
+    if group is not None:
+        dist.all_reduce(x, group=group)  # a collective, not a host sync
+    return x
+
+
 def _global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """‖(t_1, ..., t_m)‖₂ over all tensors, accumulated in at least float32."""
+    """‖(t_1, ..., t_m)‖₂ over all tensors (all shards, under FSDP2), accumulated in at least float32."""
     dtype = functools.reduce(torch.promote_types, {t.dtype for t in tensors}, torch.float32)
     norms = torch._foreach_norm(tensors, 2, dtype=dtype)
     device = tensors[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+    norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+    if _SHARD_GROUP.get() is None:
+        return norm
+    return _sum_over_shards(norm.square()).sqrt()  # ‖t‖² is the sum of the shards' ‖t_shard‖²
 
 
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
-    """⟨a, b⟩ over all tensors, accumulated in at least float32."""
+    """⟨a, b⟩ over all tensors (all shards, under FSDP2), accumulated in at least float32."""
     dtype = functools.reduce(torch.promote_types, {t.dtype for t in a}, torch.float32)
     device = a[0].device
-    return torch.stack([torch.sum(x.to(dtype) * y.to(dtype)).to(device) for x, y in zip(a, b)]).sum()
+    return _sum_over_shards(torch.stack([torch.sum(x.to(dtype) * y.to(dtype)).to(device) for x, y in zip(a, b)]).sum())
 
 
 def _like(state: list[torch.Tensor], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -539,6 +560,34 @@ def _running_stats_frozen(modules: list[nn.Module]):
                     getattr(m, k).copy_(b)
 
 
+@contextlib.contextmanager
+def _scoped(var: contextvars.ContextVar, value: Any):
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
+def _is_fsdp2(model: nn.Module) -> bool:
+    """True when `model` (or a submodule) was sharded with FSDP2's `fully_shard`."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view that shares its storage); any other tensor as it is."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def _weight_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
 class MicroBatchSAM:
     """The mSAM gradient, in one call: ``loss = sam.backward(batch, loss_fn)``.
 
@@ -557,6 +606,25 @@ class MicroBatchSAM:
     with its own micro-batches, and the descent gradient is all-reduced once, by the last backward,
     exactly as for a plain step. Backward goes through `accelerator.backward`, so fp16 loss scaling
     and accelerate's gradient-accumulation scaling apply as usual.
+
+    `sync_perturbation` True synchronizes the perturbations: g_j becomes the gradient of the union over all
+    devices of their j-th micro-batches, Σ_r a_r,j·g_r,j / Σ_r a_r,j (a_r,j the size of micro-batch j on
+    device r, or its weight c_r,j: see `backward`'s `sync_weight`; micro-batches of unequal size or token
+    count weigh as they would in the union; one all-reduce of the trainable gradients and one of a_r,j per
+    micro-batch, no host sync), and every device
+    applies the same e_j. All devices must then cut their batches into the same number of micro-batches
+    (a device with fewer would wait forever for the others). Friendly-SAM's EMA then stays the same on
+    every device; Momentum-SAM is the same in both scopes (its momentum already is). GSAM and LookSAM
+    descend along a function of each device's own perturbed gradient, which synchronizing the ascent
+    alone does not make the union's: they are refused.
+
+    A model sharded with FSDP2 (`fully_shard`) is supported, and its perturbations are always
+    synchronized (every rank must apply the same e to its shard). g_j comes from a backward whose
+    gradients FSDP2 reduce-scatters (the mean over ranks, i.e. the union's gradient), with `.grad`
+    set aside and put back around it; the norm sums the shards with one all-reduce; each rank perturbs
+    and restores (by copy) only its own shards. Extra memory: two copies of the local shard. Methods
+    whose descent needs g_p,j itself (GSAM, LookSAM) and Momentum-SAM are refused under FSDP2, and the
+    mesh must be one-dimensional (plain FSDP, not HSDP).
     """
 
     def __init__(
@@ -571,6 +639,8 @@ class MicroBatchSAM:
         perturbation: PerturbationRule | None = None,
         descent: DescentRule | None = None,
         optimizer: Any = None,
+        sync_perturbation: bool = False,
+        process_group: Any = None,
     ):
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be None or >= 1, got {micro_batch_size}.")
@@ -581,6 +651,10 @@ class MicroBatchSAM:
         self.descent = descent if descent is not None else SAMDescent()
         if optimizer is not None and getattr(self.perturbation, "optimizer", False) is None:
             self.perturbation.optimizer = optimizer  # Momentum-SAM reads the momentum from it
+        self.fsdp2 = _is_fsdp2(model)
+        self.sync_perturbation = bool(sync_perturbation) or self.fsdp2  # FSDP2: every rank applies the same e
+        self.process_group = process_group  # the devices to synchronize over (None: all)
+        self._check_scope()
         self.stats = MSAMStats()
         self.micro_batch_weight: float | torch.Tensor = 1.0  # c_j of the micro-batch `backward` is working on
         self._step: Any = object()  # the optimizer step `backward` last worked on
@@ -589,8 +663,58 @@ class MicroBatchSAM:
         # clean one): a trainer that records metrics inside its loss function can skip recording them then.
         self.reported_pass = True
 
+    def _check_scope(self) -> None:
+        if not self.sync_perturbation:
+            return
+        why = "under FSDP2 (whose perturbations are always synchronized)" if self.fsdp2 else "with sync_perturbation=True (--msam_sync_perturbation)"
+        if self.descent.explicit:
+            raise ValueError(
+                f"{type(self.descent).__name__} (--msam_method gsam or looksam) is not supported {why}: its descent is a "
+                "nonlinear function of each device's own perturbed gradient, so synchronizing the ascent alone does not "
+                "give the union's method. Use --msam_method sam, fsam or momentum, or device-local perturbations "
+                "(drop --msam_sync_perturbation; plain DDP instead of FSDP2)."
+            )
+        if self.fsdp2:
+            if isinstance(self.perturbation, MomentumPerturbation):
+                raise ValueError(
+                    "--msam_method momentum is not supported under FSDP2 yet: its momentum lives in the optimizer's "
+                    "sharded state. Use --msam_method sam or fsam, or plain DDP."
+                )
+            meshes = {getattr(p, "device_mesh", None) for p in self.model.parameters() if p.requires_grad}
+            if any(m is not None and m.ndim != 1 for m in meshes):
+                raise NotImplementedError(
+                    "mSAM under FSDP2 supports a one-dimensional device mesh (plain fully_shard), not HSDP or 2-D "
+                    "meshes: shard over one mesh dimension, or use plain DDP."
+                )
+
+    def _group(self, params: list[torch.Tensor]) -> Any:
+        """The process group to synchronize over, or None when this is a single process."""
+        if self.fsdp2:
+            mesh = next((p.device_mesh for p in params if hasattr(p, "device_mesh")), None)
+            return None if mesh is None else mesh.get_group()
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(self.process_group) == 1:
+            return None
+        return self.process_group if self.process_group is not None else dist.group.WORLD
+
+    @contextlib.contextmanager
+    def _fsdp2_reduces_every_backward(self):
+        """FSDP2: every backward of the step reduce-scatters, even inside the Trainer's `no_sync` for accumulation
+        steps: the ascent gradient must be the union's, and gradients left unreduced by one backward would leak
+        into the next ascent gradient. The accumulated (sharded) `.grad` is the same either way."""
+        groups = [g for m in self.model.modules() if hasattr(m, "_get_fsdp_state") for g in m._get_fsdp_state()._fsdp_param_groups]
+        saved = [(g.reduce_grads, g.all_reduce_grads) for g in groups]
+        for g in groups:
+            g.reduce_grads = g.all_reduce_grads = True
+        try:
+            yield
+        finally:
+            for g, (reduce_grads, all_reduce_grads) in zip(groups, saved):
+                g.reduce_grads, g.all_reduce_grads = reduce_grads, all_reduce_grads
+
     # -- the contexts and the backward the accelerator would use --------------------------------
     def _no_sync(self):
+        if self.fsdp2:
+            return contextlib.nullcontext()  # FSDP2 reduce-scatters every backward (see _fsdp2_reduces_every_backward)
         if self.accelerator is not None:
             return self.accelerator.no_sync(self.model)
         if isinstance(self.model, nn.parallel.DistributedDataParallel):
@@ -617,6 +741,52 @@ class MicroBatchSAM:
             return list(grads)
         return list(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True))
 
+    def _union_ascent_gradient(self, loss: torch.Tensor, params: list[torch.Tensor], a: int | float | torch.Tensor) -> list[torch.Tensor]:
+        """Synchronized scope: g_j of the union over devices of their j-th micro-batches, on every device.
+
+        Device r weighs a_r / Σ_r a_r (see `backward`'s `sync_weight`), so devices whose micro-batches differ in
+        size or token count weigh as in the union. Under FSDP2 the returned tensors are this rank's shards;
+        otherwise whole gradients, the same on every device."""
+        group = self._group(params)
+        if group is None and not self.fsdp2:
+            return self.ascent_gradient(loss, params)  # a single process: the union is this micro-batch
+        device = loss.device
+        dtype = _weight_dtype(device)  # Python numbers straight to float64: through float32 they would round
+        c = (a.to(device=device, dtype=dtype) if isinstance(a, torch.Tensor) else torch.tensor(a, dtype=dtype, device=device)).reshape(())
+        total = c.clone()
+        if group is not None:
+            dist.all_reduce(total, group=group)
+        if self.fsdp2:
+            # FSDP2's reduce-scatter averages over the W ranks: weigh the loss by W·c_r/Σc so the mean is Σ c_r g_r / Σ c.
+            world = dist.get_world_size(group) if group is not None else 1
+            return self._sharded_ascent_gradient(loss * (c * world / total).to(loss.dtype), params)
+        g = self.ascent_gradient(loss, params)
+        flat = torch.cat([t.reshape(-1) for t in g])  # one all-reduce for all tensors
+        flat.mul_((c / total).to(flat.dtype))
+        dist.all_reduce(flat, group=group)
+        torch._foreach_copy_(g, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in g]), g)])
+        return g
+
+    def _sharded_ascent_gradient(self, loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """FSDP2: ∇loss as this rank's shards of the gradient FSDP2 reduce-scatters (the mean over ranks).
+
+        torch.autograd.grad does not reach FSDP2's sharded parameters, so this is a plain backward with the
+        accumulated `.grad` set aside and put back afterwards (it is left exactly as it was)."""
+        saved = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            scaler = self._grad_scaler()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            with torch.no_grad():
+                g = [torch.zeros_like(_local(p)) if p.grad is None else _local(p.grad) for p in params]
+            if scaler is not None:  # unscale before any norm, without a host sync
+                torch._foreach_mul_(g, scaler._get_scale_async().double().reciprocal().float())
+        finally:
+            for p, s in zip(params, saved):
+                p.grad = s
+        return g
+
     def _accumulate(self, d: list[torch.Tensor], params: list[torch.Tensor], c: float | torch.Tensor | None) -> None:
         """.grad += c·d, as a backward of the linear function c·⟨d, w⟩ (whose gradient is c·d): DDP's
         all-reduce, fp16 loss scaling and accelerate's accumulation scaling then treat d like any gradient."""
@@ -633,6 +803,7 @@ class MicroBatchSAM:
         *,
         step: Any = None,
         rho: float | torch.Tensor | None = None,
+        sync_weight: str = "size",
     ) -> torch.Tensor:
         """Accumulate the mSAM gradient of `batch` into `.grad`; return the clean loss, detached.
 
@@ -641,8 +812,26 @@ class MicroBatchSAM:
         `split_fn(batch, micro_batch_size)` cuts the batch into micro-batches (default: `split_batch`, along dim 0).
         `step` names the optimizer step: calls with the same `step` are accumulation steps of one optimizer
         step (None: every call is a step of its own). `rho` overrides the rule's radius for this call.
+
+        `sync_weight` says how devices weigh in a synchronized ascent gradient. "size": `loss_fn` returns the
+        mean over the micro-batch (times a factor common to all devices), and device r weighs size_fn(B_r,j),
+        which makes the average the gradient of the union's mean. "share": `loss_fn` returns the micro-batch's
+        share of a sum normalized by a count common to all devices, divided by c_j (the Trainer's losses under
+        `num_items_in_batch` counted over all devices), and device r weighs c_r,j, which makes the average
+        the union's gradient up to a positive factor; e_j then has exactly the union's direction.
         """
+        if sync_weight not in ("size", "share"):
+            raise ValueError(f"sync_weight must be 'size' or 'share', got {sync_weight!r}.")
+        if self.fsdp2:
+            with self._fsdp2_reduces_every_backward():
+                return self._backward_all(batch, loss_fn, size_fn, split_fn, step, rho, sync_weight)
+        return self._backward_all(batch, loss_fn, size_fn, split_fn, step, rho, sync_weight)
+
+    def _backward_all(self, batch, loss_fn, size_fn, split_fn, step, rho, sync_weight) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.requires_grad]  # frozen (PEFT) weights: never perturbed
+        with torch.no_grad():  # the tensors perturbed and restored: under FSDP2, this rank's shards
+            local = [_local(p) for p in params] if self.fsdp2 else params
+        shard_group = self._group(params) if self.fsdp2 else None  # FSDP2: the rules' norms sum over all shards
         micro_batches = (split_fn or split_batch)(batch, self.micro_batch_size)
         weights = [None] if len(micro_batches) == 1 else micro_batch_weights(micro_batches, size_fn)
         if step is None or step != self._step:  # a new optimizer step: perturbed, or (LookSAM) reuse
@@ -654,28 +843,34 @@ class MicroBatchSAM:
         explicit = self.descent.explicit  # GSAM, LookSAM: the descent needs g_j and g_p,j themselves
         clean_pass = self.perturbation.needs_gradient  # Momentum-SAM: e comes from the optimizer, no clean pass
         norm_modules = _modules_with_running_stats(self.model) if clean_pass else []
-        w = [p.detach().clone() for p in params]  # restore by copy: w + e - e is not w in floating point
+        w = [p.detach().clone() for p in local]  # restore by copy: w + e - e is not w in floating point
         clean_total = perturbed_total = 0.0
         for j, (mb, c_j) in enumerate(zip(micro_batches, weights)):
             last = j == len(micro_batches) - 1
             self.micro_batch_weight = 1.0 if c_j is None else c_j  # for loss_fns that normalize by a global count
             try:
-                # 1. Clean pass at w: the ascent gradient g_j, local to this device, .grad untouched.
+                # 1. Clean pass at w: the ascent gradient g_j, .grad untouched. Device-local scope: of this
+                #    device's micro-batch; synchronized: of the union of all devices' j-th micro-batches.
                 g = None
                 if clean_pass:
                     with self._no_sync():
                         clean_loss = loss_fn(mb)
-                        g = self.ascent_gradient(clean_loss, params)
+                        if self.sync_perturbation:
+                            a = (size_fn or batch_size_of)(mb) if sync_weight == "size" else (1.0 if c_j is None else c_j)
+                            g = self._union_ascent_gradient(clean_loss, params, a)
+                        else:
+                            g = self.ascent_gradient(clean_loss, params)
                 # 2. e_j from g_j (in g's storage, so keep a copy of g_j when the descent needs it);
                 #    e_j = 0 and ok False when g_j is zero, non-finite or overflowed in fp16.
-                e, grad_norm, ok = self.perturbation.perturb(params, [t.clone() for t in g] if explicit else g, rho)
+                with _scoped(_SHARD_GROUP, shard_group):
+                    e, grad_norm, ok = self.perturbation.perturb(local, [t.clone() for t in g] if explicit else g, rho)
                 if not explicit:
                     g = None  # e lives in g's storage: no other reference may keep it alive past `del e`
                 # 3. Climb to w + e_j, and take the gradient there. Only the last micro-batch may
                 #    synchronize: DDP all-reduces everything accumulated so far.
                 if e is not None:
                     with torch.no_grad():
-                        torch._foreach_add_(params, e)
+                        torch._foreach_add_(local, e)
                     del e
                     # Inside an enclosing autocast region, casts of w are cached: drop them, or the
                     # forward below would silently run at the stale, unperturbed w.
@@ -691,7 +886,7 @@ class MicroBatchSAM:
                 self.reported_pass = True
                 # 4. Back to w, bitwise, whatever happened above.
                 with torch.no_grad():
-                    torch._foreach_copy_(params, w)
+                    torch._foreach_copy_(local, w)
                 torch.clear_autocast_cache()
             # 5. GSAM, LookSAM: .grad += c_j·D(g_j, g_p,j) (the forward above decided whether DDP syncs).
             if explicit:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import os
@@ -89,6 +90,8 @@ class MSAMMixin:
             rho_schedule=msam_setting(self.args, "msam_rho_schedule"),
         )
         self.msam_micro_batch_size = msam_setting(self.args, "msam_micro_batch_size")
+        # Synchronized perturbations: asked for, or forced by FSDP2 (sharded weights take one perturbation).
+        self.msam_sync_perturbation = bool(msam_setting(self.args, "msam_sync_perturbation")) or self._msam_fsdp2()
         self._check_supported()
         # How batches are cut into micro-batches: dim 0, packed rows at sequence boundaries, or preference pairs.
         self._msam_splitter = splitter_for(self, strict=self.msam_perturbation.enabled)
@@ -98,20 +101,54 @@ class MSAMMixin:
         self._msam_announced = False
 
     # -- what mSAM cannot do (yet) ----------------------------------------------------------------
+    def _msam_fsdp2(self) -> bool:
+        """True when accelerate shards the model with FSDP2 (`fsdp_version: 2`, or `dp_shard` of a parallelism config)."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if getattr(self.accelerator, "is_fsdp2", False) or getattr(plugin, "fsdp_version", None) == 2:
+            return True
+        pc = getattr(self.accelerator, "parallelism_config", None)
+        return bool(pc is not None and getattr(pc, "dp_shard_enabled", False))
+
     def _check_supported(self) -> None:
         if not self.msam_perturbation.enabled:
             return  # msam_rho=0: the plain Trainer step, whatever the setup
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False):
+        fsdp2 = self._msam_fsdp2()
+        if self.is_deepspeed_enabled or getattr(self, "is_fsdp_xla_enabled", False) or (self.is_fsdp_enabled and not fsdp2):
+            what = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP1 (and FSDP on XLA)"
             raise NotImplementedError(
-                "MSAMTrainer does not support DeepSpeed or FSDP yet: the perturbation needs the full, unsharded "
-                "trainable weights and gradients on each device. Use plain data parallelism (DDP, e.g. "
-                "`accelerate launch --multi_gpu`), or set --msam_rho 0 to train without mSAM."
+                f"MSAMTrainer does not support {what}: mSAM perturbs each rank's shard of the weights and restores it "
+                "between passes, which it does for FSDP2 only. Use FSDP2 (accelerate config `fsdp_version: 2`, or "
+                "--fsdp_config with \"version\": 2), plain data parallelism (DDP, e.g. `accelerate launch --multi_gpu`), "
+                "or set --msam_rho 0 to train without mSAM."
             )
         pc = getattr(self.accelerator, "parallelism_config", None)
-        if pc is not None and any(getattr(pc, f"{kind}_enabled", False) for kind in ("tp", "cp", "sp", "dp_shard")):
+        if pc is not None and any(getattr(pc, f"{kind}_enabled", False) for kind in ("tp", "cp", "sp", "dp_replicate" if fsdp2 else "dp_shard")):
             raise NotImplementedError(
-                "MSAMTrainer does not support tensor, context, sequence or sharded data parallelism yet: each device "
-                "must hold whole examples and whole weights. Use plain data parallelism, or set --msam_rho 0."
+                "MSAMTrainer does not support tensor, context or sequence parallelism, nor HSDP (dp_replicate with "
+                "dp_shard), yet: each device must hold whole examples, and sharded weights one shard dimension. Use "
+                "plain data parallelism or FSDP2 (dp_shard alone), or set --msam_rho 0."
+            )
+        if fsdp2 and (isinstance(self.msam_perturbation, MomentumPerturbation) or self.msam_descent.explicit):
+            raise ValueError(
+                f"--msam_method {msam_setting(self.args, 'msam_method')} is not supported under FSDP2: GSAM and LookSAM "
+                "descend along a function of each device's own perturbed gradient, and Momentum-SAM's momentum lives in "
+                "the optimizer's sharded state. Use --msam_method sam or fsam under FSDP2, or plain DDP."
+            )
+        if self.msam_sync_perturbation and self.msam_descent.explicit:
+            raise ValueError(
+                f"--msam_sync_perturbation does not combine with the descent rule {self.msam_descent!r} (--msam_method "
+                "gsam or looksam): drop --msam_sync_perturbation, or use --msam_method sam, fsam or momentum."
+            )
+        if (
+            self.msam_sync_perturbation
+            and self.args.world_size > 1
+            and not getattr(self.accelerator, "even_batches", True)
+            and not self.args.dataloader_drop_last
+        ):
+            raise ValueError(
+                "--msam_sync_perturbation needs the same number of micro-batches on every device, and uneven last "
+                "batches (accelerate's even_batches=False) can break that: set --dataloader_drop_last, or keep "
+                "even_batches=True (the default)."
             )
         if self.args.optim in (OptimizerNames.LOMO, OptimizerNames.ADALOMO):
             raise ValueError(
@@ -127,11 +164,21 @@ class MSAMMixin:
 
     @property
     def msam_perturbations_per_step(self) -> int:
-        """Distinct perturbations per optimizer step: devices × accumulation steps × micro-batches per device."""
+        """Distinct perturbations per optimizer step: [devices ×] accumulation steps × micro-batches per device
+        (devices only with device-local perturbations: synchronized ones are the same on every device)."""
         per_device = self.args.per_device_train_batch_size
         mbs = self.msam_micro_batch_size
         micro = 1 if mbs is None else math.ceil(per_device / mbs)
-        return self.args.world_size * self.args.gradient_accumulation_steps * micro
+        return self._msam_perturbing_devices * self.args.gradient_accumulation_steps * micro
+
+    @property
+    def _msam_perturbing_devices(self) -> int:
+        return 1 if self.msam_sync_perturbation else self.args.world_size
+
+    @property
+    def msam_scope(self) -> str:
+        """`device-local` (each device perturbs with its own micro-batches) or `synchronized` (one e_j for all)."""
+        return "synchronized" if self.msam_sync_perturbation else "device-local"
 
     def _announce(self) -> None:
         self._msam_announced = True
@@ -139,14 +186,20 @@ class MSAMMixin:
         if not rule.enabled:
             logger.info("mSAM is off (msam_rho=0): plain Trainer steps.")
             return
+        if self._msam_fsdp2() and not msam_setting(self.args, "msam_sync_perturbation"):
+            logger.info("mSAM under FSDP2: perturbations are synchronized across devices (every rank perturbs its shard of the same e_j).")
+        devices = "" if self.msam_sync_perturbation else f"{self.args.world_size} device(s) x "
         logger.info(
-            "mSAM: %d distinct perturbations per optimizer step (%d device(s) x %d accumulation step(s) x %d "
-            "micro-batch(es) of %s example(s) per device); rule: %s, %s; schedule: %s.",
+            "mSAM: %d distinct perturbations per optimizer step (%s%d accumulation step(s) x %d micro-batch(es) of %s "
+            "example(s) per device); scope: %s; rule: %s, %s; schedule: %s.",
             self.msam_perturbations_per_step,
-            self.args.world_size,
+            devices,
             self.args.gradient_accumulation_steps,
-            self.msam_perturbations_per_step // (self.args.world_size * self.args.gradient_accumulation_steps),
+            self.msam_perturbations_per_step // (self._msam_perturbing_devices * self.args.gradient_accumulation_steps),
             self.msam_micro_batch_size or self.args.per_device_train_batch_size,
+            f"synchronized (the same perturbations on all {self.args.world_size} device(s))"
+            if self.msam_sync_perturbation
+            else "device-local (each device perturbs with its own micro-batches)",
             rule,
             self.msam_descent,
             self.msam_schedule,
@@ -167,6 +220,18 @@ class MSAMMixin:
         if not self._msam_announced:
             self._announce()
         split_fn = self._msam_splitter.for_batch(inputs)  # also takes recorded sequence boundaries out of `inputs`
+        if (
+            self.msam_sync_perturbation
+            and self.args.world_size > 1
+            and self.msam_micro_batch_size
+            and self.msam_perturbation.enabled
+            and isinstance(split_fn, functools.partial)  # packed rows: cut at sequence boundaries, counts differ per device
+        ):
+            raise ValueError(
+                "--msam_sync_perturbation needs the same number of micro-batches on every device, and packed rows are cut "
+                "into as many as they hold sequences: pad instead of packing (padding_free=False, packing=False), or "
+                "drop --msam_sync_perturbation."
+            )
         t = self.state.global_step + 1  # the optimizer step this call contributes to (1-based)
         if not self.msam_perturbation.enabled or not self.msam_schedule.perturbs(t, self.state.max_steps):
             return super().training_step(model, inputs, num_items_in_batch)  # a plain step, the base trainer's own
@@ -179,6 +244,7 @@ class MSAMMixin:
                 perturbation=self.msam_perturbation,
                 descent=self.msam_descent,
                 optimizer=self.optimizer,
+                sync_perturbation=self.msam_sync_perturbation,
             )
             self._msam.stats = self._msam_stats
 
@@ -213,7 +279,13 @@ class MSAMMixin:
                 loss = loss / self.current_gradient_accumulation_steps
             return loss
 
-        return self._msam.backward(inputs, loss_fn, size_fn=size_fn, split_fn=split_fn, step=t, rho=self._msam_rho_now())
+        # Synchronized perturbations: when the loss is normalized by num_items_in_batch (counted over all devices),
+        # each micro-batch's loss is its share of that sum, so devices weigh by that share; otherwise (mean losses)
+        # by their micro-batch's size.
+        sync_weight = "share" if size_fn == self._item_count and loss_is_scaled_for_ga else "size"
+        return self._msam.backward(
+            inputs, loss_fn, size_fn=size_fn, split_fn=split_fn, step=t, rho=self._msam_rho_now(), sync_weight=sync_weight
+        )
 
     def _msam_rho_now(self) -> float | torch.Tensor | None:
         """ρ_t of `--msam_rho_schedule lr` (ρ·lr_t/lr_max, from the optimizer's first group); None: the rule's own ρ."""
@@ -315,8 +387,16 @@ class MSAMMixin:
                 + ("" if self.msam_micro_batch_size else " (the whole per-device batch: SAM on each device)"),
                 f"- adaptive (ASAM): {msam_setting(self.args, 'msam_adaptive')}"
                 + (f", eta {msam_setting(self.args, 'msam_adaptive_eta')}" if msam_setting(self.args, "msam_adaptive") else ""),
-                f"- perturbations per optimizer step: {self.msam_perturbations_per_step} ({self.args.world_size} device(s) "
-                f"x {self.args.gradient_accumulation_steps} accumulation step(s) x {math.ceil(per_device / micro_batch_size)} "
+                f"- perturbation scope: {self.msam_scope} ("
+                + (
+                    "micro-batch j's perturbation from the union of all devices' j-th micro-batches, the same on every device"
+                    if self.msam_sync_perturbation
+                    else "each device perturbs with its own micro-batches"
+                )
+                + ")",
+                f"- perturbations per optimizer step: {self.msam_perturbations_per_step} ("
+                + ("" if self.msam_sync_perturbation else f"{self.args.world_size} device(s) x ")
+                + f"{self.args.gradient_accumulation_steps} accumulation step(s) x {math.ceil(per_device / micro_batch_size)} "
                 "micro-batch(es) per device)",
             ]
             lines.append(f"- method: {msam_setting(self.args, 'msam_method')}")

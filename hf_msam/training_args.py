@@ -57,6 +57,11 @@ class MSAMArguments:
             LookSAM: a full SAM step every k optimizer steps; the k - 1 between reuse its direction at one pass each.
         msam_looksam_alpha (`float`, *optional*, defaults to `0.7`):
             alpha of LookSAM: reuse steps descend along g + alpha * (||g|| / ||g_v||) * g_v.
+        msam_sync_perturbation (`bool`, *optional*, defaults to `False`):
+            Synchronized perturbations: micro-batch j's perturbation comes from the gradient of the union over all
+            devices of their j-th micro-batches, the same on every device (one extra all-reduce of the trainable
+            gradients per micro-batch). Default: each device perturbs with its own micro-batches. Always on under
+            FSDP2. Not with `msam_method` gsam or looksam. See README "Multi-device".
         msam_eval_flatness (`bool`, *optional*, defaults to `False`):
             Every evaluation also reports `eval_hessian_top_eigenvalue`, `eval_hessian_trace` and `eval_sharpness`
             (see `hf_msam.flatness`), measured on the first `msam_flatness_batches` evaluation batches.
@@ -158,6 +163,17 @@ class MSAMArguments:
         metadata={
             "help": "alpha of LookSAM (--msam_method looksam): reuse steps descend along g + alpha * (||g|| / ||g_v||) "
             "* g_v."
+        },
+    )
+    msam_sync_perturbation: bool = field(
+        default=False,
+        metadata={
+            "help": "Synchronize the perturbations across devices: micro-batch j's perturbation comes from the gradient "
+            "of the union of all devices' j-th micro-batches (weighted by their sizes or label-token counts), so every "
+            "device applies the same one and a step has accumulation steps x micro-batches per device perturbations, "
+            "whatever the number of devices (SAM proper on the global batch when --msam_micro_batch_size is unset). "
+            "Costs one all-reduce of the trainable gradients per micro-batch. Off: each device perturbs with its own "
+            "micro-batches. Always on under FSDP2. Works with --msam_method sam, fsam and momentum."
         },
     )
     msam_eval_flatness: bool = field(
@@ -262,6 +278,15 @@ class MSAMArguments:
             raise ValueError(
                 "--msam_interval does not combine with --msam_method looksam, which has its own interval: set the "
                 "steps between full SAM steps with --msam_looksam_k and leave --msam_interval at 1."
+            )
+        if not isinstance(self.msam_sync_perturbation, bool):
+            raise ValueError(f"--msam_sync_perturbation must be True or False, got {self.msam_sync_perturbation!r}.")
+        if self.msam_sync_perturbation and self.msam_method in ("gsam", "looksam"):
+            raise ValueError(
+                f"--msam_sync_perturbation does not combine with --msam_method {self.msam_method}: its descent is a "
+                "nonlinear function of each device's own perturbed gradient, which synchronizing the ascent does not "
+                "make the union's. Drop --msam_sync_perturbation (device-local perturbations), or use --msam_method "
+                "sam, fsam or momentum."
             )
         if (
             isinstance(self.msam_flatness_batches, bool)

@@ -1,0 +1,86 @@
+"""Run by test_fsdp2.py under `torchrun --nproc_per_node 2`: MicroBatchSAM on a model sharded with FSDP2's
+`fully_shard` (gloo, CPU), in a hand-written loop of SGD steps with two accumulation calls each, for SAM and Friendly-SAM.
+
+Each rank saves its batches, the full weights it starts and ends with, and what it checked on its own shards:
+restored bitwise after every call, and `.grad` holding the sum of the calls' contributions.
+"""
+
+import contextlib
+import sys
+
+import torch
+import torch.distributed as dist
+from reference import MLP
+from torch.distributed.fsdp import fully_shard
+
+from hf_msam import FriendlyPerturbation, MicroBatchSAM
+
+
+SYNCING = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+
+
+@contextlib.contextmanager
+def host_syncs(calls):
+    """Record in `calls` every tensor method that would synchronize with the host, while inside."""
+    originals = {name: getattr(torch.Tensor, name) for name in SYNCING}
+
+    def counted(name):
+        def method(t, *args, **kwargs):
+            calls.append(name)
+            return originals[name](t, *args, **kwargs)
+
+        return method
+
+    for name in SYNCING:
+        setattr(torch.Tensor, name, counted(name))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def run(method, steps=2, accumulation=2, batch_size=4, micro_batch_size=3, rho=0.2, lr=0.5):
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = MLP().double()
+    initial = [p.detach().clone() for p in model.parameters()]
+    fully_shard(model.fc1)
+    fully_shard(model.fc2)
+    fully_shard(model)
+    rule = FriendlyPerturbation(rho=rho, sigma=0.8, lmbda=0.6) if method == "fsam" else None
+    sam = MicroBatchSAM(model, rho=rho, micro_batch_size=micro_batch_size, perturbation=rule)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+    batches, restored, accumulated, syncs = [], [], [], []
+    for step in range(steps):
+        for i in range(accumulation):
+            batch = {"x": torch.randn(batch_size, 6, generator=gen, dtype=torch.float64),
+                     "labels": torch.randint(0, 3, (batch_size,), generator=gen)}
+            batches.append(batch)
+            shards = [p.to_local().detach().clone() for p in model.parameters()]
+            before = [None if p.grad is None else p.grad.to_local().clone() for p in model.parameters()]
+            # As accelerate's no_sync does for all but the last accumulation step: the engine must reduce anyway.
+            model.set_requires_gradient_sync(i == accumulation - 1)
+            with host_syncs(syncs):
+                sam.backward(batch, lambda mb: model(**mb)["loss"] / accumulation, step=step)
+            model.set_requires_gradient_sync(True)
+            restored.append(all(torch.equal(p.to_local(), s) for p, s in zip(model.parameters(), shards)))
+            accumulated.append((before, [p.grad.to_local().clone() for p in model.parameters()]))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    final = [p.full_tensor().detach().clone() for p in model.parameters()]
+    return {"initial": initial, "batches": batches, "final": final, "restored": restored, "accumulated": accumulated,
+            "world_size": dist.get_world_size(), "sync": sam.sync_perturbation,
+            "host_syncs": syncs}
+
+
+def main(out_dir):
+    dist.init_process_group("gloo")
+    results = {method: run(method) for method in ("sam", "fsam")}
+    torch.save(results, f"{out_dir}/rank{dist.get_rank()}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

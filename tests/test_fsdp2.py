@@ -1,0 +1,79 @@
+"""FSDP2 (`fully_shard`, two CPU processes with gloo): the mSAM engine equals a single-process reference whose
+micro-batch j is the union of both ranks' j-th micro-batches; shards come back bitwise; `.grad` accumulates."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from reference import MLP, flat, unflat
+from test_multiprocess import free_port
+
+HERE = Path(__file__).parent
+
+
+def torchrun(script, out_dir, *args):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), str(HERE / script), str(out_dir), *map(str, args),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(2)]
+
+
+def union(batches, micro_batch_size):
+    """The ranks' batches interleaved by micro-batch: [B_0 of rank 0, B_0 of rank 1, B_1 of rank 0, ...]."""
+    n = batches[0]["labels"].shape[0]
+    parts = [{k: v[s : s + micro_batch_size] for k, v in b.items()} for s in range(0, n, micro_batch_size) for b in batches]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return torchrun("fsdp2_script.py", tmp_path_factory.mktemp("fsdp2"))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("method", ["sam", "fsam"])
+def test_fsdp2_engine_matches_the_union_reference(two_ranks, method):
+    from test_methods import Reference  # plain PyTorch, from the papers
+
+    ranks = [r[method] for r in two_ranks]
+    assert ranks[0]["world_size"] == 2 and ranks[0]["sync"]  # FSDP2 always synchronizes the perturbations
+    assert not torch.equal(ranks[0]["batches"][0]["x"], ranks[1]["batches"][0]["x"])
+
+    # Every call left this rank's shards bitwise as they were.
+    assert all(ranks[0]["restored"]) and all(ranks[1]["restored"])
+    # No host sync in the engine's calls (FSDP2's own hooks included).
+    assert ranks[0]["host_syncs"] == [] and ranks[1]["host_syncs"] == []
+
+    # Reference: one process; micro-batch j of a call = both ranks' j-th micro-batches (3 + 3, then 1 + 1 examples).
+    model = MLP().double()
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), ranks[0]["initial"]):
+            p.copy_(w)
+    ref = Reference(model, method, 6, **(dict(lmbda=0.6, sigma=0.8) if method == "fsam" else {}))
+    params = list(model.parameters())
+    w = flat(params).detach().clone()
+    calls, accumulation, rho, lr = len(ranks[0]["batches"]), 2, 0.2, 0.5
+    for step in range(calls // accumulation):
+        total = torch.zeros_like(w)
+        for i in range(step * accumulation, (step + 1) * accumulation):
+            batch = union([r["batches"][i] for r in ranks], 3)
+            contribution = ref.gradient(w, [batch], rho=rho) / accumulation
+            # .grad gained exactly this call's contribution (this rank's shard of it, dim-0 chunks), the rest kept.
+            for r, saved in enumerate(ranks):
+                before, after = saved["accumulated"][i]
+                for b, a, c in zip(before, after, unflat(contribution, params)):
+                    shard = torch.chunk(c, 2, dim=0)[r]
+                    torch.testing.assert_close(a - (0 if b is None else b), shard, rtol=1e-9, atol=1e-12)
+            total += contribution
+        w = w - lr * total
+    for w0, w1, expected in zip(ranks[0]["final"], ranks[1]["final"], unflat(w, params)):
+        torch.testing.assert_close(w0, expected, rtol=1e-10, atol=1e-13)
+        assert torch.equal(w0, w1)

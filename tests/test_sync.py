@@ -1,0 +1,212 @@
+"""Synchronized perturbations (--msam_sync_perturbation) and the FSDP2 decisions of the trainer.
+
+Two CPU processes (gloo): the ranks end bitwise equal, and equal a single-process reference (plain PyTorch, from
+test_methods) whose micro-batch j is the union of both ranks' j-th micro-batches: with an even split, with an
+uneven split and gradient accumulation, and with Friendly-SAM (whose EMA then sees the union's gradients); and the
+engine with ranks whose micro-batches differ in size, for mean losses and for shares of a global sum."""
+
+import types
+
+import pytest
+import torch
+from reference import MLP, flat, unflat
+from test_fsdp2 import torchrun, union
+from test_methods import LR, TIGHT, Reference
+from transformers import Trainer
+
+from hf_msam import MicroBatchSAM, MSAMTrainer, MSAMTrainingArguments
+from hf_msam.msam import GSAMDescent, LookSAMDescent
+
+FSAM = dict(lmbda=0.6, sigma=0.8)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return torchrun("sync_script.py", tmp_path_factory.mktemp("sync"))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    "name, mbs, accumulation, method",
+    [("even", 2, 1, "sam"), ("uneven_ga", 3, 2, "sam"), ("fsam", 2, 1, "fsam")],
+)
+def test_synchronized_ranks_equal_the_union_reference(two_ranks, name, mbs, accumulation, method):
+    r0, r1 = (r[name] for r in two_ranks)
+    assert not torch.equal(r0["batches"][0]["x"], r1["batches"][0]["x"])  # the ranks saw different data
+    for a, b in zip(r0["final"], r1["final"]):
+        assert torch.equal(a, b)
+    assert r0["perturbations_per_step"] == accumulation * -(-4 // mbs)  # no factor for the 2 devices
+    assert any("scope: synchronized" in line for line in r0["log"])
+
+    model = MLP().double()
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), r0["initial"]):
+            p.copy_(w)
+    ref = Reference(model, method, 2 * mbs, **(FSAM if method == "fsam" else {}))
+    w = flat(list(model.parameters())).detach().clone()
+    calls = len(r0["batches"])
+    for step in range(calls // accumulation):
+        batches = [union([r0["batches"][i], r1["batches"][i]], mbs) for i in range(step * accumulation, (step + 1) * accumulation)]
+        w = w - LR * ref.gradient(w, batches)
+    torch.testing.assert_close(flat(r0["final"]), w, **TIGHT)
+
+    # Device-local perturbations (each rank its own micro-batches) would have given something else.
+    local = Reference(MLP().double(), method, mbs, **(FSAM if method == "fsam" else {}))
+    set_to = flat(r0["initial"])
+    g_local = sum(local.gradient(set_to, [r["batches"][i] for i in range(accumulation)]) for r in (r0, r1)) / 2
+    g_sync = Reference(MLP().double(), method, 2 * mbs, **(FSAM if method == "fsam" else {})).gradient(
+        set_to, [union([r0["batches"][i], r1["batches"][i]], mbs) for i in range(accumulation)]
+    )
+    assert (g_local - g_sync).abs().max() > 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_token_level_loss_takes_the_union_direction(two_ranks):
+    """A causal-LM loss over num_items_in_batch (label tokens counted over both ranks): e_j follows the token-sum
+    gradient of the union of the ranks' j-th micro-batches, and each rank descends with its own at w + e_j."""
+    from test_no_host_sync import TokenLM
+
+    r0, r1 = (r["tokens"] for r in two_ranks)
+    for a, b in zip(r0["final"], r1["final"]):
+        assert torch.equal(a, b)
+    model = TokenLM().double()
+    params = list(model.parameters())
+    w = flat(r0["initial"]).clone()
+
+    def token_sum(mb):
+        logits = model(input_ids=mb["input_ids"])["logits"]
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), mb["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+        )
+
+    def set_to(v):
+        with torch.no_grad():
+            for p, t in zip(params, unflat(v, params)):
+                p.copy_(t)
+
+    for step in range(len(r0["batches"])):
+        batches, n_items = [r0["batches"][step], r1["batches"][step]], r0["num_items"][step]
+        assert r1["num_items"][step] == n_items  # counted over both ranks
+        descent = torch.zeros_like(w)
+        for start in (0, 2):
+            set_to(w)
+            union_j = {k: torch.cat([b[k][start : start + 2] for b in batches]) for k in batches[0]}
+            g = flat(torch.autograd.grad(token_sum(union_j), params))
+            set_to(w + 0.3 * g / g.norm())
+            for b in batches:
+                mb = {k: v[start : start + 2] for k, v in b.items()}
+                descent += flat(torch.autograd.grad(token_sum(mb), params)) / n_items
+        w = w - LR * descent
+    torch.testing.assert_close(flat(r0["final"]), w, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", ["size", "share"])
+def test_devices_with_unequal_micro_batches_weigh_as_in_the_union(two_ranks, mode):
+    """Rank 0: micro-batches of 2 and 2 examples; rank 1: 2 and 1. e_j comes from the union's mean loss (4 then
+    3 examples); each rank descends with its own micro-batches at w + e_j, and DDP averages the two ranks."""
+    ranks = [r["engine"] for r in two_ranks]
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0][mode], ranks[1][mode]))
+    assert ranks[0][f"{mode}_host_syncs"] == [] and ranks[1][f"{mode}_host_syncs"] == []  # no .item(), bool(t), ...
+    torch.manual_seed(0)
+    model = MLP().double()
+    params = list(model.parameters())
+    w0 = flat(params).detach().clone()
+    cut = lambda b, s, e: {k: v[s:e] for k, v in b.items()}  # noqa: E731
+    batches = [r["batch"] for r in ranks]
+    expected = torch.zeros_like(w0)
+    for start in (0, 2):
+        union_j = {k: torch.cat([b[k][start : start + 2] for b in batches]) for k in batches[0]}
+        g = flat(torch.autograd.grad(model(**union_j)["loss"], params))
+        e = 0.3 * g / (g.norm() + 1e-12)
+        with torch.no_grad():
+            for p, v in zip(params, unflat(w0 + e, params)):
+                p.copy_(v)
+        for b in batches:
+            mb = cut(b, start, start + 2)
+            n_j, n = mb["labels"].shape[0], b["labels"].shape[0]
+            if mode == "size":  # the rank's mean loss: micro-batch j weighs n_j / n
+                loss = n_j / n * model(**mb)["loss"]
+            else:  # the rank's share of the sum over all 7 examples
+                loss = torch.nn.functional.cross_entropy(model(x=mb["x"])["logits"], mb["labels"], reduction="sum") / 7
+            expected += flat(torch.autograd.grad(loss, params)) / 2  # DDP averages the ranks
+        with torch.no_grad():
+            for p, v in zip(params, unflat(w0, params)):
+                p.copy_(v)
+    torch.testing.assert_close(flat(ranks[0][mode]), expected, **TIGHT)
+
+
+def test_sync_flag_is_validated(tmp_path):
+    for method in ("gsam", "looksam"):
+        with pytest.raises(ValueError, match=f"--msam_sync_perturbation does not combine with --msam_method {method}"):
+            MSAMTrainingArguments(str(tmp_path), use_cpu=True, msam_sync_perturbation=True, msam_method=method)
+    with pytest.raises(ValueError, match="--msam_sync_perturbation must be True or False"):
+        MSAMTrainingArguments(str(tmp_path), use_cpu=True, msam_sync_perturbation="yes")
+    for descent in (GSAMDescent(), LookSAMDescent()):
+        with pytest.raises(ValueError, match="sync_perturbation=True"):
+            MicroBatchSAM(MLP(), sync_perturbation=True, descent=descent)
+
+
+def test_single_process_sync_is_the_device_local_step(tmp_path):
+    """One process: the union of the devices' j-th micro-batches is micro-batch j itself."""
+    torch.manual_seed(0)
+    model = MLP().double()
+    batch = {"x": torch.randn(5, 6, dtype=torch.float64), "labels": torch.tensor([0, 1, 2, 0, 1])}
+    grads = []
+    for sync in (False, True):
+        m = MLP().double()
+        m.load_state_dict(model.state_dict())
+        MicroBatchSAM(m, rho=0.3, micro_batch_size=2, sync_perturbation=sync).backward(batch, lambda mb: m(**mb)["loss"])
+        grads.append([p.grad for p in m.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def _trainer(tmp_path, **kwargs):
+    args = MSAMTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=4, **kwargs)
+    return MSAMTrainer(model=MLP(), args=args)
+
+
+def _fsdp(monkeypatch, trainer, version):
+    """What accelerate's state looks like under FSDP `version` (FSDP needs a GPU launch to construct for real)."""
+    plugin = types.SimpleNamespace(fsdp_version=version)
+    monkeypatch.setattr(trainer.accelerator, "state", types.SimpleNamespace(fsdp_plugin=plugin, is_fsdp2=version == 2))
+    trainer.is_fsdp_enabled = True
+
+
+def test_fsdp2_is_accepted_and_synchronizes(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path, msam_micro_batch_size=2)
+    assert trainer.msam_scope == "device-local"
+    _fsdp(monkeypatch, trainer, 2)
+    trainer.msam_sync_perturbation = trainer._msam_fsdp2()  # what __init__ decides under FSDP2
+    trainer._check_supported()  # no refusal
+    assert trainer.msam_scope == "synchronized"
+    trainer._announce()
+    trainer.args.output_dir = str(tmp_path)
+    monkeypatch.setattr(Trainer, "create_model_card", lambda self, *a, **k: None)  # the base card needs a config
+    trainer.create_model_card()
+    card = (tmp_path / "README.md").read_text()
+    assert "- perturbation scope: synchronized" in card and "- perturbations per optimizer step: 2 (1 accumulation" in card
+
+
+@pytest.mark.parametrize("method", ["gsam", "looksam", "momentum"])
+def test_fsdp2_refuses_methods_it_cannot_make_right(tmp_path, monkeypatch, method):
+    trainer = _trainer(tmp_path, msam_method=method)
+    _fsdp(monkeypatch, trainer, 2)
+    trainer.msam_sync_perturbation = True
+    with pytest.raises(ValueError, match=f"--msam_method {method} is not supported under FSDP2"):
+        trainer._check_supported()
+
+
+def test_fsdp1_and_deepspeed_are_refused_naming_fsdp2(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path)
+    _fsdp(monkeypatch, trainer, 1)
+    with pytest.raises(NotImplementedError, match=r"FSDP1.*fsdp_version: 2"):
+        trainer._check_supported()
+    trainer = _trainer(tmp_path)
+    trainer.is_deepspeed_enabled = True
+    with pytest.raises(NotImplementedError, match=r"DeepSpeed.*FSDP2"):
+        trainer._check_supported()
