@@ -175,7 +175,9 @@ class SequenceBoundsRecorder:
         return batch
 
     def __getattr__(self, name: str) -> Any:  # padding_free, tokenizer, ... of the wrapped collator
-        return getattr(self.collator, name)
+        if name.startswith("__") or name == "collator":  # copy/pickle probe before __init__ ran: no recursion
+            raise AttributeError(name)
+        return getattr(self.__dict__["collator"], name)
 
 
 # ---------------------------------------------------------------------------------------------

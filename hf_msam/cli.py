@@ -16,7 +16,7 @@ TRL's own command: -m trl.cli.main sft). The --msam_* flags (--msam_rho, --msam_
 goes to the script. Trainer subclasses whose training_step override calls super().training_step(...) train
 with mSAM; overrides that replace the step are refused before training. Works under
 `accelerate launch -m hf_msam run ...` and `torchrun -m hf_msam run ...`: each process perturbs with its
-own micro-batches.
+own micro-batches, or, with --msam_sync_perturbation (and always under FSDP2), all processes perturb together.
 """
 
 RUN_EPILOG = """\

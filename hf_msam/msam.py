@@ -139,7 +139,7 @@ class PerturbationRule:
 
     def perturb(self, params, grads, rho=None):
         e, grad_norm = self(params, grads)
-        return e, grad_norm, torch.tensor(e is not None, device=grad_norm.device)
+        return e, grad_norm, torch.full((), e is not None, dtype=torch.bool, device=grad_norm.device)
 
     def __call__(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> tuple[list[torch.Tensor] | None, torch.Tensor]:
         if type(self).perturb is PerturbationRule.perturb:
@@ -189,9 +189,9 @@ class FriendlyPerturbation(SAMPerturbation):
         d_j = g_j − σ·m,   e_j = ρ·d_j/‖d_j‖,   then   m ← λ·m + (1 − λ)·g_j
 
     m estimates the full-batch gradient, whose component in the ascent does not help generalization; the
-    first micro-batch only starts the EMA (m ← g, d = g), as in the authors' code. Every micro-batch (on
+    first usable micro-batch only starts the EMA (m ← g, d = g), as in the authors' code. Every micro-batch (on
     each device, in every accumulation step) updates m once; a skipped (zero or non-finite) g_j leaves it
-    as it was. m is state that crosses steps: `state_dict()` holds it.
+    as it was. m (kept in at least float32) is state that crosses steps: `state_dict()` holds it.
     """
 
     def __init__(self, rho: float = 0.05, sigma: float = 1.0, lmbda: float = 0.95, eps: float = 1e-12):
@@ -206,23 +206,31 @@ class FriendlyPerturbation(SAMPerturbation):
         ok = _usable(_global_norm(grads))  # judge g_j itself: a bad g_j must not enter m
         for g in grads:  # a skipped g_j may hold inf/nan: make it finite (a no-op when ok)
             g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        if self.m is None:
-            self.m = [torch.where(ok, g, torch.zeros_like(g)) for g in grads]  # m ← g_j (d_j = g_j); 0 if skipped
-        else:
-            self.m = _like(self.m, grads)
-            for g, m in zip(grads, self.m):
-                m_next = m * self.lmbda + g * (1.0 - self.lmbda)  # λ·m + (1 − λ)·g_j
-                g.sub_(m, alpha=self.sigma)  # d_j = g_j − σ·m, with the m of before this micro-batch
-                m.copy_(torch.where(ok, m_next, m))  # a skipped g_j leaves m as it was
+        if self.m is None:  # m in at least float32: in bf16 most of each (1 − λ)·g_j would round away
+            self.m = [torch.zeros_like(g, dtype=torch.promote_types(g.dtype, torch.float32)) for g in grads]
+            self.started = torch.zeros((), dtype=torch.bool, device=grads[0].device)
+        self.m = [m.to(g.device) for m, g in zip(self.m, grads)]  # a no-op once there (after a resume: moved once)
+        started = self.started.to(grads[0].device)
+        for g, m in zip(grads, self.m):
+            # The first usable g_j starts the EMA (m ← g_j); the ones after it update it: m ← λ·m + (1 − λ)·g_j.
+            m_next = torch.where(started, m * self.lmbda + g * (1.0 - self.lmbda), g.to(m.dtype))
+            g.sub_(m, alpha=self.sigma)  # d_j = g_j − σ·m, with the m of before this micro-batch (0 before the start)
+            m.copy_(torch.where(ok, m_next, m))  # a skipped g_j leaves m as it was
+        self.started = started | ok
         d_norm = _global_norm(grads)
+        ok = ok & _usable(d_norm)  # d_j = 0 (g_j = σ·m) has no direction either: counted as skipped
         rho = self.rho if rho is None else rho
-        return _scale_to_radius(grads, d_norm, rho, self.eps, ok & _usable(d_norm)), d_norm, ok
+        return _scale_to_radius(grads, d_norm, rho, self.eps, ok), d_norm, ok
 
     def state_dict(self):
-        return {"m": None if self.m is None else [t.detach().cpu() for t in self.m]}
+        if self.m is None:
+            return {"m": None}
+        return {"m": [t.detach().cpu() for t in self.m], "started": self.started.detach().cpu()}
 
     def load_state_dict(self, state):
         self.m = None if state.get("m") is None else [t.clone() for t in state["m"]]
+        if self.m is not None:
+            self.started = state["started"].clone() if "started" in state else torch.ones((), dtype=torch.bool)
 
 
 class MomentumPerturbation(PerturbationRule):
@@ -252,7 +260,14 @@ class MomentumPerturbation(PerturbationRule):
         state = self.optimizer.state
         found = [state[p].get("exp_avg", state[p].get("momentum_buffer")) if p in state else None for p in params]
         if all(m is None for m in found):
-            return None  # no momentum yet
+            if any(state.get(p) for p in params):  # the optimizer has stepped, but keeps its momentum elsewhere
+                raise ValueError(
+                    f"--msam_method momentum reads the optimizer's momentum as `exp_avg` (Adam-type) or `momentum_buffer` "
+                    f"(SGD), and {type(getattr(self.optimizer, 'optimizer', self.optimizer)).__name__} keeps neither (its state holds "
+                    f"{sorted(next(state[p] for p in params if state.get(p)))}): without it every step would be a plain "
+                    "step. Choose such an optimizer (--optim adamw_torch, or sgd with momentum) or another --msam_method."
+                )
+            return None  # no momentum yet: the optimizer has not stepped
         return [torch.zeros_like(p) if m is None else m for p, m in zip(params, found)]
 
     def perturb(self, params, grads, rho=None):
@@ -318,7 +333,7 @@ class GSAMDescent(DescentRule):
 
     explicit = True
 
-    def __init__(self, alpha: float = 0.01):
+    def __init__(self, alpha: float = 0.1):
         self.alpha = alpha
 
     def __repr__(self) -> str:
@@ -392,7 +407,7 @@ def build_method(
     adaptive: bool = False,
     adaptive_eta: float = 0.01,
     eps: float = 1e-12,
-    gsam_alpha: float = 0.01,
+    gsam_alpha: float = 0.1,
     fsam_lambda: float = 0.95,
     fsam_sigma: float = 1.0,
     looksam_k: int = 5,
@@ -752,7 +767,8 @@ class MicroBatchSAM:
             return self.ascent_gradient(loss, params)  # a single process: the union is this micro-batch
         device = loss.device
         dtype = _weight_dtype(device)  # Python numbers straight to float64: through float32 they would round
-        c = (a.to(device=device, dtype=dtype) if isinstance(a, torch.Tensor) else torch.tensor(a, dtype=dtype, device=device)).reshape(())
+        # torch.full, not torch.tensor: a Python number copied to the device would wait for it (a host sync).
+        c = (a.to(device=device, dtype=dtype) if isinstance(a, torch.Tensor) else torch.full((), float(a), dtype=dtype, device=device)).reshape(())
         total = c.clone()
         if group is not None:
             dist.all_reduce(total, group=group)

@@ -150,6 +150,12 @@ class MSAMMixin:
                 "batches (accelerate's even_batches=False) can break that: set --dataloader_drop_last, or keep "
                 "even_batches=True (the default)."
             )
+        if self.msam_sync_perturbation and self.args.world_size > 1 and not getattr(self.args, "average_tokens_across_devices", True):
+            raise ValueError(
+                "--msam_sync_perturbation weighs each device's ascent gradient by its share of the label tokens counted "
+                "over all devices, which --average_tokens_across_devices False does not count: keep it True (the "
+                "default), or drop --msam_sync_perturbation."
+            )
         if self.args.optim in (OptimizerNames.LOMO, OptimizerNames.ADALOMO):
             raise ValueError(
                 f"--optim {self.args.optim.value} fuses the optimizer step into backward, which mSAM needs to run "
@@ -221,16 +227,19 @@ class MSAMMixin:
             self._announce()
         split_fn = self._msam_splitter.for_batch(inputs)  # also takes recorded sequence boundaries out of `inputs`
         if (
-            self.msam_sync_perturbation
-            and self.args.world_size > 1
+            self.args.world_size > 1
             and self.msam_micro_batch_size
             and self.msam_perturbation.enabled
             and isinstance(split_fn, functools.partial)  # packed rows: cut at sequence boundaries, counts differ per device
+            and (self.msam_sync_perturbation or self._msam_loss_has_collectives)
         ):
             raise ValueError(
-                "--msam_sync_perturbation needs the same number of micro-batches on every device, and packed rows are cut "
-                "into as many as they hold sequences: pad instead of packing (padding_free=False, packing=False), or "
-                "drop --msam_sync_perturbation."
+                "Packed rows are cut into as many micro-batches as they hold sequences, so devices would make different "
+                "numbers of "
+                + ("synchronized perturbations (--msam_sync_perturbation)" if self.msam_sync_perturbation else "calls to a "
+                   "loss that gathers metrics across devices (TRL's compute_loss)")
+                + " and wait on each other forever. Pad instead of packing (padding_free=False, packing=False), train "
+                "on one device, or set --msam_micro_batch_size None (one micro-batch per device)."
             )
         t = self.state.global_step + 1  # the optimizer step this call contributes to (1-based)
         if not self.msam_perturbation.enabled or not self.msam_schedule.perturbs(t, self.state.max_steps):
@@ -269,7 +278,10 @@ class MSAMMixin:
         def loss_fn(micro_batch: dict[str, Any]) -> torch.Tensor:
             num_items = num_items_in_batch
             if num_items is not None and micro_batch is not inputs:
-                num_items = num_items_in_batch * self._msam.micro_batch_weight  # tensor × tensor: no host sync
+                c_j = self._msam.micro_batch_weight
+                num_items = num_items_in_batch * c_j  # tensor × tensor: no host sync
+                if isinstance(c_j, torch.Tensor):  # a micro-batch without label tokens: loss 0/N = 0, not 0/0
+                    num_items = torch.where(c_j > 0, num_items, num_items_in_batch)
             with self.compute_loss_context_manager():
                 # compute_loss may pop "labels": give it a copy, the micro-batch is used twice.
                 loss = self.compute_loss(model, copy.copy(micro_batch), num_items_in_batch=num_items)
@@ -286,6 +298,11 @@ class MSAMMixin:
         return self._msam.backward(
             inputs, loss_fn, size_fn=size_fn, split_fn=split_fn, step=t, rho=self._msam_rho_now(), sync_weight=sync_weight
         )
+
+    @functools.cached_property
+    def _msam_loss_has_collectives(self) -> bool:
+        """TRL's trainers gather metrics across devices inside `compute_loss`, once per call."""
+        return any(klass.__module__.split(".")[0] == "trl" for klass in type(self).__mro__)
 
     def _msam_rho_now(self) -> float | torch.Tensor | None:
         """ρ_t of `--msam_rho_schedule lr` (ρ·lr_t/lr_max, from the optimizer's first group); None: the rule's own ρ."""

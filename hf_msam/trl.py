@@ -67,6 +67,9 @@ class _TRLStep:
                 self._total_train_tokens = saved[1]
 
     def training_step(self, *args: Any, **kwargs: Any):
+        t = self.state.global_step + 1
+        if not (self.msam_perturbation.enabled and self.msam_schedule.perturbs(t, self.state.max_steps)):
+            return super().training_step(*args, **kwargs)  # a plain step: TRL's own, which enters the context itself
         with getattr(self, "maybe_activation_offload_context", None) or contextlib.nullcontext():
             return super().training_step(*args, **kwargs)
 

@@ -407,3 +407,49 @@ def test_two_process_ddp_looksam_matches_per_device_reference(tmp_path):
         grads = [ref.gradient(w, r["batches"][step], rho=0.2) for ref, r in zip(refs, ranks)]
         w = w - 0.5 * (grads[0] + grads[1]) / 2
     torch.testing.assert_close(flat(ranks[0]["final"]), w, **TIGHT)
+
+
+def test_fsam_ema_starts_at_the_first_usable_gradient():
+    """A skipped first micro-batch (zero gradient, e.g. an fp16 overflow) must not start F-SAM's EMA at 0: the
+    second micro-batch starts it, m = g_2, and the third climbs along g_3 − σ·g_2 (Li et al., Algorithm 1)."""
+    from hf_msam import MicroBatchSAM, build_method
+
+    torch.manual_seed(0)
+    model = MLP().double()
+    batch = stack(mlp_dataset(6, seed=1))
+    scale = {"i": 0}
+
+    def loss_fn(mb):  # the first micro-batch's loss (both passes) is multiplied by 0: g_1 = 0
+        scale["i"] += 1
+        return model(**mb)["loss"] * (0.0 if scale["i"] <= 2 else 1.0)
+
+    ascent, descent = build_method("fsam", rho=RHO, fsam_sigma=1.0, fsam_lambda=0.9)
+    MicroBatchSAM(model, micro_batch_size=2, perturbation=ascent, descent=descent).backward(batch, loss_fn)
+    params = [p for p in model.parameters() if p.requires_grad]
+    mbs = [mb for mb, _ in micro_batches(batch, 2)]
+    g2 = flat(torch.autograd.grad(model(**mbs[1])["loss"], params))
+    g3 = flat(torch.autograd.grad(model(**mbs[2])["loss"], params))
+    torch.testing.assert_close(flat(ascent.m), 0.9 * g2 + 0.1 * g3, **TIGHT)
+    assert ascent.m[0].dtype == torch.float64 and bool(ascent.started)
+
+
+def test_momentum_refuses_an_optimizer_that_keeps_its_momentum_under_other_names():
+    from hf_msam import MicroBatchSAM, build_method
+
+    class EightBitLike(torch.optim.SGD):  # keeps its first moment as `state1`, like bitsandbytes' 8-bit Adam
+        def step(self, closure=None):
+            super().step(closure)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self.state[p]["state1"] = torch.zeros_like(p)
+
+    torch.manual_seed(0)
+    model = MLP().double()
+    optimizer = EightBitLike(model.parameters(), lr=0.1)
+    ascent, descent = build_method("momentum", rho=RHO)
+    sam = MicroBatchSAM(model, perturbation=ascent, descent=descent, optimizer=optimizer)
+    batch = stack(mlp_dataset(4, seed=1))
+    sam.backward(batch, lambda mb: model(**mb)["loss"])  # no momentum yet: a plain step
+    optimizer.step()
+    with pytest.raises(ValueError, match="state1"):
+        sam.backward(batch, lambda mb: model(**mb)["loss"])

@@ -280,3 +280,42 @@ def test_logged_loss_is_clean_and_msam_metrics_are_logged(tmp_path):
     assert log["msam/ascent_grad_norm"] > 0
     assert log["msam/skipped_perturbations"] == 0
     assert trainer.msam_perturbations_per_step == 2
+
+
+def test_micro_batch_without_label_tokens_adds_nothing_and_logs_finite_numbers(tmp_path):
+    """Completion-only losses can leave a micro-batch with no label token (a truncated completion): its loss is
+    0 (not 0/0), it adds nothing, and the step equals the reference over the other micro-batches."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=30, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=16, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).double()
+    ids = torch.randint(0, 30, (4, 6), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    for i, keep in enumerate([6, 1, 4, 3]):  # row 1 keeps only its first label, which the shift drops: 0 tokens
+        labels[i, keep:] = -100
+    data = [{"input_ids": ids[i], "labels": labels[i]} for i in range(4)]
+
+    def token_sum(m, mb):
+        logits = m(input_ids=mb["input_ids"]).logits[:, :-1].float()
+        target = mb["labels"][:, 1:]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, 30), target.reshape(-1), ignore_index=-100, reduction="sum")
+
+    counts = lambda mb: float((mb["labels"][:, 1:] != -100).sum())  # noqa: E731
+    N = counts({"labels": labels})
+    ref = copy.deepcopy(model)
+    with_tokens = stack([d for i, d in enumerate(data) if i != 1])
+    grads = msam_gradient(
+        ref, with_tokens, 1, 0.05, loss_of=lambda m, mb: token_sum(m, mb) / counts(mb), weights=lambda micro: [counts(mb) / N for mb in micro]
+    )
+    expected = expected_after_step(ref, grads)
+    args = sgd_args(tmp_path, 4, msam_micro_batch_size=1)
+    args.logging_strategy, args.logging_steps = "steps", 1
+    trainer = MSAMTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    for a, b in zip(trainable(model), expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    logged = next(entry for entry in trainer.state.log_history if "msam/sharpness" in entry)
+    assert all(torch.isfinite(torch.tensor(logged[k])) for k in ("loss", "msam/perturbed_loss", "msam/sharpness"))
+    assert logged["loss"] > 0 and logged["msam/skipped_perturbations"] == 1  # the empty micro-batch has no direction

@@ -149,3 +149,18 @@ def test_msam_trainer_on_a_flattened_batch_equals_reference(tmp_path):
     for name, p in model.named_parameters():
         # float64, yet the embedding update differs by ~3e-8 (of ~1e-1), like the plain step in test_trl.py
         torch.testing.assert_close(p.detach(), expected[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_sequence_bounds_recorder_copies_and_pickles():
+    # DataLoader workers started by spawn/forkserver pickle the collator: the wrapper must survive it.
+    import copy
+    import pickle
+
+    from transformers import DataCollatorWithFlattening
+
+    recorder = SequenceBoundsRecorder(DataCollatorWithFlattening())
+    for clone in (copy.copy(recorder), pickle.loads(pickle.dumps(recorder))):
+        assert isinstance(clone.collator, DataCollatorWithFlattening)
+        assert clone.return_position_ids is True  # attributes of the wrapped collator show through
+        batch = clone([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}])
+        assert batch[SEQUENCE_BOUNDS_KEY] == (0, 3, 5)
