@@ -198,6 +198,7 @@ class FriendlyPerturbation(SAMPerturbation):
         super().__init__(rho=rho, eps=eps)
         self.sigma, self.lmbda = sigma, lmbda
         self.m: list[torch.Tensor] | None = None
+        self.started: torch.Tensor | None = None  # a 0-d bool: has a usable g_j started the EMA yet?
 
     def __repr__(self) -> str:
         return f"FriendlyPerturbation(rho={self.rho}, sigma={self.sigma}, lambda={self.lmbda}, eps={self.eps})"
