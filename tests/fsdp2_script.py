@@ -5,39 +5,14 @@ Each rank saves its batches, the full weights it starts and ends with, and what 
 restored bitwise after every call, and `.grad` holding the sum of the calls' contributions.
 """
 
-import contextlib
 import sys
 
 import torch
 import torch.distributed as dist
-from reference import MLP
+from reference import MLP, host_syncs
 from torch.distributed.fsdp import fully_shard
 
 from hf_msam import FriendlyPerturbation, MicroBatchSAM
-
-
-SYNCING = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
-
-
-@contextlib.contextmanager
-def host_syncs(calls):
-    """Record in `calls` every tensor method that would synchronize with the host, while inside."""
-    originals = {name: getattr(torch.Tensor, name) for name in SYNCING}
-
-    def counted(name):
-        def method(t, *args, **kwargs):
-            calls.append(name)
-            return originals[name](t, *args, **kwargs)
-
-        return method
-
-    for name in SYNCING:
-        setattr(torch.Tensor, name, counted(name))
-    try:
-        yield
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
 
 
 def run(method, steps=2, accumulation=2, batch_size=4, micro_batch_size=3, rho=0.2, lr=0.5):

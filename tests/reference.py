@@ -1,4 +1,7 @@
-"""An independent, plain-PyTorch reference for the mSAM gradient (no hf_msam code), and tiny models."""
+"""An independent, plain-PyTorch reference for the mSAM gradient (no hf_msam code), tiny models, and the test
+helpers several test files share (host-sync counting, an fp16-scaling stand-in for an Accelerator)."""
+
+import contextlib
 
 import torch
 from torch import nn
@@ -71,3 +74,41 @@ def mlp_dataset(n, d_in=6, n_classes=3, seed=0, dtype=torch.float64):
     x = torch.randn(n, d_in, generator=g, dtype=dtype)
     y = torch.randint(0, n_classes, (n,), generator=g)
     return [{"x": x[i], "labels": y[i]} for i in range(n)]
+
+
+# Tensor methods that make the host wait for the device.
+SYNCING = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+
+
+@contextlib.contextmanager
+def host_syncs(calls):
+    """Record in `calls` every tensor method that would synchronize with the host, while inside."""
+    originals = {name: getattr(torch.Tensor, name) for name in SYNCING}
+
+    def counted(name):
+        def method(t, *args, **kwargs):
+            calls.append(name)
+            return originals[name](t, *args, **kwargs)
+
+        return method
+
+    for name in SYNCING:
+        setattr(torch.Tensor, name, counted(name))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+class ScalerAccelerator:
+    """What MicroBatchSAM needs from an accelerate.Accelerator with fp16 loss scaling."""
+
+    def __init__(self, scale):
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+
+    def no_sync(self, model):
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        self.scaler.scale(loss).backward()

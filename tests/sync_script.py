@@ -2,13 +2,12 @@
 (gloo), in several settings. Each rank saves, per setting, its start, the batches of its training steps, its end
 and the start-up line."""
 
-import contextlib
 import logging
 import sys
 
 import torch
 import torch.distributed as dist
-from reference import MLP, mlp_dataset
+from reference import MLP, host_syncs, mlp_dataset
 from test_no_host_sync import TokenLM
 
 from hf_msam import MicroBatchSAM, MSAMTrainer, MSAMTrainingArguments
@@ -48,30 +47,6 @@ class Lines(logging.Handler):
 
     def emit(self, record):
         self.lines.append(record.getMessage())
-
-
-SYNCING = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
-
-
-@contextlib.contextmanager
-def host_syncs(calls):
-    """Record in `calls` every tensor method that would synchronize with the host, while inside."""
-    originals = {name: getattr(torch.Tensor, name) for name in SYNCING}
-
-    def counted(name):
-        def method(t, *args, **kwargs):
-            calls.append(name)
-            return originals[name](t, *args, **kwargs)
-
-        return method
-
-    for name in SYNCING:
-        setattr(torch.Tensor, name, counted(name))
-    try:
-        yield
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
 
 
 def main(out_dir):

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from accelerate import Accelerator
-from reference import MLP, flat, mlp_dataset, msam_gradient
+from reference import MLP, ScalerAccelerator, flat, mlp_dataset, msam_gradient
 
 from hf_msam import MicroBatchSAM, split_batch
 from hf_msam.msam import batch_size_of
@@ -149,21 +149,6 @@ def test_frozen_parameters_are_never_perturbed():
     MicroBatchSAM(model, rho=1.0).backward(batch_of(4), model_loss(model))
     assert len(seen) == 2 and torch.equal(seen[0], seen[1])  # same fc1 weight in both passes
     assert model.fc1.weight.grad is None
-
-
-class ScalerAccelerator:
-    """What MicroBatchSAM needs from an accelerate.Accelerator with fp16 loss scaling."""
-
-    def __init__(self, scale):
-        self.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
-
-    def no_sync(self, model):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-    def backward(self, loss):
-        self.scaler.scale(loss).backward()
 
 
 def test_fp16_loss_scale_is_removed_before_the_norm():

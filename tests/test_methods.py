@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from reference import MLP, flat, mlp_dataset, unflat
+from reference import MLP, ScalerAccelerator, flat, mlp_dataset, unflat
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_msam import MSAMTrainer, MSAMTrainingArguments
@@ -188,21 +188,6 @@ def test_gradient_accumulation_holds_for_stateful_and_explicit_methods(tmp_path,
         w = w - LR * ref.gradient(w, halves)
     got = train(model, data, tmp_path, 4, 3, gradient_accumulation_steps=2, msam_micro_batch_size=3, **flags)
     torch.testing.assert_close(got, w, **TIGHT)
-
-
-class ScalerAccelerator:
-    """What MicroBatchSAM needs from an accelerate.Accelerator with fp16 loss scaling."""
-
-    def __init__(self, scale):
-        self.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
-
-    def no_sync(self, model):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-    def backward(self, loss):
-        self.scaler.scale(loss).backward()
 
 
 @pytest.mark.parametrize("method", ["gsam", "looksam"])

@@ -3,13 +3,10 @@ a tensor, for every method, with example-weighted and with token-weighted micro-
 
 import pytest
 import torch
-from reference import MLP, mlp_dataset
+from reference import MLP, SYNCING, mlp_dataset
 from torch import nn
 
 from hf_msam import MSAMTrainer, MSAMTrainingArguments
-
-SYNCING = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
-
 
 class SyncCounter:
     """Counts calls of the syncing tensor methods, only while `active`."""
