@@ -121,7 +121,7 @@ class MSAMArguments:
     msam_interval: int = field(
         default=1,
         metadata={
-            "help": "Perturb every k-th optimizer step only: step t (1-based) is perturbed when (t - 1) % k == 0 and "
+            "help": "Perturb every k-th optimizer step only: step t (1-based) is perturbed when (t - 1) mod k == 0 and "
             "plain in between. With --msam_start too, a step is perturbed only when both allow it."
         },
     )

