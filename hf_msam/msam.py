@@ -115,6 +115,15 @@ def _scale_to_radius(d: list[torch.Tensor], norm: torch.Tensor, rho: float | tor
 # ---------------------------------------------------------------------------------------------
 
 
+
+def _param_groups(fsdp_state: Any) -> list:
+    """The parameter groups of one FSDP2 module's state: a list since torch 2.12, at most one group before."""
+    groups = getattr(fsdp_state, "_fsdp_param_groups", None)
+    if groups is None:
+        group = getattr(fsdp_state, "_fsdp_param_group", None)
+        groups = [] if group is None else [group]
+    return list(groups)
+
 class PerturbationRule:
     """Turns the ascent gradient g_j into the perturbation e_j. Subclass to change the rule.
 
@@ -717,7 +726,7 @@ class MicroBatchSAM:
         """FSDP2: every backward of the step reduce-scatters, even inside the Trainer's `no_sync` for accumulation
         steps: the ascent gradient must be the union's, and gradients left unreduced by one backward would leak
         into the next ascent gradient. The accumulated (sharded) `.grad` is the same either way."""
-        groups = [g for m in self.model.modules() if hasattr(m, "_get_fsdp_state") for g in m._get_fsdp_state()._fsdp_param_groups]
+        groups = [g for m in self.model.modules() if hasattr(m, "_get_fsdp_state") for g in _param_groups(m._get_fsdp_state())]
         saved = [(g.reduce_grads, g.all_reduce_grads) for g in groups]
         for g in groups:
             g.reduce_grads = g.all_reduce_grads = True

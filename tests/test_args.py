@@ -40,6 +40,9 @@ def test_every_msam_field_is_a_documented_command_line_flag(tmp_path):
     assert all(h and len(h) > 20 for h in helps.values())
     (defaults,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path)])
     assert (defaults.msam_rho, defaults.msam_micro_batch_size, defaults.msam_adaptive) == (0.05, None, False)
+    # `--help` renders every help string through argparse's %-formatting: a bare "%" in one crashed it.
+    text = parser.format_help()
+    assert "--msam_interval" in text and "(t - 1) mod k == 0" in text
 
 
 def test_plain_training_arguments_get_the_defaults_and_a_notice(tmp_path, caplog):

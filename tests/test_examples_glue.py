@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import math
@@ -354,3 +355,22 @@ def test_under_hf_msam_run_the_msam_flags_are_honoured(tiny_bert, glue_csv, tmp_
     card = (out / "README.md").read_text()
     assert "- rho: 0.2" in card and "- micro-batch size: 2 example(s)" in card
     assert "- perturbations per optimizer step: 2 (1 device(s) x 1 accumulation step(s) x 2 micro-batch(es)" in card
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_truncation_side_keeps_the_chosen_end(side, tiny_bert, glue_csv, tmp_path, run):
+    from transformers import AutoTokenizer
+
+    args = common_args(tiny_bert, tmp_path / side, steps=1)
+    args[args.index("--max_seq_length") + 1] = 6
+    trainer = run(*args, "--train_file", glue_csv["train"], "--validation_file", glue_csv["validation"],
+                  "--truncation_side", side, "--msam_rho", 0)  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    with open(glue_csv["train"], newline="") as f:
+        texts = [row["sentence"] for row in csv.DictReader(f)]
+    long = [i for i, t in enumerate(texts) if len(tokenizer(t, add_special_tokens=False)["input_ids"]) > 4]
+    assert long, "the test data needs texts longer than the limit"
+    for i in long:
+        ids = tokenizer(texts[i], add_special_tokens=False)["input_ids"]
+        kept = ids[-4:] if side == "left" else ids[:4]  # 6 tokens = [CLS] + 4 + [SEP]
+        assert trainer.train_dataset[i]["input_ids"] == [tokenizer.cls_token_id, *kept, tokenizer.sep_token_id]

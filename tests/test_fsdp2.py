@@ -77,3 +77,17 @@ def test_fsdp2_engine_matches_the_union_reference(two_ranks, method):
     for w0, w1, expected in zip(ranks[0]["final"], ranks[1]["final"], unflat(w, params)):
         torch.testing.assert_close(w0, expected, rtol=1e-10, atol=1e-13)
         assert torch.equal(w0, w1)
+
+
+def test_param_groups_of_fsdp_state_old_and_new_torch():
+    """torch 2.12+ keeps a list `_fsdp_param_groups`; torch 2.11 (seen on a GPU machine) one `_fsdp_param_group`
+    or None. The engine must find the groups in both, or FSDP2 training stops at the first mSAM step."""
+    from types import SimpleNamespace
+
+    from hf_msam.msam import _param_groups
+
+    a, b = object(), object()
+    assert _param_groups(SimpleNamespace(_fsdp_param_groups=[a, b])) == [a, b]
+    assert _param_groups(SimpleNamespace(_fsdp_param_group=a)) == [a]
+    assert _param_groups(SimpleNamespace(_fsdp_param_group=None)) == []
+    assert _param_groups(SimpleNamespace()) == []

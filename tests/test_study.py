@@ -56,42 +56,96 @@ def test_prepare_text_binary_unescaped_stratified(study, tmp_path):
     share = {s: sum(r["label"] == "1" for r in rows[s]) / len(rows[s]) for s in ("train", "validation")}
     assert abs(share["train"] - share["validation"]) < 0.01
     assert not {r["sentence"] for r in rows["train"]} & {r["sentence"] for r in rows["validation"]}
+    # The noisy copy of the training split: the same reviews, exactly 20% of the labels flipped.
+    with open(tmp_path / "data" / "text" / "train_noise20.csv", newline="", encoding="utf-8") as f:
+        noisy = list(csv.DictReader(f))
+    assert [r["sentence"] for r in noisy] == [r["sentence"] for r in rows["train"]]
+    flipped = sum(a["label"] != b["label"] for a, b in zip(noisy, rows["train"]))
+    assert flipped == stats["train_noise20"]["flipped"] == round(0.2 * len(noisy))
     # Prepared once: a second call reads what is there.
     assert study.prepare_text(task, tmp_path) == stats
 
 
-@needs_data
-def test_select_rho_best_validation_accuracy_then_loss_then_smaller(study, tmp_path):
-    task = study.smoke_tasks()["text"]
-    method = study.Method("sam", "SAM", (0.02, 0.05, 0.1))
-    runs = []
-    for rho, accuracy, loss in ((0.02, 0.80, 0.50), (0.05, 0.85, 0.45), (0.1, 0.85, 0.40)):
-        run = study.train_run(task, tmp_path, method, rho, 0)
-        run.output_dir.mkdir(parents=True)
-        (run.output_dir / "all_results.json").write_text(json.dumps({"eval_accuracy": accuracy, "eval_loss": loss}))
-        runs.append(run)
-    assert study.select_rho(task, method, runs) == 0.1  # tie on accuracy: the lower validation loss
-    (runs[2].output_dir / "all_results.json").write_text(json.dumps({"eval_accuracy": 0.85, "eval_loss": 0.45}))
-    assert study.select_rho(task, method, runs) == 0.05  # full tie: the smaller rho
+def test_flip_labels_symmetric_exact_fraction_reproducible(study):
+    labels = [i % 10 for i in range(500)]
+    noisy, flipped = study.flip_labels(labels, 0.4, 10, seed=0)
+    assert sum(flipped) == 200  # exactly round(fraction * n)
+    assert all((a != b) == f for a, b, f in zip(labels, noisy, flipped))  # a flipped label is always a different class
+    # Symmetric: the wrong labels spread over the other classes (no class gets most of them).
+    wrong = [b for a, b, f in zip(labels, noisy, flipped) if f]
+    assert max(wrong.count(c) for c in range(10)) < 0.2 * len(wrong)
+    assert study.flip_labels(labels, 0.4, 10, seed=0) == (noisy, flipped)  # same flips for every method and seed
+    binary, mask = study.flip_labels([0, 1] * 50, 0.2, 2, seed=0)
+    assert sum(mask) == 20 and all(b == 1 - a for a, b, f in zip([0, 1] * 50, binary, mask) if f)
 
 
-def test_runs_share_seed_and_data_order_across_methods(study, tmp_path):
+def test_paired_differences_and_t_interval(study):
+    # Reference: the textbook interval mean +- t(0.975, n-1) * sd / sqrt(n), with t(0.975, 4) = 2.776.
+    first = {0: 0.80, 1: 0.82, 2: 0.79, 3: 0.85, 4: 0.81}
+    second = {0: 0.78, 1: 0.80, 2: 0.80, 3: 0.81, 4: 0.80, 9: 0.5}  # seed 9 has no partner: ignored
+    p = study.paired(first, second)
+    diffs = [0.02, 0.02, -0.01, 0.04, 0.01]
+    mean = sum(diffs) / 5
+    sd = (sum((d - mean) ** 2 for d in diffs) / 4) ** 0.5
+    assert p["seeds"] == [0, 1, 2, 3, 4] and p["wins"] == 4
+    assert math.isclose(p["mean"], mean) and math.isclose(p["std"], sd)
+    assert math.isclose(p["ci95"][0], mean - 2.776 * sd / 5**0.5) and math.isclose(p["ci95"][1], mean + 2.776 * sd / 5**0.5)
+
+
+def _fake_tuning_run(study, task, work, lr, history):
+    run = study.tune_run(task, work, lr)
+    run.output_dir.mkdir(parents=True)
+    log = [{"epoch": e, "eval_accuracy": a, "eval_loss": l} for e, a, l in history]
+    (run.output_dir / "trainer_state.json").write_text(json.dumps({"log_history": [{"loss": 0.7, "epoch": 0.5}, *log]}))
+    return run
+
+
+def test_tuning_picks_best_validation_epoch_and_refuses_a_task_that_does_not_learn(study, tmp_path):
+    task = study.full_tasks()["text"]
+    runs = [
+        _fake_tuning_run(study, task, tmp_path, 1e-4, [(1, 0.70, 0.60), (2, 0.80, 0.50), (3, 0.78, 0.49)]),
+        _fake_tuning_run(study, task, tmp_path, 2e-4, [(1, 0.70, 0.61), (2, 0.80, 0.45), (3, 0.75, 0.52)]),
+    ]
+    chosen = study.choose_lr_epochs(task, runs, val_majority=0.7)["chosen"]
+    assert (chosen["learning_rate"], chosen["epochs"]) == (2e-4, 2)  # tie on accuracy: the lower validation loss
+    flat = [_fake_tuning_run(study, task, tmp_path / "b", 1e-4, [(1, 0.70, 0.6), (2, 0.70, 0.6)])]
+    with pytest.raises(SystemExit, match="does not learn"):
+        study.choose_lr_epochs(task, flat, val_majority=0.7)
+
+
+def test_plan_shares_runs_across_questions_and_measures_alike(study, tmp_path):
     task = study.full_tasks()["image"]
-    sam, msam = task.methods[1], task.methods[3]
-    a, b = study.train_run(task, tmp_path, sam, 0.05, 2), study.train_run(task, tmp_path, msam, 0.05, 2)
-    for run in (a, b):
+    parts = study.plan(task, tmp_path, 2e-3, 12)
+    trained = {str(t.output_dir): t for pairs in parts.values() for t, _ in pairs}
+    # Question 1: every method at every noise level and seed; 2: every m at the focus level; 3: every method there.
+    assert len(parts["noise"]) == len(task.noise_levels) * len(task.noise_methods) * len(task.seeds)
+    assert {t.method.micro_batch_size for t, _ in parts["sweep"]} == {None, *[m for m in task.sweep_sizes if m != task.batch]}
+    assert len(parts["methods"]) == (len(task.noise_methods) + len(task.more_methods)) * len(task.focus_seeds)
+    # The sweep's m = batch run is question 1's SAM run, not a second copy.
+    sam = [t for t, _ in parts["sweep"] if t.method.micro_batch_size is None][0]
+    assert any(t.output_dir == sam.output_dir for t, _ in parts["noise"])
+    assert len(trained) < sum(len(p) for p in parts.values())
+    for run in trained.values():
         argv = run.argv
-        assert argv[argv.index("--seed") + 1] == argv[argv.index("--data_seed") + 1] == "2"
-        assert argv[argv.index("--model_name_or_path") + 1].endswith("vit-seed2")
-    assert "--msam_micro_batch_size" not in a.argv and b.argv[b.argv.index("--msam_micro_batch_size") + 1] == "16"
+        assert argv[argv.index("--seed") + 1] == argv[argv.index("--data_seed") + 1] == str(run.seed)
+        assert argv[argv.index("--model_name_or_path") + 1].endswith(f"vit-seed{run.seed}")
+        # Noisy labels for training only: validation is the clean split.
+        train_dir = argv[argv.index("--train_dir") + 1]
+        assert train_dir.endswith("train" if run.noise == 0 else f"train_noise{round(100 * run.noise)}")
+        assert argv[argv.index("--validation_dir") + 1].endswith(os.path.join("image", "validation"))
+    msam = next(t for t in trained.values() if t.method.micro_batch_size == 2)
+    assert msam.argv[msam.argv.index("--msam_micro_batch_size") + 1] == "2"
+    gsam = next(t for t in trained.values() if t.method.name == "gsam")
+    assert gsam.argv[gsam.argv.index("--msam_method") + 1] == "gsam"
+    assert "--msam_micro_batch_size" not in next(t for t in trained.values() if t.method.name == "adamw").argv
     # The test evaluation measures every method alike: SAM sharpness at rho 0.05, no micro-batches, no ASAM.
-    for run in (study.test_run(a), study.test_run(b)):
-        assert run.argv[run.argv.index("--msam_rho") + 1] == "0.05"
-        assert "--msam_micro_batch_size" not in run.argv and "--msam_adaptive" not in run.argv
-        assert run.argv[run.argv.index("--validation_dir") + 1].endswith(os.path.join("image", "test"))
-        assert "--do_train" not in run.argv
-    # Selection runs never see the test split.
-    assert not any("test" in Path(x).parts for x in a.argv if x.startswith(str(tmp_path)))
+    for _, tested in (p for pairs in parts.values() for p in pairs):
+        assert tested.argv[tested.argv.index("--msam_rho") + 1] == "0.05"
+        assert "--msam_micro_batch_size" not in tested.argv and "--msam_adaptive" not in tested.argv
+        assert tested.argv[tested.argv.index("--validation_dir") + 1].endswith(os.path.join("image", "test"))
+        assert "--do_train" not in tested.argv
+    # Training runs never see the test split.
+    assert not any("test" in Path(x).parts for t in trained.values() for x in t.argv if x.startswith(str(tmp_path)))
 
 
 def _run_smoke(work: Path, publish: Path) -> subprocess.CompletedProcess:
@@ -112,43 +166,46 @@ def test_smoke_end_to_end_and_resume(tmp_path):
     assert set(results["tasks"]) == {"text", "image"}
     assert results["meta"]["smoke"] is True
     for name, task in results["tasks"].items():
-        methods, seeds = list(task["methods"]), task["seeds"]
-        assert methods == list(task["summary"]) == list(task["selected_rho"])
-        assert "adamw" in methods and any(m.startswith("msam-") for m in methods)
-        assert len(seeds) >= 2
-        # The grid: every rho of every method, on the first seed, one chosen per method.
-        assert len(task["grid"]) == sum(len(m["rho_grid"]) for m in task["methods"].values())
-        assert all(row["seed"] == seeds[0] for row in task["grid"])
-        assert sum(row["selected"] for row in task["grid"]) == len(methods)
-        # The final runs: every method at its chosen rho, every seed, with test accuracy and flatness.
-        assert len(task["runs"]) == len(methods) * len(seeds)
-        for row in task["runs"]:
-            assert row["rho"] == task["selected_rho"][row["method"]]
+        runs = task["runs"]
+        # Question 1 at every noise level (clean and noisy), the same methods and seeds at each.
+        assert [level["noise"] for level in task["noise"].values()] == [0.0, 0.4]
+        for level in task["noise"].values():
+            assert "adamw" in level["methods"] and any(m.startswith("msam-") for m in level["methods"])
+            for method, summary in level["methods"].items():
+                assert summary["test_accuracy"]["n"] == 2
+            assert any(k.endswith(" - adamw") for k in level["paired_test_accuracy"])
+        for row in runs:
             assert 0.0 <= row["test_accuracy"] <= 1.0
-            for key in ("eval_hessian_top_eigenvalue", "eval_hessian_trace", "eval_sharpness", "train_wall_s"):
+            for key in ("eval_hessian_top_eigenvalue", "eval_hessian_trace", "eval_sharpness", "train_runtime_s"):
                 assert isinstance(row[key], float) and math.isfinite(row[key]), (name, key, row[key])
             assert Path(row["test_dir"], "loss_landscape.json").exists()
-        for method, summary in task["summary"].items():
-            assert summary["test_accuracy"]["n"] == len(seeds)
-            assert summary["test_accuracy"]["std"] >= 0.0
-        assert any(k.startswith("msam-") and k.endswith(" - adamw") for k in task["paired_test_accuracy"])
+            assert isinstance(row["not_above_majority"], bool)
+        # The noisy training split really has flipped labels; validation and test are the clean splits.
+        assert task["data"]["train_noise40"]["flipped"] == round(0.4 * task["data"]["train"]["examples"])
+    text, image = results["tasks"]["text"], results["tasks"]["image"]
+    assert text["tuning"]["chosen"]["epochs"] == text["epochs"] == 1 and text["learning_rate"] == 1e-4
+    # Question 2 (image): every m from the batch (SAM) down to 2; question 3: the variants beside AdamW/SAM/mSAM.
+    assert [s["m"] for s in image["sweep"]["sizes"]] == [8, 4, 2]
+    assert image["sweep"]["sizes"][0]["vs_sam"] is None and image["sweep"]["sizes"][-1]["vs_sam"]["n"] == 2
+    assert set(image["methods"]["methods"]) == {"adamw", "sam", "msam-m4", "looksam"}
+    assert image["methods"]["methods"]["adamw"]["time_vs_adamw"] == 1.0
     for f in ("results.json", "results.md", "summary.png"):
         assert (publish / f).stat().st_size > 0
-    assert "test accuracy" in (publish / "results.md").read_text()
+    md = (publish / "results.md").read_text()
+    assert "Label noise" in md and "Micro-batch size sweep" in md and "accuracy for the time" in md
     if results["meta"].get("compare_reports"):  # `hf-msam compare` is there
         for name in results["meta"]["compare_reports"]:
             assert (publish / f"compare-{name}.png").exists() and (publish / f"compare-{name}.md").exists()
 
     # Resume: a second invocation redoes no finished run and writes the same results.
     def finished_runs():
-        paths = [*work.glob("*/train/*/all_results.json"), *work.glob("*/test/*/all_results.json")]
+        paths = [*work.glob("*/*/*/*/all_results.json"), *work.glob("*/tune/*/all_results.json")]
         return {p: p.stat().st_mtime_ns for p in paths}
 
     finished = finished_runs()
-    assert len(finished) == sum(len(t["grid"]) + len(t["runs"]) * 2 - len(t["methods"]) for t in results["tasks"].values())
+    assert len(finished) == sum(2 * len(t["runs"]) for t in results["tasks"].values()) + len(text["tuning"]["grid"])
     second = _run_smoke(work, publish)
     assert "running (log" not in second.stdout
-    assert second.stdout.count("finished earlier, kept") == len(finished)
     assert finished_runs() == finished
     again = json.loads((work / "results.json").read_text())
     for name in results["tasks"]:
