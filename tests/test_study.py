@@ -118,7 +118,10 @@ def test_plan_shares_runs_across_questions_and_measures_alike(study, tmp_path):
     parts = study.plan(task, tmp_path, 2e-3, 12)
     trained = {str(t.output_dir): t for pairs in parts.values() for t, _ in pairs}
     # Question 1: every method at every noise level and seed; 2: every m at the focus level; 3: every method there.
-    assert len(parts["noise"]) == len(task.noise_levels) * len(task.noise_methods) * len(task.seeds)
+    # (at the focus noise level with more seeds: its intervals are the ones the other questions refer to).
+    assert len(parts["noise"]) == len(task.noise_methods) * (len(task.noise_levels) * len(task.seeds) + len(task.more_seeds))
+    assert {t.seed for t, _ in parts["noise"] if t.noise == task.focus_noise} == {*task.seeds, *task.more_seeds}
+    assert {t.seed for t, _ in parts["noise"] if t.noise == 0} == set(task.seeds)
     assert {t.method.micro_batch_size for t, _ in parts["sweep"]} == {None, *[m for m in task.sweep_sizes if m != task.batch]}
     assert len(parts["methods"]) == (len(task.noise_methods) + len(task.more_methods)) * len(task.focus_seeds)
     # The sweep's m = batch run is question 1's SAM run, not a second copy.

@@ -127,6 +127,7 @@ class Task:
     more_methods: tuple[Method, ...] = ()  # question 3, beside question 1's methods
     focus_noise: float = 0.0  # the noise level of questions 2 and 3
     focus_seeds: tuple[int, ...] = ()  # the seeds of questions 2 and 3
+    more_seeds: tuple[int, ...] = ()  # question 1 at the focus noise level: seeds beyond `seeds` (tighter intervals)
 
     def sweep_method(self, m: int) -> Method:
         if m == self.batch:
@@ -206,7 +207,7 @@ def image_task(*, batch: int, flatness: FlatnessBudget, data: dict, extra: tuple
 def full_tasks() -> dict[str, Task]:
     """The published study (see benchmarks/study/README.md for its wall time)."""
     text = text_task(
-        seq=64, batch=16, flatness=FlatnessBudget(batches=1, batch_size=16, iters=8),
+        seq=64, batch=16, flatness=FlatnessBudget(batches=1, batch_size=16, iters=5),
         data={"noise_levels": (0.2,)},
         learning_rate=0.0, epochs=0, tune_lrs=(1e-4, 2e-4), tune_epochs=5,
         noise_levels=(0.0, 0.2), noise_methods=base_methods(0.05, 4), seeds=(0, 1, 2),
@@ -215,8 +216,8 @@ def full_tasks() -> dict[str, Task]:
         batch=64, flatness=FlatnessBudget(batches=1, batch_size=128, iters=20),
         data={"train": 2400, "validation": 600, "test": 2000, "noise_levels": (0.2, 0.4)},
         learning_rate=2e-3, epochs=12,
-        noise_levels=(0.0, 0.2, 0.4), noise_methods=base_methods(0.05, 16), seeds=(0, 1, 2, 3, 4),
-        sweep_sizes=(64, 32, 16, 8, 4, 2), sweep_rho=0.05,
+        noise_levels=(0.0, 0.2, 0.4), noise_methods=base_methods(0.05, 16), seeds=(0, 1, 2), more_seeds=(3, 4),
+        sweep_sizes=(64, 16, 4, 2), sweep_rho=0.05,
         more_methods=variant_methods(0.05, 0.5), focus_noise=0.4, focus_seeds=(0, 1, 2),
     )  # fmt: skip
     return {"text": text, "image": image}
@@ -556,7 +557,14 @@ def plan(task: Task, work: Path, lr: float, epochs: int) -> dict[str, list[tuple
             pairs[trained.output_dir] = (trained, test_run(trained, work))
         return pairs[trained.output_dir]
 
-    parts = {"noise": [pair(m, noise, s) for noise in task.noise_levels for m in task.noise_methods for s in task.seeds]}
+    parts = {
+        "noise": [
+            pair(m, noise, s)
+            for noise in task.noise_levels
+            for m in task.noise_methods
+            for s in (*task.seeds, *(task.more_seeds if noise == task.focus_noise else ()))
+        ]
+    }
     parts["sweep"] = [pair(task.sweep_method(m), task.focus_noise, s) for m in task.sweep_sizes for s in task.focus_seeds]
     if task.more_methods:
         parts["methods"] = [
