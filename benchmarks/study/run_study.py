@@ -144,7 +144,7 @@ def base_methods(rho: float, micro: int) -> tuple[Method, ...]:
     return (Method("adamw", "AdamW"), Method("sam", "SAM", rho), Method(f"msam-m{micro}", f"mSAM (m={micro})", rho, micro))
 
 
-def variant_methods(rho: float, asam_rho: float) -> tuple[Method, ...]:
+def variant_methods(rho: float, asam_rho: float = 0.5) -> tuple[Method, ...]:
     return (
         Method("asam", "ASAM", asam_rho, flags=("--msam_adaptive", "true")),
         Method("gsam", "GSAM", rho, flags=("--msam_method", "gsam")),
@@ -216,9 +216,10 @@ def full_tasks() -> dict[str, Task]:
         batch=64, flatness=FlatnessBudget(batches=1, batch_size=128, iters=20),
         data={"train": 2400, "validation": 600, "test": 2000, "noise_levels": (0.2, 0.4)},
         learning_rate=2e-3, epochs=12,
-        noise_levels=(0.0, 0.2, 0.4), noise_methods=base_methods(0.05, 16), seeds=(0, 1, 2), more_seeds=(3, 4),
+        # 20% noise is prepared but not trained (it did not fit the 2-hour budget beside the text task).
+        noise_levels=(0.0, 0.4), noise_methods=base_methods(0.05, 16), seeds=(0, 1, 2),
         sweep_sizes=(64, 16, 4, 2), sweep_rho=0.05,
-        more_methods=variant_methods(0.05, 0.5), focus_noise=0.4, focus_seeds=(0, 1, 2),
+        more_methods=variant_methods(0.05)[1:], focus_noise=0.4, focus_seeds=(0, 1, 2),
     )  # fmt: skip
     return {"text": text, "image": image}
 
