@@ -118,7 +118,7 @@ def test_plan_shares_runs_across_questions_and_measures_alike(study, tmp_path):
     parts = study.plan(task, tmp_path, 2e-3, 12)
     trained = {str(t.output_dir): t for pairs in parts.values() for t, _ in pairs}
     # Question 1: every method at every noise level and seed; 2: every m at the focus level; 3: every method there.
-    # (at the focus noise level with more seeds: its intervals are the ones the other questions refer to).
+    # (at the focus noise level with `more_seeds`, when a task sets them).
     assert len(parts["noise"]) == len(task.noise_methods) * (len(task.noise_levels) * len(task.seeds) + len(task.more_seeds))
     assert {t.seed for t, _ in parts["noise"] if t.noise == task.focus_noise} == {*task.seeds, *task.more_seeds}
     assert {t.seed for t, _ in parts["noise"] if t.noise == 0} == set(task.seeds)
@@ -206,7 +206,8 @@ def test_smoke_end_to_end_and_resume(tmp_path):
         return {p: p.stat().st_mtime_ns for p in paths}
 
     finished = finished_runs()
-    assert len(finished) == sum(2 * len(t["runs"]) for t in results["tasks"].values()) + len(text["tuning"]["grid"])
+    tuning_runs = len({g["learning_rate"] for g in text["tuning"]["grid"]})
+    assert len(finished) == sum(2 * len(t["runs"]) for t in results["tasks"].values()) + tuning_runs
     second = _run_smoke(work, publish)
     assert "running (log" not in second.stdout
     assert finished_runs() == finished
@@ -214,3 +215,41 @@ def test_smoke_end_to_end_and_resume(tmp_path):
     for name in results["tasks"]:
         assert again["tasks"][name]["runs"] == results["tasks"][name]["runs"]
     assert "running (log" in first.stdout
+
+
+def test_collect_pairs_within_a_noise_level_and_leaves_failed_runs_out(study, tmp_path):
+    task = study.smoke_tasks()["image"]
+    parts = study.plan(task, tmp_path, 2e-3, 1)
+
+    def accuracy(run):
+        if run.method.name == "adamw":
+            return 0.9 if run.noise == 0 else 0.5
+        if run.method.name == "msam-m4" and run.noise == 0.4 and run.seed == 1:
+            return 0.1  # below the 20% majority class: a failed run
+        return 0.6 + 0.01 * run.seed
+
+    for pairs in parts.values():
+        for trained, tested in pairs:
+            for run, result in ((trained, {"eval_accuracy": 0.5, "train_runtime": 10.0}),
+                                (tested, {"eval_accuracy": accuracy(trained), "eval_loss": 1.0,
+                                          "eval_hessian_top_eigenvalue": 1.0, "eval_hessian_trace": 2.0,
+                                          "eval_sharpness": 0.1})):  # fmt: skip
+                run.output_dir.mkdir(parents=True, exist_ok=True)
+                (run.output_dir / "all_results.json").write_text(json.dumps(result))
+                (run.output_dir / "study_run.json").write_text(json.dumps({"wall_s": 1.0}))
+    out = study.collect(task, parts, None, test_majority=0.2)
+    noisy = out["noise"]["noise40"]
+    # SAM - AdamW at 40% pairs with AdamW at 40% (0.5), never the clean AdamW (0.9): +0.10 and +0.11.
+    assert noisy["paired_test_accuracy"]["sam - adamw"]["per_seed"] == pytest.approx([0.10, 0.11])
+    assert out["noise"]["noise0"]["paired_test_accuracy"]["sam - adamw"]["per_seed"] == pytest.approx([-0.30, -0.29])
+    # The failed run is listed, not averaged: mSAM at 40% has one seed left and one failed.
+    msam = noisy["methods"]["msam-m4"]
+    assert msam["failed_seeds"] == [1] and msam["test_accuracy"]["n"] == 1 and msam["test_accuracy"]["mean"] == 0.6
+    assert noisy["paired_test_accuracy"]["msam-m4 - adamw"]["seeds"] == [0]
+    assert [r["not_above_majority"] for r in out["runs"]].count(True) == 1
+    # The sweep pairs against SAM and AdamW at the sweep's own noise level.
+    m2 = next(s for s in out["sweep"]["sizes"] if s["m"] == 2)
+    assert m2["vs_adamw"]["per_seed"] == pytest.approx([0.10, 0.11]) and m2["vs_sam"]["mean"] == pytest.approx(0.0)
+    assert out["methods"]["methods"]["looksam"]["vs_sam"]["per_seed"] == pytest.approx([0.0, 0.0])
+    md = study.markdown({"tasks": {"image": {**out, "data": {"train": {"examples": 40}}, "test_majority": 0.2}}})
+    assert "1 run(s) no better than always predicting the majority class" in md and "(n=1, 1 failed)" in md

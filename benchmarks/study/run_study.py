@@ -11,7 +11,7 @@ Three questions, each answered with the repository's own example scripts on real
    training labels flipped at random (symmetric label noise; validation and test labels stay clean)?
 2. **sweep** (the mSAM paper's claim): at a fixed rho, does test accuracy rise and the minimum get flatter as the
    micro-batch size m shrinks from the whole batch (= SAM) down to 2?
-3. **methods**: what do the variants (ASAM, GSAM, Friendly-SAM, LookSAM, Momentum-SAM, SAM every 4th step) buy
+3. **methods**: what do the variants (GSAM, Friendly-SAM, LookSAM, Momentum-SAM, SAM every 4th step) buy
    in accuracy for their wall time?
 
 What it does, in order (every run is skipped when its output already exists, so a stopped study resumes where it
@@ -556,6 +556,8 @@ def plan(task: Task, work: Path, lr: float, epochs: int) -> dict[str, list[tuple
         trained = train_run(task, work, method, noise, seed, lr, epochs)
         if trained.output_dir not in pairs:
             pairs[trained.output_dir] = (trained, test_run(trained, work))
+        elif pairs[trained.output_dir][0].argv != trained.argv:  # two settings under one name would share results
+            raise ValueError(f"run_study: two different settings share the run folder {trained.output_dir}")
         return pairs[trained.output_dir]
 
     parts = {
@@ -818,6 +820,14 @@ def choose_lr_epochs(task: Task, runs: list[Run], val_majority: float, strict: b
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
+def t_975(df: int) -> float:
+    if df in T_975:
+        return T_975[df]
+    from scipy.stats import t  # beyond the table (more than 11 seeds); scipy comes with scikit-learn
+
+    return float(t.ppf(0.975, df))
+
+
 def _mean_std(values: list[float]) -> dict:
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
@@ -832,7 +842,7 @@ def paired(first: dict[int, float], second: dict[int, float]) -> dict:
     out = {**_mean_std(diffs), "seeds": seeds, "per_seed": diffs, "wins": sum(d > 0 for d in diffs),
            "ties": sum(d == 0 for d in diffs), "ci95": None}  # fmt: skip
     if len(diffs) >= 2:
-        half = T_975.get(len(diffs) - 1, 1.96) * out["std"] / math.sqrt(len(diffs))
+        half = t_975(out["n"] - 1) * out["std"] / math.sqrt(out["n"])
         out["ci95"] = [out["mean"] - half, out["mean"] + half]
     return out
 
@@ -858,11 +868,15 @@ SUMMARY_KEYS = ("test_accuracy", "test_loss", *FLATNESS_KEYS, "val_accuracy", "t
 
 
 def _summarize(rows: list[dict]) -> dict:
+    """Means over the seeds whose run learned; a run no better than the majority class is a failure, counted in
+    `failed_seeds`, not averaged in."""
     first = rows[0]
+    kept = [r for r in rows if not r["not_above_majority"]]
     return {
         "label": first["label"], "rho": first["rho"], "micro_batch_size": first["micro_batch_size"],
-        "flags": first["flags"], "seeds": [r["seed"] for r in rows],
-        **{key: _mean_std([r[key] for r in rows]) for key in SUMMARY_KEYS},
+        "flags": first["flags"], "seeds": [r["seed"] for r in kept],
+        "failed_seeds": [r["seed"] for r in rows if r["not_above_majority"]],
+        **{key: _mean_std([r[key] for r in kept]) for key in SUMMARY_KEYS},
     }  # fmt: skip
 
 
@@ -876,7 +890,11 @@ def collect(task: Task, parts: dict[str, list[tuple[Run, Run]]], tuning: dict | 
         return [rows[str(t.output_dir)] for t, _ in pairs]
 
     def accuracy(rs, method):
-        return {r["seed"]: r["test_accuracy"] for r in rs if r["method"] == method}
+        """Test accuracy by seed (failed runs left out: a paired difference needs two runs that learned)."""
+        chosen = [r for r in rs if r["method"] == method]
+        if len({(r["seed"], r["noise"]) for r in chosen}) != len(chosen) or len({r["noise"] for r in chosen}) > 1:
+            raise ValueError(f"internal: pairing {method} over several noise levels or duplicate seeds")
+        return {r["seed"]: r["test_accuracy"] for r in chosen if not r["not_above_majority"]}
 
     out: dict[str, Any] = {"title": task.title, "example_script": str(task.script.relative_to(REPO_ROOT)),
                            "train_args": list(task.train_args), "flatness_budget": dataclasses.asdict(task.flatness),
@@ -908,7 +926,8 @@ def collect(task: Task, parts: dict[str, list[tuple[Run, Run]]], tuning: dict | 
                 "m": m, "method": name, "perturbations_per_step": task.batch // m,
                 **_summarize([r for r in rs if r["method"] == name]),
                 "vs_sam": paired(accuracy(rs, name), accuracy(rs, sam)) if name != sam else None,
-                "vs_adamw": paired(accuracy(rs, name), accuracy(rows_of(parts["methods"]) or rows_of(parts["noise"]), "adamw")),
+                "vs_adamw": paired(accuracy(rs, name), accuracy(
+                    [r for r in rows_of(parts["methods"] or parts["noise"]) if r["noise"] == task.focus_noise], "adamw")),
             })  # fmt: skip
     # 3. methods: accuracy against training time, at the focus noise level.
     if parts["methods"]:
@@ -946,6 +965,11 @@ def _ci(p: dict | None) -> str:
     return f"**{text}**" if lo > 0 or hi < 0 else text
 
 
+def _n(s: dict) -> str:
+    failed = len(s.get("failed_seeds", []))
+    return f"(n={s['test_accuracy']['n']}" + (f", {failed} failed)" if failed else ")")
+
+
 def markdown(results: dict) -> str:
     lines = []
     for name, t in results["tasks"].items():
@@ -953,7 +977,8 @@ def markdown(results: dict) -> str:
         lines += [f"### {name}: {t['title']}", ""]
         lines.append(
             "Examples: " + ", ".join(f"{split} {s['examples']}" + (f" ({s['flipped']} flipped)" if "flipped" in s else "")
-                                     for split, s in data.items())
+                                     for split, s in data.items()
+                                     if not split.startswith("train_") or split[len("train_"):] in t["noise"])
             + f"; test majority class {t['test_majority']:.1%}."
         )  # fmt: skip
         if t.get("tuning"):
@@ -970,8 +995,9 @@ def markdown(results: dict) -> str:
         failed = [r for r in t["runs"] if r["not_above_majority"]]
         if failed:
             lines += ["", f"**{len(failed)} run(s) no better than always predicting the majority class** (failed runs, "
-                      "listed, not hidden): "
-                      + ", ".join(f"{r['label']} noise {r['noise']:.0%} seed {r['seed']}" for r in failed) + "."]  # fmt: skip
+                      "listed here, left out of the means and paired differences below, where n counts the runs that learned): "
+                      + ", ".join(f"{r['label']} noise {r['noise']:.0%} seed {r['seed']} ({100 * r['test_accuracy']:.1f}%)"
+                                  for r in failed) + "."]  # fmt: skip
         lines += ["", "#### Label noise: clean test accuracy", "",
                   "Mean ± std over seeds; Δ = paired difference in percentage points (same seed: same initial weights "
                   "and data order) with its 95% t interval, **bold** when the interval excludes 0.", "",
@@ -981,7 +1007,7 @@ def markdown(results: dict) -> str:
             for m, s in level["methods"].items():
                 p = level["paired_test_accuracy"]
                 lines.append(
-                    f"| {level['noise']:.0%} | {s['label']} | {s['rho']:g} | {_pm(s['test_accuracy'], 100)} (n={s['test_accuracy']['n']}) "
+                    f"| {level['noise']:.0%} | {s['label']} | {s['rho']:g} | {_pm(s['test_accuracy'], 100)} {_n(s)} "
                     f"| {_ci(p.get(f'{m} - adamw'))} | {_ci(p.get(f'{m} - sam'))} | {_g(s['eval_hessian_top_eigenvalue'])} "
                     f"| {_g(s['eval_hessian_trace'])} | {_g(s['eval_sharpness'])} | {_pm(s['train_runtime_s'], 1, 0)} |"
                 )  # fmt: skip
@@ -992,7 +1018,7 @@ def markdown(results: dict) -> str:
                       "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
             for s in sw["sizes"]:
                 lines.append(
-                    f"| {s['m']} | {s['perturbations_per_step']} | {_pm(s['test_accuracy'], 100)} (n={s['test_accuracy']['n']}) "
+                    f"| {s['m']} | {s['perturbations_per_step']} | {_pm(s['test_accuracy'], 100)} {_n(s)} "
                     f"| {_ci(s['vs_sam'])} | {_ci(s['vs_adamw'])} | {_g(s['eval_hessian_top_eigenvalue'])} "
                     f"| {_g(s['eval_hessian_trace'])} | {_g(s['eval_sharpness'])} | {_pm(s['train_runtime_s'], 1, 0)} |"
                 )  # fmt: skip
@@ -1005,7 +1031,7 @@ def markdown(results: dict) -> str:
                 ratio = "–" if s["time_vs_adamw"] is None else f"{s['time_vs_adamw']:.2f}"
                 lines.append(
                     f"| {s['label']} | {s['rho']:g} | {_pm(s['train_runtime_s'], 1, 0)} | {ratio} "
-                    f"| {_pm(s['test_accuracy'], 100)} (n={s['test_accuracy']['n']}) | {_ci(s['vs_adamw'])} | {_ci(s['vs_sam'])} "
+                    f"| {_pm(s['test_accuracy'], 100)} {_n(s)} | {_ci(s['vs_adamw'])} | {_ci(s['vs_sam'])} "
                     f"| {_g(s['eval_hessian_top_eigenvalue'])} | {_g(s['eval_sharpness'])} |"
                 )  # fmt: skip
         lines.append("")
@@ -1023,7 +1049,7 @@ def _color(method: str) -> str:
 def _err(stat: dict) -> float:
     """Half-width of the 95% t interval of a mean over stat['n'] seeds."""
     n = stat["n"]
-    return 0.0 if n < 2 else T_975.get(n - 1, 1.96) * stat["std"] / math.sqrt(n)
+    return 0.0 if n < 2 else t_975(n - 1) * stat["std"] / math.sqrt(n)
 
 
 def summary_plot(results: dict, path: Path) -> None:
@@ -1062,7 +1088,7 @@ def summary_plot(results: dict, path: Path) -> None:
         name, sw = sweeps[0]
         for col, (key, label, scale) in enumerate((("test_accuracy", "clean test accuracy (%)", 100),
                                                     ("eval_hessian_top_eigenvalue", "Hessian λ_max", 1),
-                                                    ("eval_sharpness", "SAM sharpness (ρ=0.05)", 1))):  # fmt: skip
+                                                    ("eval_sharpness", "SAM sharpness", 1))):  # fmt: skip
             ax = axes[1][col]
             ax.set_visible(True)
             xs = [s["m"] for s in sw["sizes"] if s[key]["mean"] is not None]
