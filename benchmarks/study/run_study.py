@@ -937,7 +937,8 @@ def collect(task: Task, parts: dict[str, list[tuple[Run, Run]]], tuning: dict | 
         adamw_time = _mean_std([r["train_runtime_s"] for r in rs if r["method"] == "adamw"])["mean"]
         for m in methods:
             summary = _summarize([r for r in rs if r["method"] == m])
-            summary["time_vs_adamw"] = (summary["train_runtime_s"]["mean"] / adamw_time) if adamw_time else None
+            runtime = _mean_std([r["train_runtime_s"] for r in rs if r["method"] == m])["mean"]  # failed runs too
+            summary["time_vs_adamw"] = (runtime / adamw_time) if adamw_time and runtime is not None else None
             summary["vs_adamw"] = paired(accuracy(rs, m), accuracy(rs, "adamw")) if m != "adamw" else None
             summary["vs_sam"] = paired(accuracy(rs, m), accuracy(rs, "sam")) if m not in ("adamw", "sam") else None
             out["methods"]["methods"][m] = summary
