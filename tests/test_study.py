@@ -175,7 +175,8 @@ def test_smoke_end_to_end_and_resume(tmp_path):
         for level in task["noise"].values():
             assert "adamw" in level["methods"] and any(m.startswith("msam-") for m in level["methods"])
             for method, summary in level["methods"].items():
-                assert summary["test_accuracy"]["n"] == 2
+                # Every seed is either averaged or listed as failed (2-step smoke runs rarely beat the majority class).
+                assert summary["test_accuracy"]["n"] + len(summary["failed_seeds"]) == 2
             assert any(k.endswith(" - adamw") for k in level["paired_test_accuracy"])
         for row in runs:
             assert 0.0 <= row["test_accuracy"] <= 1.0
@@ -189,7 +190,9 @@ def test_smoke_end_to_end_and_resume(tmp_path):
     assert text["tuning"]["chosen"]["epochs"] == text["epochs"] == 1 and text["learning_rate"] == 1e-4
     # Question 2 (image): every m from the batch (SAM) down to 2; question 3: the variants beside AdamW/SAM/mSAM.
     assert [s["m"] for s in image["sweep"]["sizes"]] == [8, 4, 2]
-    assert image["sweep"]["sizes"][0]["vs_sam"] is None and image["sweep"]["sizes"][-1]["vs_sam"]["n"] == 2
+    assert image["sweep"]["sizes"][0]["vs_sam"] is None
+    # Paired over the seeds where both runs learned (2-step smoke runs may not): at most the 2 seeds.
+    assert image["sweep"]["sizes"][-1]["vs_sam"]["n"] <= 2 and "ci95" in image["sweep"]["sizes"][-1]["vs_sam"]
     assert set(image["methods"]["methods"]) == {"adamw", "sam", "msam-m4", "looksam"}
     assert image["methods"]["methods"]["adamw"]["time_vs_adamw"] == 1.0
     for f in ("results.json", "results.md", "summary.png"):
