@@ -842,7 +842,7 @@ def paired(first: dict[int, float], second: dict[int, float]) -> dict:
     out = {**_mean_std(diffs), "seeds": seeds, "per_seed": diffs, "wins": sum(d > 0 for d in diffs),
            "ties": sum(d == 0 for d in diffs), "ci95": None}  # fmt: skip
     if len(diffs) >= 2:
-        half = t_975(out["n"] - 1) * out["std"] / math.sqrt(out["n"])
+        half = _err(out)
         out["ci95"] = [out["mean"] - half, out["mean"] + half]
     return out
 
@@ -971,6 +971,14 @@ def _n(s: dict) -> str:
     return f"(n={s['test_accuracy']['n']}" + (f", {failed} failed)" if failed else ")")
 
 
+def _accuracy_and_flatness(s: dict, first: dict | None, second: dict | None) -> str:
+    """The table cells shared by the noise and sweep tables: accuracy, two paired differences, flatness, time."""
+    return (
+        f"| {_pm(s['test_accuracy'], 100)} {_n(s)} | {_ci(first)} | {_ci(second)} | {_g(s['eval_hessian_top_eigenvalue'])} "
+        f"| {_g(s['eval_hessian_trace'])} | {_g(s['eval_sharpness'])} | {_pm(s['train_runtime_s'], 1, 0)} |"
+    )
+
+
 def markdown(results: dict) -> str:
     lines = []
     for name, t in results["tasks"].items():
@@ -1007,22 +1015,16 @@ def markdown(results: dict) -> str:
         for tag, level in t["noise"].items():
             for m, s in level["methods"].items():
                 p = level["paired_test_accuracy"]
-                lines.append(
-                    f"| {level['noise']:.0%} | {s['label']} | {s['rho']:g} | {_pm(s['test_accuracy'], 100)} {_n(s)} "
-                    f"| {_ci(p.get(f'{m} - adamw'))} | {_ci(p.get(f'{m} - sam'))} | {_g(s['eval_hessian_top_eigenvalue'])} "
-                    f"| {_g(s['eval_hessian_trace'])} | {_g(s['eval_sharpness'])} | {_pm(s['train_runtime_s'], 1, 0)} |"
-                )  # fmt: skip
+                lines.append(f"| {level['noise']:.0%} | {s['label']} | {s['rho']:g} "
+                             + _accuracy_and_flatness(s, p.get(f"{m} - adamw"), p.get(f"{m} - sam")))  # fmt: skip
         if t.get("sweep"):
             sw = t["sweep"]
             lines += ["", f"#### Micro-batch size sweep (noise {sw['noise']:.0%}, ρ = {sw['rho']:g}, batch {sw['batch']})", "",
                       "| m | perturbations / step | test accuracy % | Δ vs SAM (m = batch) | Δ vs AdamW | λ_max | tr(H) | sharpness | train s |",
                       "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
             for s in sw["sizes"]:
-                lines.append(
-                    f"| {s['m']} | {s['perturbations_per_step']} | {_pm(s['test_accuracy'], 100)} {_n(s)} "
-                    f"| {_ci(s['vs_sam'])} | {_ci(s['vs_adamw'])} | {_g(s['eval_hessian_top_eigenvalue'])} "
-                    f"| {_g(s['eval_hessian_trace'])} | {_g(s['eval_sharpness'])} | {_pm(s['train_runtime_s'], 1, 0)} |"
-                )  # fmt: skip
+                lines.append(f"| {s['m']} | {s['perturbations_per_step']} "
+                             + _accuracy_and_flatness(s, s["vs_sam"], s["vs_adamw"]))  # fmt: skip
         if t.get("methods"):
             me = t["methods"]
             lines += ["", f"#### Methods: accuracy for the time (noise {me['noise']:.0%})", "",
