@@ -18,7 +18,17 @@ from transformers.training_args import OptimizerNames
 
 from .batches import SequenceBoundsRecorder, splitter_for
 from .flatness import evaluate_flatness
-from .msam import DescentRule, MicroBatchSAM, MomentumPerturbation, MSAMStats, PerturbationRule, SAMPerturbation, Schedule, build_method
+from .msam import (
+    DescentRule,
+    LookSAMDescent,
+    MicroBatchSAM,
+    MomentumPerturbation,
+    MSAMStats,
+    PerturbationRule,
+    SAMPerturbation,
+    Schedule,
+    build_method,
+)
 from .training_args import MSAMArguments, msam_setting
 
 __all__ = ["MSAMMixin", "MSAMTrainer"]
@@ -93,6 +103,7 @@ class MSAMMixin:
         # Synchronized perturbations: asked for, or forced by FSDP2 (sharded weights take one perturbation).
         self.msam_sync_perturbation = bool(msam_setting(self.args, "msam_sync_perturbation")) or self._msam_fsdp2()
         self._check_supported()
+        self._warn_looksam_with_adam()
         # How batches are cut into micro-batches: dim 0, packed rows at sequence boundaries, or preference pairs.
         self._msam_splitter = splitter_for(self, strict=self.msam_perturbation.enabled)
         self._msam: MicroBatchSAM | None = None
@@ -108,6 +119,22 @@ class MSAMMixin:
             return True
         pc = getattr(self.accelerator, "parallelism_config", None)
         return bool(pc is not None and getattr(pc, "dp_shard_enabled", False))
+
+    def _warn_looksam_with_adam(self) -> None:
+        """LookSAM's reuse term with the paper's alpha stalls Adam-type optimizers (benchmarks/study: a ViT's loss
+        stays at ln 10 for alpha >= 0.2 with AdamW, for k 2 or 5 and lr 5e-4 or 2e-3; alpha 0.1 trains)."""
+        alpha = msam_setting(self.args, "msam_looksam_alpha")
+        if not (self.msam_perturbation.enabled and isinstance(self.msam_descent, LookSAMDescent) and alpha > 0.1):
+            return
+        optimizer = type(self.optimizer).__name__ if self.optimizer is not None else getattr(self.args.optim, "value", self.args.optim)
+        if "adam" in str(optimizer).lower():
+            logger.warning(
+                "LookSAM with an Adam-type optimizer (%s) and --msam_looksam_alpha %s: in our measurements alpha >= 0.2 "
+                "stalled AdamW training (a small ViT's loss stayed at ln(num_labels)), alpha 0.1 trained (the default "
+                "0.7 is the paper's). Consider --msam_looksam_alpha 0.1 (see benchmarks/study/README.md).",
+                optimizer,
+                alpha,
+            )
 
     def _check_supported(self) -> None:
         if not self.msam_perturbation.enabled:

@@ -5,6 +5,7 @@ of each paper's algorithm box, applied per micro-batch and weighted by micro-bat
 """
 
 import copy
+import logging
 import os
 
 import pytest
@@ -230,6 +231,21 @@ def test_frozen_parameters_are_never_perturbed_nor_updated(method):
 def test_momentum_needs_an_optimizer_with_momentum(tmp_path):
     with pytest.raises(ValueError, match="--msam_method momentum"):
         train(mlp(), mlp_dataset(5), tmp_path, 5, 1, msam_method="momentum")  # plain SGD keeps no momentum
+
+
+@pytest.mark.parametrize(
+    "optim, alpha, user_optimizer, warned",
+    [("adamw_torch", 0.7, False, True), ("adamw_torch", 0.1, False, False), ("sgd", 0.7, False, False), (None, 0.7, True, True)],
+)
+def test_looksam_warns_with_adam_type_optimizers_above_alpha_0_1(tmp_path, caplog, optim, alpha, user_optimizer, warned):
+    """LookSAM's paper alpha stalled AdamW in the study (loss flat at ln 10): the trainer says so at start."""
+    model = mlp()
+    extra = {"optim": optim} if optim else {}
+    optimizers = (torch.optim.Adam(model.parameters(), lr=LR), None) if user_optimizer else (None, None)
+    with caplog.at_level(logging.WARNING, logger="hf_msam"):
+        MSAMTrainer(model=model, args=trainer_args(tmp_path, 5, 1, msam_method="looksam", msam_looksam_alpha=alpha, **extra),
+                    optimizers=optimizers)  # fmt: skip
+    assert ("LookSAM with an Adam-type optimizer" in caplog.text) == warned, caplog.text
 
 
 # ---------------------------------------------------------------------------------------------

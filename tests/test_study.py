@@ -92,30 +92,48 @@ def test_paired_differences_and_t_interval(study):
     assert math.isclose(p["ci95"][0], mean - 2.776 * sd / 5**0.5) and math.isclose(p["ci95"][1], mean + 2.776 * sd / 5**0.5)
 
 
-def _fake_tuning_run(study, task, work, lr, history):
-    run = study.tune_run(task, work, lr)
+def _fake_tuning_run(study, task, work, lr, history, noise=0.0):
+    run = study.tune_run(task, work, lr, noise)
     run.output_dir.mkdir(parents=True)
     log = [{"epoch": e, "eval_accuracy": a, "eval_loss": l} for e, a, l in history]
     (run.output_dir / "trainer_state.json").write_text(json.dumps({"log_history": [{"loss": 0.7, "epoch": 0.5}, *log]}))
     return run
 
 
-def test_tuning_picks_best_validation_epoch_and_refuses_a_task_that_does_not_learn(study, tmp_path):
+def test_tuning_picks_best_validation_epoch_per_noise_level_and_skips_a_level_that_does_not_learn(study, tmp_path):
     task = study.full_tasks()["text"]
     runs = [
         _fake_tuning_run(study, task, tmp_path, 1e-4, [(1, 0.70, 0.60), (2, 0.80, 0.50), (3, 0.78, 0.49)]),
         _fake_tuning_run(study, task, tmp_path, 2e-4, [(1, 0.70, 0.61), (2, 0.80, 0.45), (3, 0.75, 0.52)]),
     ]
-    chosen = study.choose_lr_epochs(task, runs, val_majority=0.7)["chosen"]
-    assert (chosen["learning_rate"], chosen["epochs"]) == (2e-4, 2)  # tie on accuracy: the lower validation loss
-    flat = [_fake_tuning_run(study, task, tmp_path / "b", 1e-4, [(1, 0.70, 0.6), (2, 0.70, 0.6)])]
+    clean = study.choose_lr_epochs(task, runs, val_majority=0.7)
+    assert (clean["chosen"]["learning_rate"], clean["chosen"]["epochs"]) == (2e-4, 2)  # tie: the lower validation loss
+    assert clean["learns"] and clean["noise"] == 0.0
+    noisy = study.choose_lr_epochs(task, [
+        _fake_tuning_run(study, task, tmp_path, 1e-4, [(1, 0.72, 0.6), (2, 0.74, 0.6)], noise=0.1),
+        _fake_tuning_run(study, task, tmp_path, 2e-4, [(1, 0.75, 0.6), (2, 0.71, 0.6)], noise=0.1),
+    ], val_majority=0.7)  # fmt: skip
+    assert noisy["chosen"]["learning_rate"] == 2e-4 and noisy["chosen"]["epochs"] == 1
+    flat = study.choose_lr_epochs(task, [_fake_tuning_run(study, task, tmp_path, 1e-4, [(1, 0.70, 0.6), (2, 0.70, 0.6)],
+                                                          noise=0.2)], val_majority=0.7)  # fmt: skip
+    assert not flat["learns"]
+    # Each level trains with its own setting; a noisy level that does not learn is left out ...
+    settings = study.tuned_settings(task, {"noise0": clean, "noise10": noisy, "noise20": flat})
+    assert settings == {0.0: (2e-4, 2), 0.1: (2e-4, 1)}
+    parts = study.plan(task, tmp_path, settings)
+    assert {t.noise for t, _ in parts["noise"]} == {0.0, 0.1}
+    assert all(t.argv[t.argv.index("--num_train_epochs") + 1] == ("2" if t.noise == 0 else "1") for t, _ in parts["noise"])
+    # ... (the smoke test's 2-step runs train it anyway), and a clean level that does not learn stops the study.
+    assert study.tuned_settings(task, {"noise20": flat}, strict=False) == {0.2: (1e-4, 1)}
     with pytest.raises(SystemExit, match="does not learn"):
-        study.choose_lr_epochs(task, flat, val_majority=0.7)
+        study.tuned_settings(task, {"noise0": {**flat, "noise": 0.0}})
+    # The clean level keeps the folder names of the first study v2 runs (finished runs stay valid).
+    assert runs[0].output_dir.name == "adamw_lr0.0001_seed0" and "noise10" in study.tune_run(task, tmp_path, 1e-4, 0.1).output_dir.name
 
 
 def test_plan_shares_runs_across_questions_and_measures_alike(study, tmp_path):
     task = study.full_tasks()["image"]
-    parts = study.plan(task, tmp_path, 2e-3, 12)
+    parts = study.plan(task, tmp_path, study.fixed_settings(task))
     trained = {str(t.output_dir): t for pairs in parts.values() for t, _ in pairs}
     # Question 1: every method at every noise level and seed; 2: every m at the focus level; 3: every method there.
     # (at the focus noise level with `more_seeds`, when a task sets them).
@@ -187,7 +205,10 @@ def test_smoke_end_to_end_and_resume(tmp_path):
         # The noisy training split really has flipped labels; validation and test are the clean splits.
         assert task["data"]["train_noise40"]["flipped"] == round(0.4 * task["data"]["train"]["examples"])
     text, image = results["tasks"]["text"], results["tasks"]["image"]
-    assert text["tuning"]["chosen"]["epochs"] == text["epochs"] == 1 and text["learning_rate"] == 1e-4
+    # The plain optimizer is tuned at every noise level of the text task; each level trains with its own setting.
+    assert set(text["tuning"]) == {"noise0", "noise40"}
+    for tag, tuned in text["tuning"].items():
+        assert text["settings"][tag] == {"learning_rate": 1e-4, "epochs": tuned["chosen"]["epochs"]} and tuned["chosen"]["epochs"] == 1
     # Question 2 (image): every m from the batch (SAM) down to 2; question 3: the variants beside AdamW/SAM/mSAM.
     assert [s["m"] for s in image["sweep"]["sizes"]] == [8, 4, 2]
     assert image["sweep"]["sizes"][0]["vs_sam"] is None
@@ -209,7 +230,7 @@ def test_smoke_end_to_end_and_resume(tmp_path):
         return {p: p.stat().st_mtime_ns for p in paths}
 
     finished = finished_runs()
-    tuning_runs = len({g["learning_rate"] for g in text["tuning"]["grid"]})
+    tuning_runs = sum(len({g["learning_rate"] for g in t["grid"]}) for t in text["tuning"].values())
     assert len(finished) == sum(2 * len(t["runs"]) for t in results["tasks"].values()) + tuning_runs
     second = _run_smoke(work, publish)
     assert "running (log" not in second.stdout
@@ -222,7 +243,7 @@ def test_smoke_end_to_end_and_resume(tmp_path):
 
 def test_collect_pairs_within_a_noise_level_and_leaves_failed_runs_out(study, tmp_path):
     task = study.smoke_tasks()["image"]
-    parts = study.plan(task, tmp_path, 2e-3, 1)
+    parts = study.plan(task, tmp_path, study.fixed_settings(task))
 
     def accuracy(run):
         if run.method.name == "adamw":
