@@ -61,8 +61,10 @@ METHODS = ("sam", "gsam", "fsam", "looksam", "momentum")
 
 
 # Under FSDP2 each rank holds a shard of every vector the rules see: the engine sets the process group the
-# shards are spread over, and norms and dot products then sum over all shards (one all-reduce each).
+# shards are spread over, and norms and dot products then sum over all shards (one all-reduce each). It also
+# sets the sharded parameters themselves: the optimizer's state (Momentum-SAM's momentum) is keyed by those.
 _SHARD_GROUP: contextvars.ContextVar[Any] = contextvars.ContextVar("msam_shard_group", default=None)
+_SHARDED_PARAMS: contextvars.ContextVar[Any] = contextvars.ContextVar("msam_sharded_params", default=None)
 
 
 def _sum_over_shards(x: torch.Tensor) -> torch.Tensor:
@@ -268,17 +270,18 @@ class MomentumPerturbation(PerturbationRule):
         if self.optimizer is None:
             raise ValueError("Momentum-SAM needs the optimizer: MomentumPerturbation(optimizer=...) or MicroBatchSAM(optimizer=...).")
         state = self.optimizer.state
-        found = [state[p].get("exp_avg", state[p].get("momentum_buffer")) if p in state else None for p in params]
+        keys = _SHARDED_PARAMS.get() or params  # FSDP2: `params` are this rank's shards of these
+        found = [state[p].get("exp_avg", state[p].get("momentum_buffer")) if p in state else None for p in keys]
         if all(m is None for m in found):
-            if any(state.get(p) for p in params):  # the optimizer has stepped, but keeps its momentum elsewhere
+            if any(state.get(p) for p in keys):  # the optimizer has stepped, but keeps its momentum elsewhere
                 raise ValueError(
                     f"--msam_method momentum reads the optimizer's momentum as `exp_avg` (Adam-type) or `momentum_buffer` "
                     f"(SGD), and {type(getattr(self.optimizer, 'optimizer', self.optimizer)).__name__} keeps neither (its state holds "
-                    f"{sorted(next(state[p] for p in params if state.get(p)))}): without it every step would be a plain "
+                    f"{sorted(next(state[p] for p in keys if state.get(p)))}): without it every step would be a plain "
                     "step. Choose such an optimizer (--optim adamw_torch, or sgd with momentum) or another --msam_method."
                 )
             return None  # no momentum yet: the optimizer has not stepped
-        return [torch.zeros_like(p) if m is None else m for p, m in zip(params, found)]
+        return [torch.zeros_like(p) if m is None else _local(m) for p, m in zip(params, found)]  # FSDP2: m's shard
 
     def perturb(self, params, grads, rho=None):
         m = self.momentum(params)
@@ -647,9 +650,10 @@ class MicroBatchSAM:
     synchronized (every rank must apply the same e to its shard). g_j comes from a backward whose
     gradients FSDP2 reduce-scatters (the mean over ranks, i.e. the union's gradient), with `.grad`
     set aside and put back around it; the norm sums the shards with one all-reduce; each rank perturbs
-    and restores (by copy) only its own shards. Extra memory: two copies of the local shard. Methods
-    whose descent needs g_p,j itself (GSAM, LookSAM) and Momentum-SAM are refused under FSDP2, and the
-    mesh must be one-dimensional (plain FSDP, not HSDP).
+    and restores (by copy) only its own shards. Extra memory: two copies of the local shard. Momentum-SAM
+    reads each rank's shard of the (sharded) optimizer momentum, its norm summed over the shards. Methods
+    whose descent needs g_p,j itself (GSAM, LookSAM) are refused under FSDP2, and the mesh must be
+    one-dimensional (plain FSDP, not HSDP).
     """
 
     def __init__(
@@ -700,11 +704,6 @@ class MicroBatchSAM:
                 "(drop --msam_sync_perturbation; plain DDP instead of FSDP2)."
             )
         if self.fsdp2:
-            if isinstance(self.perturbation, MomentumPerturbation):
-                raise ValueError(
-                    "--msam_method momentum is not supported under FSDP2 yet: its momentum lives in the optimizer's "
-                    "sharded state. Use --msam_method sam or fsam, or plain DDP."
-                )
             meshes = {getattr(p, "device_mesh", None) for p in self.model.parameters() if p.requires_grad}
             if any(m is not None and m.ndim != 1 for m in meshes):
                 raise NotImplementedError(
@@ -888,7 +887,7 @@ class MicroBatchSAM:
                             g = self.ascent_gradient(clean_loss, params)
                 # 2. e_j from g_j (in g's storage, so keep a copy of g_j when the descent needs it);
                 #    e_j = 0 and ok False when g_j is zero, non-finite or overflowed in fp16.
-                with _scoped(_SHARD_GROUP, shard_group):
+                with _scoped(_SHARD_GROUP, shard_group), _scoped(_SHARDED_PARAMS, params if self.fsdp2 else None):
                     e, grad_norm, ok = self.perturbation.perturb(local, [t.clone() for t in g] if explicit else g, rho)
                 if not explicit:
                     g = None  # e lives in g's storage: no other reference may keep it alive past `del e`

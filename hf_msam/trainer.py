@@ -155,11 +155,11 @@ class MSAMMixin:
                 "dp_shard), yet: each device must hold whole examples, and sharded weights one shard dimension. Use "
                 "plain data parallelism or FSDP2 (dp_shard alone), or set --msam_rho 0."
             )
-        if fsdp2 and (isinstance(self.msam_perturbation, MomentumPerturbation) or self.msam_descent.explicit):
+        if fsdp2 and self.msam_descent.explicit:
             raise ValueError(
                 f"--msam_method {msam_setting(self.args, 'msam_method')} is not supported under FSDP2: GSAM and LookSAM "
-                "descend along a function of each device's own perturbed gradient, and Momentum-SAM's momentum lives in "
-                "the optimizer's sharded state. Use --msam_method sam or fsam under FSDP2, or plain DDP."
+                "descend along a function of each device's own perturbed gradient. Use --msam_method sam, fsam or "
+                "momentum under FSDP2, or plain DDP."
             )
         if self.msam_sync_perturbation and self.msam_descent.explicit:
             raise ValueError(

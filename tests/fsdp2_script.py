@@ -1,5 +1,6 @@
 """Run by test_fsdp2.py under `torchrun --nproc_per_node 2`: MicroBatchSAM on a model sharded with FSDP2's
-`fully_shard` (gloo, CPU), in a hand-written loop of SGD steps with two accumulation calls each, for SAM and Friendly-SAM.
+`fully_shard` (gloo, CPU), in a hand-written loop of SGD steps with two accumulation calls each, for SAM,
+Friendly-SAM and Momentum-SAM (SGD with momentum: the perturbation reads the optimizer's sharded momentum).
 
 Each rank saves its batches, the full weights it starts and ends with, and what it checked on its own shards:
 restored bitwise after every call, and `.grad` holding the sum of the calls' contributions.
@@ -12,7 +13,9 @@ import torch.distributed as dist
 from reference import MLP, host_syncs
 from torch.distributed.fsdp import fully_shard
 
-from hf_msam import FriendlyPerturbation, MicroBatchSAM
+from hf_msam import FriendlyPerturbation, MicroBatchSAM, MomentumPerturbation
+
+MOMENTUM = 0.9  # of SGD, for Momentum-SAM
 
 
 def run(method, steps=2, accumulation=2, batch_size=4, micro_batch_size=3, rho=0.2, lr=0.5):
@@ -23,9 +26,9 @@ def run(method, steps=2, accumulation=2, batch_size=4, micro_batch_size=3, rho=0
     fully_shard(model.fc1)
     fully_shard(model.fc2)
     fully_shard(model)
-    rule = FriendlyPerturbation(rho=rho, sigma=0.8, lmbda=0.6) if method == "fsam" else None
-    sam = MicroBatchSAM(model, rho=rho, micro_batch_size=micro_batch_size, perturbation=rule)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    rule = {"fsam": FriendlyPerturbation(rho=rho, sigma=0.8, lmbda=0.6), "momentum": MomentumPerturbation(rho=rho)}.get(method)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM if method == "momentum" else 0.0)
+    sam = MicroBatchSAM(model, rho=rho, micro_batch_size=micro_batch_size, perturbation=rule, optimizer=optimizer)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
     batches, restored, accumulated, syncs = [], [], [], []
     for step in range(steps):
@@ -52,7 +55,7 @@ def run(method, steps=2, accumulation=2, batch_size=4, micro_batch_size=3, rho=0
 
 def main(out_dir):
     dist.init_process_group("gloo")
-    results = {method: run(method) for method in ("sam", "fsam")}
+    results = {method: run(method, steps=3 if method == "momentum" else 2) for method in ("sam", "fsam", "momentum")}
     torch.save(results, f"{out_dir}/rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 

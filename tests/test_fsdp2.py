@@ -39,7 +39,7 @@ def two_ranks(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("method", ["sam", "fsam"])
+@pytest.mark.parametrize("method", ["sam", "fsam", "momentum"])
 def test_fsdp2_engine_matches_the_union_reference(two_ranks, method):
     from test_methods import Reference  # plain PyTorch, from the papers
 
@@ -61,11 +61,12 @@ def test_fsdp2_engine_matches_the_union_reference(two_ranks, method):
     params = list(model.parameters())
     w = flat(params).detach().clone()
     calls, accumulation, rho, lr = len(ranks[0]["batches"]), 2, 0.2, 0.5
+    buf = None  # Momentum-SAM: SGD's momentum buffer (None before the first step: that step is plain)
     for step in range(calls // accumulation):
         total = torch.zeros_like(w)
         for i in range(step * accumulation, (step + 1) * accumulation):
             batch = union([r["batches"][i] for r in ranks], 3)
-            contribution = ref.gradient(w, [batch], rho=rho) / accumulation
+            contribution = ref.gradient(w, [batch], rho=rho, momentum=buf) / accumulation
             # .grad gained exactly this call's contribution (this rank's shard of it, dim-0 chunks), the rest kept.
             for r, saved in enumerate(ranks):
                 before, after = saved["accumulated"][i]
@@ -73,6 +74,9 @@ def test_fsdp2_engine_matches_the_union_reference(two_ranks, method):
                     shard = torch.chunk(c, 2, dim=0)[r]
                     torch.testing.assert_close(a - (0 if b is None else b), shard, rtol=1e-9, atol=1e-12)
             total += contribution
+        if method == "momentum":  # torch.optim.SGD: buf <- 0.9 buf + g (buf <- g at first); w <- w - lr buf
+            buf = total.clone() if buf is None else 0.9 * buf + total
+            total = buf
         w = w - lr * total
     for w0, w1, expected in zip(ranks[0]["final"], ranks[1]["final"], unflat(w, params)):
         torch.testing.assert_close(w0, expected, rtol=1e-10, atol=1e-13)

@@ -192,13 +192,21 @@ def test_fsdp2_is_accepted_and_synchronizes(tmp_path, monkeypatch):
     assert "- perturbation scope: synchronized" in card and "- perturbations per optimizer step: 2 (1 accumulation" in card
 
 
-@pytest.mark.parametrize("method", ["gsam", "looksam", "momentum"])
+@pytest.mark.parametrize("method", ["gsam", "looksam"])
 def test_fsdp2_refuses_methods_it_cannot_make_right(tmp_path, monkeypatch, method):
     trainer = _trainer(tmp_path, msam_method=method)
     _fsdp(monkeypatch, trainer, 2)
     trainer.msam_sync_perturbation = True
     with pytest.raises(ValueError, match=f"--msam_method {method} is not supported under FSDP2"):
         trainer._check_supported()
+
+
+@pytest.mark.parametrize("method", ["sam", "fsam", "momentum"])
+def test_fsdp2_accepts_the_methods_it_makes_right(tmp_path, monkeypatch, method):
+    trainer = _trainer(tmp_path, msam_method=method)
+    _fsdp(monkeypatch, trainer, 2)
+    trainer.msam_sync_perturbation = True
+    trainer._check_supported()  # no refusal (the engine-level equality is in test_fsdp2.py)
 
 
 def test_fsdp1_and_deepspeed_are_refused_naming_fsdp2(tmp_path, monkeypatch):

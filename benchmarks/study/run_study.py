@@ -1174,11 +1174,11 @@ def summary_plot(results: dict, path: Path) -> None:
 
 
 def compare_reports(parts_by_task: dict, work: Path) -> dict[str, str]:
-    """`hf-msam compare` over the first seed's runs of question 1's methods at the highest noise level, per task
-    (views join each training run's curves with its test evaluation)."""
+    """`hf-msam compare` over the first seed's runs of question 1's methods at the highest noise level trained, per
+    task (views join each training run's curves with its test evaluation)."""
     reports = {}
     for name, (task, parts) in parts_by_task.items():
-        level = max(task.noise_levels)
+        level = max(t.noise for t, _ in parts["noise"])
         chosen = [(t, e) for t, e in parts["noise"] if t.noise == level and t.seed == task.seeds[0]]
         views = []
         for trained, tested in chosen:
@@ -1353,6 +1353,9 @@ def main(argv: list[str] | None = None) -> int:
         publish.mkdir(parents=True, exist_ok=True)
         for f in ("results.json", "results.md", "summary.png"):
             shutil.copy(work / f, publish / f)
+        for name in tasks:  # no stale report of an earlier run when this one's comparison failed or was skipped
+            for suffix in (".md", ".png"):
+                (publish / f"compare-{name}{suffix}").unlink(missing_ok=True)
         for name, report in results["meta"].get("compare_reports", {}).items():
             report = Path(report)
             if (report / "report.md").exists():
