@@ -156,7 +156,7 @@ class _ScriptTrainer:
                 f"msam_micro_batch_size={self.msam_micro_batch_size}, "
                 f"msam_adaptive={msam_setting(self.args, 'msam_adaptive')}): {self.msam_perturbations_per_step} "
                 f"perturbations per optimizer step ({devices}{accumulation} accumulation step(s) x "
-                f"{micro} micro-batch(es)).",
+                f"{micro} micro-batch(es)){self.msam_count_caveat}.",
                 file=sys.stderr,
                 flush=True,
             )

@@ -205,6 +205,15 @@ class MSAMMixin:
         return self._msam_perturbing_devices * self.args.gradient_accumulation_steps * micro
 
     @property
+    def msam_count_caveat(self) -> str:
+        """Empty, or why `msam_perturbations_per_step` is only a lower bound: TRL's `packing` makes each row a bin of
+        several sequences, and micro-batches are cut by sequences, so their number depends on the data."""
+        if getattr(self.args, "packing", False) and self.msam_micro_batch_size is not None:
+            return (" (counted in packed rows: each holds several sequences and micro-batches are cut by sequences, "
+                    "so a step makes more; the logged msam/micro_batches_per_step is the count)")  # fmt: skip
+        return ""
+
+    @property
     def _msam_perturbing_devices(self) -> int:
         return 1 if self.msam_sync_perturbation else self.args.world_size
 
@@ -224,12 +233,13 @@ class MSAMMixin:
         devices = "" if self.msam_sync_perturbation else f"{self.args.world_size} device(s) x "
         logger.info(
             "mSAM: %d distinct perturbations per optimizer step (%s%d accumulation step(s) x %d micro-batch(es) of %s "
-            "example(s) per device); scope: %s; rule: %s, %s; schedule: %s.",
+            "example(s) per device)%s; scope: %s; rule: %s, %s; schedule: %s.",
             self.msam_perturbations_per_step,
             devices,
             self.args.gradient_accumulation_steps,
             self.msam_perturbations_per_step // (self._msam_perturbing_devices * self.args.gradient_accumulation_steps),
             self.msam_micro_batch_size or self.args.per_device_train_batch_size,
+            self.msam_count_caveat,
             f"synchronized (the same perturbations on all {self.args.world_size} device(s))"
             if self.msam_sync_perturbation
             else "device-local (each device perturbs with its own micro-batches)",
@@ -401,6 +411,9 @@ class MSAMMixin:
             logs["msam/sharpness"] = (perturbed - clean) / per_step
             logs["msam/ascent_grad_norm"] = grad_norm / micro_batches
             logs["msam/skipped_perturbations"] = skipped / per_step
+            # Measured, not derived from the batch size: a packed row (TRL `packing`) holds a data-dependent number
+            # of sequences, so only the count of what was cut tells how many perturbations a step made.
+            logs["msam/micro_batches_per_step"] = micro_batches / per_step
         if "loss" in logs:
             stats.reset()
             self._msam_last_logged_step = self.state.global_step
@@ -441,7 +454,7 @@ class MSAMMixin:
                 f"- perturbations per optimizer step: {self.msam_perturbations_per_step} ("
                 + ("" if self.msam_sync_perturbation else f"{self.args.world_size} device(s) x ")
                 + f"{self.args.gradient_accumulation_steps} accumulation step(s) x {math.ceil(per_device / micro_batch_size)} "
-                "micro-batch(es) per device)",
+                "micro-batch(es) per device)" + self.msam_count_caveat,
             ]
             lines.append(f"- method: {msam_setting(self.args, 'msam_method')}")
             schedule = self.msam_schedule

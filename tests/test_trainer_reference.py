@@ -279,7 +279,7 @@ def test_logged_loss_is_clean_and_msam_metrics_are_logged(tmp_path):
     assert log["msam/sharpness"] > 0
     assert log["msam/ascent_grad_norm"] > 0
     assert log["msam/skipped_perturbations"] == 0
-    assert trainer.msam_perturbations_per_step == 2
+    assert trainer.msam_perturbations_per_step == 2 and log["msam/micro_batches_per_step"] == 2
 
 
 def test_micro_batch_without_label_tokens_adds_nothing_and_logs_finite_numbers(tmp_path):

@@ -163,6 +163,31 @@ def test_sft_padding_free_step_equals_reference(llama_dir, tmp_path):
 
     gradient = msam_gradient(reference, [loss_of(g) for g in groups], [c / sum(counts) for c in counts], rho=0.1)
     assert_weights_close(model, sgd_reference(reference, gradient, lr=0.5))
+    # The logged count is what was cut (3 micro-batches of sequences), whatever the row count of the batch.
+    (logged,) = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged["msam/micro_batches_per_step"] == 3
+
+
+def test_sft_packing_logs_the_micro_batches_it_cut(llama_dir, tmp_path):
+    """With `packing`, a row is a bin of several sequences: the static count (in rows) is a lower bound, said so at
+    start and in the card, and the logged msam/micro_batches_per_step is what was cut, counted here by hand."""
+    args = MSAMSFTConfig(
+        str(tmp_path), per_device_train_batch_size=1, packing=True, max_length=48, msam_rho=0.1, msam_micro_batch_size=2,
+        **COMMON,
+    )  # fmt: skip
+    trainer = recording(MSAMSFTTrainer)(
+        model=load(llama_dir), args=args, train_dataset=Dataset.from_list(PROMPT_COMPLETION),
+        processing_class=AutoTokenizer.from_pretrained(llama_dir),
+    )  # fmt: skip
+    trainer.train()
+    (batch,) = trainer.seen
+    sequences = int(batch["position_ids"][0].eq(0).sum())  # a sequence starts where its positions restart
+    assert batch["input_ids"].shape[0] == 1 and sequences > 2
+    (logged,) = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged["msam/micro_batches_per_step"] == math.ceil(sequences / 2) > trainer.msam_perturbations_per_step == 1
+    assert "packed rows" in trainer.msam_count_caveat
+    trainer.create_model_card()
+    assert "packed rows" in (tmp_path / "README.md").read_text()
 
 
 def test_sft_rho_zero_is_plain_sft_bitwise(llama_dir, tmp_path):
