@@ -103,7 +103,6 @@ class MSAMMixin:
         # Synchronized perturbations: asked for, or forced by FSDP2 (sharded weights take one perturbation).
         self.msam_sync_perturbation = bool(msam_setting(self.args, "msam_sync_perturbation")) or self._msam_fsdp2()
         self._check_supported()
-        self._warn_looksam_with_adam()
         # How batches are cut into micro-batches: dim 0, packed rows at sequence boundaries, or preference pairs.
         self._msam_splitter = splitter_for(self, strict=self.msam_perturbation.enabled)
         self._msam: MicroBatchSAM | None = None
@@ -119,22 +118,6 @@ class MSAMMixin:
             return True
         pc = getattr(self.accelerator, "parallelism_config", None)
         return bool(pc is not None and getattr(pc, "dp_shard_enabled", False))
-
-    def _warn_looksam_with_adam(self) -> None:
-        """LookSAM's reuse term with the paper's alpha stalls Adam-type optimizers (benchmarks/study: a ViT's loss
-        stays at ln 10 for alpha >= 0.2 with AdamW, for k 2 or 5 and lr 5e-4 or 2e-3; alpha 0.1 trains)."""
-        alpha = msam_setting(self.args, "msam_looksam_alpha")
-        if not (self.msam_perturbation.enabled and isinstance(self.msam_descent, LookSAMDescent) and alpha > 0.1):
-            return
-        optimizer = type(self.optimizer).__name__ if self.optimizer is not None else getattr(self.args.optim, "value", self.args.optim)
-        if "adam" in str(optimizer).lower():
-            logger.warning(
-                "LookSAM with an Adam-type optimizer (%s) and --msam_looksam_alpha %s: in our measurements alpha >= 0.2 "
-                "stalled AdamW training (a small ViT's loss stayed at ln(num_labels)), alpha 0.1 trained (the default "
-                "0.7 is the paper's). Consider --msam_looksam_alpha 0.1 (see benchmarks/study/README.md).",
-                optimizer,
-                alpha,
-            )
 
     def _check_supported(self) -> None:
         if not self.msam_perturbation.enabled:
@@ -209,8 +192,9 @@ class MSAMMixin:
         """Empty, or why `msam_perturbations_per_step` is only a lower bound: TRL's `packing` makes each row a bin of
         several sequences, and micro-batches are cut by sequences, so their number depends on the data."""
         if getattr(self.args, "packing", False) and self.msam_micro_batch_size is not None:
-            return (" (counted in packed rows: each holds several sequences and micro-batches are cut by sequences, "
-                    "so a step makes more; the logged msam/micro_batches_per_step is the count)")  # fmt: skip
+            return (" (counted in packed rows: each holds one or more sequences and micro-batches are cut by "
+                    "sequences, so a step makes at least as many; the logged msam/micro_batches_per_step is the count "
+                    "per device)")  # fmt: skip
         return ""
 
     @property
@@ -283,6 +267,7 @@ class MSAMMixin:
             return super().training_step(model, inputs, num_items_in_batch)  # a plain step, the base trainer's own
         if self._msam is None or self._msam.model is not model:
             self._check_optimizer_has_momentum()
+            self._warn_looksam_with_adam()
             self._msam = MicroBatchSAM(
                 model,
                 micro_batch_size=self.msam_micro_batch_size,
@@ -347,6 +332,22 @@ class MSAMMixin:
             return None
         group = self.optimizer.param_groups[0]
         return self.msam_schedule.rho(self.msam_perturbation.rho, group["lr"], group.get("initial_lr", group["lr"]))
+
+    def _warn_looksam_with_adam(self) -> None:
+        """LookSAM's reuse term with the paper's alpha stalled AdamW in benchmarks/study/looksam_alpha.py (a ViT's
+        loss stayed at ln 10 for alpha 0.2, 0.3 and 0.7; at 0.7 also with k = 2 and with lr 5e-4) and in the study;
+        alpha 0.1 trained. Adam-type: an optimizer whose parameter groups have `betas`."""
+        descent = self.msam_descent
+        if not (isinstance(descent, LookSAMDescent) and descent.alpha > 0.1 and self.is_world_process_zero()):
+            return
+        if "betas" in self.optimizer.param_groups[0]:
+            logger.warning(
+                "LookSAM with an Adam-type optimizer (%s) and alpha %s: in our measurements alpha >= 0.2 stalled AdamW "
+                "training (a small ViT's loss stayed at ln(num_labels)) and alpha 0.1 trained (the default 0.7 is the "
+                "paper's). Consider --msam_looksam_alpha 0.1 (see benchmarks/study/README.md).",
+                type(getattr(self.optimizer, "optimizer", self.optimizer)).__name__,
+                descent.alpha,
+            )
 
     def _check_optimizer_has_momentum(self) -> None:
         if not isinstance(self.msam_perturbation, MomentumPerturbation):

@@ -57,7 +57,8 @@ class MSAMArguments:
             LookSAM: a full SAM step every k optimizer steps; the k - 1 between reuse its direction at one pass each.
         msam_looksam_alpha (`float`, *optional*, defaults to `0.7`):
             alpha of LookSAM: reuse steps descend along g + alpha * (||g|| / ||g_v||) * g_v. The default is the
-            paper's; with AdamW, alpha >= 0.2 stalled training in our measurements and 0.1 trained (warned at start).
+            paper's; with AdamW, alpha >= 0.2 stalled training in our measurements and 0.1 trained (warned at the
+            first step).
         msam_sync_perturbation (`bool`, *optional*, defaults to `False`):
             Synchronized perturbations: micro-batch j's perturbation comes from the gradient of the union over all
             devices of their j-th micro-batches, the same on every device (one extra all-reduce of the trainable
@@ -164,7 +165,7 @@ class MSAMArguments:
         metadata={
             "help": "alpha of LookSAM (--msam_method looksam): reuse steps descend along g + alpha * (||g|| / ||g_v||) "
             "* g_v. 0.7 is the paper's; with AdamW, alpha >= 0.2 stalled training in our measurements and 0.1 trained "
-            "(a warning says so at start)."
+            "(a warning says so at the first step)."
         },
     )
     msam_sync_perturbation: bool = field(

@@ -235,17 +235,32 @@ def test_momentum_needs_an_optimizer_with_momentum(tmp_path):
 
 @pytest.mark.parametrize(
     "optim, alpha, user_optimizer, warned",
-    [("adamw_torch", 0.7, False, True), ("adamw_torch", 0.1, False, False), ("sgd", 0.7, False, False), (None, 0.7, True, True)],
-)
+    [
+        ("adamw_torch", 0.7, None, True), ("adamw_torch", 0.1, None, False), ("sgd", 0.7, None, False),
+        ("sgd", 0.7, "adam", True), ("adamw_torch", 0.7, "sgd", False),  # the optimizer in use decides, not --optim
+    ],
+)  # fmt: skip
 def test_looksam_warns_with_adam_type_optimizers_above_alpha_0_1(tmp_path, caplog, optim, alpha, user_optimizer, warned):
-    """LookSAM's paper alpha stalled AdamW in the study (loss flat at ln 10): the trainer says so at start."""
+    """LookSAM's paper alpha stalled AdamW in the study (loss flat at ln 10): the trainer says so at its first step."""
     model = mlp()
-    extra = {"optim": optim} if optim else {}
-    optimizers = (torch.optim.Adam(model.parameters(), lr=LR), None) if user_optimizer else (None, None)
+    optimizer = {"adam": lambda: torch.optim.Adam(model.parameters(), lr=LR), "sgd": lambda: torch.optim.SGD(model.parameters(), lr=LR)}
+    args = trainer_args(tmp_path, 5, 1, msam_method="looksam", msam_looksam_alpha=alpha, optim=optim)
+    trainer = MSAMTrainer(model=model, args=args, train_dataset=mlp_dataset(5),
+                          optimizers=(optimizer[user_optimizer](), None) if user_optimizer else (None, None))  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="hf_msam"):
-        MSAMTrainer(model=model, args=trainer_args(tmp_path, 5, 1, msam_method="looksam", msam_looksam_alpha=alpha, **extra),
-                    optimizers=optimizers)  # fmt: skip
+        trainer.train()
     assert ("LookSAM with an Adam-type optimizer" in caplog.text) == warned, caplog.text
+
+
+def test_looksam_warning_reads_the_descent_rule_in_use(tmp_path, caplog):
+    from hf_msam import LookSAMDescent
+
+    model = mlp()
+    args = trainer_args(tmp_path, 5, 1, msam_method="looksam", optim="adamw_torch")  # args' alpha: 0.7
+    trainer = MSAMTrainer(model=model, args=args, train_dataset=mlp_dataset(5), descent=LookSAMDescent(alpha=0.05))
+    with caplog.at_level(logging.WARNING, logger="hf_msam"):
+        trainer.train()
+    assert "LookSAM with an Adam-type optimizer" not in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------

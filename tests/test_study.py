@@ -37,24 +37,26 @@ needs_data = pytest.mark.skipif(
 
 
 @needs_data
-def test_prepare_text_binary_unescaped_stratified(study, tmp_path):
+def test_prepare_text_binary_unescaped_stratified_balanced(study, tmp_path):
     import csv
 
     task = study.full_tasks()["text"]
     stats = study.prepare_text(task, tmp_path)
-    # 600 train / 379 test reviews; the neutral ones (54 / 36) dropped.
-    assert stats["train"]["examples"] + stats["validation"]["examples"] == 546
-    assert stats["test"]["examples"] == 343
-    assert stats["validation"]["examples"] == round(161 * 0.2) + round(385 * 0.2)
+    # 600 train / 379 test reviews; the neutral ones (54 / 36) dropped: 161 negative and 385 positive training
+    # reviews, 95 negative test reviews. Balanced: the positives cut to the negatives' count in every split.
+    assert stats["validation"]["examples"] == 2 * round(161 * 0.2)
+    assert stats["train"]["examples"] == 2 * (161 - round(161 * 0.2))
+    assert stats["test"]["examples"] == 2 * 95
+    for split in ("train", "validation", "test"):
+        assert 2 * stats[split]["positive"] == stats[split]["examples"]
     rows = {}
     for split in ("train", "validation", "test"):
         with open(tmp_path / "data" / "text" / f"{split}.csv", newline="", encoding="utf-8") as f:
             rows[split] = list(csv.DictReader(f))
         assert {r["label"] for r in rows[split]} == {"0", "1"}
         assert not any("&#039;" in r["sentence"] or "&amp;" in r["sentence"] or "\n" in r["sentence"] for r in rows[split])
-    # Stratified: the same share of positives in train and validation; no review in both.
-    share = {s: sum(r["label"] == "1" for r in rows[s]) / len(rows[s]) for s in ("train", "validation")}
-    assert abs(share["train"] - share["validation"]) < 0.01
+    # Balanced, counted in the files: half positive in every split; no review in both train and validation.
+    assert all(2 * sum(r["label"] == "1" for r in rows[s]) == len(rows[s]) for s in rows)
     assert not {r["sentence"] for r in rows["train"]} & {r["sentence"] for r in rows["validation"]}
     # The noisy copy of the training split: the same reviews, exactly 20% of the labels flipped.
     with open(tmp_path / "data" / "text" / "train_noise20.csv", newline="", encoding="utf-8") as f:
@@ -65,6 +67,20 @@ def test_prepare_text_binary_unescaped_stratified(study, tmp_path):
     # Prepared once: a second call reads what is there.
     assert study.prepare_text(task, tmp_path) == stats
 
+
+def test_data_prepared_anew_removes_the_runs_made_from_earlier_data(study, tmp_path):
+    """A run is recognized by its command line, which names data files, not their contents: when a task's data
+    are made anew (its folder was deleted, e.g. after a change of settings), its earlier runs must go."""
+    task = study.smoke_tasks()["text"]
+    stale = study.tune_run(task, tmp_path, 1e-4).output_dir
+    stale.mkdir(parents=True)
+    (stale / "all_results.json").write_text("{}")
+    study.prepare_text(task, tmp_path)
+    assert not (tmp_path / "text").exists()
+    kept = study.tune_run(task, tmp_path, 1e-4).output_dir
+    kept.mkdir(parents=True)
+    study.prepare_text(task, tmp_path)  # prepared already with these settings: runs stay
+    assert kept.exists()
 
 def test_flip_labels_symmetric_exact_fraction_reproducible(study):
     labels = [i % 10 for i in range(500)]
@@ -101,7 +117,9 @@ def _fake_tuning_run(study, task, work, lr, history, noise=0.0):
 
 
 def test_tuning_picks_best_validation_epoch_per_noise_level_and_skips_a_level_that_does_not_learn(study, tmp_path):
-    task = study.full_tasks()["text"]
+    import dataclasses
+
+    task = dataclasses.replace(study.full_tasks()["text"], noise_levels=(0.0, 0.1, 0.2))
     runs = [
         _fake_tuning_run(study, task, tmp_path, 1e-4, [(1, 0.70, 0.60), (2, 0.80, 0.50), (3, 0.78, 0.49)]),
         _fake_tuning_run(study, task, tmp_path, 2e-4, [(1, 0.70, 0.61), (2, 0.80, 0.45), (3, 0.75, 0.52)]),
@@ -122,7 +140,19 @@ def test_tuning_picks_best_validation_epoch_per_noise_level_and_skips_a_level_th
     assert settings == {0.0: (2e-4, 2), 0.1: (2e-4, 1)}
     parts = study.plan(task, tmp_path, settings)
     assert {t.noise for t, _ in parts["noise"]} == {0.0, 0.1}
-    assert all(t.argv[t.argv.index("--num_train_epochs") + 1] == ("2" if t.noise == 0 else "1") for t, _ in parts["noise"])
+    # Each level's learning rate; the epochs: the tuned count, or with `best_epoch` (the text task) every run trains
+    # `tune_epochs` and keeps its best epoch on validation.
+    def arg(t, flag):
+        return t.argv[t.argv.index(flag) + 1] if flag in t.argv else None
+
+    assert all(arg(t, "--learning_rate") == "0.0002" for t, _ in parts["noise"])
+    assert task.best_epoch and all(
+        arg(t, "--num_train_epochs") == str(task.tune_epochs) and arg(t, "--load_best_model_at_end") == "true"
+        and arg(t, "--metric_for_best_model") == "accuracy" for t, _ in parts["noise"]
+    )  # fmt: skip
+    fixed = study.plan(dataclasses.replace(task, best_epoch=False), tmp_path, settings)
+    assert all(arg(t, "--num_train_epochs") == ("2" if t.noise == 0 else "1") and arg(t, "--load_best_model_at_end") is None
+               for t, _ in fixed["noise"])  # fmt: skip
     # ... (the smoke test's 2-step runs train it anyway), and a clean level that does not learn stops the study.
     assert study.tuned_settings(task, {"noise20": flat}, strict=False) == {0.2: (1e-4, 1)}
     with pytest.raises(SystemExit, match="does not learn"):

