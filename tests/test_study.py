@@ -238,7 +238,8 @@ def test_smoke_end_to_end_and_resume(tmp_path):
     # The plain optimizer is tuned at every noise level of the text task; each level trains with its own setting.
     assert set(text["tuning"]) == {"noise0", "noise40"}
     for tag, tuned in text["tuning"].items():
-        assert text["settings"][tag] == {"learning_rate": 1e-4, "epochs": tuned["chosen"]["epochs"]} and tuned["chosen"]["epochs"] == 1
+        assert tuned["chosen"]["epochs"] == 1
+        assert text["settings"][tag] == {"learning_rate": 1e-4, "epochs": 1, "keeps_best_epoch": True}
     # Question 2 (image): every m from the batch (SAM) down to 2; question 3: the variants beside AdamW/SAM/mSAM.
     assert [s["m"] for s in image["sweep"]["sizes"]] == [8, 4, 2]
     assert image["sweep"]["sizes"][0]["vs_sam"] is None

@@ -306,7 +306,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _prepared(marker: Path, settings: dict, runs: Path) -> bool:
+def _prepared(marker: Path, settings: dict, runs: Path | None = None) -> bool:
     """True when the data under `marker`'s folder were prepared with `settings`. Otherwise the data are about to be
     made anew, and the task's earlier runs (`runs`), made from other data, are removed: no run may be reused over
     data it was not trained on (a run is recognized by its command line, which names files, not their contents)."""
@@ -316,7 +316,7 @@ def _prepared(marker: Path, settings: dict, runs: Path) -> bool:
         raise SystemExit(
             f"run_study: {marker.parent} was prepared with other settings ({marker}); use another --work-dir or delete it."
         )
-    if runs.exists():
+    if runs is not None and runs.exists():
         print(f"run_study: {marker.parent} is prepared anew: removing the runs made from earlier data ({runs})", flush=True)
         shutil.rmtree(runs)
     return False
@@ -1072,7 +1072,12 @@ def markdown(results: dict) -> str:
             c = tu["chosen"]
             head = (f"Plain optimizer tuned on the {tag_text(tu['noise'])} training split, seed {tu['seed']}, on the clean "
                     f"validation split: ")  # fmt: skip
-            if tu["learns"] or tag in t["noise"]:
+            used = t.get("settings", {}).get(tag, {})
+            if (tu["learns"] or tag in t["noise"]) and used.get("keeps_best_epoch"):
+                head += (f"learning rate {c['learning_rate']:g} (best at epoch {c['epochs']}, {100 * c['val_accuracy']:.1f}% "
+                         f"validation accuracy); every method at this noise level uses it, trains {used['epochs']} epochs and "
+                         "keeps its own best epoch on the validation split.")  # fmt: skip
+            elif tu["learns"] or tag in t["noise"]:
                 head += (f"learning rate {c['learning_rate']:g}, {c['epochs']} epochs ({100 * c['val_accuracy']:.1f}% "
                          f"validation accuracy); every method at this noise level uses them.")  # fmt: skip
             else:
@@ -1371,7 +1376,10 @@ def main(argv: list[str] | None = None) -> int:
         res = collect(task, parts[name], tuning[name], majority)
         res["data"] = data_stats[name]
         res["test_majority"] = majority
-        res["settings"] = {noise_tag(n): {"learning_rate": lr, "epochs": ep} for n, (lr, ep) in settings[name].items()}
+        res["settings"] = {
+            noise_tag(n): {"learning_rate": lr, "epochs": task.tune_epochs if task.best_epoch else ep, "keeps_best_epoch": task.best_epoch}
+            for n, (lr, ep) in settings[name].items()
+        }  # fmt: skip
         walls = [r.record()["wall_s"] for runs in tune_runs.get(name, {}).values() for r in runs]
         walls += [run.record()["wall_s"] for trained, tested in unique.values() if trained.task is task for run in (trained, tested)]
         res["sum_of_run_walls_s"] = sum(walls)
