@@ -5,7 +5,8 @@ Every function here takes `batches`, an iterable of model-input dicts (what a `D
 
     L(w) = Σ_b n_b L_b(w) / Σ_b n_b,
 
-as a function of the trainable parameters w only (with PEFT: the adapter):
+as a function of the trainable parameters w only (with PEFT: the adapter), n_b the examples of batch b or, with
+`size_fn`, its label tokens (a token-level loss: `MSAMTrainer.evaluate` weighs causal-LM batches so):
 
 - `hessian_top_eigenvalue`: λ_max of ∇²L, by power iteration on Hessian-vector products (PyHessian, Yao et al.
   2020);
@@ -26,7 +27,7 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -38,6 +39,8 @@ from tqdm.auto import tqdm
 
 from .msam import SAMPerturbation, batch_size_of, split_batch
 from .training_args import msam_setting
+
+SizeFn = Callable[[Mapping[str, Any]], "int | torch.Tensor"]  # a batch's weight n_b in the mean loss
 
 __all__ = [
     "LossLandscape",
@@ -66,15 +69,20 @@ def _trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def _materialize(batches: Iterable[Mapping[str, Any]], device: torch.device) -> list[tuple[Mapping[str, Any], int]]:
-    """The batches, on `device`, with their sizes n_b: read once, since they are used many times."""
+def _materialize(
+    batches: Iterable[Mapping[str, Any]], device: torch.device, size_fn: SizeFn | None = None
+) -> list[tuple[Mapping[str, Any], int]]:
+    """The batches, on `device`, with their weights n_b (`size_fn`, default their examples): read once, since they are
+    used many times."""
+    size_fn = size_fn or batch_size_of
     if isinstance(batches, Mapping):
         raise TypeError("`batches` must be an iterable of batches, got a single dict: pass [batch].")
     data = []
     for batch in batches:
         if not isinstance(batch, Mapping):
             raise TypeError(f"Each batch must be a dict of model inputs, got a {type(batch).__name__}")
-        data.append((send_to_device(batch, device), batch_size_of(batch)))
+        batch = send_to_device(batch, device)
+        data.append((batch, int(size_fn(batch))))
     if not data:
         raise ValueError("`batches` is empty: give at least one batch of model inputs, labels included.")
     return data
@@ -157,6 +165,7 @@ def hessian_top_eigenvalue(
     seed: int = 0,
     *,
     progress_bar: bool = True,
+    size_fn: SizeFn | None = None,
 ) -> float:
     r"""
     The top eigenvalue λ_max of the Hessian of the loss, by power iteration on Hessian-vector products.
@@ -178,6 +187,10 @@ def hessian_top_eigenvalue(
             Seed of the starting vector.
         progress_bar (`bool`, *optional*, defaults to `True`):
             Show a progress bar when the computation takes more than a couple of seconds.
+        size_fn (callable, *optional*):
+            The weight n_b of a batch (or micro-batch) in the mean loss; default: its number of examples. For a
+            token-level loss (a causal LM's), the number of label tokens makes L the mean over tokens, as the
+            `Trainer`'s loss is (`MSAMTrainer.evaluate` passes that).
 
     Returns:
         `float`: the estimate of λ_max.
@@ -185,7 +198,7 @@ def hessian_top_eigenvalue(
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}.")
     params = _trainable_parameters(model)
-    data = _materialize(batches, params[0].device)
+    data = _materialize(batches, params[0].device, size_fn)
     generator = torch.Generator().manual_seed(seed)
     v = [torch.randn(p.shape, generator=generator, dtype=_accumulation_dtype(p)).to(p.device) for p in params]
     norm = _dot(v, v).sqrt()
@@ -214,6 +227,7 @@ def hessian_trace(
     seed: int = 0,
     *,
     progress_bar: bool = True,
+    size_fn: SizeFn | None = None,
 ) -> float:
     r"""
     The trace of the Hessian of the loss, by Hutchinson's estimator: tr H ≈ (1/m) Σ_k z_kᵀ H z_k.
@@ -232,6 +246,10 @@ def hessian_trace(
             Seed of the z_k.
         progress_bar (`bool`, *optional*, defaults to `True`):
             Show a progress bar when the computation takes more than a couple of seconds.
+        size_fn (callable, *optional*):
+            The weight n_b of a batch (or micro-batch) in the mean loss; default: its number of examples. For a
+            token-level loss (a causal LM's), the number of label tokens makes L the mean over tokens, as the
+            `Trainer`'s loss is (`MSAMTrainer.evaluate` passes that).
 
     Returns:
         `float`: the estimate of tr H.
@@ -239,7 +257,7 @@ def hessian_trace(
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}.")
     params = _trainable_parameters(model)
-    data = _materialize(batches, params[0].device)
+    data = _materialize(batches, params[0].device, size_fn)
     generator = torch.Generator().manual_seed(seed)
     estimates = []
     with _measuring(model), _progress(samples, "Hessian trace", progress_bar) as bar:
@@ -266,6 +284,7 @@ def sharpness(
     eps: float = 1e-12,
     *,
     progress_bar: bool = True,
+    size_fn: SizeFn | None = None,
 ) -> float:
     r"""
     The sharpness mSAM minimizes: the mean over micro-batches B_j of L_j(w + e_j) − L_j(w).
@@ -294,6 +313,10 @@ def sharpness(
             Added to the gradient norm in the denominator of e_j.
         progress_bar (`bool`, *optional*, defaults to `True`):
             Show a progress bar when the computation takes more than a couple of seconds.
+        size_fn (callable, *optional*):
+            The weight n_b of a batch (or micro-batch) in the mean loss; default: its number of examples. For a
+            token-level loss (a causal LM's), the number of label tokens makes L the mean over tokens, as the
+            `Trainer`'s loss is (`MSAMTrainer.evaluate` passes that).
 
     Returns:
         `float`: the sharpness, in units of the loss.
@@ -304,13 +327,13 @@ def sharpness(
         raise ValueError(f"micro_batch_size must be None or >= 1, got {micro_batch_size}.")
     perturbation = SAMPerturbation(rho=rho, adaptive=adaptive, eta=adaptive_eta, eps=eps)
     params = _trainable_parameters(model)
-    data = _materialize(batches, params[0].device)
+    data = _materialize(batches, params[0].device, size_fn)
     micro_batches = [mb for batch, _ in data for mb in split_batch(batch, micro_batch_size)]
     w = [p.detach().clone() for p in params]  # restore by copy: w + e - e is not w in floating point
     rise, total = 0.0, 0
     with _measuring(model), _progress(len(micro_batches), "Sharpness", progress_bar) as bar:
         for mb in micro_batches:
-            n_j = batch_size_of(mb)
+            n_j = int((size_fn or batch_size_of)(mb))
             clean_loss = _loss(model, mb)
             g = list(torch.autograd.grad(clean_loss, params, allow_unused=True, materialize_grads=True))
             e, _ = perturbation(params, g)
@@ -402,6 +425,7 @@ def loss_landscape(
     seed: int = 0,
     *,
     progress_bar: bool = True,
+    size_fn: SizeFn | None = None,
 ) -> LossLandscape:
     r"""
     The loss along filter-normalized random directions through the weights (Li et al. 2018).
@@ -427,6 +451,10 @@ def loss_landscape(
             Seed of the directions (drawn on the CPU, so the same on any device).
         progress_bar (`bool`, *optional*, defaults to `True`):
             Show a progress bar when the computation takes more than a couple of seconds.
+        size_fn (callable, *optional*):
+            The weight n_b of a batch (or micro-batch) in the mean loss; default: its number of examples. For a
+            token-level loss (a causal LM's), the number of label tokens makes L the mean over tokens, as the
+            `Trainer`'s loss is (`MSAMTrainer.evaluate` passes that).
 
     Returns:
         [`LossLandscape`]: the grid and the losses on it.
@@ -438,7 +466,7 @@ def loss_landscape(
     if not (math.isfinite(span) and span > 0):
         raise ValueError(f"span must be a finite number > 0, got {span!r}.")
     params = _trainable_parameters(model)
-    data = _materialize(batches, params[0].device)
+    data = _materialize(batches, params[0].device, size_fn)
     generator = torch.Generator().manual_seed(seed)
     d = [_filter_normalized_direction(params, generator) for _ in range(directions)]
     # span·(2i − (steps−1))/(steps−1): α = 0 exactly in the middle of an odd grid.
@@ -537,19 +565,24 @@ def evaluate_flatness(trainer: Any, eval_dataset: Any = None, metric_key_prefix:
         )
     batches = _first_batches(trainer.get_eval_dataloader(eval_dataset), msam_setting(args, "msam_flatness_batches"))
     model, progress_bar = trainer.model, trainer.is_local_process_zero() and not args.disable_tqdm
+    # A token-level loss (labels per token: causal or token-classification LMs) is a mean over label tokens:
+    # weigh each batch by the tokens the Trainer counts (its num_items_in_batch), not by its examples.
+    labels = batches[0].get("labels") if batches and isinstance(batches[0], Mapping) else None
+    token_level = isinstance(labels, torch.Tensor) and labels.dim() >= 2 and hasattr(trainer, "_item_count")
+    weights = {"size_fn": trainer._item_count} if token_level else {}
     metrics = {}
     if with_flatness:
         values = [
-            hessian_top_eigenvalue(model, batches, iters=msam_setting(args, "msam_flatness_iters"), progress_bar=progress_bar),
-            hessian_trace(model, batches, samples=msam_setting(args, "msam_flatness_iters"), progress_bar=progress_bar),
-            sharpness(model, batches, rho=msam_setting(args, "msam_flatness_rho"), progress_bar=progress_bar),
+            hessian_top_eigenvalue(model, batches, iters=msam_setting(args, "msam_flatness_iters"), progress_bar=progress_bar, **weights),
+            hessian_trace(model, batches, samples=msam_setting(args, "msam_flatness_iters"), progress_bar=progress_bar, **weights),
+            sharpness(model, batches, rho=msam_setting(args, "msam_flatness_rho"), progress_bar=progress_bar, **weights),
         ]
         if trainer.accelerator.num_processes > 1:
             values = trainer.accelerator.reduce(torch.tensor(values, device=args.device), reduction="mean").tolist()
         names = ("hessian_top_eigenvalue", "hessian_trace", "sharpness")
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in zip(names, values)}
     if with_landscape and trainer.is_world_process_zero():
-        landscape = loss_landscape(model, batches, progress_bar=progress_bar)
+        landscape = loss_landscape(model, batches, progress_bar=progress_bar, **weights)
         os.makedirs(args.output_dir, exist_ok=True)
         landscape.to_json(os.path.join(args.output_dir, LANDSCAPE_JSON))
         plot_loss_landscape(

@@ -481,3 +481,39 @@ def test_flatness_rho_sets_the_radius_of_eval_sharpness(tmp_path):
     batches = list(trainer.get_eval_dataloader())[:1]
     assert metrics["eval_sharpness"] == sharpness(trainer.model, batches, rho=0.2)
     assert metrics["eval_sharpness"] != sharpness(trainer.model, batches, rho=0.05)
+
+
+def test_trainer_weighs_causal_lm_batches_by_label_tokens(tmp_path):
+    """A causal LM's loss is a mean over label tokens: the flatness of an evaluation is that of the mean over all
+    tokens of its batches (as the Trainer's loss), not the mean of the batch means. Reference: the landscape at
+    α = 0, the loss summed token by token in plain PyTorch."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)  # fmt: skip
+    model = LlamaForCausalLM(config).double()
+    ids = torch.randint(0, 32, (4, 8))
+    labels = ids.clone()
+    labels[0, 2:] = -100  # batch 1 (rows 0, 1): 1 + 7 label tokens after the shift; batch 2: 7 + 7
+    data = [{"input_ids": i, "labels": y} for i, y in zip(ids, labels)]
+    args = MSAMTrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to="none", use_cpu=True, msam_rho=0.0,
+        msam_eval_landscape=True, msam_flatness_batches=2,
+    )  # fmt: skip
+    trainer = MSAMTrainer(model=model, args=args, eval_dataset=data)
+    trainer.evaluate()
+    landscape = LossLandscape.from_json(tmp_path / "loss_landscape.json")
+
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1]
+        target = labels[:, 1:]
+        nll = nn.functional.cross_entropy(logits.reshape(-1, 32), target.reshape(-1), ignore_index=-100, reduction="sum")
+        token_mean = (nll / target.ne(-100).sum()).item()
+        by_batch = [
+            nn.functional.cross_entropy(logits[r].reshape(-1, 32), target[r].reshape(-1), ignore_index=-100).item()
+            for r in (slice(0, 2), slice(2, 4))
+        ]
+    # (transformers' causal-LM loss takes the cross-entropy in float32, hence not 1e-12)
+    assert landscape.losses[10] == pytest.approx(token_mean, rel=1e-7)
+    assert abs(token_mean - sum(by_batch) / 2) > 1e-3  # the example-weighted mean would differ: the test can fail
