@@ -327,13 +327,14 @@ def sharpness(
         raise ValueError(f"micro_batch_size must be None or >= 1, got {micro_batch_size}.")
     perturbation = SAMPerturbation(rho=rho, adaptive=adaptive, eta=adaptive_eta, eps=eps)
     params = _trainable_parameters(model)
+    size_fn = size_fn or batch_size_of  # micro-batches weigh as batches do
     data = _materialize(batches, params[0].device, size_fn)
     micro_batches = [mb for batch, _ in data for mb in split_batch(batch, micro_batch_size)]
     w = [p.detach().clone() for p in params]  # restore by copy: w + e - e is not w in floating point
     rise, total = 0.0, 0
     with _measuring(model), _progress(len(micro_batches), "Sharpness", progress_bar) as bar:
         for mb in micro_batches:
-            n_j = int((size_fn or batch_size_of)(mb))
+            n_j = int(size_fn(mb))
             clean_loss = _loss(model, mb)
             g = list(torch.autograd.grad(clean_loss, params, allow_unused=True, materialize_grads=True))
             e, _ = perturbation(params, g)

@@ -345,9 +345,13 @@ class MSAMMixin:
                 "LookSAM with an Adam-type optimizer (%s) and alpha %s: in our measurements alpha >= 0.2 stalled AdamW "
                 "training (a small ViT's loss stayed at ln(num_labels)) and alpha 0.1 trained (the default 0.7 is the "
                 "paper's). Consider --msam_looksam_alpha 0.1 (see benchmarks/study/README.md).",
-                type(getattr(self.optimizer, "optimizer", self.optimizer)).__name__,
+                self._optimizer_name(),
                 descent.alpha,
             )
+
+    def _optimizer_name(self) -> str:
+        """The class name of the optimizer in use (accelerate wraps it)."""
+        return type(getattr(self.optimizer, "optimizer", self.optimizer)).__name__
 
     def _check_optimizer_has_momentum(self) -> None:
         if not isinstance(self.msam_perturbation, MomentumPerturbation):
@@ -355,8 +359,7 @@ class MSAMMixin:
         group = self.optimizer.param_groups[0]
         if "betas" not in group and not group.get("momentum", 0):
             raise ValueError(
-                "--msam_method momentum perturbs along the optimizer's momentum, and "
-                f"{type(getattr(self.optimizer, 'optimizer', self.optimizer)).__name__} "
+                f"--msam_method momentum perturbs along the optimizer's momentum, and {self._optimizer_name()} "
                 "(--optim) keeps none: use an Adam-type optimizer (e.g. --optim adamw_torch) or SGD with momentum "
                 '(--optim sgd --optim_args "momentum=0.9"), or another --msam_method.'
             )
