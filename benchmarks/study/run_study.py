@@ -216,7 +216,9 @@ def full_tasks() -> dict[str, Task]:
     text = text_task(
         seq=64, batch=16, flatness=FlatnessBudget(batches=1, batch_size=16, iters=5),
         data={"noise_levels": (0.2,), "balanced": True},
-        learning_rate=0.0, epochs=0, tune_lrs=(1e-4, 2e-4), tune_epochs=6, best_epoch=True,
+        # 10 epochs: the SAM family leaves the initial loss plateau (ln 2) later than AdamW (mSAM at 20% noise: in
+        # epoch 5 or 6); with 6 epochs mSAM (m = 4) stayed at chance on 2 of 3 seeds.
+        learning_rate=0.0, epochs=0, tune_lrs=(1e-4, 2e-4), tune_epochs=10, best_epoch=True,
         noise_levels=(0.0, 0.2), noise_methods=base_methods(0.05, 4), seeds=(0, 1, 2),
     )  # fmt: skip
     image = image_task(
