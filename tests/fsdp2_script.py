@@ -1,6 +1,7 @@
 """Run by test_fsdp2.py under `torchrun --nproc_per_node 2`: MicroBatchSAM on a model sharded with FSDP2's
 `fully_shard` (gloo, CPU), in a hand-written loop of SGD steps with two accumulation calls each, for SAM,
-Friendly-SAM and Momentum-SAM (SGD with momentum: the perturbation reads the optimizer's sharded momentum).
+Friendly-SAM and Momentum-SAM (the perturbation reads the optimizer's sharded momentum: SGD's `momentum_buffer`,
+and Adam's `exp_avg` in "momentum-adam", which also steps with Adam).
 
 Each rank saves its batches, the full weights it starts and ends with, and what it checked on its own shards:
 restored bitwise after every call, and `.grad` holding the sum of the calls' contributions.
@@ -16,6 +17,7 @@ from torch.distributed.fsdp import fully_shard
 from hf_msam import FriendlyPerturbation, MicroBatchSAM, MomentumPerturbation
 
 MOMENTUM = 0.9  # of SGD, for Momentum-SAM
+ADAM = dict(lr=0.05, betas=(0.9, 0.999), eps=1e-8)  # "momentum-adam"
 
 
 def run(method, steps=2, accumulation=2, batch_size=4, micro_batch_size=3, rho=0.2, lr=0.5):
@@ -26,8 +28,13 @@ def run(method, steps=2, accumulation=2, batch_size=4, micro_batch_size=3, rho=0
     fully_shard(model.fc1)
     fully_shard(model.fc2)
     fully_shard(model)
-    rule = {"fsam": FriendlyPerturbation(rho=rho, sigma=0.8, lmbda=0.6), "momentum": MomentumPerturbation(rho=rho)}.get(method)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM if method == "momentum" else 0.0)
+    rule = {"fsam": FriendlyPerturbation(rho=rho, sigma=0.8, lmbda=0.6)}.get(method)
+    if method.startswith("momentum"):
+        rule = MomentumPerturbation(rho=rho)
+    if method == "momentum-adam":
+        optimizer = torch.optim.Adam(model.parameters(), foreach=False, **ADAM)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM if method == "momentum" else 0.0)
     sam = MicroBatchSAM(model, rho=rho, micro_batch_size=micro_batch_size, perturbation=rule, optimizer=optimizer)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
     batches, restored, accumulated, syncs = [], [], [], []
@@ -55,7 +62,8 @@ def run(method, steps=2, accumulation=2, batch_size=4, micro_batch_size=3, rho=0
 
 def main(out_dir):
     dist.init_process_group("gloo")
-    results = {method: run(method, steps=3 if method == "momentum" else 2) for method in ("sam", "fsam", "momentum")}
+    methods = ("sam", "fsam", "momentum", "momentum-adam")
+    results = {method: run(method, steps=3 if method.startswith("momentum") else 2) for method in methods}
     torch.save(results, f"{out_dir}/rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 
