@@ -570,20 +570,20 @@ def evaluate_flatness(trainer: Any, eval_dataset: Any = None, metric_key_prefix:
     # weigh each batch by the tokens the Trainer counts (its num_items_in_batch), not by its examples.
     labels = batches[0].get("labels") if batches and isinstance(batches[0], Mapping) else None
     token_level = isinstance(labels, torch.Tensor) and labels.dim() >= 2 and hasattr(trainer, "_item_count")
-    weights = {"size_fn": trainer._item_count} if token_level else {}
+    common = {"progress_bar": progress_bar, **({"size_fn": trainer._item_count} if token_level else {})}
     metrics = {}
     if with_flatness:
         values = [
-            hessian_top_eigenvalue(model, batches, iters=msam_setting(args, "msam_flatness_iters"), progress_bar=progress_bar, **weights),
-            hessian_trace(model, batches, samples=msam_setting(args, "msam_flatness_iters"), progress_bar=progress_bar, **weights),
-            sharpness(model, batches, rho=msam_setting(args, "msam_flatness_rho"), progress_bar=progress_bar, **weights),
+            hessian_top_eigenvalue(model, batches, iters=msam_setting(args, "msam_flatness_iters"), **common),
+            hessian_trace(model, batches, samples=msam_setting(args, "msam_flatness_iters"), **common),
+            sharpness(model, batches, rho=msam_setting(args, "msam_flatness_rho"), **common),
         ]
         if trainer.accelerator.num_processes > 1:
             values = trainer.accelerator.reduce(torch.tensor(values, device=args.device), reduction="mean").tolist()
         names = ("hessian_top_eigenvalue", "hessian_trace", "sharpness")
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in zip(names, values)}
     if with_landscape and trainer.is_world_process_zero():
-        landscape = loss_landscape(model, batches, progress_bar=progress_bar, **weights)
+        landscape = loss_landscape(model, batches, **common)
         os.makedirs(args.output_dir, exist_ok=True)
         landscape.to_json(os.path.join(args.output_dir, LANDSCAPE_JSON))
         plot_loss_landscape(

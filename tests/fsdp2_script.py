@@ -28,8 +28,10 @@ def run(method, steps=2, accumulation=2, batch_size=4, micro_batch_size=3, rho=0
     fully_shard(model.fc1)
     fully_shard(model.fc2)
     fully_shard(model)
-    rule = {"fsam": FriendlyPerturbation(rho=rho, sigma=0.8, lmbda=0.6)}.get(method)
-    if method.startswith("momentum"):
+    rule = None  # SAM
+    if method == "fsam":
+        rule = FriendlyPerturbation(rho=rho, sigma=0.8, lmbda=0.6)
+    elif method.startswith("momentum"):
         rule = MomentumPerturbation(rho=rho)
     if method == "momentum-adam":
         optimizer = torch.optim.Adam(model.parameters(), foreach=False, **ADAM)

@@ -86,8 +86,8 @@ def test_fsdp2_engine_matches_the_union_reference(two_ranks, method):
             exp_avg_sq = b2 * exp_avg_sq + (1 - b2) * total * total
             denom = exp_avg_sq.sqrt() / (1 - b2**t) ** 0.5 + ADAM["eps"]
             w = w - ADAM["lr"] / (1 - b1**t) * (buf / denom)
-            continue
-        w = w - lr * total
+        else:
+            w = w - lr * total
     for w0, w1, expected in zip(ranks[0]["final"], ranks[1]["final"], unflat(w, params)):
         # Adam divides by sqrt(v): an entry with a tiny gradient turns last-bit differences of the ranks' reduction
         # order into ~1e-10 relative (measured); the gradients themselves agree at 1e-9 above.

@@ -134,6 +134,10 @@ class Task:
     # stopping): methods that fit more slowly than the plain optimizer are not cut at its best epoch count.
     best_epoch: bool = False
 
+    def trained_epochs(self, tuned: int) -> int:
+        """The epochs a training run trains, given the plain optimizer's tuned (or fixed) count."""
+        return self.tune_epochs if self.best_epoch else tuned
+
     def sweep_method(self, m: int) -> Method:
         if m == self.batch:
             return Method("sam" if self.sweep_rho == self._sam_rho() else f"sam-rho{self.sweep_rho:g}", "SAM",
@@ -554,14 +558,12 @@ BEST_EPOCH_ARGS = (
 
 def train_run(task: Task, work: Path, method: Method, noise: float, seed: int, lr: float, epochs: int) -> Run:
     output_dir = work / task.name / "train" / noise_tag(noise) / f"{method.name}_seed{seed}"
-    if task.best_epoch:
-        epochs = task.tune_epochs
     argv = [
         "--model_name_or_path", str(_model(task, work, seed)),
         *_task_data_args(task, work, "validation", noise),
         *task.train_args,
         *(BEST_EPOCH_ARGS if task.best_epoch else ()),
-        "--learning_rate", f"{lr:g}", "--num_train_epochs", str(epochs),
+        "--learning_rate", f"{lr:g}", "--num_train_epochs", str(task.trained_epochs(epochs)),
         "--seed", str(seed), "--data_seed", str(seed),
         *method.msam_args(),
         "--output_dir", str(output_dir),
@@ -1379,7 +1381,7 @@ def main(argv: list[str] | None = None) -> int:
         res["data"] = data_stats[name]
         res["test_majority"] = majority
         res["settings"] = {
-            noise_tag(n): {"learning_rate": lr, "epochs": task.tune_epochs if task.best_epoch else ep, "keeps_best_epoch": task.best_epoch}
+            noise_tag(n): {"learning_rate": lr, "epochs": task.trained_epochs(ep), "keeps_best_epoch": task.best_epoch}
             for n, (lr, ep) in settings[name].items()
         }  # fmt: skip
         walls = [r.record()["wall_s"] for runs in tune_runs.get(name, {}).values() for r in runs]
