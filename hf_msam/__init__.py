@@ -1,20 +1,18 @@
-"""hf-msam: micro-batch sharpness-aware minimization (mSAM) for the Hugging Face Trainer."""
+"""hf-msam: micro-batch sharpness-aware minimization (mSAM) for the Hugging Face Trainer.
 
-from .msam import (
-    DescentRule,
-    FriendlyPerturbation,
-    GSAMDescent,
-    LookSAMDescent,
-    MicroBatchSAM,
-    MomentumPerturbation,
-    MSAMStats,
-    PerturbationRule,
-    SAMDescent,
-    SAMPerturbation,
-    Schedule,
-    build_method,
-    split_batch,
-)
+Where things are: the methods, one module each, and their registry in `hf_msam.methods`; the step in
+`hf_msam.msam` (`MicroBatchSAM`); the Trainer glue in `hf_msam.trainer` and `hf_msam.training_args`; cutting batches
+into micro-batches in `hf_msam.batches`; TRL's trainers in `hf_msam.trl`; flatness measures in `hf_msam.flatness`.
+"""
+
+from .batches import split_batch
+from .methods import Capabilities, DescentRule, PerturbationRule, build_method, method_names, register_method
+from .methods.fsam import FriendlyPerturbation
+from .methods.gsam import GSAMDescent
+from .methods.looksam import LookSAMDescent
+from .methods.momentum import MomentumPerturbation
+from .methods.sam import SAMDescent, SAMPerturbation
+from .msam import MicroBatch, MicroBatchSAM, MSAMStats, Schedule
 from .trainer import MSAMMixin, MSAMTrainer
 from .training_args import MSAMArguments, MSAMTrainingArguments
 
@@ -26,6 +24,7 @@ __all__ = [
     "MSAMArguments",
     "MSAMTrainingArguments",
     "MicroBatchSAM",
+    "MicroBatch",
     "MSAMStats",
     "PerturbationRule",
     "SAMPerturbation",
@@ -35,7 +34,10 @@ __all__ = [
     "SAMDescent",
     "GSAMDescent",
     "LookSAMDescent",
+    "Capabilities",
     "Schedule",
     "build_method",
+    "method_names",
+    "register_method",
     "split_batch",
 ]

@@ -1,6 +1,7 @@
-"""Micro-batches of language-model batches: packed (padding-free) rows and preference pairs.
+"""Cutting a batch into micro-batches: along dim 0, packed (padding-free) rows, and preference pairs.
 
-`MicroBatchSAM` cuts a batch along dim 0 by default. Two batch shapes of LLM fine-tuning need other cuts:
+`MicroBatchSAM` cuts a batch along dim 0 by default (`split_batch`), and weighs micro-batch j by its share of the
+examples (`micro_batch_weights`). Two batch shapes of LLM fine-tuning need other cuts:
 
 - **Packed / padding-free rows** (TRL `padding_free=True` or `packing=True`, transformers'
   `DataCollatorWithFlattening`): one row of shape (1, T) holds many sequences, delimited by `position_ids` restarting
@@ -24,13 +25,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .msam import split_batch
+from .ops import weight_dtype
 
 __all__ = [
+    "BatchCut",
     "SEQUENCE_BOUNDS_KEY",
     "SequenceBoundsRecorder",
     "Splitter",
@@ -40,6 +43,10 @@ __all__ = [
     "split_packed",
     "split_pairs",
     "splitter_for",
+    "split_batch",
+    "batch_size_of",
+    "micro_batch_weights",
+    "trl_bases",
 ]
 
 SEQUENCE_BOUNDS_KEY = "msam_sequence_bounds"
@@ -47,6 +54,79 @@ SEQUENCE_BOUNDS_KEY = "msam_sequence_bounds"
 # TRL trainers whose batches mSAM knows how to cut, by class name (module `trl.*`): dim-0 rows, or pairs.
 _ROW_TRAINERS = {"SFTTrainer"}
 _PAIR_TRAINERS = {"DPOTrainer", "RewardTrainer"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Along dim 0
+# ---------------------------------------------------------------------------------------------
+
+
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch if batch.dim() > 0 else None
+    if isinstance(batch, Mapping):
+        if isinstance(batch.get("labels"), torch.Tensor) and batch["labels"].dim() > 0:
+            return batch["labels"]
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for value in batch:
+            t = _first_tensor(value)
+            if t is not None:
+                return t
+    return None
+
+
+def batch_size_of(batch: Any) -> int:
+    """Number of examples in a batch: dim 0 of `labels` if present, else of the first tensor."""
+    t = _first_tensor(batch)
+    if t is None:
+        raise ValueError(
+            "mSAM cannot split this batch into micro-batches: it holds no tensor with a batch dimension "
+            f"(got {type(batch).__name__}). Pass a tensor, or a dict/list/tuple of tensors."
+        )
+    return t.shape[0]
+
+
+def _slice(batch: Any, n: int, start: int, stop: int) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop] if batch.dim() > 0 and batch.shape[0] == n else batch
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _slice(v, n, start, stop) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_slice(v, n, start, stop) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_slice(v, n, start, stop) for v in batch)
+    return batch
+
+
+def split_batch(batch: Any, micro_batch_size: int | None) -> list[Any]:
+    """Split along dim 0 every tensor whose first dimension is the batch size; pass the rest through.
+
+    The last micro-batch is smaller when the batch does not divide evenly.
+    """
+    n = batch_size_of(batch)
+    if micro_batch_size is None or micro_batch_size >= n:
+        return [batch]
+    return [_slice(batch, n, start, min(start + micro_batch_size, n)) for start in range(0, n, micro_batch_size)]
+
+
+def micro_batch_weights(
+    micro_batches: list[Any], size_fn: Callable[[Any], int | torch.Tensor] | None = None
+) -> list[float] | list[torch.Tensor]:
+    """c_j = size(B_j) / Σ_i size(B_i).
+
+    Sizes given as Python numbers (example counts) give Python floats; sizes given as tensors (label-token
+    counts, say) give 0-d float64 tensors on their device, computed there: no transfer to the host. Both
+    are exact in double precision, whatever the loss dtype.
+    """
+    sizes = [(size_fn or batch_size_of)(mb) for mb in micro_batches]
+    device = next((n.device for n in sizes if isinstance(n, torch.Tensor)), None)
+    if device is None:
+        total = float(sum(sizes))
+        return [float(n) / total for n in sizes]
+    dtype = weight_dtype(device)
+    sizes_t = torch.stack([torch.as_tensor(n, device=device).to(dtype).reshape(()) for n in sizes])
+    return list((sizes_t / sizes_t.sum()).unbind())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,14 +326,28 @@ def label_token_count(batch: Mapping[str, Any], shifted: bool = True) -> torch.T
 # ---------------------------------------------------------------------------------------------
 
 
-def _trl_bases(trainer: Any) -> list[str]:
+def trl_bases(trainer: Any) -> list[str]:
+    """The names of the TRL classes a trainer derives from (module `trl.*`), nearest first; [] for other trainers."""
     return [c.__name__ for c in type(trainer).__mro__ if c.__module__.split(".")[0] == "trl"]
+
+
+@dataclass(frozen=True)
+class BatchCut:
+    """How one batch is cut: `split(batch, micro_batch_size)` gives the micro-batches, and `layout` says what they
+    are: "rows" (dim 0), "packed" (runs of whole sequences of a one-row packed batch) or "pairs" (preference pairs)."""
+
+    split: Callable[[Any, int | None], list[Any]]
+    layout: str
+
+    @property
+    def packed(self) -> bool:
+        return self.layout == "packed"
 
 
 class Splitter:
     """How a trainer's batches are cut into micro-batches. `layout` is "rows" (dim 0, packed rows at sequence
     boundaries) or "pairs" (preference pairs). `for_batch(batch)` removes any recorded boundaries from the batch
-    (the model must not see them) and returns the `split_fn` for `MicroBatchSAM.backward`."""
+    (the model must not see them) and returns its `BatchCut`."""
 
     def __init__(self, layout: str = "rows", shifted_labels: bool = True):
         if layout not in ("rows", "pairs"):
@@ -264,15 +358,13 @@ class Splitter:
     def __repr__(self) -> str:
         return f"Splitter(layout={self.layout!r})"
 
-    def for_batch(self, batch: Any) -> Callable[[Any, int | None], list[Any]]:
-        if self.layout == "pairs":
-            if isinstance(batch, MutableMapping):
-                batch.pop(SEQUENCE_BOUNDS_KEY, None)
-            return split_pairs
+    def for_batch(self, batch: Any) -> BatchCut:
         recorded = batch.pop(SEQUENCE_BOUNDS_KEY, None) if isinstance(batch, MutableMapping) else None
+        if self.layout == "pairs":
+            return BatchCut(split_pairs, "pairs")
         if not is_packed(batch):
-            return split_batch
-        return functools.partial(_split_packed_with, recorded=recorded)
+            return BatchCut(split_batch, "rows")
+        return BatchCut(functools.partial(_split_packed_with, recorded=recorded), "packed")
 
     def size_fn(self, micro_batch: Any) -> int | torch.Tensor:
         """The weight of a micro-batch when the trainer gives no label-token count: pairs for preference batches,
@@ -281,8 +373,6 @@ class Splitter:
             return pair_count(micro_batch)
         if is_packed(micro_batch):
             return label_token_count(micro_batch, self.shifted_labels)
-        from .msam import batch_size_of
-
         return batch_size_of(micro_batch)
 
 
@@ -296,18 +386,18 @@ def splitter_for(trainer: Any, strict: bool = True) -> Splitter:
     """The cut for `trainer`'s batches: pairs for TRL's `DPOTrainer`/`RewardTrainer`, rows (packed rows at sequence
     boundaries) for everything else. TRL trainers mSAM does not know (GRPO, KTO, ...) are refused when `strict`
     (mSAM on): their batches and steps differ in ways a row cut would get silently wrong."""
-    trl_bases = _trl_bases(trainer)
+    trl = trl_bases(trainer)
     shifted = bool(getattr(trainer, "_loss_shifts_labels", True))
-    if not trl_bases:
+    if not trl:
         return Splitter("rows", shifted)
-    if any(name in _PAIR_TRAINERS for name in trl_bases):
+    if any(name in _PAIR_TRAINERS for name in trl):
         return Splitter("pairs", shifted)
-    if any(name in _ROW_TRAINERS for name in trl_bases):
+    if any(name in _ROW_TRAINERS for name in trl):
         return Splitter("rows", shifted)
     if not strict:
         return Splitter("rows", shifted)
     known = sorted(_ROW_TRAINERS | _PAIR_TRAINERS)
     raise NotImplementedError(
-        f"mSAM does not support the TRL trainer {trl_bases[0]} yet (it supports {', '.join(known)}): its batches "
+        f"mSAM does not support the TRL trainer {trl[0]} yet (it supports {', '.join(known)}): its batches "
         "or its training step are built differently. Set --msam_rho 0 to train it without mSAM."
     )

@@ -37,7 +37,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from .msam import SAMPerturbation, batch_size_of, split_batch
+from .batches import batch_size_of, split_batch
+from .methods.sam import SAMPerturbation
+from .ops import dot
 from .training_args import msam_setting
 
 SizeFn = Callable[[Mapping[str, Any]], "int | torch.Tensor"]  # a batch's weight n_b in the mean loss
@@ -110,10 +112,6 @@ def _mean_loss(model: nn.Module, data: list[tuple[Mapping[str, Any], int]]) -> f
     """L(w) = Σ_b n_b L_b(w) / Σ_b n_b."""
     total = sum(n for _, n in data)
     return sum(n * _loss(model, batch).double().item() for batch, n in data) / total
-
-
-def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    return sum((x * y).sum().to(a[0].device) for x, y in zip(a, b))
 
 
 def _hessian_vector_product(
@@ -201,14 +199,14 @@ def hessian_top_eigenvalue(
     data = _materialize(batches, params[0].device, size_fn)
     generator = torch.Generator().manual_seed(seed)
     v = [torch.randn(p.shape, generator=generator, dtype=_accumulation_dtype(p)).to(p.device) for p in params]
-    norm = _dot(v, v).sqrt()
+    norm = dot(v, v).sqrt()
     v = [x / norm for x in v]
     eigenvalue = None
     with _measuring(model), _progress(iters, "Hessian top eigenvalue", progress_bar) as bar:
         for _ in range(iters):
             hv = _hessian_vector_product(model, params, data, v)
-            rayleigh = _dot(v, hv).item()  # vᵀHv, ‖v‖ = 1
-            norm = _dot(hv, hv).sqrt()
+            rayleigh = dot(v, hv).item()  # vᵀHv, ‖v‖ = 1
+            norm = dot(hv, hv).sqrt()
             bar.update()
             if norm == 0:
                 return 0.0  # Hv = 0 for a random v: H = 0
@@ -264,7 +262,7 @@ def hessian_trace(
         for _ in range(samples):
             bits = [torch.randint(0, 2, p.shape, generator=generator) for p in params]
             z = [(2 * b - 1).to(device=p.device, dtype=_accumulation_dtype(p)) for b, p in zip(bits, params)]  # ±1
-            estimates.append(_dot(z, _hessian_vector_product(model, params, data, z)))
+            estimates.append(dot(z, _hessian_vector_product(model, params, data, z)))
             bar.update()
     return torch.stack(estimates).mean().item()
 

@@ -148,15 +148,11 @@ class _ScriptTrainer:
             if not self.msam_perturbation.enabled:
                 print(f"hf-msam: {name}: msam_rho=0, plain optimizer steps (the baseline).", file=sys.stderr, flush=True)
                 return
-            processes, accumulation = self.args.world_size, self.args.gradient_accumulation_steps
-            micro = self.msam_perturbations_per_step // (self._msam_perturbing_devices * accumulation)
-            devices = f"the same on all {processes} process(es): " if self.msam_sync_perturbation else f"{processes} process(es) x "
             print(
                 f"hf-msam: {name} trains with mSAM (msam_rho={msam_setting(self.args, 'msam_rho')}, "
                 f"msam_micro_batch_size={self.msam_micro_batch_size}, "
                 f"msam_adaptive={msam_setting(self.args, 'msam_adaptive')}): {self.msam_perturbations_per_step} "
-                f"perturbations per optimizer step ({devices}{accumulation} accumulation step(s) x "
-                f"{micro} micro-batch(es)){self.msam_count_caveat}.",
+                f"perturbations per optimizer step ({self.msam_count('process(es)')}){self.msam_count_caveat}.",
                 file=sys.stderr,
                 flush=True,
             )

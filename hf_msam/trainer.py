@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -10,26 +11,17 @@ import os
 from typing import Any
 
 import torch
-from accelerate.utils.memory import clear_device_cache
 from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.training_args import OptimizerNames
 
-from .batches import SequenceBoundsRecorder, splitter_for
+from .batches import SequenceBoundsRecorder, splitter_for, trl_bases
 from .flatness import evaluate_flatness
-from .msam import (
-    DescentRule,
-    LookSAMDescent,
-    MicroBatchSAM,
-    MomentumPerturbation,
-    MSAMStats,
-    PerturbationRule,
-    SAMPerturbation,
-    Schedule,
-    build_method,
-)
-from .training_args import MSAMArguments, msam_setting
+from .methods import DescentRule, PerturbationRule, build_method, check_compatible
+from .methods.sam import SAMPerturbation
+from .msam import MicroBatch, MicroBatchSAM, MSAMStats, Schedule
+from .training_args import MSAMArguments, check_msam_settings, msam_setting
 
 __all__ = ["MSAMMixin", "MSAMTrainer"]
 
@@ -55,10 +47,10 @@ class MSAMMixin:
     Args:
         perturbation (`PerturbationRule`, *optional*):
             Replaces the rule that turns an ascent gradient into a perturbation. Defaults to the one of
-            `--msam_method` (SAM/ASAM, Friendly-SAM or Momentum-SAM) built from `args`.
+            `--msam_method` (a registered method, see `hf_msam.register_method`) built from `args`.
         descent (`DescentRule`, *optional*):
             Replaces the rule that makes the descent contribution from the clean and perturbed gradients.
-            Defaults to the one of `--msam_method` (SAM, GSAM or LookSAM).
+            Defaults to the one of `--msam_method`.
         All other arguments are those of the base trainer.
     """
 
@@ -79,18 +71,8 @@ class MSAMMixin:
                 msam_setting(self.args, "msam_micro_batch_size"),
                 msam_setting(self.args, "msam_adaptive"),
             )
-        default_perturbation, default_descent = build_method(
-            msam_setting(self.args, "msam_method"),
-            rho=msam_setting(self.args, "msam_rho"),
-            adaptive=msam_setting(self.args, "msam_adaptive"),
-            adaptive_eta=msam_setting(self.args, "msam_adaptive_eta"),
-            eps=msam_setting(self.args, "msam_eps"),
-            gsam_alpha=msam_setting(self.args, "msam_gsam_alpha"),
-            fsam_lambda=msam_setting(self.args, "msam_fsam_lambda"),
-            fsam_sigma=msam_setting(self.args, "msam_fsam_sigma"),
-            looksam_k=msam_setting(self.args, "msam_looksam_k"),
-            looksam_alpha=msam_setting(self.args, "msam_looksam_alpha"),
-        )
+        check_msam_settings(self.args)  # again: scripts and sweeps may change fields after the arguments are built
+        default_perturbation, default_descent = build_method(msam_setting(self.args, "msam_method"), self.args)
         self._default_perturbation = default_perturbation
         self.msam_perturbation = perturbation or default_perturbation
         self.msam_descent = descent or default_descent
@@ -109,6 +91,14 @@ class MSAMMixin:
         self._msam_stats = MSAMStats()
         self._msam_last_logged_step = 0
         self._msam_announced = False
+        self._msam_pass: MicroBatch | None = None  # the pass the mSAM step is computing a loss for, if any
+        per_device = self.args.per_device_train_batch_size
+        if self.msam_perturbation.enabled and self.msam_micro_batch_size and self.msam_micro_batch_size > per_device:
+            logger.warning(
+                "--msam_micro_batch_size %d is larger than the per-device batch (%d): each device's batch is one "
+                "micro-batch of %d example(s), which is SAM on each device.",
+                self.msam_micro_batch_size, per_device, per_device,
+            )
 
     # -- what mSAM cannot do (yet) ----------------------------------------------------------------
     def _msam_fsdp2(self) -> bool:
@@ -138,17 +128,13 @@ class MSAMMixin:
                 "dp_shard), yet: each device must hold whole examples, and sharded weights one shard dimension. Use "
                 "plain data parallelism or FSDP2 (dp_shard alone), or set --msam_rho 0."
             )
-        if fsdp2 and self.msam_descent.explicit:
-            raise ValueError(
-                f"--msam_method {msam_setting(self.args, 'msam_method')} is not supported under FSDP2: GSAM and LookSAM "
-                "descend along a function of each device's own perturbed gradient. Use --msam_method sam, fsam or "
-                "momentum under FSDP2, or plain DDP."
-            )
-        if self.msam_sync_perturbation and self.msam_descent.explicit:
-            raise ValueError(
-                f"--msam_sync_perturbation does not combine with the descent rule {self.msam_descent!r} (--msam_method "
-                "gsam or looksam): drop --msam_sync_perturbation, or use --msam_method sam, fsam or momentum."
-            )
+        check_compatible(
+            self.msam_perturbation,
+            self.msam_descent,
+            method=msam_setting(self.args, "msam_method"),
+            sync_perturbation=self.msam_sync_perturbation,
+            fsdp2=fsdp2,
+        )
         if (
             self.msam_sync_perturbation
             and self.args.world_size > 1
@@ -179,13 +165,31 @@ class MSAMMixin:
             )
 
     @property
+    def msam_micro_batches_per_device(self) -> int:
+        """Micro-batches each device cuts its batch into (in rows: packed rows hold several sequences each)."""
+        mbs = self.msam_micro_batch_size
+        return 1 if mbs is None else math.ceil(self.args.per_device_train_batch_size / mbs)
+
+    @property
     def msam_perturbations_per_step(self) -> int:
         """Distinct perturbations per optimizer step: [devices ×] accumulation steps × micro-batches per device
         (devices only with device-local perturbations: synchronized ones are the same on every device)."""
-        per_device = self.args.per_device_train_batch_size
-        mbs = self.msam_micro_batch_size
-        micro = 1 if mbs is None else math.ceil(per_device / mbs)
-        return self._msam_perturbing_devices * self.args.gradient_accumulation_steps * micro
+        return self._msam_perturbing_devices * self.args.gradient_accumulation_steps * self.msam_micro_batches_per_device
+
+    def msam_count(self, devices: str = "device(s)") -> str:
+        """How `msam_perturbations_per_step` comes about, in words: "[W device(s) x ]A accumulation step(s) x M
+        micro-batch(es)" (the start-up line, the launcher's line and the model card say it the same way; the
+        launcher counts "process(es)")."""
+        if not self.msam_sync_perturbation:
+            devices = f"{self.args.world_size} {devices} x "
+        elif devices == "process(es)":
+            devices = f"the same on all {self.args.world_size} process(es): "
+        else:
+            devices = ""
+        return (
+            f"{devices}{self.args.gradient_accumulation_steps} accumulation step(s) x "
+            f"{self.msam_micro_batches_per_device} micro-batch(es)"
+        )
 
     @property
     def msam_count_caveat(self) -> str:
@@ -208,26 +212,22 @@ class MSAMMixin:
 
     def _announce(self) -> None:
         self._msam_announced = True
-        rule = self.msam_perturbation
-        if not rule.enabled:
+        if not self.msam_perturbation.enabled:
             logger.info("mSAM is off (msam_rho=0): plain Trainer steps.")
             return
         if self._msam_fsdp2() and not msam_setting(self.args, "msam_sync_perturbation"):
             logger.info("mSAM under FSDP2: perturbations are synchronized across devices (every rank perturbs its shard of the same e_j).")
-        devices = "" if self.msam_sync_perturbation else f"{self.args.world_size} device(s) x "
         logger.info(
-            "mSAM: %d distinct perturbations per optimizer step (%s%d accumulation step(s) x %d micro-batch(es) of %s "
-            "example(s) per device)%s; scope: %s; rule: %s, %s; schedule: %s.",
+            "mSAM: %d distinct perturbations per optimizer step (%s of %d example(s) per device)%s; scope: %s; rule: %s, "
+            "%s; schedule: %s.",
             self.msam_perturbations_per_step,
-            devices,
-            self.args.gradient_accumulation_steps,
-            self.msam_perturbations_per_step // (self._msam_perturbing_devices * self.args.gradient_accumulation_steps),
-            self.msam_micro_batch_size or self.args.per_device_train_batch_size,
+            self.msam_count(),
+            min(self.msam_micro_batch_size or math.inf, self.args.per_device_train_batch_size),
             self.msam_count_caveat,
             f"synchronized (the same perturbations on all {self.args.world_size} device(s))"
             if self.msam_sync_perturbation
             else "device-local (each device perturbs with its own micro-batches)",
-            rule,
+            self.msam_perturbation,
             self.msam_descent,
             self.msam_schedule,
         )
@@ -246,12 +246,12 @@ class MSAMMixin:
     ) -> torch.Tensor:
         if not self._msam_announced:
             self._announce()
-        split_fn = self._msam_splitter.for_batch(inputs)  # also takes recorded sequence boundaries out of `inputs`
+        cut = self._msam_splitter.for_batch(inputs)  # also takes recorded sequence boundaries out of `inputs`
         if (
             self.args.world_size > 1
             and self.msam_micro_batch_size
             and self.msam_perturbation.enabled
-            and isinstance(split_fn, functools.partial)  # packed rows: cut at sequence boundaries, counts differ per device
+            and cut.packed  # packed rows are cut at sequence boundaries: the counts differ per device
             and (self.msam_sync_perturbation or self._msam_loss_has_collectives)
         ):
             raise ValueError(
@@ -266,65 +266,85 @@ class MSAMMixin:
         if not self.msam_perturbation.enabled or not self.msam_schedule.perturbs(t, self.state.max_steps):
             return super().training_step(model, inputs, num_items_in_batch)  # a plain step, the base trainer's own
         if self._msam is None or self._msam.model is not model:
-            self._check_optimizer_has_momentum()
-            self._warn_looksam_with_adam()
-            self._msam = MicroBatchSAM(
-                model,
-                micro_batch_size=self.msam_micro_batch_size,
-                accelerator=self.accelerator,
-                perturbation=self.msam_perturbation,
-                descent=self.msam_descent,
-                optimizer=self.optimizer,
-                sync_perturbation=self.msam_sync_perturbation,
-            )
-            self._msam.stats = self._msam_stats
-
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
+            self._msam = self._msam_engine(model)
         inputs = self._prepare_inputs(inputs)
-        if self.args.torch_empty_cache_steps is not None and self.state.global_step % self.args.torch_empty_cache_steps == 0:
-            clear_device_cache()
 
-        # The same loss normalization as Trainer.training_step.
-        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
-            loss_is_scaled_for_ga = self.loss_is_scaled_for_ga
-        else:
-            loss_is_scaled_for_ga = (
-                self.model_accepts_loss_kwargs and num_items_in_batch is not None
-            ) or self.compute_loss_func is not None
-        # With `num_items_in_batch` the loss is normalized by a count of label tokens: weight the
-        # micro-batches by that count, and give each the count that makes its loss a mean over itself.
+        # With `num_items_in_batch` the loss is normalized by a count of label tokens: weight the micro-batches by
+        # that count, and give each the count that makes its loss a mean over itself.
         size_fn = self._item_count if num_items_in_batch is not None and "labels" in inputs else self._msam_splitter.size_fn
 
-        def loss_fn(micro_batch: dict[str, Any]) -> torch.Tensor:
+        def loss_fn(micro_batch: dict[str, Any], info: MicroBatch) -> torch.Tensor:
             num_items = num_items_in_batch
-            if num_items is not None and micro_batch is not inputs:
-                c_j = self._msam.micro_batch_weight
-                num_items = num_items_in_batch * c_j  # tensor × tensor: no host sync
-                if isinstance(c_j, torch.Tensor):  # a micro-batch without label tokens: loss 0/N = 0, not 0/0
-                    num_items = torch.where(c_j > 0, num_items, num_items_in_batch)
-            with self.compute_loss_context_manager():
-                # compute_loss may pop "labels": give it a copy, the micro-batch is used twice.
-                loss = self.compute_loss(model, copy.copy(micro_batch), num_items_in_batch=num_items)
-            if self.args.n_gpu > 1:
-                loss = loss.mean()  # DataParallel returns one loss per GPU
-            if not loss_is_scaled_for_ga:
-                loss = loss / self.current_gradient_accumulation_steps
-            return loss
+            if num_items is not None and info.count > 1:
+                num_items = num_items_in_batch * info.weight  # tensor × tensor: no host sync
+                if isinstance(info.weight, torch.Tensor):  # a micro-batch without label tokens: loss 0/N = 0, not 0/0
+                    num_items = torch.where(info.weight > 0, num_items, num_items_in_batch)
+            self._msam_pass = info
+            try:
+                return self._msam_step_loss(model, micro_batch, num_items)
+            finally:
+                self._msam_pass = None
 
         # Synchronized perturbations: when the loss is normalized by num_items_in_batch (counted over all devices),
         # each micro-batch's loss is its share of that sum, so devices weigh by that share; otherwise (mean losses)
         # by their micro-batch's size.
-        sync_weight = "share" if size_fn == self._item_count and loss_is_scaled_for_ga else "size"
+        shares = size_fn == self._item_count and self._msam_loss_uses_num_items(num_items_in_batch)
         return self._msam.backward(
-            inputs, loss_fn, size_fn=size_fn, split_fn=split_fn, step=t, rho=self._msam_rho_now(), sync_weight=sync_weight
+            inputs, loss_fn, size_fn=size_fn, split_fn=cut.split, step=t, rho=self._msam_rho_now(),
+            sync_weight="share" if shares else "size",
         )
+
+    def _msam_step_loss(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
+        """The loss `Trainer.training_step` would backpropagate for `inputs`: its `compute_loss`, its normalization
+        for gradient accumulation and DataParallel, its cache clearing, taken from the Trainer's own step with the
+        backward held back (mSAM decides where and how often to backpropagate). Subclasses' `training_step`
+        overrides are not run here: they wrap the whole mSAM step, once."""
+        held: list[torch.Tensor] = []
+        accelerator = self.accelerator
+        own = accelerator.__dict__.get("backward")  # an instance attribute of someone else's, to put back
+
+        def hold(loss: torch.Tensor, **kwargs: Any) -> None:
+            held.append(loss)
+
+        accelerator.backward = hold
+        try:
+            # compute_loss may pop "labels": give it a copy, the micro-batch is used twice.
+            Trainer.training_step(self, model, copy.copy(inputs), num_items_in_batch)
+        finally:
+            if own is None:
+                del accelerator.backward
+            else:
+                accelerator.backward = own
+        return held[0]
+
+    def _msam_loss_uses_num_items(self, num_items_in_batch: Any) -> bool:
+        """Whether the loss is normalized by `num_items_in_batch` (`Trainer.training_step`'s own rule)."""
+        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+    def _msam_engine(self, model: nn.Module) -> MicroBatchSAM:
+        """The engine for `model`, built at the first perturbed step (the optimizer exists by then)."""
+        for rule in (self.msam_perturbation, self.msam_descent):
+            warning = rule.check_optimizer(self.optimizer)
+            if warning and self.is_world_process_zero():
+                logger.warning(warning)
+        engine = MicroBatchSAM(
+            model,
+            micro_batch_size=self.msam_micro_batch_size,
+            accelerator=self.accelerator,
+            perturbation=self.msam_perturbation,
+            descent=self.msam_descent,
+            optimizer=self.optimizer,
+            sync_perturbation=self.msam_sync_perturbation,
+        )
+        engine.stats = self._msam_stats
+        return engine
 
     @functools.cached_property
     def _msam_loss_has_collectives(self) -> bool:
         """TRL's trainers gather metrics across devices inside `compute_loss`, once per call."""
-        return any(klass.__module__.split(".")[0] == "trl" for klass in type(self).__mro__)
+        return bool(trl_bases(self))
 
     def _msam_rho_now(self) -> float | torch.Tensor | None:
         """ρ_t of `--msam_rho_schedule lr` (ρ·lr_t/lr_max, from the optimizer's first group); None: the rule's own ρ."""
@@ -332,37 +352,6 @@ class MSAMMixin:
             return None
         group = self.optimizer.param_groups[0]
         return self.msam_schedule.rho(self.msam_perturbation.rho, group["lr"], group.get("initial_lr", group["lr"]))
-
-    def _warn_looksam_with_adam(self) -> None:
-        """LookSAM's reuse term with the paper's alpha stalled AdamW in benchmarks/study/looksam_alpha.py (a ViT's
-        loss stayed at ln 10 for alpha 0.2, 0.3 and 0.7; at 0.7 also with k = 2 and with lr 5e-4) and in the study;
-        alpha 0.1 trained. Adam-type: an optimizer whose parameter groups have `betas`."""
-        descent = self.msam_descent
-        if not (isinstance(descent, LookSAMDescent) and descent.alpha > 0.1 and self.is_world_process_zero()):
-            return
-        if "betas" in self.optimizer.param_groups[0]:
-            logger.warning(
-                "LookSAM with an Adam-type optimizer (%s) and alpha %s: in our measurements alpha >= 0.2 stalled AdamW "
-                "training (a small ViT's loss stayed at ln(num_labels)) and alpha 0.1 trained (the default 0.7 is the "
-                "paper's). Consider --msam_looksam_alpha 0.1 (see benchmarks/study/README.md).",
-                self._optimizer_name(),
-                descent.alpha,
-            )
-
-    def _optimizer_name(self) -> str:
-        """The class name of the optimizer in use (accelerate wraps it)."""
-        return type(getattr(self.optimizer, "optimizer", self.optimizer)).__name__
-
-    def _check_optimizer_has_momentum(self) -> None:
-        if not isinstance(self.msam_perturbation, MomentumPerturbation):
-            return
-        group = self.optimizer.param_groups[0]
-        if "betas" not in group and not group.get("momentum", 0):
-            raise ValueError(
-                f"--msam_method momentum perturbs along the optimizer's momentum, and {self._optimizer_name()} "
-                "(--optim) keeps none: use an Adam-type optimizer (e.g. --optim adamw_torch) or SGD with momentum "
-                '(--optim sgd --optim_args "momentum=0.9"), or another --msam_method.'
-            )
 
     # -- state that crosses steps (F-SAM's EMA, LookSAM's g_v) goes into each checkpoint ------------
     def _msam_state_file(self, checkpoint: str) -> str:
@@ -434,7 +423,7 @@ class MSAMMixin:
             return
         rule = self.msam_perturbation
         per_device = self.args.per_device_train_batch_size
-        micro_batch_size = self.msam_micro_batch_size or per_device
+        micro_batch_size = min(self.msam_micro_batch_size or per_device, per_device)
         lines = ["", "## mSAM settings", ""]
         if not rule.enabled:
             lines.append("Trained without mSAM (`msam_rho=0`): plain optimizer steps, the baseline for (m)SAM runs.")
@@ -445,7 +434,7 @@ class MSAMMixin:
                 "",
                 f"- rho: {msam_setting(self.args, 'msam_rho')}",
                 f"- micro-batch size: {micro_batch_size} example(s) per perturbation, per device"
-                + ("" if self.msam_micro_batch_size else " (the whole per-device batch: SAM on each device)"),
+                + ("" if micro_batch_size < per_device else " (the whole per-device batch: SAM on each device)"),
                 f"- adaptive (ASAM): {msam_setting(self.args, 'msam_adaptive')}"
                 + (f", eta {msam_setting(self.args, 'msam_adaptive_eta')}" if msam_setting(self.args, "msam_adaptive") else ""),
                 f"- perturbation scope: {self.msam_scope} ("
@@ -455,10 +444,8 @@ class MSAMMixin:
                     else "each device perturbs with its own micro-batches"
                 )
                 + ")",
-                f"- perturbations per optimizer step: {self.msam_perturbations_per_step} ("
-                + ("" if self.msam_sync_perturbation else f"{self.args.world_size} device(s) x ")
-                + f"{self.args.gradient_accumulation_steps} accumulation step(s) x {math.ceil(per_device / micro_batch_size)} "
-                "micro-batch(es) per device)" + self.msam_count_caveat,
+                f"- perturbations per optimizer step: {self.msam_perturbations_per_step} ({self.msam_count()} per device)"
+                + self.msam_count_caveat,
             ]
             lines.append(f"- method: {msam_setting(self.args, 'msam_method')}")
             schedule = self.msam_schedule

@@ -8,9 +8,9 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .msam import METHODS
+from .methods import build_method, check_compatible
 
-__all__ = ["MSAMArguments", "MSAMTrainingArguments", "msam_setting"]
+__all__ = ["MSAMArguments", "MSAMTrainingArguments", "check_msam_settings", "msam_default", "msam_setting"]
 
 
 # `hf-msam run` puts here the --msam_* flags it took off the command line: every MSAMArguments built while it runs
@@ -39,8 +39,8 @@ class MSAMArguments:
         msam_eps (`float`, *optional*, defaults to `1e-12`):
             Added to the gradient norm in the denominator of the perturbation.
         msam_method (`str`, *optional*, defaults to `"sam"`):
-            `sam` (with `msam_adaptive`: ASAM), `gsam`, `fsam` (Friendly-SAM), `looksam` or `momentum` (Momentum-SAM).
-            See README "Methods and schedules".
+            `sam` (with `msam_adaptive`: ASAM), `gsam`, `fsam` (Friendly-SAM), `looksam`, `momentum` (Momentum-SAM), or
+            any method registered with `hf_msam.register_method`. See README "Methods and schedules".
         msam_start (`float`, *optional*, defaults to `0.0`):
             Optimizer steps t <= msam_start * max_steps are plain steps (late-phase SAM). In [0, 1).
         msam_interval (`int`, *optional*, defaults to `1`):
@@ -109,8 +109,8 @@ class MSAMArguments:
         metadata={
             "help": "The sharpness-aware method: sam (SAM/mSAM; with --msam_adaptive, ASAM), gsam (GSAM, Zhuang et al. "
             "2022), fsam (Friendly-SAM, Li et al. 2024), looksam (LookSAM, Liu et al. 2022) or momentum "
-            "(Momentum-SAM, Becker et al. 2024: one pass per step, needs an optimizer with momentum).",
-            "choices": list(METHODS),
+            "(Momentum-SAM, Becker et al. 2024: one pass per step, needs an optimizer with momentum), or the name of "
+            "a method registered with hf_msam.register_method (see README \"Your own variant\").",
         },
     )
     msam_start: float = field(
@@ -219,88 +219,7 @@ class MSAMArguments:
     def __post_init__(self):
         for name, value in command_line_overrides.items():
             setattr(self, name, value)
-        if not (isinstance(self.msam_rho, (int, float)) and math.isfinite(self.msam_rho) and self.msam_rho >= 0):
-            raise ValueError(
-                f"--msam_rho must be a finite number >= 0 (0 turns mSAM off), got {self.msam_rho!r}. "
-                "Typical values are 0.01 to 0.5 (SAM) or 0.5 to 2.0 (ASAM)."
-            )
-        if self.msam_micro_batch_size is not None and (
-            isinstance(self.msam_micro_batch_size, bool)
-            or not isinstance(self.msam_micro_batch_size, int)
-            or self.msam_micro_batch_size < 1
-        ):
-            raise ValueError(
-                f"--msam_micro_batch_size must be a whole number >= 1, or None for one micro-batch per device; "
-                f"got {self.msam_micro_batch_size!r}."
-            )
-        if not (
-            isinstance(self.msam_adaptive_eta, (int, float))
-            and math.isfinite(self.msam_adaptive_eta)
-            and self.msam_adaptive_eta >= 0
-        ):
-            raise ValueError(f"--msam_adaptive_eta must be a finite number >= 0, got {self.msam_adaptive_eta!r}.")
-        if not (isinstance(self.msam_eps, (int, float)) and math.isfinite(self.msam_eps) and self.msam_eps >= 0):
-            raise ValueError(f"--msam_eps must be a finite number >= 0, got {self.msam_eps!r}.")
-        def finite(value, low=None, high=None, low_open=False):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                return False
-            if low is not None and (value <= low if low_open else value < low):
-                return False
-            return high is None or value < high
-
-        def whole(value, low=1):
-            return not isinstance(value, bool) and isinstance(value, int) and value >= low
-
-        if self.msam_method not in METHODS:
-            raise ValueError(f"--msam_method must be one of {', '.join(METHODS)}; got {self.msam_method!r}.")
-        if not finite(self.msam_start, 0.0, 1.0):
-            raise ValueError(
-                f"--msam_start must be a number in [0, 1) (the fraction of max_steps trained with plain steps first), "
-                f"got {self.msam_start!r}."
-            )
-        if not whole(self.msam_interval):
-            raise ValueError(f"--msam_interval must be a whole number >= 1 (1: every step is perturbed), got {self.msam_interval!r}.")
-        if self.msam_rho_schedule not in ("constant", "lr"):
-            raise ValueError(f"--msam_rho_schedule must be 'constant' or 'lr', got {self.msam_rho_schedule!r}.")
-        if not finite(self.msam_gsam_alpha, 0.0):
-            raise ValueError(f"--msam_gsam_alpha must be a finite number >= 0, got {self.msam_gsam_alpha!r}.")
-        if not finite(self.msam_fsam_lambda, 0.0, 1.0):
-            raise ValueError(f"--msam_fsam_lambda must be a number in [0, 1), got {self.msam_fsam_lambda!r}.")
-        if not finite(self.msam_fsam_sigma, 0.0):
-            raise ValueError(f"--msam_fsam_sigma must be a finite number >= 0, got {self.msam_fsam_sigma!r}.")
-        if not whole(self.msam_looksam_k):
-            raise ValueError(f"--msam_looksam_k must be a whole number >= 1, got {self.msam_looksam_k!r}.")
-        if not finite(self.msam_looksam_alpha, 0.0):
-            raise ValueError(f"--msam_looksam_alpha must be a finite number >= 0, got {self.msam_looksam_alpha!r}.")
-        if self.msam_adaptive and self.msam_method in ("fsam", "momentum"):
-            raise ValueError(
-                f"--msam_adaptive (ASAM) does not combine with --msam_method {self.msam_method}: drop --msam_adaptive, "
-                "or use --msam_method sam, gsam or looksam."
-            )
-        if self.msam_method == "looksam" and self.msam_interval != 1:
-            raise ValueError(
-                "--msam_interval does not combine with --msam_method looksam, which has its own interval: set the "
-                "steps between full SAM steps with --msam_looksam_k and leave --msam_interval at 1."
-            )
-        if not isinstance(self.msam_sync_perturbation, bool):
-            raise ValueError(f"--msam_sync_perturbation must be True or False, got {self.msam_sync_perturbation!r}.")
-        if self.msam_sync_perturbation and self.msam_method in ("gsam", "looksam"):
-            raise ValueError(
-                f"--msam_sync_perturbation does not combine with --msam_method {self.msam_method}: its descent is a "
-                "nonlinear function of each device's own perturbed gradient, which synchronizing the ascent does not "
-                "make the union's. Drop --msam_sync_perturbation (device-local perturbations), or use --msam_method "
-                "sam, fsam or momentum."
-            )
-        if (
-            isinstance(self.msam_flatness_batches, bool)
-            or not isinstance(self.msam_flatness_batches, int)
-            or self.msam_flatness_batches < 1
-        ):
-            raise ValueError(f"--msam_flatness_batches must be a whole number >= 1, got {self.msam_flatness_batches!r}.")
-        if isinstance(self.msam_flatness_iters, bool) or not isinstance(self.msam_flatness_iters, int) or self.msam_flatness_iters < 1:
-            raise ValueError(f"--msam_flatness_iters must be a whole number >= 1, got {self.msam_flatness_iters!r}.")
-        if not (isinstance(self.msam_flatness_rho, (int, float)) and math.isfinite(self.msam_flatness_rho) and self.msam_flatness_rho > 0):
-            raise ValueError(f"--msam_flatness_rho must be a finite number > 0, got {self.msam_flatness_rho!r}.")
+        check_msam_settings(self)
         super().__post_init__()
 
 
@@ -313,8 +232,90 @@ class MSAMTrainingArguments(MSAMArguments, TrainingArguments):
 
 
 _DEFAULTS = {f.name: f.default for f in fields(MSAMArguments)}
+_SWITCHES = ("msam_adaptive", "msam_sync_perturbation", "msam_eval_flatness", "msam_eval_landscape")
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def _finite(value: Any, low: float | None = None, high: float | None = None, low_open: bool = False) -> bool:
+    """A real number (not a bool), finite, in [low, high) (or (low, high) with `low_open`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    if low is not None and (value <= low if low_open else value < low):
+        return False
+    return high is None or value < high
+
+
+def _whole(value: Any, low: int = 1) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= low
+
+
+def check_msam_settings(args: Any) -> None:
+    """Raise ValueError naming the flag when an mSAM setting of `args` is out of range or of the wrong type, or when
+    the method does not combine with the others. Run when the arguments are built and again when a trainer starts
+    (scripts and sweeps may change fields in between). Switches given as strings ("true", "False", "yes", "0", ...,
+    as some config loaders give them) are parsed in place."""
+    for name in _SWITCHES:
+        value = getattr(args, name, _DEFAULTS[name])
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            setattr(args, name, value.strip().lower() in _TRUE)
+        elif not isinstance(value, bool):
+            raise ValueError(f"--{name} must be True or False, got {value!r}.")
+    rho = msam_setting(args, "msam_rho")
+    if not _finite(rho, 0.0):
+        raise ValueError(
+            f"--msam_rho must be a finite number >= 0 (0 turns mSAM off), got {rho!r}. "
+            "Typical values are 0.01 to 0.5 (SAM) or 0.5 to 2.0 (ASAM)."
+        )
+    micro_batch_size = msam_setting(args, "msam_micro_batch_size")
+    if micro_batch_size is not None and not _whole(micro_batch_size):
+        raise ValueError(
+            f"--msam_micro_batch_size must be a whole number >= 1, or None for one micro-batch per device; "
+            f"got {micro_batch_size!r}."
+        )
+    ranges = {  # name: (low, high, what the message says)
+        "msam_adaptive_eta": (0.0, None, "a finite number >= 0"),
+        "msam_eps": (0.0, None, "a finite number >= 0"),
+        "msam_start": (0.0, 1.0, "a number in [0, 1) (the fraction of max_steps trained with plain steps first)"),
+        "msam_gsam_alpha": (0.0, None, "a finite number >= 0"),
+        "msam_fsam_lambda": (0.0, 1.0, "a number in [0, 1)"),
+        "msam_fsam_sigma": (0.0, None, "a finite number >= 0"),
+        "msam_looksam_alpha": (0.0, None, "a finite number >= 0"),
+    }
+    for name, (low, high, what) in ranges.items():
+        if not _finite(msam_setting(args, name), low, high):
+            raise ValueError(f"--{name} must be {what}, got {msam_setting(args, name)!r}.")
+    for name, what in (
+        ("msam_interval", "a whole number >= 1 (1: every step is perturbed)"),
+        ("msam_looksam_k", "a whole number >= 1"),
+        ("msam_flatness_batches", "a whole number >= 1"),
+        ("msam_flatness_iters", "a whole number >= 1"),
+    ):
+        if not _whole(msam_setting(args, name)):
+            raise ValueError(f"--{name} must be {what}, got {msam_setting(args, name)!r}.")
+    if not _finite(msam_setting(args, "msam_flatness_rho"), 0.0, low_open=True):
+        raise ValueError(f"--msam_flatness_rho must be a finite number > 0, got {msam_setting(args, 'msam_flatness_rho')!r}.")
+    if msam_setting(args, "msam_rho_schedule") not in ("constant", "lr"):
+        raise ValueError(f"--msam_rho_schedule must be 'constant' or 'lr', got {msam_setting(args, 'msam_rho_schedule')!r}.")
+    # What the method combines with is read off its rules: one error for each combination that does not hold.
+    method = msam_setting(args, "msam_method")
+    perturbation, descent = build_method(method, args)
+    check_compatible(
+        perturbation,
+        descent,
+        method=method,
+        adaptive=msam_setting(args, "msam_adaptive"),
+        sync_perturbation=msam_setting(args, "msam_sync_perturbation"),
+        interval=msam_setting(args, "msam_interval"),
+    )
+
+
+def msam_default(name: str) -> Any:
+    """The default of the `MSAMArguments` field `name`."""
+    if name not in _DEFAULTS:
+        raise AttributeError(f"There is no mSAM setting {name!r}; the settings are {', '.join(_DEFAULTS)}.")
+    return _DEFAULTS[name]
 
 
 def msam_setting(args: TrainingArguments, name: str):
     """`args.<name>`, or its `MSAMTrainingArguments` default when `args` is a plain `TrainingArguments`."""
-    return getattr(args, name, _DEFAULTS[name])
+    return getattr(args, name, msam_default(name))

@@ -48,13 +48,13 @@ class _TRLStep:
       method order and replaces it when mSAM is on, so it enters that context itself.
     - TRL's `compute_loss` records metrics (token count, accuracy, entropy, rewards, ...) on every call. The mSAM step
       calls it twice per micro-batch, clean at w then perturbed at w + e_j: the metrics of the calls whose loss the
-      step does not report (`MicroBatchSAM.reported_pass` False) are dropped, so the logged ones are those of the
-      reported loss (the clean one; at w + e for Momentum-SAM, which has no clean pass), over each token once.
+      step does not report (`MicroBatch.reported` False) are dropped, so the logged ones are those of the reported
+      loss (the clean one; at w + e for Momentum-SAM, which has no clean pass), over each token once.
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        engine = getattr(self, "_msam", None)
-        if engine is None or engine.reported_pass:
+        current = getattr(self, "_msam_pass", None)  # set by the mSAM step around each pass it computes
+        if current is None or current.reported:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         metrics = self._metrics["train"]
         saved = ({key: list(values) for key, values in metrics.items()}, getattr(self, "_total_train_tokens", None))

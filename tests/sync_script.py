@@ -93,11 +93,11 @@ def engine_with_unequal_batches(rank, rho=0.3):
         model = torch.nn.parallel.DistributedDataParallel(MLP().double())
         sam = MicroBatchSAM(model, rho=rho, micro_batch_size=2, sync_perturbation=True)
 
-        def loss_fn(mb):
+        def loss_fn(mb, info):
             if mode == "size":
                 return model(**mb)["loss"]
             summed = torch.nn.functional.cross_entropy(model(x=mb["x"])["logits"], mb["labels"], reduction="sum")
-            return summed / (total * sam.micro_batch_weight)
+            return summed / (total * info.weight)
 
         calls = []
         with host_syncs(calls):

@@ -144,7 +144,7 @@ def test_sync_flag_is_validated(tmp_path):
         with pytest.raises(ValueError, match=f"--msam_sync_perturbation does not combine with --msam_method {method}"):
             MSAMTrainingArguments(str(tmp_path), use_cpu=True, msam_sync_perturbation=True, msam_method=method)
     with pytest.raises(ValueError, match="--msam_sync_perturbation must be True or False"):
-        MSAMTrainingArguments(str(tmp_path), use_cpu=True, msam_sync_perturbation="yes")
+        MSAMTrainingArguments(str(tmp_path), use_cpu=True, msam_sync_perturbation="sometimes")
     for descent in (GSAMDescent(), LookSAMDescent()):
         with pytest.raises(ValueError, match="sync_perturbation=True"):
             MicroBatchSAM(MLP(), sync_perturbation=True, descent=descent)

@@ -67,12 +67,15 @@ def test_recorder_keeps_boundaries_as_ints_and_splitter_takes_them_out():
     # (here the tensors are on the meta device, where reading them fails).
     for key in ("cu_seq_lens_q", "cu_seq_lens_k", "position_ids"):
         made[key] = made[key].to("meta")
-    split_fn = Splitter("rows").for_batch(made)
+    cut = Splitter("rows").for_batch(made)
     assert SEQUENCE_BOUNDS_KEY not in made  # the model never sees it
-    assert [mb["input_ids"].shape[1] for mb in split_fn(made, 2)] == [5, 5, 2]
+    assert cut.packed and cut.layout == "packed"
+    assert [mb["input_ids"].shape[1] for mb in cut.split(made, 2)] == [5, 5, 2]
     plain = {"input_ids": torch.ones(4, 3), "attention_mask": torch.ones(4, 3), "labels": torch.ones(4, 3)}
     assert SEQUENCE_BOUNDS_KEY not in SequenceBoundsRecorder(lambda f: dict(plain))([{}])
-    assert Splitter("rows").for_batch(dict(plain)) is split_batch
+    cut = Splitter("rows").for_batch(dict(plain))
+    assert cut.split is split_batch and cut.layout == "rows" and not cut.packed
+    assert Splitter("pairs").for_batch(dict(plain)).layout == "pairs"
 
 
 def test_packed_batch_with_several_rows_is_refused():

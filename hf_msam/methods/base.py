@@ -1,0 +1,183 @@
+"""The two halves of every method: a `PerturbationRule` (the ascent, g_j → e_j) and a `DescentRule` (what micro-batch
+j adds to the gradient, from g_j and g_p,j). Each rule also says what it can be combined with (its capabilities);
+`check_compatible` turns those into the one set of errors the arguments, the trainer and the engine raise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+class PerturbationRule:
+    """Turns the ascent gradient g_j into the perturbation e_j. Subclass to change the rule.
+
+    `perturb(params, grads, rho)` is called once per micro-batch with the trainable parameters w and
+    their ascent gradients g (same order, already unscaled from any fp16 loss scale; None when
+    `needs_gradient` is False). It returns e (tensors shaped like w; it may reuse the storage of g) or
+    None for no perturbation, the norm it measured (0-d tensor, for logging), and `ok`, a 0-d bool
+    tensor, False when the perturbation was skipped (then e must be zeros). It must not synchronize
+    with the host. `rho` is the radius of this step (a schedule may change it), None for the rule's own.
+
+    The older interface, `rule(params, grads) -> (e or None, grad_norm)`, still works both ways: a rule
+    that only defines `__call__` is used through it (its host checks are then its own), and every rule
+    can be called that way outside the training step (`hf_msam.flatness` does).
+
+    `enabled` False tells the trainer to take the plain, single-pass step. `needs_gradient` False means
+    e does not depend on the micro-batch (Momentum-SAM): no clean pass is made. Rules with state that
+    crosses steps return it from `state_dict()`; the trainer saves it in each checkpoint.
+
+    Capabilities (class attributes; a subclass overrides what does not hold for it):
+    `adaptive` (ASAM is in effect), `supports_sync` (the rule is the union's when the ascent gradient is),
+    `supports_fsdp2` (it works on each rank's shards), `supports_vectorized` (it can run on each micro-batch's
+    slice of a stacked gradient), `needs_optimizer_state` (it reads `optimizer.state`: set `optimizer`).
+    """
+
+    enabled: bool = True
+    needs_gradient: bool = True
+    adaptive: bool = False
+    supports_sync: bool = True
+    supports_fsdp2: bool = True
+    supports_vectorized: bool = True
+    needs_optimizer_state: bool = False
+
+    def perturb(self, params, grads, rho=None):
+        e, grad_norm = self(params, grads)
+        return e, grad_norm, torch.full((), e is not None, dtype=torch.bool, device=grad_norm.device)
+
+    def __call__(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> tuple[list[torch.Tensor] | None, torch.Tensor]:
+        if type(self).perturb is PerturbationRule.perturb:
+            raise NotImplementedError("a PerturbationRule defines perturb() or __call__()")
+        e, grad_norm, ok = self.perturb(params, grads)
+        return (e if bool(ok) else None), grad_norm  # host-side, for use outside the training step
+
+    def check_optimizer(self, optimizer: Any) -> str | None:
+        """Called once with the training optimizer before the first perturbed step: raise if the rule cannot work
+        with it, or return a warning to log (None: nothing to say)."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class DescentRule:
+    """What micro-batch j adds to the gradient, from its clean gradient g_j and perturbed gradient g_p,j.
+
+    `explicit` False: the contribution is g_p,j itself, accumulated by the perturbed pass's own backward
+    (SAM; the cheapest). `explicit` True: `descent(g, g_p)` returns it (it may reuse the storage of both),
+    and the engine adds c_j times it to `.grad` through a backward of ⟨D, w⟩, so DDP's all-reduce, fp16
+    loss scaling and accelerate's accumulation scaling apply to it as to any gradient.
+
+    `begin_step()` is called once per optimizer step and answers "perturbed" or "reuse"; on a "reuse" step
+    there is no perturbation, and `reuse(g)` gives the contribution from the clean gradient alone (LookSAM).
+
+    Capabilities as for `PerturbationRule`, plus `supports_interval` (combines with `--msam_interval`).
+    """
+
+    explicit: bool = False
+    supports_sync: bool = True
+    supports_fsdp2: bool = True
+    supports_vectorized: bool = True
+    supports_interval: bool = True
+
+    def begin_step(self) -> str:
+        return "perturbed"
+
+    def descent(self, g: list[torch.Tensor], g_p: list[torch.Tensor], c: float | torch.Tensor = 1.0) -> list[torch.Tensor]:
+        """D(g_j, g_p,j); c is the micro-batch's weight c_j, which the engine applies (a rule may record it)."""
+        return g_p
+
+    def reuse(self, g: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def check_optimizer(self, optimizer: Any) -> str | None:
+        """As `PerturbationRule.check_optimizer`."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a (perturbation, descent) pair combines with: each holds when both rules allow it."""
+
+    adaptive: bool
+    sync_perturbation: bool
+    fsdp2: bool
+    vectorized: bool
+    interval: bool
+    needs_optimizer_state: bool
+
+    @classmethod
+    def of(cls, perturbation: PerturbationRule, descent: DescentRule) -> Capabilities:
+        return cls(
+            adaptive=bool(getattr(perturbation, "adaptive", False)),
+            sync_perturbation=perturbation.supports_sync and descent.supports_sync,
+            fsdp2=perturbation.supports_fsdp2 and descent.supports_fsdp2,
+            vectorized=perturbation.supports_vectorized and descent.supports_vectorized,
+            interval=descent.supports_interval,
+            needs_optimizer_state=perturbation.needs_optimizer_state,
+        )
+
+
+def check_compatible(
+    perturbation: PerturbationRule,
+    descent: DescentRule,
+    *,
+    method: str | None = None,
+    adaptive: bool | None = None,
+    sync_perturbation: bool = False,
+    fsdp2: bool = False,
+    interval: int = 1,
+) -> None:
+    """Raise ValueError, naming the flags, when the method cannot be combined with the set-up asked for.
+
+    `method` is the registered name (None: rules given directly); `adaptive` whether ASAM was asked for (None:
+    not known here); `sync_perturbation` whether perturbations are synchronized (always under FSDP2)."""
+    caps = Capabilities.of(perturbation, descent)
+    who = f"--msam_method {method}" if method else f"the rules {perturbation!r} and {descent!r}"
+    if adaptive and not caps.adaptive:
+        raise ValueError(
+            f"--msam_adaptive (ASAM) does not combine with {who}: its perturbation is not adaptive. Drop "
+            f"--msam_adaptive, or use a method that takes it ({_names_where(lambda c: c.adaptive, msam_adaptive=True)})."
+        )
+    if interval != 1 and not caps.interval:
+        raise ValueError(
+            f"--msam_interval does not combine with {who}, which has its own interval (--msam_looksam_k for looksam): "
+            "leave --msam_interval at 1."
+        )
+    if fsdp2 and not caps.fsdp2:
+        raise ValueError(
+            f"{who} is not supported under FSDP2: its descent is a nonlinear function of each device's own perturbed "
+            f"gradient, which FSDP2's sharded gradients do not give. Use --msam_method "
+            f"{_names_where(lambda c: c.fsdp2)} under FSDP2, or plain DDP."
+        )
+    if sync_perturbation and not caps.sync_perturbation:
+        raise ValueError(
+            f"--msam_sync_perturbation does not combine with {who}: its descent is a nonlinear function of each "
+            "device's own perturbed gradient, which synchronizing the ascent does not make the union's. Drop "
+            "--msam_sync_perturbation (sync_perturbation=True in MicroBatchSAM) for device-local perturbations, or "
+            f"use --msam_method {_names_where(lambda c: c.sync_perturbation)}."
+        )
+
+
+def _names_where(predicate, **settings: Any) -> str:
+    """The registered methods whose capabilities (built with their defaults and `settings`) satisfy `predicate`."""
+    from . import REGISTRY, build_method
+
+    names = []
+    for name in REGISTRY:
+        try:
+            if predicate(Capabilities.of(*build_method(name, **settings))):
+                names.append(name)
+        except Exception:  # a user's method that cannot be built with these settings: not a suggestion
+            continue
+    return ", ".join(names) if names else "none registered"

@@ -1,0 +1,95 @@
+"""Tensor helpers shared by the methods and the engine. None of them leaves the device.
+
+Under FSDP2 each rank holds a shard of every vector a rule sees: the engine sets the process group the shards are
+spread over (`SHARD_GROUP`), and norms and dot products then sum over all shards, one all-reduce each. It also sets
+the sharded parameters themselves (`SHARDED_PARAMS`): the optimizer's state (Momentum-SAM's momentum) is keyed by
+those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+SHARD_GROUP: contextvars.ContextVar[Any] = contextvars.ContextVar("msam_shard_group", default=None)
+SHARDED_PARAMS: contextvars.ContextVar[Any] = contextvars.ContextVar("msam_sharded_params", default=None)
+
+
+@contextlib.contextmanager
+def scoped(var: contextvars.ContextVar, value: Any):
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
+def sum_over_shards(x: torch.Tensor) -> torch.Tensor:
+    group = SHARD_GROUP.get()
+    if group is not None:
+        dist.all_reduce(x, group=group)  # a collective, not a host sync
+    return x
+
+
+def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """‖(t_1, ..., t_m)‖₂ over all tensors (all shards, under FSDP2), accumulated in at least float32."""
+    dtype = functools.reduce(torch.promote_types, {t.dtype for t in tensors}, torch.float32)
+    norms = torch._foreach_norm(tensors, 2, dtype=dtype)
+    device = tensors[0].device
+    norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+    if SHARD_GROUP.get() is None:
+        return norm
+    return sum_over_shards(norm.square()).sqrt()  # ‖t‖² is the sum of the shards' ‖t_shard‖²
+
+
+def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """⟨a, b⟩ over all tensors (all shards, under FSDP2), accumulated in at least float32."""
+    dtype = functools.reduce(torch.promote_types, {t.dtype for t in a}, torch.float32)
+    device = a[0].device
+    return sum_over_shards(torch.stack([torch.sum(x.to(dtype) * y.to(dtype)).to(device) for x, y in zip(a, b)]).sum())
+
+
+def usable(norm: torch.Tensor) -> torch.Tensor:
+    """True (a 0-d tensor) when a gradient with this norm has a direction: finite and not zero (davda54/sam#14)."""
+    return torch.isfinite(norm) & (norm > 0)
+
+
+def scale_to_radius(
+    d: list[torch.Tensor], norm: torch.Tensor, rho: float | torch.Tensor, eps: float, ok: torch.Tensor
+) -> list[torch.Tensor]:
+    """d ← ρ·d/(‖d‖ + eps) in place, or d ← 0 when `ok` is False: the perturbation, in the storage of d."""
+    zero = torch.zeros((), dtype=norm.dtype, device=norm.device)
+    scale = torch.where(ok, rho / (norm + eps), zero)  # never a division by zero, never a sync
+    torch._foreach_mul_(d, scale)
+    for t in d:  # a skipped d may hold inf/nan, and 0·inf is nan: make it exactly 0 (a no-op when ok)
+        t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    return d
+
+
+def like(state: list[torch.Tensor], tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Saved state on the device and in the dtype of the tensors it goes with (a no-op once it is)."""
+    return [s.to(device=t.device, dtype=t.dtype) for s, t in zip(state, tensors)]
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view that shares its storage); any other tensor as it is."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def weight_dtype(device: torch.device) -> torch.dtype:
+    """The dtype micro-batch weights are computed in: float64, float32 on MPS (which has no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def weighted(loss: torch.Tensor, c: float | torch.Tensor | None) -> torch.Tensor:
+    """c·loss in the loss's dtype (c None: the whole batch, weight 1)."""
+    if c is None:
+        return loss
+    return loss * (c.to(loss.dtype) if isinstance(c, torch.Tensor) else c)
