@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +51,9 @@ from .methods.looksam import LookSAMDescent
 from .methods.momentum import MomentumPerturbation
 from .methods.sam import SAMDescent, SAMPerturbation
 from .ops import SHARD_GROUP, SHARDED_PARAMS, local, scoped, weight_dtype, weighted
+from .vectorized import GroupLayout, NotVectorizable, Vectorizer
+
+logger = logging.getLogger("hf_msam")
 
 __all__ = [
     "MicroBatch",
@@ -135,6 +140,10 @@ def _with_info(loss_fn: Callable[..., torch.Tensor]) -> Callable[[Any, MicroBatc
     except ValueError:  # no signature to read (a builtin): call it as documented first, with the batch alone
         return lambda micro_batch, info: loss_fn(micro_batch)
     return loss_fn
+
+
+class _FellBack(Exception):
+    """The vectorized step gave up before touching anything: the caller takes one pass per micro-batch."""
 
 
 def _modules_with_running_stats(model: nn.Module) -> list[nn.Module]:
@@ -229,7 +238,10 @@ class MicroBatchSAM:
         optimizer: Any = None,
         sync_perturbation: bool = False,
         process_group: Any = None,
+        vectorize: str = "off",
     ):
+        if vectorize not in ("auto", "on", "off"):
+            raise ValueError(f"vectorize must be 'auto', 'on' or 'off', got {vectorize!r}.")
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be None or >= 1, got {micro_batch_size}.")
         self.model = model
@@ -247,6 +259,11 @@ class MicroBatchSAM:
         self.stats = MSAMStats()
         self._step: Any = object()  # the optimizer step `backward` last worked on
         self._mode = "perturbed"
+        self.vectorize = vectorize
+        self._vectorizer: Vectorizer | None = None
+        self._verified = False  # the first vectorized pass checks the loss reaches the weights only through the layers
+        self.path: str | None = None  # "vectorized" or "sequential": what the last `backward` took
+        self.path_reason: str | None = None  # why the last `backward` did not take the vectorized path
 
     def _check_mesh(self) -> None:
         if self.fsdp2:
@@ -268,6 +285,8 @@ class MicroBatchSAM:
         step: Any = None,
         rho: float | torch.Tensor | None = None,
         sync_weight: str = "size",
+        layout: str = "rows",
+        decomposable: bool = True,
     ) -> torch.Tensor:
         """Accumulate the mSAM gradient of `batch` into `.grad`; return the clean loss, detached.
 
@@ -285,6 +304,11 @@ class MicroBatchSAM:
         share of a sum normalized by a count common to all devices, divided by c_j (the Trainer's losses under
         `num_items_in_batch` counted over all devices), and device r weighs c_r,j, which makes the average
         the union's gradient up to a positive factor; e_j then has exactly the union's direction.
+
+        With `vectorize` "auto" or "on" (see `MicroBatchSAM`), all micro-batches share each pass: `layout` says how
+        `split_fn` cut the batch ("rows" along dim 0, "pairs" of a preference batch, "packed" runs of sequences of
+        a one-row batch), and `decomposable` False says `loss_fn(batch)` is not Σ_j c_j·loss_fn(B_j) (a token mean
+        weighed by example counts, in-batch negatives): the step then takes one pass per micro-batch.
         """
         if sync_weight not in ("size", "share"):
             raise ValueError(f"sync_weight must be 'size' or 'share', got {sync_weight!r}.")
@@ -295,6 +319,12 @@ class MicroBatchSAM:
             if step is None or step != self._step:  # a new optimizer step: perturbed, or (LookSAM) reuse
                 self._step, self._mode = step, self.descent.begin_step()
                 self.stats.steps += self._mode == "perturbed"
+            group_layout = self._vectorized_layout(micro_batches, layout, decomposable)
+            if group_layout is not None:
+                try:
+                    return self._vectorized_step(batch, group_layout, weights, loss_fn, rho)
+                except _FellBack:
+                    pass  # the vectorized ascent could not run this model: one pass per micro-batch, from the start
             if self._mode == "reuse":
                 return self._reuse_step(micro_batches, weights, loss_fn)
             return self._perturbed_step(micro_batches, weights, loss_fn, size_fn, rho, sync_weight)
@@ -375,6 +405,139 @@ class MicroBatchSAM:
         self.stats.ascent_grad_norm = self.stats.ascent_grad_norm + grad_norm.detach()
         self.stats.micro_batches += 1
         self.stats.skipped = self.stats.skipped + (~ok).to(torch.int64)  # a tensor: counting never syncs
+
+    # -- the vectorized step: every micro-batch in one forward and one backward per pass -------------
+    def _vectorized_layout(self, micro_batches: list[Any], layout: str, decomposable: bool) -> GroupLayout | None:
+        """The groups of the vectorized step, or None (and `path_reason`) when this batch takes one pass each."""
+        reason = None
+        if self.vectorize == "off":
+            reason = "vectorize='off' (--msam_vectorize off)"
+        elif len(micro_batches) == 1:
+            reason = "one micro-batch per device: nothing to vectorize"
+        elif self.fsdp2:
+            reason = "FSDP2 shards the weights the vectorized path would read whole"
+        elif self.sync_perturbation:
+            reason = "synchronized perturbations (--msam_sync_perturbation) are not vectorized yet"
+        elif not Capabilities.of(self.perturbation, self.descent).vectorized:
+            reason = f"the method's rules ({self.perturbation!r}, {self.descent!r}) do not support it (supports_vectorized)"
+        elif not decomposable:
+            reason = "the batch's loss is not the weighted sum of its micro-batches' losses"
+        elif _modules_with_running_stats(self.model):
+            reason = "BatchNorm in train mode: its running statistics must update once per micro-batch"
+        elif layout not in ("rows", "pairs", "packed"):
+            reason = f"unknown batch layout {layout!r}"
+        if reason is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            if self._vectorizer is None or self._vectorizer.params != params:
+                self._vectorizer, self._verified = Vectorizer(self.model, params), False
+            reason = self._vectorizer.why_not()
+        if reason is not None:
+            return self._take_sequential(reason)
+        if layout == "rows":
+            return GroupLayout.rows([batch_size_of(mb) for mb in micro_batches])
+        if layout == "pairs":
+            return GroupLayout.pairs([batch_size_of(mb) // 2 for mb in micro_batches])
+        lengths = [mb["input_ids"].shape[1] for mb in micro_batches]  # packed: each group one run of tokens
+        return GroupLayout.tokens([0, *itertools.accumulate(lengths)], 1)
+
+    def _take_sequential(self, reason: str) -> None:
+        if self.vectorize == "on":
+            raise ValueError(f"The vectorized mSAM step cannot run here: {reason}. Set --msam_vectorize auto or off.")
+        if self.vectorize == "auto" and reason != self.path_reason and self.path != "sequential":
+            logger.info("mSAM step: one pass per micro-batch (sequential), because %s.", reason)
+        self.path, self.path_reason = "sequential", reason
+        return None
+
+    def _vectorized_step(self, batch, layout: GroupLayout, weights, loss_fn, rho) -> torch.Tensor:
+        """Steps 1-4 for all k micro-batches at once: g_j for every j from one forward and backward at w, the rule
+        per micro-batch on its slice of the stacked gradients, then one forward in which micro-batch j's rows see
+        w + e_j and one backward. The weights are never written."""
+        vec, k = self._vectorizer, layout.k
+        params = vec.params
+        c = [1.0 if c_j is None else c_j for c_j in weights]
+        explicit, clean_pass = self.descent.explicit, self.perturbation.needs_gradient
+        if self.path != "vectorized":
+            logger.info("mSAM step: vectorized (%d micro-batches share each forward and backward).", k)
+        # 1. every g_j at w, `.grad` untouched.
+        g = None
+        if clean_pass or self._mode == "reuse":
+            point = "reuse" if self._mode == "reuse" else "clean"
+            try:
+                with self._no_sync(), vec.capture(layout) as capture:
+                    clean_loss = loss_fn(batch, MicroBatch(0, 1, 1.0, point, True))
+                    if not self._verified:
+                        capture.verify(clean_loss)
+                        self._verified = True
+            except NotVectorizable as err:  # nothing was accumulated or perturbed: the step can start again
+                self._take_sequential(str(err))
+                raise _FellBack from err
+            self.path, self.path_reason = "vectorized", None
+            g = self._per_micro_batch(self._group_gradients(capture, clean_loss), c)
+        else:
+            self.path, self.path_reason = "vectorized", None
+        if self._mode == "reuse":  # LookSAM between its SAM steps: descend from g_j alone
+            d = [self.descent.reuse([t[j] for t in g]) for j in range(k)]
+            self._accumulate_stacked(d, params, c)
+            return clean_loss.detach()
+        # 2. e_j from g_j, micro-batch by micro-batch (F-SAM's EMA runs over j in order), into one stacked buffer.
+        e = [torch.empty((k, *p.shape), dtype=p.dtype, device=p.device) for p in params] if g is None or explicit else g
+        for j in range(k):
+            g_j = None if g is None else [t[j].clone() if explicit else t[j] for t in g]
+            e_j, grad_norm, ok = self.perturbation.perturb(params, g_j, rho)
+            slices = [t[j] for t in e]
+            if e_j is None:
+                torch._foreach_zero_(slices)
+            elif e_j[0] is not slices[0]:
+                torch._foreach_copy_(slices, e_j)
+            self._count(grad_norm, ok)
+        # 3. micro-batch j's rows at w + e_j, in one forward; 4. its backward adds Σ_j c_j·g_p,j to `.grad`.
+        with vec.perturbed(layout, e):
+            if explicit:
+                with vec.capture(layout) as capture:
+                    perturbed_loss = loss_fn(batch, MicroBatch(0, 1, 1.0, "perturbed", not clean_pass))
+                g_p = self._per_micro_batch(self._group_gradients(capture, perturbed_loss), c)
+            else:
+                perturbed_loss = loss_fn(batch, MicroBatch(0, 1, 1.0, "perturbed", not clean_pass))
+                self._backward(perturbed_loss)
+        del e
+        if explicit:  # GSAM, LookSAM: .grad += Σ_j c_j·D(g_j, g_p,j)
+            d = [self.descent.descent([t[j] for t in g], [t[j] for t in g_p], c[j]) for j in range(k)]
+            self._accumulate_stacked(d, params, c)
+        perturbed_loss = perturbed_loss.detach()
+        clean_loss = clean_loss.detach() if clean_pass else perturbed_loss
+        self.stats.clean_loss = self.stats.clean_loss + clean_loss
+        self.stats.perturbed_loss = self.stats.perturbed_loss + perturbed_loss
+        return clean_loss
+
+    def _group_gradients(self, capture, loss: torch.Tensor) -> list[torch.Tensor]:
+        """Every micro-batch's part of ∇loss, stacked [k, ...] per parameter; fp16: scaled, then unscaled."""
+        scaler = self._grad_scaler()
+        if scaler is None:
+            return capture.group_gradients(loss)
+        g = capture.group_gradients(scaler.scale(loss))
+        torch._foreach_mul_(g, scaler._get_scale_async().double().reciprocal().float())
+        return g
+
+    @staticmethod
+    def _per_micro_batch(parts: list[torch.Tensor], c: list[float | torch.Tensor]) -> list[torch.Tensor]:
+        """g_j = part_j / c_j: the whole batch's loss is Σ_j c_j·L_j, so micro-batch j's part of its gradient is
+        c_j·g_j (a micro-batch with c_j = 0, no counted token, gets g_j = 0: its perturbation is skipped)."""
+        device = parts[0].device
+        dtype = weight_dtype(device)
+        c_t = torch.stack([w.to(device=device, dtype=dtype).reshape(()) if isinstance(w, torch.Tensor)
+                           else torch.full((), float(w), dtype=dtype, device=device) for w in c])
+        inverse = torch.where(c_t > 0, 1.0 / torch.where(c_t > 0, c_t, torch.ones_like(c_t)), torch.zeros_like(c_t))
+        for t in parts:
+            t.mul_(inverse.to(t.dtype).view(-1, *([1] * (t.dim() - 1))))
+        return parts
+
+    def _accumulate_stacked(self, d: list[list[torch.Tensor]], params: list[torch.Tensor], c: list) -> None:
+        """.grad += Σ_j c_j·d_j, in one backward (see `_accumulate`)."""
+        total = [torch.zeros_like(p) for p in params]
+        for d_j, c_j in zip(d, c):
+            torch._foreach_add_(total, [t.to(p.dtype) * (c_j.to(p.dtype) if isinstance(c_j, torch.Tensor) else c_j)
+                                        for t, p in zip(d_j, params)])
+        self._accumulate(total, params, None)
 
     # -- gradients without touching `.grad` -------------------------------------------------------
     def _ascent_gradient_of(self, loss, params, mb, size_fn, sync_weight, c) -> list[torch.Tensor]:

@@ -291,8 +291,19 @@ class MSAMMixin:
         shares = size_fn == self._item_count and self._msam_loss_uses_num_items(num_items_in_batch)
         return self._msam.backward(
             inputs, loss_fn, size_fn=size_fn, split_fn=cut.split, step=t, rho=self._msam_rho_now(),
-            sync_weight="share" if shares else "size",
+            sync_weight="share" if shares else "size", layout=cut.layout,
+            decomposable=shares or self._msam_loss_is_a_mean_over_units(inputs, cut, size_fn),
         )
+
+    def _msam_loss_is_a_mean_over_units(self, inputs: dict[str, Any], cut: Any, size_fn: Any) -> bool:
+        """Whether the whole batch's loss is Σ_j c_j·L_j for the micro-batch weights c_j without a token count: a
+        mean over preference pairs, over label tokens of packed rows, or over examples with one label (or a fixed
+        number of label values) each. A token-level label tensor without `num_items_in_batch` is a mean over
+        tokens weighed by examples: not (the vectorized step then falls back)."""
+        if cut.layout in ("pairs", "packed"):
+            return True
+        labels = inputs.get("labels") if isinstance(inputs, dict) else None
+        return isinstance(labels, torch.Tensor) and (labels.dim() == 1 or labels.is_floating_point())
 
     def _msam_step_loss(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
         """The loss `Trainer.training_step` would backpropagate for `inputs`: its `compute_loss`, its normalization
@@ -337,6 +348,7 @@ class MSAMMixin:
             descent=self.msam_descent,
             optimizer=self.optimizer,
             sync_perturbation=self.msam_sync_perturbation,
+            vectorize=msam_setting(self.args, "msam_vectorize"),
         )
         engine.stats = self._msam_stats
         return engine

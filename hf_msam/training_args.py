@@ -64,6 +64,10 @@ class MSAMArguments:
             devices of their j-th micro-batches, the same on every device (one extra all-reduce of the trainable
             gradients per micro-batch). Default: each device perturbs with its own micro-batches. Always on under
             FSDP2. Not with `msam_method` gsam or looksam. See README "Multi-device".
+        msam_vectorize (`str`, *optional*, defaults to `"off"`):
+            `on`: all micro-batches of a device in one forward and one backward per pass (the vectorized step);
+            `auto`: vectorized where it applies, else one pass per micro-batch (the log says why); `off`: one pass
+            per micro-batch.
         msam_eval_flatness (`bool`, *optional*, defaults to `False`):
             Every evaluation also reports `eval_hessian_top_eigenvalue`, `eval_hessian_trace` and `eval_sharpness`
             (see `hf_msam.flatness`), measured on the first `msam_flatness_batches` evaluation batches.
@@ -177,6 +181,17 @@ class MSAMArguments:
             "whatever the number of devices (SAM proper on the global batch when --msam_micro_batch_size is unset). "
             "Costs one all-reduce of the trainable gradients per micro-batch. Off: each device perturbs with its own "
             "micro-batches. Always on under FSDP2. Works with --msam_method sam, fsam and momentum."
+        },
+    )
+    msam_vectorize: str = field(
+        default="off",
+        metadata={
+            "help": "How a device's micro-batches are computed. on: all of them in one forward and one backward per "
+            "pass (the vectorized step: every micro-batch's own gradient from per-layer rules, each micro-batch's rows "
+            "at w + e_j in one forward; about SAM's cost whatever the number of micro-batches); an error says what "
+            "prevents it. auto: vectorized where it applies, otherwise one pass per micro-batch, saying why in the "
+            "log. off: one pass per micro-batch.",
+            "choices": ["auto", "on", "off"],
         },
     )
     msam_eval_flatness: bool = field(
@@ -294,6 +309,8 @@ def check_msam_settings(args: Any) -> None:
             raise ValueError(f"--{name} must be {what}, got {msam_setting(args, name)!r}.")
     if not _finite(msam_setting(args, "msam_flatness_rho"), 0.0, low_open=True):
         raise ValueError(f"--msam_flatness_rho must be a finite number > 0, got {msam_setting(args, 'msam_flatness_rho')!r}.")
+    if msam_setting(args, "msam_vectorize") not in ("auto", "on", "off"):
+        raise ValueError(f"--msam_vectorize must be 'auto', 'on' or 'off', got {msam_setting(args, 'msam_vectorize')!r}.")
     if msam_setting(args, "msam_rho_schedule") not in ("constant", "lr"):
         raise ValueError(f"--msam_rho_schedule must be 'constant' or 'lr', got {msam_setting(args, 'msam_rho_schedule')!r}.")
     # What the method combines with is read off its rules: one error for each combination that does not hold.

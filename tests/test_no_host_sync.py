@@ -85,6 +85,11 @@ METHODS = [
     dict(msam_method="looksam", msam_looksam_k=2),
     dict(msam_method="momentum"),
     dict(msam_method="sam", msam_interval=2, msam_start=0.3),  # plain steps too: the base Trainer's own
+    # the vectorized step (all micro-batches in one forward and backward per pass)
+    dict(msam_method="sam", msam_vectorize="on"),
+    dict(msam_method="gsam", msam_vectorize="on"),
+    dict(msam_method="fsam", msam_vectorize="on"),
+    dict(msam_method="looksam", msam_looksam_k=2, msam_vectorize="on"),
 ]
 
 
@@ -101,13 +106,15 @@ def test_example_weighted_step_makes_no_host_sync(tmp_path, monkeypatch, method)
     assert counter.calls == []
 
 
+@pytest.mark.parametrize("vectorize", ["off", "on"])
 @pytest.mark.parametrize("method", ["sam", "gsam", "looksam"])
-def test_token_weighted_step_makes_no_host_sync(tmp_path, monkeypatch, method):
+def test_token_weighted_step_makes_no_host_sync(tmp_path, monkeypatch, method, vectorize):
     counter = SyncCounter(monkeypatch)
     torch.manual_seed(0)
     trainer = counting_trainer(counter)(
         model=TokenLM(), args=args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                                   msam_micro_batch_size=3, msam_method=method, msam_looksam_k=2),
+                                   msam_micro_batch_size=3, msam_method=method, msam_looksam_k=2,
+                                   msam_vectorize=vectorize),
         train_dataset=token_data(16),
     )
     assert trainer.model_accepts_loss_kwargs  # so num_items_in_batch reaches the step: token weights

@@ -20,9 +20,9 @@ class PerturbationRule:
     tensor, False when the perturbation was skipped (then e must be zeros). It must not synchronize
     with the host. `rho` is the radius of this step (a schedule may change it), None for the rule's own.
 
-    The older interface, `rule(params, grads) -> (e or None, grad_norm)`, still works both ways: a rule
-    that only defines `__call__` is used through it (its host checks are then its own), and every rule
-    can be called that way outside the training step (`hf_msam.flatness` does).
+    A rule may instead define `rule(params, grads) -> (e or None, grad_norm)`: it is then used through that
+    call (its host checks are its own), and every rule can be called that way outside the training step
+    (`hf_msam.flatness` does).
 
     `enabled` False tells the trainer to take the plain, single-pass step. `needs_gradient` False means
     e does not depend on the micro-batch (Momentum-SAM): no clean pass is made. Rules with state that

@@ -1,0 +1,788 @@
+"""Every micro-batch's gradient, and every micro-batch's perturbed pass, in one forward and one backward.
+
+mSAM cuts a device batch into k groups B_1..B_k (micro-batches) and needs, for each trainable parameter w,
+
+    (1)  g_j = Σ_{i∈B_j} ∂ℓ_i/∂w (w)                   every group's own gradient, j = 1..k
+    (2)  Σ_j Σ_{i∈B_j} ∂ℓ_i/∂w (w + e_j)               the descent pass: group j's positions see w + e_j
+
+where i runs over positions (rows of the batch, or tokens of a packed row) and ℓ_i is position i's share of the
+loss. The plain engine takes 2k passes for this; here each takes one forward and one backward over the whole batch.
+
+**Per-group gradients (1).** A layer y = f(x; w) applied position by position has the gradient
+∂L/∂w = Σ_i J_w f(x_i; w)ᵀ δ_i, with δ_i = ∂L/∂y_i its output gradient: a sum over positions of terms that need
+only the layer's input and output gradient. Summing over the positions of each group instead of over all of them
+gives g_j. So `Vectorizer.capture` records each layer call's input and the autograd edge of its output, and
+`Capture.group_gradients` asks autograd for the δ of every recorded output (never for the weights' gradients:
+`.grad` is untouched) and contracts per group, one rule per layer type (`Rule.group_grad`):
+
+    nn.Linear        y = W x + b         g_W,j = Σ_{i∈B_j} δ_i x_iᵀ  (one bmm over groups),  g_b,j = Σ_{i∈B_j} δ_i
+    Conv1D (GPT-2)   y = xᵀ W + b        g_W,j = Σ_{i∈B_j} x_i δ_iᵀ
+    nn.Embedding     y = W[id]           g_W,j[v] = Σ_{i∈B_j, id_i = v} δ_i  (index_add into k·V rows)
+    nn.LayerNorm     y = x̂ ⊙ γ + β       g_γ,j = Σ_{i∈B_j} δ_i ⊙ x̂_i,  g_β,j = Σ_{i∈B_j} δ_i   (x̂ recomputed)
+    nn.RMSNorm       y = x̂ ⊙ γ           g_γ,j = Σ_{i∈B_j} δ_i ⊙ x̂_i
+
+**Perturbed pass (2).** All these layers are affine in their parameters, so f(x_i; w + e_j) = f(x_i; w) + Δ_j(x_i)
+with Δ_j = f(x_i; e_j) - f(x_i; 0) (for Linear, Δ = e_W,j x_i + e_b,j). `Vectorizer.perturbed` adds Δ_{j(i)} to each
+layer's output (`Rule.delta`). Δ does not depend on w and J_w f does not depend on w either, so a backward through
+f(x; w) + Δ puts Σ_i J_w f(x_i)ᵀ δ_i into w.grad, δ_i now the output gradient of the perturbed network: exactly (2).
+The weights are never written.
+
+**Everything else** holding a trainable parameter directly (Llama's RMSNorm, Conv2d, ViT's embeddings with their
+cls_token, a custom layer), or a known layer type used in an unusual way (a subclass that overrides `forward`), is
+run by a `torch.func` fallback for that module alone, its whole subtree included: its inputs are arranged by group,
+`vmap` runs the module once per group through `functional_call` with parameters w + t_j, and the outputs go back to
+their positions. For (2), t_j = e_j. For (1), t_j = z_j, a zero tensor of shape [k, *w.shape] that autograd
+differentiates: ∂L/∂z_j is group j's gradient, from the same backward, with the same dropout masks as the forward.
+Whole-model vmap fails on transformers' attention-mask code, which is why the fallback never goes above the module
+that holds the parameters.
+
+**Positions and padding.** A `GroupLayout` says which positions of the batch form group j: contiguous rows (dim 0),
+preference pairs (rows a..b-1 with n+a..n+b-1), or token ranges of a packed one-row batch (dim 1). Groups are
+arranged group-major as [k, r, ...], r the largest group; a smaller group is padded with copies of its first
+position (always finite inputs), and the output gradients of padding slots are zero, so padding adds nothing.
+A layer whose input does not carry the batch in its leading dims raises `NotVectorizable`: the caller then falls
+back to one pass per group.
+
+Nothing here synchronizes with the host: layouts are Python ints, their index tensors are built once per device.
+Rules compute in the dtype of the layer's output (bf16 under autocast, like autograd would).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.graph import get_gradient_edge
+from torch.utils import _pytree as pytree
+
+__all__ = ["Capture", "GroupLayout", "NotVectorizable", "Positions", "Rule", "Vectorizer", "register_rule"]
+
+
+class NotVectorizable(RuntimeError):
+    """The model or the batch cannot take the vectorized path; the caller should run one pass per group."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Which positions belong to which group
+# ---------------------------------------------------------------------------------------------
+
+
+class GroupLayout:
+    """Which positions of the device batch belong to group j (j = 0..k-1).
+
+    `axis` is the batch dimension the groups are cut along: 0 (rows) or 1 (tokens of a one-row packed batch), and
+    `extent` its length. Layouts are built from Python ints and cached: equal arguments give the same object, whose
+    index tensors are then built once per device.
+    """
+
+    def __init__(self, kind: str, members: tuple[tuple[int, ...], ...], axis: int, extent: int, sizes: tuple[int, ...]):
+        self.kind, self.members, self.axis, self.extent, self.sizes = kind, members, axis, extent, sizes
+        self._positions: dict[torch.device, Positions] = {}
+
+    @property
+    def k(self) -> int:
+        return len(self.members)
+
+    def __repr__(self) -> str:
+        return f"GroupLayout.{self.kind}({list(self.sizes)})"
+
+    @classmethod
+    def rows(cls, sizes: Sequence[int]) -> GroupLayout:
+        """Contiguous rows along dim 0: group j is rows s_0+..+s_{j-1} .. s_0+..+s_j - 1 (as `split_batch` cuts)."""
+        return _rows(tuple(_check_sizes(sizes)))
+
+    @classmethod
+    def pairs(cls, sizes: Sequence[int]) -> GroupLayout:
+        """Preference batches of 2n rows (chosen rows 0..n-1, rejected rows n..2n-1): group j holds sizes[j] pairs,
+        rows a..b-1 and n+a..n+b-1 (as `batches.split_pairs` cuts)."""
+        return _pairs(tuple(_check_sizes(sizes)))
+
+    @classmethod
+    def tokens(cls, bounds: Sequence[int], sizes: Sequence[int] | int) -> GroupLayout:
+        """A packed one-row batch [1, T] whose sequences start at `bounds` = [0, c_1, ..., T]: group j is the token
+        range of its sequences, `sizes[j]` sequences each (an int m: m sequences a group, the last maybe fewer, as
+        `batches.split_packed` cuts)."""
+        bounds = tuple(int(b) for b in bounds)
+        n_sequences = len(bounds) - 1
+        if n_sequences < 1 or bounds[0] != 0 or any(b <= a for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"bounds must rise strictly from 0, got {list(bounds)[:4]}...")
+        if isinstance(sizes, int):
+            sizes = [min(sizes, n_sequences - a) for a in range(0, n_sequences, sizes)]
+        sizes = tuple(_check_sizes(sizes))
+        if sum(sizes) != n_sequences:
+            raise ValueError(f"the groups hold {sum(sizes)} sequences, the batch has {n_sequences}")
+        return _tokens(bounds, sizes)
+
+    def positions(self, device: torch.device | str) -> Positions:
+        """The index tensors of this layout on `device`, built on first use (one host-to-device copy)."""
+        device = torch.device(device)
+        found = self._positions.get(device)
+        if found is None:
+            found = self._positions[device] = Positions(self, device)
+        return found
+
+
+def _check_sizes(sizes: Sequence[int]) -> list[int]:
+    sizes = [int(s) for s in sizes]
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"group sizes must be positive ints, got {sizes}")
+    return sizes
+
+
+def _starts(sizes: tuple[int, ...]) -> list[int]:
+    starts = [0]
+    for s in sizes:
+        starts.append(starts[-1] + s)
+    return starts
+
+
+@functools.lru_cache(maxsize=64)
+def _rows(sizes: tuple[int, ...]) -> GroupLayout:
+    starts = _starts(sizes)
+    members = tuple(tuple(range(a, b)) for a, b in zip(starts, starts[1:]))
+    return GroupLayout("rows", members, axis=0, extent=starts[-1], sizes=sizes)
+
+
+@functools.lru_cache(maxsize=64)
+def _pairs(sizes: tuple[int, ...]) -> GroupLayout:
+    starts = _starts(sizes)
+    n = starts[-1]
+    members = tuple((*range(a, b), *range(n + a, n + b)) for a, b in zip(starts, starts[1:]))
+    return GroupLayout("pairs", members, axis=0, extent=2 * n, sizes=sizes)
+
+
+@functools.lru_cache(maxsize=64)
+def _tokens(bounds: tuple[int, ...], sizes: tuple[int, ...]) -> GroupLayout:
+    first = _starts(sizes)  # sequence numbers where the groups start
+    members = tuple(tuple(range(bounds[a], bounds[b])) for a, b in zip(first, first[1:]))
+    return GroupLayout("tokens", members, axis=1, extent=bounds[-1], sizes=sizes)
+
+
+class Positions:
+    """A layout's index tensors on one device, and the three moves every rule is made of.
+
+    Group-major slots: slot j·r + s holds position `members[j][s]` (s < n_j), or a copy of the group's first
+    position (padding, s >= n_j). `gather` maps slots to positions, `slot` positions to slots, `group` positions
+    to group ids, `real` marks the slots that are not padding. None stands for "the identity" (no copy needed).
+    """
+
+    def __init__(self, layout: GroupLayout, device: torch.device):
+        self.layout, self.k, self.axis, self.extent = layout, layout.k, layout.axis, layout.extent
+        self.r = r = max(len(m) for m in layout.members)
+        gather = [m[s] if s < len(m) else m[0] for m in layout.members for s in range(r)]
+        real = [s < len(m) for m in layout.members for s in range(r)]
+        slot, group = [0] * self.extent, [0] * self.extent
+        for j, m in enumerate(layout.members):
+            for s, position in enumerate(m):
+                slot[position], group[position] = j * r + s, j
+        identity = gather == list(range(self.k * r))  # equal contiguous groups: [extent] is [k, r] as it is
+        prefix = slot == list(range(self.extent))  # only the last group is short: positions are slots already
+        self.gather = None if identity else _to_device(torch.tensor(gather), device)
+        self.real = None if all(real) else _to_device(torch.tensor(real), device)
+        self.slot = None if prefix else _to_device(torch.tensor(slot), device)
+        self.group = _to_device(torch.tensor(group), device)
+
+    # -- shapes ----------------------------------------------------------------------------------
+    def carries_batch(self, x: torch.Tensor) -> bool:
+        """True when x's leading dims are the batch's: [extent, ...] (rows), [1, extent, ...] (tokens)."""
+        if self.axis == 0:
+            return x.dim() >= 1 and x.shape[0] == self.extent
+        return x.dim() >= 2 and x.shape[0] == 1 and x.shape[1] == self.extent
+
+    def broadcasts(self, x: torch.Tensor) -> bool:
+        """True for [1, ...] where rows [extent, ...] are expected: a tensor broadcast over the batch (position ids
+        [1, T] of BERT and GPT-2)."""
+        return self.axis == 0 and self.extent > 1 and x.dim() >= 1 and x.shape[0] == 1
+
+    def check(self, x: torch.Tensor, where: str) -> None:
+        if not self.carries_batch(x):
+            want = f"[{self.extent}, ...]" if self.axis == 0 else f"[1, {self.extent}, ...]"
+            raise NotVectorizable(
+                f"{where} got an input of shape {list(x.shape)}, whose leading dims are not the batch's ({want} for "
+                f"{self.layout}): the layer sees the batch reshaped, so its positions cannot be assigned to groups."
+            )
+
+    # -- the moves -------------------------------------------------------------------------------
+    def grouped(self, x: torch.Tensor, zero_pad: bool = False) -> torch.Tensor:
+        """[extent, *rest] (or [1, extent, *rest]) -> [k, r, *rest], group-major; padding slots repeat a real position
+        of their group, or are zero with `zero_pad` (for output gradients: padding must add nothing)."""
+        if self.axis == 1:
+            x = x[0]
+        if self.gather is None:
+            return x.unflatten(0, (self.k, self.r))  # a view
+        y = x.index_select(0, self.gather).unflatten(0, (self.k, self.r))
+        if zero_pad and self.real is not None:
+            y = y * self.real.view(self.k, self.r, *[1] * (y.dim() - 2)).to(y.dtype)
+        return y
+
+    def ungrouped(self, y: torch.Tensor) -> torch.Tensor:
+        """[k, r, *rest] -> [extent, *rest] (or [1, extent, *rest]): each position's value back in its place; the
+        padding slots are dropped (so they get a zero gradient)."""
+        flat = y.flatten(0, 1)
+        if self.slot is not None:
+            flat = flat.index_select(0, self.slot)
+        elif flat.shape[0] != self.extent:
+            flat = flat[: self.extent]
+        return flat.unsqueeze(0) if self.axis == 1 else flat
+
+    def group_ids(self, ndim: int) -> torch.Tensor:
+        """The group id of every position, shaped to broadcast against a tensor with `ndim` dims led by the batch."""
+        if self.axis == 1:
+            return self.group.view(1, self.extent, *[1] * (ndim - 2))
+        return self.group.view(self.extent, *[1] * (ndim - 1))
+
+    def group_sum(self, t: torch.Tensor, feature_ndim: int) -> torch.Tensor:
+        """[batch dims, *mid, *features] -> [k, *features]: the sum over each group's positions."""
+        g = self.grouped(t, zero_pad=True)
+        mid = tuple(range(1, g.dim() - feature_ndim))
+        return g.sum(mid) if mid else g
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        t = t.pin_memory()  # from pinned memory the copy is asynchronous: no wait for the device
+    return t.to(device, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The rules, one per layer type
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one layer type takes part, for layers affine in their parameters (f(x; w + e) = f(x; w) + Δ(x; e)).
+
+    `params`: the direct parameters the rule knows. `group_grad(module, x, delta, pos, wanted)`: from the layer's
+    input x and output gradient delta, {name: [k, *param.shape]} for the names in `wanted`. `delta(module, x, out,
+    e, pos)`: the extra output Δ (shaped like the layer's output `out`, in its dtype), e = {name: [k, *param.shape]}
+    for the trainable parameters. `refuse(module)`: a
+    reason this instance cannot be handled, or None.
+    """
+
+    params: tuple[str, ...]
+    group_grad: Callable[[nn.Module, torch.Tensor, torch.Tensor, Positions, Collection[str]], dict[str, torch.Tensor]]
+    delta: Callable[[nn.Module, torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor], Positions], torch.Tensor]
+    refuse: Callable[[nn.Module], str | None] | None = None
+
+
+RULES: dict[type, Rule] = {}
+
+
+def register_rule(layer_type: type, rule: Rule) -> None:
+    """Use `rule` for modules of exactly `layer_type` (subclasses that override `forward` take the fallback)."""
+    RULES[layer_type] = rule
+
+
+def _matmul_group_grad(x: torch.Tensor, delta: torch.Tensor, pos: Positions, transposed: bool) -> torch.Tensor:
+    """Σ_{i∈B_j} δ_i x_iᵀ for every j ([k, out, in]), or its transpose ([k, in, out], GPT-2's Conv1D)."""
+    a = pos.grouped(x.to(delta.dtype)).flatten(1, -2)  # [k, m, in], m = r · (positions per row)
+    d = pos.grouped(delta, zero_pad=True).flatten(1, -2)  # [k, m, out]; padding slots are zero
+    return torch.bmm(a.transpose(1, 2), d) if transposed else torch.bmm(d.transpose(1, 2), a)
+
+
+def _matmul_delta(x: torch.Tensor, out: torch.Tensor, e_w: torch.Tensor | None, e_b: torch.Tensor | None, pos: Positions, transposed: bool) -> torch.Tensor:
+    """Δ_i = e_W,j x_i + e_b,j for position i of group j (e_W stored [k, in, out] when `transposed`)."""
+    xg = pos.grouped(x.to(out.dtype))  # [k, r, *mid, in]
+    a = xg.flatten(1, -2)  # [k, m, in]
+    d = a.new_zeros(()).expand(*a.shape[:2], out.shape[-1])
+    if e_w is not None:
+        e_w = e_w.to(out.dtype)
+        d = torch.bmm(a, e_w if transposed else e_w.transpose(1, 2))  # [k, m, out]
+    if e_b is not None:
+        d = d + e_b.to(out.dtype).unsqueeze(1)
+    return pos.ungrouped(d.reshape(*xg.shape[:-1], out.shape[-1]))
+
+
+def _linear_group_grad(module, x, delta, pos, wanted):
+    out = {}
+    if "weight" in wanted:
+        out["weight"] = _matmul_group_grad(x, delta, pos, transposed=False)
+    if "bias" in wanted:
+        out["bias"] = pos.group_sum(delta, 1)
+    return out
+
+
+def _linear_delta(module, x, out, e, pos):
+    return _matmul_delta(x, out, e.get("weight"), e.get("bias"), pos, transposed=False)
+
+
+def _conv1d_group_grad(module, x, delta, pos, wanted):
+    out = {}
+    if "weight" in wanted:  # GPT-2's Conv1D keeps its weight as [in, out]
+        out["weight"] = _matmul_group_grad(x, delta, pos, transposed=True)
+    if "bias" in wanted:
+        out["bias"] = pos.group_sum(delta, 1)
+    return out
+
+
+def _conv1d_delta(module, x, out, e, pos):
+    return _matmul_delta(x, out, e.get("weight"), e.get("bias"), pos, transposed=True)
+
+
+def _embedding_refuse(module: nn.Embedding) -> str | None:
+    if module.max_norm is not None:
+        return "max_norm renormalizes the weight in place during the forward"
+    if module.scale_grad_by_freq:
+        return "scale_grad_by_freq scales by token counts over the whole batch, not per group"
+    return None
+
+
+def _embedding_group_grad(module, ids, delta, pos, wanted):
+    vocab, dim = module.num_embeddings, delta.shape[-1]
+    rows = (ids + pos.group_ids(ids.dim()) * vocab).reshape(-1)  # row id_i of group j is row j·V + id_i of [k·V, d]
+    d = delta.reshape(-1, dim)
+    if module.padding_idx is not None:  # the padding row gets no gradient
+        d = d * (ids != module.padding_idx).reshape(-1, 1).to(d.dtype)
+    g = d.new_zeros(pos.k * vocab, dim).index_add_(0, rows, d)
+    return {"weight": g.view(pos.k, vocab, dim)}
+
+
+def _embedding_delta(module, ids, out, e, pos):
+    vocab = module.num_embeddings
+    rows = ids + pos.group_ids(ids.dim()) * vocab
+    # The forward reads row padding_idx like any other, so w + e_j reads e_j's row there too.
+    return F.embedding(rows, e["weight"].to(out.dtype).flatten(0, 1))
+
+
+def _normalized(module, x, dtype):
+    """x̂, the norm's output without its affine parameters, in `dtype`."""
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x.to(dtype), module.normalized_shape, None, None, module.eps)
+    return F.rms_norm(x.to(dtype), module.normalized_shape, None, module.eps)
+
+
+def _norm_group_grad(module, x, delta, pos, wanted):
+    n = len(module.normalized_shape)
+    out = {}
+    if "weight" in wanted:
+        out["weight"] = pos.group_sum(delta * _normalized(module, x, delta.dtype), n)
+    if "bias" in wanted:
+        out["bias"] = pos.group_sum(delta, n)
+    return out
+
+
+def _norm_delta(module, x, out, e, pos):
+    g = pos.group_ids(x.dim() - len(module.normalized_shape))  # e[g]: each position's e_j, over the normalized dims
+    d = 0
+    if "weight" in e:
+        d = _normalized(module, x, out.dtype) * e["weight"].to(out.dtype)[g]
+    if "bias" in e:
+        d = d + e["bias"].to(out.dtype)[g]
+    return d
+
+
+RULES.update(
+    {
+        nn.Linear: Rule(("weight", "bias"), _linear_group_grad, _linear_delta),
+        nn.Embedding: Rule(("weight",), _embedding_group_grad, _embedding_delta, _embedding_refuse),
+        nn.LayerNorm: Rule(("weight", "bias"), _norm_group_grad, _norm_delta),
+        nn.RMSNorm: Rule(("weight",), _norm_group_grad, _norm_delta),
+    }
+)
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # transformers is a dependency, but the rules do not need it
+    pass
+else:
+    RULES[Conv1D] = Rule(("weight", "bias"), _conv1d_group_grad, _conv1d_delta)
+
+
+def _rule_for(module: nn.Module) -> Rule | None:
+    """The rule for this module, if it is exactly of a known type (a subclass might compute something else)."""
+    for cls in type(module).__mro__:
+        rule = RULES.get(cls)
+        if rule is not None:
+            return rule if type(module).forward is cls.forward else None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's layers, and what each one does while a context is active
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Unit:
+    """A module that takes part: through its rule, or (rule None) through the torch.func fallback."""
+
+    name: str
+    module: nn.Module
+    rule: Rule | None
+    wanted: dict[str, int]  # parameter name, relative to the module -> index in Vectorizer.params
+
+    @property
+    def where(self) -> str:
+        return f"{self.name or '<model>'} ({type(self.module).__name__})"
+
+
+def _module_problem(module: nn.Module) -> str | None:
+    """Why this module, trainable or not, breaks the per-position picture; None when it does not."""
+    name = type(module).__name__
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or module.running_mean is None):
+        return (
+            f"{name} in train mode (batch statistics mix the rows of all groups, and the running statistics must "
+            "update once per micro-batch)"
+        )
+    if isinstance(module, nn.modules.batchnorm._NormBase) and module.training and module.track_running_stats:
+        return f"{name} in train mode with running statistics (they must update once per micro-batch)"
+    if getattr(module, "gradient_checkpointing", False) is True:  # transformers' flag on the layers it recomputes
+        return "gradient checkpointing is on (the recomputing forward would run the hooks again in the backward)"
+    if isinstance(module, nn.RNNBase):
+        return f"{name} has no vmap rule in torch.func"
+    if getattr(module, "batch_first", True) is False:
+        return f"{name} with batch_first=False (the batch is in dim 1 of its inputs)"
+    if name.startswith("Dora"):
+        return f"{name} (PEFT DoRA) reads the LoRA weights directly, outside the calls of their layers"
+    return None
+
+
+def _has_forward(module: nn.Module) -> bool:
+    return type(module).forward is not nn.Module.forward  # ParameterDict, ParameterList: their parent uses them
+
+
+_TENSOR = object()  # marks where a fallback's output had a tensor
+
+
+def _no_autocast(device_type: str):
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class Vectorizer:
+    """Per-group gradients (`capture`) and per-group perturbed passes (`perturbed`) of `model`, by forward hooks.
+
+    `params` are the trainable parameters, in the caller's order: `group_gradients` answers in that order, and
+    `perturbed` takes its e in that order. Hooks exist only while a context is active. `why_not()` says whether
+    every parameter is covered, before any forward. `allow_fallback=False` refuses layers without a rule instead
+    of running them through torch.func.
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[nn.Parameter], allow_fallback: bool = True):
+        self.model = model
+        self.params = list(params)
+        self.allow_fallback = allow_fallback
+        self._index: dict[int, int] = {}
+        for i, p in enumerate(self.params):
+            if id(p) in self._index:
+                raise ValueError(f"parameter {i} is listed twice (it is parameter {self._index[id(p)]})")
+            self._index[id(p)] = i
+        self._units, self._problems = self._scan()
+        # What the hooks read, set by the contexts:
+        self._layout: GroupLayout | None = None
+        self._e: list[torch.Tensor] | None = None
+        self._capture: Capture | None = None
+        self._suspended = 0  # > 0 inside a fallback's functional call: its subtree is its business
+        self._undo: list[Callable[[], None]] = []
+
+    # -- what is covered --------------------------------------------------------------------------
+    def _scan(self) -> tuple[list[_Unit], list[str]]:
+        problems: list[str] = []
+        names = {id(m): n for n, m in self.model.named_modules()}
+        parents = {id(c): m for m in self.model.modules() for c in m.children()}
+        units: dict[int, _Unit] = {}
+        covered: set[int] = set()
+        for name, module in self.model.named_modules():
+            where = f"{name or '<model>'} ({type(module).__name__})"
+            problem = _module_problem(module)
+            if problem:
+                problems.append(f"{where}: {problem}")
+            direct = {n: self._index[id(p)] for n, p in module._parameters.items() if p is not None and id(p) in self._index}
+            if not direct:
+                continue
+            covered.update(direct.values())
+            rule = _rule_for(module)
+            if rule is not None and set(direct) <= set(rule.params):
+                reason = rule.refuse(module) if rule.refuse is not None else None
+                if reason:
+                    problems.append(f"{where}: {reason}")
+                else:
+                    units[id(module)] = _Unit(name, module, rule, direct)
+                continue
+            if not self.allow_fallback:
+                problems.append(f"module {where} holds trainable parameter {next(iter(direct))} and its layer type has no grouped rule")
+                continue
+            owner = module
+            while not _has_forward(owner) and id(owner) in parents:  # a parameter container: its user is the parent
+                owner = parents[id(owner)]
+            if not _has_forward(owner):
+                problems.append(f"{where} holds trainable parameters but no module computes with them")
+                continue
+            if id(owner) not in units:
+                wanted = {n: self._index[id(p)] for n, p in owner.named_parameters() if id(p) in self._index}
+                units[id(owner)] = _Unit(names[id(owner)], owner, None, wanted)
+        missing = [i for i in range(len(self.params)) if i not in covered]
+        if missing:
+            problems.append(f"parameters {missing[:8]} of the list are not parameters of the model")
+        return list(units.values()), problems
+
+    def why_not(self) -> str | None:
+        """None when every parameter is covered by a rule or the fallback; otherwise the reasons, in one line."""
+        return "; ".join(self._problems) if self._problems else None
+
+    def fallback_modules(self) -> list[str]:
+        """The modules run through the torch.func fallback (outermost ones, by name), for logs."""
+        names = [u.name for u in self._units if u.rule is None]
+        return [u.where for u in self._units if u.rule is None and not any(u.name.startswith(n + ".") for n in names if n != u.name)]
+
+    # -- the contexts -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def capture(self, layout: GroupLayout) -> Iterator[Capture]:
+        """A forward inside records what `Capture.group_gradients` needs; it returns the same loss as without."""
+        cap = Capture(self, layout)
+        with self._active(layout, capture=cap):
+            yield cap
+
+    @contextlib.contextmanager
+    def perturbed(self, layout: GroupLayout, e: Sequence[torch.Tensor]) -> Iterator[None]:
+        """Inside, group j's positions see params[i] + e[i][j] (e[i] of shape [k, *params[i].shape]); the weights are
+        never written. A backward inside (run the backward inside, for layers that recompute) puts into `.grad` the
+        sum over groups of each group's part of the gradient at its own perturbed weights."""
+        e = list(e)
+        if len(e) != len(self.params):
+            raise ValueError(f"e has {len(e)} tensors for {len(self.params)} parameters")
+        for i, (p, t) in enumerate(zip(self.params, e)):
+            if tuple(t.shape) != (layout.k, *p.shape):
+                raise ValueError(f"e[{i}] has shape {list(t.shape)}, expected {[layout.k, *p.shape]}")
+        with self._active(layout, e=e):
+            yield
+
+    @contextlib.contextmanager
+    def _active(self, layout: GroupLayout, e: list[torch.Tensor] | None = None, capture: Capture | None = None):
+        reason = self.why_not()
+        if reason:
+            raise NotVectorizable(reason)
+        if self._layout is not None and (self._layout.members, self._layout.axis) != (layout.members, layout.axis):
+            raise ValueError(f"capture and perturbed must share a layout: {self._layout} is active, got {layout}")
+        if (e is not None and self._e is not None) or (capture is not None and self._capture is not None):
+            raise RuntimeError("this Vectorizer is already inside the same kind of context")
+        saved = (self._layout, self._e, self._capture)
+        self._layout = layout
+        self._e = e if e is not None else self._e
+        self._capture = capture if capture is not None else self._capture
+        first = not self._undo
+        try:
+            if first:
+                self._install()
+            yield
+        finally:
+            if first:
+                self._uninstall()
+            self._layout, self._e, self._capture = saved
+
+    def _install(self) -> None:
+        for unit in self._units:
+            if unit.rule is not None:
+                handle = unit.module.register_forward_hook(functools.partial(self._rule_hook, unit), with_kwargs=True)
+                self._undo.append(handle.remove)
+            else:
+                self._undo.append(self._patch_forward(unit))
+
+    def _uninstall(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def _patch_forward(self, unit: _Unit) -> Callable[[], None]:
+        """Replace the fallback module's forward (on the instance) and return what puts it back."""
+        module = unit.module
+        own = module.__dict__.get("forward")  # set by someone else (accelerate's hooks, say): wrap it, keep it
+        module.forward = functools.partial(self._fallback_forward, unit, module.forward)
+
+        def restore() -> None:
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+
+        return restore
+
+    # -- a layer with a rule ----------------------------------------------------------------------
+    def _rule_hook(self, unit: _Unit, module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor):
+        if self._suspended:
+            return None
+        x = args[0] if args else next(iter(kwargs.values()))
+        pos = self._layout.positions(x.device)
+        if pos.broadcasts(x) and out.shape[0] == 1:
+            # Broadcast over the batch, so every row uses it: give each row its own copy (views), whose output
+            # gradient then arrives row by row, and whose perturbation can differ by group.
+            x, out = x.expand(pos.extent, *x.shape[1:]), out.expand(pos.extent, *out.shape[1:])
+        pos.check(x, unit.where)
+        if self._e is not None:
+            e = {name: self._e[i] for name, i in unit.wanted.items()}
+            out = out + unit.rule.delta(module, x, out, e, pos)
+        if self._capture is not None and torch.is_grad_enabled() and out.requires_grad:
+            self._capture._record(unit, x, out)
+        return out
+
+    # -- a layer without one: torch.func ----------------------------------------------------------
+    def _fallback_forward(self, unit: _Unit, inner: Callable, *args, **kwargs):
+        capture = self._capture if torch.is_grad_enabled() else None
+        if self._suspended or (self._e is None and capture is None):
+            return inner(*args, **kwargs)
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        some = next(iter(unit.wanted.values()))
+        pos = self._layout.positions(self.params[some].device)
+        batched = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor) and pos.carries_batch(v)]
+        if not batched:  # only inputs broadcast over the batch: every row uses them (see _rule_hook)
+            for i, v in enumerate(leaves):
+                if isinstance(v, torch.Tensor) and pos.broadcasts(v):
+                    leaves[i] = v.expand(pos.extent, *v.shape[1:])
+                    batched.append(i)
+        if not batched:
+            raise NotVectorizable(f"{unit.where}: none of its inputs carries the batch in its leading dims")
+        # Group j runs with params + t_j: t = e (perturbed), z (capture: zeros autograd differentiates), or e + z.
+        names, indices, ts = list(unit.wanted), list(unit.wanted.values()), []
+        for i in indices:
+            t = self._e[i] if self._e is not None else None
+            if capture is not None:
+                p = self.params[i]
+                z = torch.zeros((pos.k, *p.shape), dtype=p.dtype, device=p.device, requires_grad=True)
+                capture._probes.append((i, z))
+                t = z if t is None else t + z
+            ts.append(t)
+        grouped = [pos.grouped(leaves[i]) for i in batched]  # [k, r, ...]; padding repeats a real position
+        if pos.axis == 1:
+            grouped = [g.unsqueeze(1) for g in grouped]  # each group is a one-row batch [1, r, ...]
+
+        def one_group(ts: list[torch.Tensor], grouped: list[torch.Tensor]):
+            values = list(leaves)
+            for i, g in zip(batched, grouped):
+                values[i] = g
+            group_args, group_kwargs = pytree.tree_unflatten(values, spec)
+            weights = {name: self.params[i] + t for name, i, t in zip(names, indices, ts)}
+            result = torch.func.functional_call(unit.module, weights, group_args, group_kwargs)
+            # vmap returns tensors only: the output's structure and its other leaves (None, ints) are kept aside
+            values, shape["spec"] = pytree.tree_flatten(result)
+            shape["others"] = [_TENSOR if isinstance(v, torch.Tensor) else v for v in values]
+            return [v for v in values if isinstance(v, torch.Tensor)]
+
+        shape: dict = {}
+        self._suspended += 1  # our hooks in the subtree, and this forward itself, stand aside
+        try:
+            tensors = torch.func.vmap(one_group, randomness="different")(ts, grouped)
+        except NotVectorizable:
+            raise
+        except Exception as err:
+            raise NotVectorizable(f"the torch.func fallback for {unit.where} failed: {type(err).__name__}: {err}") from err
+        finally:
+            self._suspended -= 1
+        back = iter([self._back_to_positions(y, pos, unit) for y in tensors])
+        out = pytree.tree_unflatten([next(back) if v is _TENSOR else v for v in shape["others"]], shape["spec"])
+        if capture is not None:
+            capture._regions.append(([y.grad_fn for y in pytree.tree_leaves(out) if isinstance(y, torch.Tensor)], {v.grad_fn for v in leaves if isinstance(v, torch.Tensor)}))
+        return out
+
+    @staticmethod
+    def _back_to_positions(y: torch.Tensor, pos: Positions, unit: _Unit) -> torch.Tensor:
+        expect = (pos.k, pos.r) if pos.axis == 0 else (pos.k, 1, pos.r)
+        if tuple(y.shape[: len(expect)]) != expect:
+            raise NotVectorizable(f"{unit.where}: an output of shape {list(y.shape[1:])} per group does not carry the group's positions")
+        return pos.ungrouped(y if pos.axis == 0 else y[:, 0])
+
+
+@dataclass(eq=False)
+class _Call:
+    """One recorded call of a layer with a rule."""
+
+    unit: _Unit
+    x: torch.Tensor  # its input, detached (shares the version counter)
+    version: int
+    edge: object  # the autograd edge of its output: unaffected by later in-place ops on the output
+    view: bool  # the output was a view (in-place ops on it would cut the edge off the graph)
+
+
+class Capture:
+    """What a forward inside `Vectorizer.capture` recorded; `group_gradients(loss)` turns it into gradients."""
+
+    def __init__(self, vectorizer: Vectorizer, layout: GroupLayout):
+        self.vectorizer, self.layout = vectorizer, layout
+        self._calls: list[_Call] = []
+        self._probes: list[tuple[int, torch.Tensor]] = []  # fallback calls: (parameter index, z)
+        self._regions: list[tuple[list, set]] = []  # (output nodes, input nodes) of every call, for `verify`
+
+    def _record(self, unit: _Unit, x: torch.Tensor, out: torch.Tensor) -> None:
+        self._calls.append(_Call(unit, x.detach(), x._version, get_gradient_edge(out), out._is_view()))
+        self._regions.append(([out.grad_fn], {x.grad_fn}))
+
+    def group_gradients(self, loss: torch.Tensor, retain_graph: bool = False) -> list[torch.Tensor]:
+        """For each parameter, [k, *p.shape]: slice j is the part of ∇loss that group j's positions contribute
+        (with a loss that sums each group's own loss, group j's own gradient). One backward, to the recorded layer
+        outputs only: `.grad` is untouched and the full weight gradients are never formed."""
+        params = self.vectorizer.params
+        calls, probes = self._calls, self._probes
+        inputs = [c.edge for c in calls] + [z for _, z in probes]
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True, retain_graph=retain_graph) if inputs else ()
+        total: list[torch.Tensor | None] = [None] * len(params)
+
+        def add(i: int, g: torch.Tensor) -> None:
+            g = g.to(params[i].dtype)
+            total[i] = g if total[i] is None else total[i] + g
+
+        with _no_autocast(loss.device.type):  # the contractions run in the dtype of each layer's output gradient
+            for call, delta in zip(calls, grads):
+                if delta is None:
+                    if call.view:
+                        raise NotVectorizable(
+                            f"{call.unit.where}: its output (a view) did not reach the loss, or was modified in place "
+                            "later, which cuts it off the graph"
+                        )
+                    continue  # an output the loss does not use: no gradient
+                if call.x._version != call.version:
+                    raise NotVectorizable(f"{call.unit.where}: its input was modified in place after the layer read it")
+                pos = self.layout.positions(delta.device)
+                found = call.unit.rule.group_grad(call.unit.module, call.x, delta, pos, call.unit.wanted.keys())
+                for name, g in found.items():
+                    add(call.unit.wanted[name], g)
+            for (i, _), g in zip(probes, grads[len(calls) :]):
+                if g is not None:
+                    add(i, g)
+        if not retain_graph:
+            self._calls, self._probes, self._regions = [], [], []
+        k = self.layout.k
+        return [torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) if g is None else g for p, g in zip(params, total)]
+
+    def verify(self, loss: torch.Tensor) -> None:
+        """Raise NotVectorizable if `loss` reaches a covered parameter other than through a recorded layer call:
+        a weight read directly by other code (DoRA's norm, a parent module's F.linear(x, child.weight), a
+        penalty on the weights), which neither the rules nor the perturbation would see. Walks the whole graph
+        in Python: meant for a first step, before `group_gradients` (which frees the graph)."""
+        index = self.vectorizer._index
+        inside: set = set()
+        roots: set = set()
+        for outputs, stops in self._regions:
+            stack = [n for n in outputs if n is not None]
+            roots.update(stack)
+            while stack:
+                node = stack.pop()
+                if node in inside or node in stops:
+                    continue
+                inside.add(node)
+                stack.extend(n for n, _ in node.next_functions if n is not None)
+        bad: list[str] = []
+        seen: set = set()
+        stack = [loss.grad_fn] if loss.grad_fn is not None else []
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            for child, _ in node.next_functions:
+                if child is None:
+                    continue
+                if node not in inside:
+                    variable = getattr(child, "variable", None)
+                    if variable is not None and id(variable) in index:
+                        bad.append(f"parameter {index[id(variable)]} {list(variable.shape)} (read by {node.name()})")
+                    elif child in inside and child not in roots:
+                        bad.append(f"an intermediate result of a layer (read by {node.name()})")
+                stack.append(child)
+        if bad:
+            raise NotVectorizable("the loss uses parameters outside the layer calls the vectorized path sees: " + "; ".join(sorted(set(bad))[:5]))

@@ -1,0 +1,136 @@
+"""The vectorized mSAM step (`--msam_vectorize on`) against the sequential one and against the plain-PyTorch reference:
+the same update for every method, with padding, uneven micro-batches, token weights and accumulation; clear errors
+where it cannot run; `auto` falls back and says why."""
+
+import copy
+
+import pytest
+import torch
+from reference import MLP, mlp_dataset, msam_gradient
+from test_registry import llama_data, tiny_llama
+from test_trainer_reference import LR, TIGHT, bert_data, expected_after_step, sgd_args, stack, tiny_bert, trainable
+
+from hf_msam import MicroBatchSAM, MSAMTrainer
+
+METHODS = [
+    dict(msam_method="sam"),
+    dict(msam_method="sam", msam_adaptive=True, msam_rho=0.5),
+    dict(msam_method="gsam", msam_gsam_alpha=0.4),
+    dict(msam_method="fsam", msam_fsam_lambda=0.8),
+    dict(msam_method="looksam", msam_looksam_k=2),
+    dict(msam_method="momentum"),
+]
+
+
+def train(model, data, tmp_path, vectorize, steps=2, batch_size=7, micro_batch_size=3, **kwargs):
+    kwargs = {"msam_rho": 0.1, **kwargs}
+    args = sgd_args(tmp_path / vectorize, batch_size, msam_micro_batch_size=micro_batch_size, msam_vectorize=vectorize, **kwargs)
+    args.max_steps = steps
+    if kwargs.get("msam_method") == "momentum":
+        args.optim_args = "momentum=0.9"
+    trainer = MSAMTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: "-".join(str(v) for v in m.values()))
+def test_bert_with_padding_every_method_matches_the_sequential_step(tmp_path, method):
+    data = bert_data(14)  # two steps of 7 rows: micro-batches of 3, 3, 1
+    on, off = tiny_bert(), tiny_bert()
+    vectorized = train(on, data, tmp_path, "on", **method)
+    train(off, data, tmp_path, "off", **method)
+    assert vectorized._msam.path == "vectorized"
+    assert any(not torch.equal(a, b) for a, b in zip(trainable(on), trainable(tiny_bert())))
+    for a, b in zip(trainable(on), trainable(off)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_one_step_equals_the_plain_pytorch_reference(tmp_path):
+    data = bert_data(7)
+    model, reference = tiny_bert(), tiny_bert()
+    expected = expected_after_step(reference, msam_gradient(reference, stack(data), 3, 0.1))
+    train(model, data, tmp_path, "on", steps=1)
+    for a, b in zip(trainable(model), expected):
+        torch.testing.assert_close(a, b, **TIGHT)
+
+
+def test_token_weighted_causal_lm_with_accumulation(tmp_path):
+    """Llama (tied embeddings), label tokens differing per row, num_items_in_batch over 2 accumulation steps."""
+    data = llama_data(12)
+    on, off = tiny_llama(), tiny_llama()
+    for model in (on, off):
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    vectorized = train(on, data, tmp_path, "on", steps=2, batch_size=3, micro_batch_size=2, gradient_accumulation_steps=2)
+    train(off, data, tmp_path, "off", steps=2, batch_size=3, micro_batch_size=2, gradient_accumulation_steps=2)
+    assert vectorized._msam.path == "vectorized"
+    for a, b in zip(trainable(on), trainable(off)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_float32_agrees_to_single_precision(tmp_path):
+    data = bert_data(7)
+    on, off = tiny_bert().float(), tiny_bert().float()
+    train(on, data, tmp_path, "on", steps=1)
+    train(off, data, tmp_path, "off", steps=1)
+    for a, b in zip(trainable(on), trainable(off)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_on_refuses_batchnorm_in_train_mode_naming_it(tmp_path):
+    with pytest.raises(ValueError, match="BatchNorm"):
+        train(MLP(batch_norm=True).double(), mlp_dataset(8), tmp_path, "on", steps=1, batch_size=8, micro_batch_size=4)
+
+
+def test_auto_falls_back_and_says_why(tmp_path, caplog):
+    trainer = train(MLP(batch_norm=True).double(), mlp_dataset(8), tmp_path, "auto", steps=1, batch_size=8, micro_batch_size=4)
+    assert trainer._msam.path == "sequential" and "BatchNorm" in trainer._msam.path_reason
+    assert "one pass per micro-batch (sequential), because BatchNorm" in caplog.text
+
+
+def test_on_refuses_synchronized_perturbations():
+    sam = MicroBatchSAM(MLP().double(), micro_batch_size=2, sync_perturbation=True, vectorize="on")
+    batch = stack(mlp_dataset(4))
+    with pytest.raises(ValueError, match="synchronized perturbations"):
+        sam.backward(batch, lambda mb: sam.model(**mb)["loss"])
+
+
+def test_not_decomposable_loss_falls_back(tmp_path):
+    """A loss that is not Σ_j c_j L_j (here: the batch's max example loss) must not take the vectorized step."""
+    model = MLP().double()
+    sam = MicroBatchSAM(model, micro_batch_size=2, vectorize="auto")
+    batch = stack(mlp_dataset(4))
+    sam.backward(batch, lambda mb: model(**mb)["loss"], decomposable=False)
+    assert sam.path == "sequential" and "weighted sum" in sam.path_reason
+
+
+def test_weights_are_never_written_even_when_the_descent_raises(tmp_path):
+    model = MLP().double()
+    before = copy.deepcopy(model.state_dict())
+    sam = MicroBatchSAM(model, rho=0.5, micro_batch_size=2, vectorize="on")
+    calls = []
+
+    def loss_fn(mb, info):
+        calls.append(info.point)
+        if info.point == "perturbed":
+            raise RuntimeError("boom")
+        return model(**mb)["loss"]
+
+    with pytest.raises(RuntimeError, match="boom"):
+        sam.backward(stack(mlp_dataset(4)), loss_fn)
+    assert calls == ["clean", "perturbed"]  # one clean pass and one perturbed pass for both micro-batches
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_lora_adapters_only(tmp_path):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], lora_dropout=0.0)
+    on, off = peft.get_peft_model(tiny_bert(), config), peft.get_peft_model(tiny_bert(), config)
+    off.load_state_dict(on.state_dict())
+    data = bert_data(7)
+    vectorized = train(on, data, tmp_path, "on", steps=1, msam_rho=0.5)
+    train(off, data, tmp_path, "off", steps=1, msam_rho=0.5)
+    assert vectorized._msam.path == "vectorized"
+    for a, b in zip(trainable(on), trainable(off)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
