@@ -16,6 +16,7 @@ import io
 import json
 import math
 import pickle
+import re
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -173,9 +174,37 @@ def load_run(directory: str | Path, name: str | None = None) -> Run:
 # ---------------------------------------------------------------------------------------------
 
 
+def _lines(text: Any) -> list[str]:
+    return str(text).splitlines() or [""]
+
+
+def _text(text: Any, in_table: bool = True) -> str:
+    """`text` on one Markdown line: line breaks written `<br>`; in a table cell, where a `|` would end the cell,
+    pipes escaped."""
+    return "<br>".join(line.replace("|", "\\|") if in_table else line for line in _lines(text))
+
+
+def _code(text: Any, in_table: bool = True) -> str:
+    """`text` as inline code (a run's name) on one Markdown line: each line its own code span, its fence one
+    backtick longer than any run of backticks it holds, the lines joined by `<br>`; in a table cell, pipes
+    escaped (GFM unescapes them inside code spans there too)."""
+    spans = []
+    for line in _lines(text):
+        if line:
+            fence = "`" * (max(map(len, re.findall("`+", line)), default=0) + 1)
+            # CommonMark strips one space from each end of a span that starts and ends with one: pad such a line,
+            # and one that starts or ends with a backtick, so that its text comes out whole.
+            padded = line[0] == "`" or line[-1] == "`" or (line[0] == line[-1] == " " and line.strip() != "")
+            line = f" {line} " if padded else line
+            spans.append(fence + (line.replace("|", "\\|") if in_table else line) + fence)
+        else:
+            spans.append("")
+    return "<br>".join(spans)
+
+
 def _number(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return "—" if value is None else str(value)
+        return "—" if value is None else _text(value)
     return f"{value:.4g}"
 
 
@@ -223,7 +252,7 @@ def write_report(runs: list[Run], skipped: list[tuple[str, str]], path: Path, fi
     header = ["run", "ρ", "micro-batch", "ASAM", "steps", *metrics, *FLATNESS.values(), "train time"]
     rows = [
         [
-            f"`{run.name}`",
+            _code(run.name),
             *_settings_cells(run),
             str(run.global_step),
             *(_number(run.final(k)) for k in metrics),
@@ -241,7 +270,7 @@ def write_report(runs: list[Run], skipped: list[tuple[str, str]], path: Path, fi
         "(`--msam_eval_flatness`; lower means flatter). ρ, micro-batch and ASAM are the mSAM settings (ρ = 0: plain "
         "training; ?: no training_args.bin).",
         "",
-        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(map(_text, header)) + " |",
         "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
         *("| " + " | ".join(row) + " |" for row in rows),
     ]
@@ -250,7 +279,7 @@ def write_report(runs: list[Run], skipped: list[tuple[str, str]], path: Path, fi
     if figure:
         lines += ["", f"![Training loss, evaluation metric, mSAM sharpness and loss landscape of each run]({figure})"]
     if skipped:
-        lines += ["", "## Skipped", "", *(f"- `{directory}`: {reason}" for directory, reason in skipped)]
+        lines += ["", "## Skipped", "", *(f"- {_code(directory, False)}: {_text(reason, False)}" for directory, reason in skipped)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -435,8 +435,6 @@ def _module_problem(module: nn.Module) -> str | None:
         return f"{name} in train mode with running statistics (they must update once per micro-batch)"
     if getattr(module, "gradient_checkpointing", False) is True:  # transformers' flag on the layers it recomputes
         return "gradient checkpointing is on (the recomputing forward would run the hooks again in the backward)"
-    if isinstance(module, nn.RNNBase):
-        return f"{name} has no vmap rule in torch.func"
     if getattr(module, "batch_first", True) is False:
         return f"{name} with batch_first=False (the batch is in dim 1 of its inputs)"
     if name.startswith("Dora"):
@@ -515,6 +513,9 @@ class Vectorizer:
                 owner = parents[id(owner)]
             if not _has_forward(owner):
                 problems.append(f"{where} holds trainable parameters but no module computes with them")
+                continue
+            if isinstance(owner, nn.RNNBase):
+                problems.append(f"{where}: recurrent layers have no vmap rule in torch.func, so no fallback")
                 continue
             if id(owner) not in units:
                 wanted = {n: self._index[id(p)] for n, p in owner.named_parameters() if id(p) in self._index}

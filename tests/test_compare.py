@@ -2,11 +2,14 @@
 
 import json
 import os
+import re
 import shutil
+from html.parser import HTMLParser
 from types import SimpleNamespace
 
 import pytest
 import torch
+from markdown_it import MarkdownIt  # installed with transformers (through typer and rich)
 from PIL import Image
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -196,3 +199,66 @@ def test_negative_eigenvalue_is_marked_as_the_largest_magnitude_one(runs, tmp_pa
     # Without a negative one, no note.
     assert main([str(runs / "msam"), "--output", str(tmp_path / "positive")]) == 0
     assert NEGATIVE_EIGENVALUE_NOTE not in (tmp_path / "positive.md").read_text()
+
+
+def rendered_tables(markdown: str) -> list[list[list[str]]]:
+    """The tables of `markdown` as a CommonMark + GFM-tables renderer (markdown-it-py, which transformers
+    installs) shows them: each row's cells as text, a `<br>` read as a line break."""
+
+    class Cells(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tables, self.cell = [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "table":
+                self.tables.append([])
+            elif tag == "tr":
+                self.tables[-1].append([])
+            elif tag in ("td", "th"):
+                self.cell = ""
+            elif tag == "br" and self.cell is not None:
+                self.cell += "\n"
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th"):
+                self.tables[-1][-1].append(self.cell)
+                self.cell = None
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+    parser = Cells()
+    parser.feed(MarkdownIt("commonmark").enable("table").render(markdown))
+    return parser.tables
+
+
+def test_names_and_values_with_pipes_and_line_breaks_stay_in_their_cells(runs, tmp_path):
+    """A `|` in a run's name or a value would end its cell, a line break its row: the rendered table must show
+    every run in one row, with the name and the values as they are."""
+    names = ["seed|1\nrho 0.05", "`m|2` ", "plain"]
+    for name in names:
+        shutil.copytree(runs / "msam", tmp_path / name)
+    with open(runs / "msam" / "all_results.json") as f:
+        results = json.load(f)
+    odd = tmp_path / names[0]
+    (odd / "all_results.json").write_text(json.dumps({**results, "eval_note": "a|b\nc", "eval_x|y": 0.5}))
+    bad = tmp_path / "broken|run\nhere"
+    bad.mkdir()
+    assert main([str(tmp_path / n) for n in names] + [str(bad), "--output", str(tmp_path / "out" / "report")]) == 0
+    markdown = (tmp_path / "out" / "report.md").read_text()
+
+    [table] = rendered_tables(markdown)
+    header, rows = table[0], table[1:]
+    assert header[:5] == ["run", "ρ", "micro-batch", "ASAM", "steps"] and "eval_x|y" in header
+    assert [len(row) for row in rows] == [len(header)] * len(names)
+    assert [row[0] for row in rows] == names
+    cells = dict(zip(header, rows[0]))
+    assert cells["eval_note"] == "a|b\nc" and cells["eval_x|y"] == "0.5"
+    assert cells["eval_loss"] == f"{results['eval_loss']:.4g}" and cells["ρ"] == "0.05"
+    assert dict(zip(header, rows[2]))["eval_note"] == "—"  # the other runs have no such value
+    # The skipped run: one list item, its directory whole.
+    skipped = MarkdownIt("commonmark").render(markdown.split("## Skipped")[1])
+    assert skipped.count("<li>") == 1 and "no trainer_state.json" in skipped
+    assert "\n".join(re.findall("<code>(.*?)</code>", skipped)) == str(bad)

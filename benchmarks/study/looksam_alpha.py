@@ -4,11 +4,12 @@
     python benchmarks/study/looksam_alpha.py            # the published grid (about 10 minutes on one core)
     python benchmarks/study/looksam_alpha.py --quick    # AdamW plain, SAM, LookSAM alpha 0.7 and 0.1, 2 epochs
 
-The demo's tiny ViT on clean sklearn digits (hf_msam.demo), batch 64, AdamW (no weight decay), rho 0.05. LookSAM
-(Liu et al., CVPR 2022): every k-th step a SAM step that keeps g_v = g_p - (<g, g_p>/||g||^2) g, the part of the
-perturbed gradient orthogonal to the clean one; the k - 1 steps between descend along
-g + alpha * ||g||/||g_v|| * g_v. `global` takes the projection and norms over all parameters (the paper's
-Algorithm 1, and hf_msam's `LookSAMDescent`); `tensor` per parameter tensor (as the public implementations do).
+A tiny ViT on clean sklearn digits (the model and training digits of `hf-msam demo`, built here), batch 64, AdamW
+(no weight decay), rho 0.05. LookSAM (Liu et al., CVPR 2022): every k-th step a SAM step that keeps
+g_v = g_p - (<g, g_p>/||g||^2) g, the part of the perturbed gradient orthogonal to the clean one; the k - 1 steps
+between descend along g + alpha * ||g||/||g_v|| * g_v. `global` takes the projection and norms over all parameters
+(the paper's Algorithm 1, and hf_msam's `LookSAMDescent`); `tensor` per parameter tensor (as the public
+implementations do).
 Prints the training loss and accuracy after each epoch, as JSON and a table.
 """
 
@@ -21,7 +22,32 @@ import math
 import torch
 from torch import nn
 
-from hf_msam.demo import QUICK, noisy_digits, tiny_vit
+
+def digits(seed: int = 0, held_out: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 8x8 digits as (N, 1, 8, 8) pixels in [-1, 1] and their labels, less `held_out` of
+    them (the first of a `seed` permutation): the 1,297 training digits of `hf-msam demo`, clean, in its order."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    pixels = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0  # gray levels 0..16
+    pixels = (pixels - 0.5) / 0.5
+    labels = torch.tensor(data.target, dtype=torch.long)
+    train = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[held_out:]
+    return pixels[train], labels[train]
+
+
+def tiny_vit(seed: int = 0):
+    """A randomly initialized ViT for 8x8 grayscale digits: patches of 2x2, 2 layers of width 64, 4 heads (69k
+    parameters; the demo's model)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=10,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return ViTForImageClassification(config)
+
 
 GRID = [
     {"method": "adamw"},
@@ -39,8 +65,7 @@ def _norm(ts):
 
 
 def train(x, y, method="adamw", norms="global", alpha=0.7, k=5, rho=0.05, lr=2e-3, epochs=3, seed=0) -> list[dict]:
-    torch.manual_seed(seed)
-    model = tiny_vit(QUICK)
+    model = tiny_vit(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
@@ -89,8 +114,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    train_split = noisy_digits(0.0, 0)["train"]
-    x, y = train_split.pixels, train_split.labels
+    x, y = digits()
     epochs = args.epochs or (2 if args.quick else 3)
     rows = []
     for setting in QUICK_GRID if args.quick else GRID:

@@ -664,10 +664,12 @@ def _exec_script(script: str, argv: list[str], log_path: str | None, threads: in
     os._exit(code)
 
 
+# What the fork server imports once for every run. Not examples/examples_common.py: it is not on the server's path
+# (each script puts its folder on sys.path itself), and once the modules below are loaded it imports in milliseconds.
 PRELOAD = [
     "__main__", "torch", "numpy", "PIL.Image", "datasets", "evaluate", "sklearn.metrics", "scipy.stats",
     "transformers", "transformers.trainer", "transformers.models.bert.modeling_bert",
-    "transformers.models.vit.modeling_vit", "torchvision.transforms.v2", "hf_msam", "hf_msam.flatness", "hf_msam.examples_common",
+    "transformers.models.vit.modeling_vit", "torchvision.transforms.v2", "hf_msam", "hf_msam.flatness",
     "matplotlib.figure",
 ]  # fmt: skip
 

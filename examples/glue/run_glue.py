@@ -11,7 +11,9 @@ optimizer. Labels may be integers, class names (predictions are then written as 
 
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from datasets import DatasetDict, load_dataset
@@ -25,7 +27,10 @@ from transformers import (
 )
 
 from hf_msam import MSAMTrainer
-from hf_msam.examples_common import (
+# What this script shares with the other examples is in examples/examples_common.py, one folder up: that folder goes
+# on the module path, found from this file's own location, so the script runs from any working directory.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from examples_common import (  # noqa: E402
     GLUE_TASKS,
     ClassNames,
     DataArguments,
@@ -80,7 +85,16 @@ class TextDataArguments(DataArguments):
         default=None,
         metadata={
             "help": "Training data, a csv or json(-lines) file: a `sentence` column (or `sentence1` and "
-            "`sentence2`) and a `label` column holding integers, class names, or floats (a regression)."
+            "`sentence2`; other names: --text_column_names) and a `label` column holding integers, class names, or "
+            "floats (a regression)."
+        },
+    )
+    text_column_names: str | None = field(
+        default=None,
+        metadata={
+            "help": "The text column(s) of the data, comma-separated: one (e.g. `text`) or two, encoded as a pair "
+            "(e.g. `question,answer`). Default: the GLUE task's columns with --task_name; otherwise `sentence1,"
+            "sentence2` when the training data has both, else `sentence`."
         },
     )
     validation_file: str | None = field(
@@ -114,6 +128,8 @@ class TextDataArguments(DataArguments):
     )
 
     def __post_init__(self):
+        if self.text_column_names is not None:
+            parse_text_column_names(self.text_column_names)  # a malformed value fails here, before any loading
         if self.truncation_side not in ("right", "left"):
             raise ValueError(f"--truncation_side must be right or left, got {self.truncation_side!r}.")
         if self.task_name is not None:
@@ -136,6 +152,17 @@ class TextDataArguments(DataArguments):
                 f"--train_file, --validation_file and --test_file must all be csv or all be json files, got "
                 f"{', '.join(files)}."
             )
+
+
+def parse_text_column_names(value: str) -> tuple[str, ...]:
+    """`--text_column_names`: "text" -> ("text",); "question, answer" -> ("question", "answer")."""
+    names = tuple(name.strip() for name in value.split(","))
+    if not 1 <= len(names) <= 2 or not all(names):
+        raise ValueError(
+            f"--text_column_names takes one column name or two (a pair), comma-separated, e.g. `text` or "
+            f"`question,answer`; got {value!r}."
+        )
+    return names
 
 
 def load_splits(data_args: TextDataArguments, model_args: TextModelArguments, predict: bool) -> DatasetDict:
@@ -163,6 +190,8 @@ def load_splits(data_args: TextDataArguments, model_args: TextModelArguments, pr
 
 
 def text_columns(data_args: TextDataArguments, train_columns: list[str]) -> tuple[str, ...]:
+    if data_args.text_column_names is not None:
+        return parse_text_column_names(data_args.text_column_names)
     if data_args.task_name is not None:
         return TASK_TEXT[data_args.task_name]
     if {"sentence1", "sentence2"} <= set(train_columns):
@@ -178,11 +207,13 @@ def require_columns(splits: DatasetDict, texts: tuple[str, ...], data_args: Text
         have = splits[split].column_names
         missing = [c for c in (*texts, *(["label"] if needs_label else [])) if c not in have]
         if missing:
-            wanted = (
-                f"the columns of GLUE {data_args.task_name}: {', '.join(texts)}"
-                if data_args.task_name is not None
-                else "a `sentence` column, or `sentence1` and `sentence2` columns"
-            )
+            other_names = " (other names: --text_column_names)"
+            if data_args.text_column_names is not None:
+                wanted = f"the column(s) of --text_column_names: {', '.join(texts)}"
+            elif data_args.task_name is not None:
+                wanted = f"the columns of GLUE {data_args.task_name}: {', '.join(texts)}{other_names}"
+            else:
+                wanted = f"a `sentence` column, or `sentence1` and `sentence2` columns{other_names}"
             raise ValueError(
                 f"The {split} data lacks the column(s) {', '.join(missing)} (it has: {', '.join(have)}). "
                 f"Expected {wanted}" + (", and a `label` column." if needs_label else ".")

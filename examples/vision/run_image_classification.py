@@ -11,14 +11,19 @@ normalization. Every `TrainingArguments` flag works, plus the `--msam_*` ones an
 
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from datasets import load_dataset
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, set_seed
 
 from hf_msam import MSAMTrainer
-from hf_msam.examples_common import (
+# What this script shares with the other examples is in examples/examples_common.py, one folder up: that folder goes
+# on the module path, found from this file's own location, so the script runs from any working directory.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from examples_common import (  # noqa: E402
     ClassNames,
     DataArguments,
     ModelArguments,

@@ -1,5 +1,10 @@
 """The parts the example scripts (`examples/glue`, `examples/vision`) have in common.
 
+It sits beside the examples, not in the `hf_msam` package: it needs `datasets` and `evaluate`, which the library
+does not. Each script puts this folder (`examples/`) on `sys.path` from its own location before importing it, so
+`python examples/glue/run_glue.py ...` runs from the repository root, from the script's folder or from anywhere
+else (also under `hf-msam run` and `accelerate launch`). A script copied elsewhere needs this file one folder above it.
+
 Each script keeps what is particular to its data (text columns and tokenization, images and their
 transforms); this module holds the rest, once:
 
@@ -34,7 +39,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Value
 from transformers import HfArgumentParser
 from transformers.trainer_utils import get_last_checkpoint
 
-from .training_args import MSAMTrainingArguments
+from hf_msam import MSAMTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +160,7 @@ def _set_up_logging(training_args: MSAMTrainingArguments) -> None:
         transformers.utils.logging.set_verbosity_info()
     level = training_args.get_process_log_level()
     logging.getLogger("hf_msam").setLevel(level)
+    logger.setLevel(level)
     logging.getLogger("__main__").setLevel(level)
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
