@@ -9,23 +9,26 @@ where i runs over positions (rows of the batch, or tokens of a packed row) and �
 loss. The plain engine takes 2k passes for this; here each takes one forward and one backward over the whole batch.
 
 **Per-group gradients (1).** A layer y = f(x; w) applied position by position has the gradient
-∂L/∂w = Σ_i J_w f(x_i; w)ᵀ δ_i, with δ_i = ∂L/∂y_i its output gradient: a sum over positions of terms that need
-only the layer's input and output gradient. Summing over the positions of each group instead of over all of them
+∂L/∂w = Σ_i J_w f(x_i; w)ᵀ δ_i, with δ_i = ∂L/∂y_i its output gradient: a sum over positions of terms that
+need only the layer's input and output gradient. Summing over the positions of each group instead of over all of them
 gives g_j. So `Vectorizer.capture` records each layer call's input and the autograd edge of its output, and
 `Capture.group_gradients` asks autograd for the δ of every recorded output (never for the weights' gradients:
 `.grad` is untouched) and contracts per group, one rule per layer type (`Rule.group_grad`):
 
-    nn.Linear        y = W x + b         g_W,j = Σ_{i∈B_j} δ_i x_iᵀ  (one bmm over groups),  g_b,j = Σ_{i∈B_j} δ_i
-    Conv1D (GPT-2)   y = xᵀ W + b        g_W,j = Σ_{i∈B_j} x_i δ_iᵀ
-    nn.Embedding     y = W[id]           g_W,j[v] = Σ_{i∈B_j, id_i = v} δ_i  (index_add into k·V rows)
-    nn.LayerNorm     y = x̂ ⊙ γ + β       g_γ,j = Σ_{i∈B_j} δ_i ⊙ x̂_i,  g_β,j = Σ_{i∈B_j} δ_i   (x̂ recomputed)
-    nn.RMSNorm       y = x̂ ⊙ γ           g_γ,j = Σ_{i∈B_j} δ_i ⊙ x̂_i
+    nn.Linear        y = W x + b      g_W,j = Σ_{i∈B_j} δ_i x_iᵀ (one bmm over groups),  g_b,j = Σ_{i∈B_j} δ_i
+    Conv1D (GPT-2)   y = xᵀ W + b     g_W,j = Σ_{i∈B_j} x_i δ_iᵀ
+    nn.Embedding     y = W[id]        g_W,j[v] = Σ_{i∈B_j, id_i = v} δ_i (index_add into k·V rows)
+    nn.LayerNorm     y = x̂ ⊙ γ + β    g_γ,j = Σ_{i∈B_j} δ_i ⊙ x̂_i,  g_β,j = Σ_{i∈B_j} δ_i  (x̂ recomputed)
+    nn.RMSNorm       y = x̂ ⊙ γ        g_γ,j = Σ_{i∈B_j} δ_i ⊙ x̂_i
 
-**Perturbed pass (2).** All these layers are affine in their parameters, so f(x_i; w + e_j) = f(x_i; w) + Δ_j(x_i)
-with Δ_j = f(x_i; e_j) - f(x_i; 0) (for Linear, Δ = e_W,j x_i + e_b,j). `Vectorizer.perturbed` adds Δ_{j(i)} to each
-layer's output (`Rule.delta`). Δ does not depend on w and J_w f does not depend on w either, so a backward through
-f(x; w) + Δ puts Σ_i J_w f(x_i)ᵀ δ_i into w.grad, δ_i now the output gradient of the perturbed network: exactly (2).
-The weights are never written.
+**Perturbed pass (2).** `Vectorizer.perturbed` routes each covered layer's forward so that group j's positions
+see w + e_j. All the layers above are affine in their parameters, f(x; w + e) = f(x; w) + Δ(x; e), with Δ
+independent of w: for Embedding, LayerNorm and RMSNorm the layer runs as usual and Δ_{j(i)} is added (a row of e_j,
+x̂ ⊙ e_γ,j + e_β,j). For Linear and Conv1D, Δ = e_j x_i would cost a second matmul forward and backward, so the
+output is computed directly as one bmm of the group-major inputs with W + e_j; its backward gives W the sum over
+groups with one matmul, as a plain layer would, and the k perturbed weights are rebuilt in the backward rather than
+kept. Either way, a backward leaves in w.grad Σ_i J_w f(x_i)ᵀ δ_i, δ_i the output gradient of the perturbed
+network: exactly (2). The weights are never written.
 
 **Everything else** holding a trainable parameter directly (Llama's RMSNorm, Conv2d, ViT's embeddings with their
 cls_token, a custom layer), or a known layer type used in an unusual way (a subclass that overrides `forward`), is
@@ -41,7 +44,16 @@ preference pairs (rows a..b-1 with n+a..n+b-1), or token ranges of a packed one-
 arranged group-major as [k, r, ...], r the largest group; a smaller group is padded with copies of its first
 position (always finite inputs), and the output gradients of padding slots are zero, so padding adds nothing.
 A layer whose input does not carry the batch in its leading dims raises `NotVectorizable`: the caller then falls
-back to one pass per group.
+back to one pass per group. An input of shape [1, ...] where rows are expected (BERT's and GPT-2's position ids) is
+taken as broadcast over the batch: it and the layer's output are expanded to the batch (views), so that each row's
+copy gets its own output gradient and its own group's perturbation.
+
+**What it cannot see.** Rows must not meet inside the model: `why_not` refuses BatchNorm in train mode, but other
+cross-row computations (a mixture-of-experts' load-balancing term, in-batch negatives) would make "group j's part"
+differ from group j's own gradient. A weight read outside its layer's call (PEFT DoRA, `F.linear(x, child.weight)`
+in a parent, a penalty on the weights) is invisible to the routed forwards: `Capture.verify` finds such reads in
+the autograd graph. `group_gradients` holds every recorded output's gradient at once (about the size of the
+activations) and returns k copies of the parameters' shapes.
 
 Nothing here synchronizes with the host: layouts are Python ints, their index tensors are built once per device.
 Rules compute in the dtype of the layer's output (bf16 under autocast, like autograd would).
@@ -256,6 +268,9 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+ForwardAt = Callable[[nn.Module, torch.Tensor, Mapping[str, torch.Tensor], Positions], "torch.Tensor | None"]
+
+
 @dataclass(frozen=True)
 class Rule:
     """How one layer type takes part, for layers affine in their parameters (f(x; w + e) = f(x; w) + Δ(x; e)).
@@ -263,14 +278,16 @@ class Rule:
     `params`: the direct parameters the rule knows. `group_grad(module, x, delta, pos, wanted)`: from the layer's
     input x and output gradient delta, {name: [k, *param.shape]} for the names in `wanted`. `delta(module, x, out,
     e, pos)`: the extra output Δ (shaped like the layer's output `out`, in its dtype), e = {name: [k, *param.shape]}
-    for the trainable parameters. `refuse(module)`: a
-    reason this instance cannot be handled, or None.
+    for the trainable parameters. `refuse(module)`: a reason this instance cannot be handled, or None.
+    `forward_at(module, x, e, pos)`, optional: the whole output at w + e_j, in place of the layer's forward plus Δ
+    (for layers where Δ costs as much as the layer itself); it may return None to take the Δ path after all.
     """
 
     params: tuple[str, ...]
     group_grad: Callable[[nn.Module, torch.Tensor, torch.Tensor, Positions, Collection[str]], dict[str, torch.Tensor]]
     delta: Callable[[nn.Module, torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor], Positions], torch.Tensor]
     refuse: Callable[[nn.Module], str | None] | None = None
+    forward_at: ForwardAt | None = None
 
 
 RULES: dict[type, Rule] = {}
@@ -288,7 +305,7 @@ def _matmul_group_grad(x: torch.Tensor, delta: torch.Tensor, pos: Positions, tra
     return torch.bmm(a.transpose(1, 2), d) if transposed else torch.bmm(d.transpose(1, 2), a)
 
 
-def _matmul_delta(x: torch.Tensor, out: torch.Tensor, e_w: torch.Tensor | None, e_b: torch.Tensor | None, pos: Positions, transposed: bool) -> torch.Tensor:
+def _matmul_delta(x: torch.Tensor, out: torch.Tensor, e_w, e_b, pos: Positions, transposed: bool) -> torch.Tensor:
     """Δ_i = e_W,j x_i + e_b,j for position i of group j (e_W stored [k, in, out] when `transposed`)."""
     xg = pos.grouped(x.to(out.dtype))  # [k, r, *mid, in]
     a = xg.flatten(1, -2)  # [k, m, in]
@@ -299,6 +316,71 @@ def _matmul_delta(x: torch.Tensor, out: torch.Tensor, e_w: torch.Tensor | None, 
     if e_b is not None:
         d = d + e_b.to(out.dtype).unsqueeze(1)
     return pos.ungrouped(d.reshape(*xg.shape[:-1], out.shape[-1]))
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul with input x runs in: autocast's, for the inputs autocast casts (not float64)."""
+    device = x.device.type
+    if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _perturbed_weight(w: torch.Tensor, e: torch.Tensor, transposed: bool, dtype: torch.dtype) -> torch.Tensor:
+    """W + e_j for every j, as [k, in, out] (the right operand of x_j @ ·), in the compute dtype."""
+    w_e = (w + e).to(dtype)
+    return w_e if transposed else w_e.transpose(1, 2)
+
+
+class _PerturbedMatmul(torch.autograd.Function):
+    """y_j = x_j (W + e_j)ᵀ for all groups j in one bmm; x: [k, m, in], W: [out, in] ([in, out] when `transposed`).
+
+    Autograd would keep the k perturbed copies W + e_j alive until the backward; this keeps W and e and adds them
+    again there. The gradient for W is Σ_j y_jᵀ-gradient · x_j over all groups: one matmul, as for a plain layer.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, e, transposed, dtype):
+        ctx.save_for_backward(x, w, e)
+        ctx.transposed, ctx.dtype = transposed, dtype
+        return torch.bmm(x, _perturbed_weight(w, e, transposed, dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, e = ctx.saved_tensors
+        dx = dw = de = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.bmm(dy, _perturbed_weight(w, e, ctx.transposed, ctx.dtype).transpose(1, 2))
+        if ctx.needs_input_grad[1]:
+            dy_flat, x_flat = dy.flatten(0, 1), x.flatten(0, 1)  # padding slots have dy = 0: they add nothing
+            dw = (x_flat.t().mm(dy_flat) if ctx.transposed else dy_flat.t().mm(x_flat)).to(w.dtype)
+        if ctx.needs_input_grad[2]:  # e requiring grad: its gradient is each group's own
+            de = (torch.bmm(x.transpose(1, 2), dy) if ctx.transposed else torch.bmm(dy.transpose(1, 2), x)).to(e.dtype)
+        return dx, dw, de, None, None
+
+
+def _perturbed_matmul(x, w, b, e_w, e_b, pos: Positions, transposed: bool) -> torch.Tensor:
+    """The output at w + e_j of a Linear (or Conv1D): (W + e_j) x_i + b + e_b,j for position i of group j, at the cost
+    of the plain layer (Δ = e_j x_i alone would cost as much as the layer again, forward and backward)."""
+    dtype = _compute_dtype(x)
+    xg = pos.grouped(x).to(dtype)  # [k, r, *mid, in]; padding repeats a real position, its output is dropped
+    y = _PerturbedMatmul.apply(xg.flatten(1, -2), w, e_w, transposed, dtype)  # [k, m, out]
+    if b is not None:
+        bias = b if e_b is None else b + e_b  # [out], or [k, out]
+        y = y + bias.to(dtype).unsqueeze(-2)
+    return pos.ungrouped(y.reshape(*xg.shape[:-1], y.shape[-1]))
+
+
+def _linear_forward_at(module, x, e, pos):
+    if "weight" not in e:
+        return None  # only the bias moves: Δ = e_b,j is cheap
+    return _perturbed_matmul(x, module.weight, module.bias, e["weight"], e.get("bias"), pos, transposed=False)
+
+
+def _conv1d_forward_at(module, x, e, pos):
+    if "weight" not in e:
+        return None
+    return _perturbed_matmul(x, module.weight, module.bias, e["weight"], e.get("bias"), pos, transposed=True)
 
 
 def _linear_group_grad(module, x, delta, pos, wanted):
@@ -381,7 +463,7 @@ def _norm_delta(module, x, out, e, pos):
 
 RULES.update(
     {
-        nn.Linear: Rule(("weight", "bias"), _linear_group_grad, _linear_delta),
+        nn.Linear: Rule(("weight", "bias"), _linear_group_grad, _linear_delta, forward_at=_linear_forward_at),
         nn.Embedding: Rule(("weight",), _embedding_group_grad, _embedding_delta, _embedding_refuse),
         nn.LayerNorm: Rule(("weight", "bias"), _norm_group_grad, _norm_delta),
         nn.RMSNorm: Rule(("weight",), _norm_group_grad, _norm_delta),
@@ -392,7 +474,7 @@ try:
 except ImportError:  # transformers is a dependency, but the rules do not need it
     pass
 else:
-    RULES[Conv1D] = Rule(("weight", "bias"), _conv1d_group_grad, _conv1d_delta)
+    RULES[Conv1D] = Rule(("weight", "bias"), _conv1d_group_grad, _conv1d_delta, forward_at=_conv1d_forward_at)
 
 
 def _rule_for(module: nn.Module) -> Rule | None:
@@ -434,7 +516,7 @@ def _module_problem(module: nn.Module) -> str | None:
     if isinstance(module, nn.modules.batchnorm._NormBase) and module.training and module.track_running_stats:
         return f"{name} in train mode with running statistics (they must update once per micro-batch)"
     if getattr(module, "gradient_checkpointing", False) is True:  # transformers' flag on the layers it recomputes
-        return "gradient checkpointing is on (the recomputing forward would run the hooks again in the backward)"
+        return "gradient checkpointing is on (its recomputing forward would run the grouped layers again)"
     if getattr(module, "batch_first", True) is False:
         return f"{name} with batch_first=False (the batch is in dim 1 of its inputs)"
     if name.startswith("Dora"):
@@ -456,12 +538,13 @@ def _no_autocast(device_type: str):
 
 
 class Vectorizer:
-    """Per-group gradients (`capture`) and per-group perturbed passes (`perturbed`) of `model`, by forward hooks.
+    """Per-group gradients (`capture`) and per-group perturbed passes (`perturbed`) of `model`.
 
     `params` are the trainable parameters, in the caller's order: `group_gradients` answers in that order, and
-    `perturbed` takes its e in that order. Hooks exist only while a context is active. `why_not()` says whether
-    every parameter is covered, before any forward. `allow_fallback=False` refuses layers without a rule instead
-    of running them through torch.func.
+    `perturbed` takes its e in that order. The covered modules' forwards are routed through this object only while
+    a context is active; nothing is left on the model outside. `why_not()` says, before any forward, whether every
+    parameter is covered. `allow_fallback=False` refuses layers without a rule instead of running them through
+    torch.func. A layer that turns out, during a forward, not to fit the layout raises `NotVectorizable`.
     """
 
     def __init__(self, model: nn.Module, params: Sequence[nn.Parameter], allow_fallback: bool = True):
@@ -474,7 +557,7 @@ class Vectorizer:
                 raise ValueError(f"parameter {i} is listed twice (it is parameter {self._index[id(p)]})")
             self._index[id(p)] = i
         self._units, self._problems = self._scan()
-        # What the hooks read, set by the contexts:
+        # What the routed forwards read, set by the contexts:
         self._layout: GroupLayout | None = None
         self._e: list[torch.Tensor] | None = None
         self._capture: Capture | None = None
@@ -493,7 +576,7 @@ class Vectorizer:
             problem = _module_problem(module)
             if problem:
                 problems.append(f"{where}: {problem}")
-            direct = {n: self._index[id(p)] for n, p in module._parameters.items() if p is not None and id(p) in self._index}
+            direct = {n: self._index[id(p)] for n, p in module.named_parameters(recurse=False) if id(p) in self._index}
             if not direct:
                 continue
             covered.update(direct.values())
@@ -506,7 +589,8 @@ class Vectorizer:
                     units[id(module)] = _Unit(name, module, rule, direct)
                 continue
             if not self.allow_fallback:
-                problems.append(f"module {where} holds trainable parameter {next(iter(direct))} and its layer type has no grouped rule")
+                why = f"holds trainable parameter {next(iter(direct))} and its layer type has no grouped rule"
+                problems.append(f"module {where} {why}")
                 continue
             owner = module
             while not _has_forward(owner) and id(owner) in parents:  # a parameter container: its user is the parent
@@ -531,8 +615,8 @@ class Vectorizer:
 
     def fallback_modules(self) -> list[str]:
         """The modules run through the torch.func fallback (outermost ones, by name), for logs."""
-        names = [u.name for u in self._units if u.rule is None]
-        return [u.where for u in self._units if u.rule is None and not any(u.name.startswith(n + ".") for n in names if n != u.name)]
+        fallbacks = [u for u in self._units if u.rule is None]
+        return [u.where for u in fallbacks if not any(u.name.startswith(f"{v.name}.") for v in fallbacks if v is not u)]
 
     # -- the contexts -----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -581,21 +665,22 @@ class Vectorizer:
 
     def _install(self) -> None:
         for unit in self._units:
-            if unit.rule is not None:
-                handle = unit.module.register_forward_hook(functools.partial(self._rule_hook, unit), with_kwargs=True)
-                self._undo.append(handle.remove)
-            else:
-                self._undo.append(self._patch_forward(unit))
+            forward = self._rule_forward if unit.rule is not None else self._fallback_forward
+            self._undo.append(self._patch_forward(unit, forward))
 
     def _uninstall(self) -> None:
         while self._undo:
             self._undo.pop()()
 
-    def _patch_forward(self, unit: _Unit) -> Callable[[], None]:
-        """Replace the fallback module's forward (on the instance) and return what puts it back."""
+    @staticmethod
+    def _patch_forward(unit: _Unit, forward: Callable) -> Callable[[], None]:
+        """Route the module's forward through `forward(unit, inner, ...)` (on the instance); return what undoes it.
+
+        Replacing the forward, rather than hooking its output, lets a layer at w + e_j be computed at the cost of the
+        layer itself; forward hooks and pre-hooks of others still run around it."""
         module = unit.module
         own = module.__dict__.get("forward")  # set by someone else (accelerate's hooks, say): wrap it, keep it
-        module.forward = functools.partial(self._fallback_forward, unit, module.forward)
+        module.forward = functools.partial(forward, unit, module.forward)
 
         def restore() -> None:
             if own is None:
@@ -606,19 +691,25 @@ class Vectorizer:
         return restore
 
     # -- a layer with a rule ----------------------------------------------------------------------
-    def _rule_hook(self, unit: _Unit, module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor):
+    def _rule_forward(self, unit: _Unit, inner: Callable, *args, **kwargs):
         if self._suspended:
-            return None
+            return inner(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()))
         pos = self._layout.positions(x.device)
-        if pos.broadcasts(x) and out.shape[0] == 1:
-            # Broadcast over the batch, so every row uses it: give each row its own copy (views), whose output
-            # gradient then arrives row by row, and whose perturbation can differ by group.
-            x, out = x.expand(pos.extent, *x.shape[1:]), out.expand(pos.extent, *out.shape[1:])
+        broadcast = pos.broadcasts(x)
+        if broadcast:  # [1, ...] broadcast over the batch (position ids): every row uses it, one copy per row (views)
+            x = x.expand(pos.extent, *x.shape[1:])
         pos.check(x, unit.where)
-        if self._e is not None:
-            e = {name: self._e[i] for name, i in unit.wanted.items()}
-            out = out + unit.rule.delta(module, x, out, e, pos)
+        e = None if self._e is None else {name: self._e[i] for name, i in unit.wanted.items()}
+        out = None
+        if e is not None and unit.rule.forward_at is not None:
+            out = unit.rule.forward_at(unit.module, x, e, pos)
+        if out is None:
+            out = inner(*args, **kwargs)
+            if broadcast:  # each row's copy then gets its own output gradient, and its own group's perturbation
+                out = out.expand(pos.extent, *out.shape[1:])
+            if e is not None:
+                out = out + unit.rule.delta(unit.module, x, out, e, pos)
         if self._capture is not None and torch.is_grad_enabled() and out.requires_grad:
             self._capture._record(unit, x, out)
         return out
@@ -632,7 +723,7 @@ class Vectorizer:
         some = next(iter(unit.wanted.values()))
         pos = self._layout.positions(self.params[some].device)
         batched = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor) and pos.carries_batch(v)]
-        if not batched:  # only inputs broadcast over the batch: every row uses them (see _rule_hook)
+        if not batched:  # only inputs broadcast over the batch: every row uses them (see _rule_forward)
             for i, v in enumerate(leaves):
                 if isinstance(v, torch.Tensor) and pos.broadcasts(v):
                     leaves[i] = v.expand(pos.extent, *v.shape[1:])
@@ -666,26 +757,30 @@ class Vectorizer:
             return [v for v in values if isinstance(v, torch.Tensor)]
 
         shape: dict = {}
-        self._suspended += 1  # our hooks in the subtree, and this forward itself, stand aside
+        self._suspended += 1  # our routed forwards in the subtree, and this one itself, stand aside
         try:
             tensors = torch.func.vmap(one_group, randomness="different")(ts, grouped)
         except NotVectorizable:
             raise
         except Exception as err:
-            raise NotVectorizable(f"the torch.func fallback for {unit.where} failed: {type(err).__name__}: {err}") from err
+            failure = f"{type(err).__name__}: {err}"
+            raise NotVectorizable(f"the torch.func fallback for {unit.where} failed: {failure}") from err
         finally:
             self._suspended -= 1
         back = iter([self._back_to_positions(y, pos, unit) for y in tensors])
         out = pytree.tree_unflatten([next(back) if v is _TENSOR else v for v in shape["others"]], shape["spec"])
         if capture is not None:
-            capture._regions.append(([y.grad_fn for y in pytree.tree_leaves(out) if isinstance(y, torch.Tensor)], {v.grad_fn for v in leaves if isinstance(v, torch.Tensor)}))
+            outputs = [y.grad_fn for y in pytree.tree_leaves(out) if isinstance(y, torch.Tensor)]
+            capture._regions.append((outputs, {v.grad_fn for v in leaves if isinstance(v, torch.Tensor)}))
         return out
 
     @staticmethod
     def _back_to_positions(y: torch.Tensor, pos: Positions, unit: _Unit) -> torch.Tensor:
         expect = (pos.k, pos.r) if pos.axis == 0 else (pos.k, 1, pos.r)
         if tuple(y.shape[: len(expect)]) != expect:
-            raise NotVectorizable(f"{unit.where}: an output of shape {list(y.shape[1:])} per group does not carry the group's positions")
+            raise NotVectorizable(
+                f"{unit.where}: an output of shape {list(y.shape[1:])} per group does not carry the group's positions"
+            )
         return pos.ungrouped(y if pos.axis == 0 else y[:, 0])
 
 
@@ -716,7 +811,8 @@ class Capture:
     def group_gradients(self, loss: torch.Tensor, retain_graph: bool = False) -> list[torch.Tensor]:
         """For each parameter, [k, *p.shape]: slice j is the part of ∇loss that group j's positions contribute
         (with a loss that sums each group's own loss, group j's own gradient). One backward, to the recorded layer
-        outputs only: `.grad` is untouched and the full weight gradients are never formed."""
+        outputs only: `.grad` is untouched and the full weight gradients are never formed. `retain_graph` as for
+        `torch.autograd.grad` (keep it to call `loss.backward()` afterwards)."""
         params = self.vectorizer.params
         calls, probes = self._calls, self._probes
         inputs = [c.edge for c in calls] + [z for _, z in probes]
@@ -748,7 +844,7 @@ class Capture:
         if not retain_graph:
             self._calls, self._probes, self._regions = [], [], []
         k = self.layout.k
-        return [torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) if g is None else g for p, g in zip(params, total)]
+        return [p.new_zeros((k, *p.shape)) if g is None else g for p, g in zip(params, total)]
 
     def verify(self, loss: torch.Tensor) -> None:
         """Raise NotVectorizable if `loss` reaches a covered parameter other than through a recorded layer call:
@@ -786,4 +882,5 @@ class Capture:
                         bad.append(f"an intermediate result of a layer (read by {node.name()})")
                 stack.append(child)
         if bad:
-            raise NotVectorizable("the loss uses parameters outside the layer calls the vectorized path sees: " + "; ".join(sorted(set(bad))[:5]))
+            found = "; ".join(sorted(set(bad))[:5])
+            raise NotVectorizable(f"the loss uses parameters outside the layer calls the vectorized path sees: {found}")

@@ -432,19 +432,21 @@ def test_text_column_names_errors_name_the_flag(value, message, tiny_bert, tmp_p
     assert not (out / "trainer_state.json").exists()
 
 
-@pytest.mark.parametrize("where", ["repository root", "script folder", "elsewhere"])
-def test_scripts_find_the_shared_module_from_any_directory(where, tmp_path):
-    """examples/examples_common.py is beside the examples, not in the package: each script finds it from its own
-    location, whatever the working directory."""
-    cwd = {"repository root": REPO_ROOT, "script folder": SCRIPT.parent, "elsewhere": tmp_path}[where]
-    vision = REPO_ROOT / "examples" / "vision" / "run_image_classification.py"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    for script, flag in ((SCRIPT, "--text_column_names"), (vision, "--train_dir")):
-        path = os.path.relpath(script, cwd)
-        proc = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True, cwd=cwd, env=env,
-                              timeout=300)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert flag in proc.stdout and "--msam_rho" in proc.stdout
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script, where",
+    [("glue/run_glue.py", "repository root"), ("glue/run_glue.py", "elsewhere"),
+     ("vision/run_image_classification.py", "elsewhere")],
+)  # fmt: skip
+def test_scripts_find_the_shared_module_from_any_directory(script, where, tmp_path):
+    """examples/examples_common.py is beside the examples, not in the package: a script finds it from its own
+    location, run as `python examples/glue/run_glue.py` from the repository root or by its path from elsewhere."""
+    path = REPO_ROOT / "examples" / script
+    cwd, path = (REPO_ROOT, path.relative_to(REPO_ROOT)) if where == "repository root" else (tmp_path, path)
+    proc = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    flag = "--text_column_names" if script.startswith("glue") else "--train_dir"
+    assert flag in proc.stdout and "--msam_rho" in proc.stdout
 
 
 def test_the_package_needs_neither_datasets_nor_evaluate():

@@ -85,6 +85,7 @@ def test_prepare_text_binary_unescaped_stratified_balanced(study, tmp_path):
     assert study.prepare_text(task, tmp_path) == stats
 
 
+@needs_data
 def test_data_prepared_anew_removes_the_runs_made_from_earlier_data(study, tmp_path):
     """A run is recognized by its command line, which names data files, not their contents: when a task's data
     are made anew (its folder was deleted, e.g. after a change of settings), its earlier runs must go."""
@@ -133,9 +134,12 @@ def _fake_tuning_run(study, task, work, lr, history, noise=0.0):
     return run
 
 
-def test_tuning_picks_best_validation_epoch_per_noise_level_and_skips_a_level_that_does_not_learn(study, tmp_path):
+def test_tuning_picks_best_validation_epoch_per_noise_level_and_skips_a_level_that_does_not_learn(
+    study, tmp_path, monkeypatch
+):
     import dataclasses
 
+    monkeypatch.setattr(study, "minilm_path", lambda: tmp_path / "minilm")  # named in the run commands, never read
     task = dataclasses.replace(study.full_tasks()["text"], noise_levels=(0.0, 0.1, 0.2))
     runs = [
         _fake_tuning_run(study, task, tmp_path, 1e-4, [(1, 0.70, 0.60), (2, 0.80, 0.50), (3, 0.78, 0.49)]),

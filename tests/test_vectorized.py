@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -54,7 +55,8 @@ def reference_gradients(case: Case, e: list[torch.Tensor] | None = None) -> list
                 for p, w, t in zip([p for p in model.parameters() if p.requires_grad], case.params, e):
                     p.copy_(w + t[j])
         params = [p for p in model.parameters() if p.requires_grad]
-        out.append(list(torch.autograd.grad(case.group_loss(model, batch), params, allow_unused=True, materialize_grads=True)))
+        loss = case.group_loss(model, batch)
+        out.append(list(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)))
     return out
 
 
@@ -89,12 +91,12 @@ def check_case(case: Case, rtol: float = RTOL) -> None:
     with vec.capture(case.layout) as cap:
         loss = case.whole_loss(case.model, case.batch)
     plain = case.whole_loss(case.model, case.batch)
-    assert abs(loss.item() - plain.item()) <= 1e-5 * abs(plain.item())  # a capture does not change the forward
+    assert abs(loss.item() - plain.item()) <= 100 * rtol * abs(plain.item())  # a capture does not change the forward
     cap.verify(loss)
     got = cap.group_gradients(loss)
     assert all(p.grad is s and bool((s == 7.0).all()) for p, s in zip(params, sentinel))
     want = reference_gradients(case)
-    floor = 1e-13 * max(norm_of(w) for w in want) if rtol < 1e-8 else 1e-3 * rtol * max(norm_of(w) for w in want)
+    floor = 1e-3 * rtol * max(norm_of(w) for w in want)
     for i, (p, g) in enumerate(zip(params, got)):
         assert g.shape == (k, *p.shape) and g.dtype == p.dtype
         for j in range(k):
@@ -121,8 +123,8 @@ def check_case(case: Case, rtol: float = RTOL) -> None:
         assert p.grad is None
         for j in range(k):
             assert_close(got[i][j], want_e[j][i], rtol, floor, f"perturbed group {j}, parameter {i}")
-    # no hooks left behind
-    assert all(not m._forward_hooks and "forward" not in m.__dict__ for m in case.model.modules())
+    # nothing left behind on the modules
+    assert all("forward" not in m.__dict__ for m in case.model.modules())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +209,8 @@ def bert(sizes: list[int], lora: bool = False) -> Case:
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"]))
+        lora = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"])
+        model = get_peft_model(model, lora)
     n = sum(sizes)
     batch = token_batch(n, 10, pad=True)
     batch["token_type_ids"] = (torch.arange(10) >= 5).long().expand(n, -1).clone()
@@ -220,7 +223,8 @@ def roberta(sizes: list[int]) -> Case:
     torch.manual_seed(0)
     config = RobertaConfig(
         vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-        max_position_embeddings=20, num_labels=2, pad_token_id=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        max_position_embeddings=20, num_labels=2, pad_token_id=1,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
     n = sum(sizes)
     batch = token_batch(n, 10, pad=True, pad_id=1)  # RoBERTa's position ids skip padding: padding_idx in use
@@ -236,7 +240,8 @@ def distilbert(sizes: list[int]) -> Case:
         dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0,
     )
     n = sum(sizes)
-    return classification_case(DistilBertForSequenceClassification(config), token_batch(n, 10, pad=True), torch.arange(n) % 2, sizes)
+    model = DistilBertForSequenceClassification(config)
+    return classification_case(model, token_batch(n, 10, pad=True), torch.arange(n) % 2, sizes)
 
 
 def vit(sizes: list[int]) -> Case:
@@ -257,8 +262,8 @@ def gpt2(sizes: list[int]) -> Case:
 
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=0, eos_token_id=0,
+        vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=16,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
     )
     model = GPT2LMHeadModel(config)
     assert model.lm_head.weight is model.transformer.wte.weight  # tied: one parameter, two layers
@@ -279,9 +284,10 @@ def llama(sizes: list[int], attn: str, tie: bool, lora: bool = False, qwen: bool
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        # LoRA on the embedding keeps its A and B in ParameterDicts, read by the LoRA layer: the fallback takes that layer
+        # LoRA on the embedding keeps its A and B in ParameterDicts, read by the LoRA layer: the fallback takes it
         target = ["embed_tokens", "q_proj", "v_proj"]
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=target))
+        lora = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=target)
+        model = get_peft_model(model, lora)
     return lm_case(model, token_batch(sum(sizes), 10, pad=attn == "sdpa"), sizes)
 
 
@@ -306,12 +312,12 @@ def test_models_match_the_per_group_loop(name):
     check_case(case)
 
 
-def test_lora_frozen_layers_get_no_hooks_and_no_buffers():
+def test_lora_routes_only_the_trainable_layers():
     case = bert([3, 3, 1], lora=True)
     vec = Vectorizer(case.model, case.params)
     assert vec.fallback_modules() == []  # lora_A, lora_B and the classifier copy are plain nn.Linear
     with vec.capture(case.layout) as cap:
-        hooked = [n for n, m in case.model.named_modules() if m._forward_hooks]
+        hooked = [n for n, m in case.model.named_modules() if "forward" in m.__dict__]
         loss = case.whole_loss(case.model, case.batch)
     assert hooked and all("lora_" in n or "modules_to_save" in n for n in hooked), hooked
     got = cap.group_gradients(loss)
@@ -348,8 +354,11 @@ def test_pairs_layout_reward_model():
         a += s
     layout = GroupLayout.pairs(sizes)
     assert layout.members[1] == (2, 3, 7, 8) and layout.extent == 10
-    case = Case(model, batch, layout, groups, lambda m, b: pair_losses(m, b).mean(), lambda m, b: summed_group_means(pair_losses(m, b), sizes))
-    check_case(case)
+    check_case(Case(
+        model, batch, layout, groups,
+        lambda m, b: pair_losses(m, b).mean(),
+        lambda m, b: summed_group_means(pair_losses(m, b), sizes),
+    ))
 
 
 def test_tokens_layout_packed_llama():
@@ -454,12 +463,14 @@ def cnn_case(model: nn.Module, sizes: list[int]) -> Case:
 
 
 class _Logits(nn.Module):
+    """Outputs `.logits`, as transformers' models do."""
+
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
 
     def forward(self, x):
-        return type("Out", (), {"logits": self.inner(x)})()
+        return SimpleNamespace(logits=self.inner(x))
 
 
 def test_fallback_layers_conv_batchnorm_eval_custom():
@@ -479,7 +490,8 @@ class Mixer(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.emb, self.attn, self.norm, self.head = nn.Embedding(VOCAB, 8), nn.MultiheadAttention(8, 2, batch_first=True), nn.GroupNorm(2, 8), nn.Linear(8, 3)
+        self.emb, self.head = nn.Embedding(VOCAB, 8), nn.Linear(8, 3)
+        self.attn, self.norm = nn.MultiheadAttention(8, 2, batch_first=True), nn.GroupNorm(2, 8)
 
     def forward(self, ids):
         h = self.emb(ids)
@@ -492,7 +504,8 @@ def test_fallback_layers_attention_groupnorm():
     case = cnn_case(SmallCNN(nn.GroupNorm(2, 4)), [2, 2, 2, 1])
     check_case(case)
     case = classification_case(_Logits(Mixer()), {"x": torch.randint(0, VOCAB, (7, 5))}, torch.arange(7) % 3, [3, 3, 1])
-    assert Vectorizer(case.model, case.params).fallback_modules() == ["inner.attn (MultiheadAttention)", "inner.norm (GroupNorm)"]
+    fallbacks = Vectorizer(case.model, case.params).fallback_modules()
+    assert fallbacks == ["inner.attn (MultiheadAttention)", "inner.norm (GroupNorm)"]
     check_case(case)
 
 
@@ -562,7 +575,7 @@ def test_a_layer_that_sees_the_batch_reshaped_raises_and_leaves_the_model_clean(
         with vec.perturbed(layout, e):
             model(ids)
     assert all(torch.equal(p, b) for p, b in zip(params, before))
-    assert all(not m._forward_hooks for m in model.modules())
+    assert all("forward" not in m.__dict__ for m in model.modules())
 
 
 def test_weights_unchanged_when_the_forward_raises_inside_perturbed():
@@ -604,6 +617,28 @@ def test_verify_catches_a_weight_read_outside_its_layer():
         cap.verify(loss)
 
 
+def test_perturbation_that_requires_grad_gets_each_groups_gradient():
+    """Through the perturbed Linear and Conv1D, ∂loss/∂e_j is group j's gradient at w + e_j."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), Conv1D(4, 5)).double()
+    x = torch.randn(7, 3, 6, dtype=torch.float64)
+    sizes = [3, 3, 1]
+    layout = GroupLayout.rows(sizes)
+    params = list(model.parameters())
+    vec = Vectorizer(model, params)
+    e = [0.1 * torch.randn(3, *p.shape, dtype=p.dtype) for p in params]
+    e[0].requires_grad_(True)
+    e[2].requires_grad_(True)
+    with vec.perturbed(layout, e), vec.capture(layout) as cap:
+        loss = summed_group_means(model(x).square().sum((1, 2)), sizes)
+        de = torch.autograd.grad(loss, [e[0], e[2]], retain_graph=True)
+        got = cap.group_gradients(loss)
+    assert_close(de[0], got[0], RTOL, 0.0, "Linear weight")
+    assert_close(de[1], got[2], RTOL, 0.0, "Conv1D weight")
+
+
 # ---------------------------------------------------------------------------------------------
 # Precision, autocast, host syncs
 # ---------------------------------------------------------------------------------------------
@@ -612,7 +647,6 @@ def test_verify_catches_a_weight_read_outside_its_layer():
 def test_float32_agrees_to_single_precision():
     case = llama([3, 3, 1], "sdpa", tie=True)
     case.model.float()
-    case.batch = {k: v for k, v in case.batch.items()}
     check_case(case, rtol=2e-5)
 
 
@@ -645,7 +679,8 @@ class Tiny(nn.Module):
 
         super().__init__()
         self.emb, self.norm, self.conv1d, self.gate, self.rms, self.head = (
-            nn.Embedding(VOCAB, 8, padding_idx=0), nn.LayerNorm(8), Conv1D(8, 8), Gate(8), nn.RMSNorm(8), nn.Linear(8, 3),
+            nn.Embedding(VOCAB, 8, padding_idx=0), nn.LayerNorm(8), Conv1D(8, 8),
+            Gate(8), nn.RMSNorm(8), nn.Linear(8, 3),
         )
 
     def forward(self, ids):
@@ -675,8 +710,11 @@ def test_no_host_sync():
             cap.group_gradients(loss, retain_graph=True)
             loss.backward()
     assert calls == []
-    case = Case(model, {"ids": ids}, layout, row_groups({"ids": ids}, sizes),
-                lambda m, b: m(b["ids"]).logsumexp(1).mean(), lambda m, b: summed_group_means(m(b["ids"]).logsumexp(1), sizes))
+    case = Case(
+        model, {"ids": ids}, layout, row_groups({"ids": ids}, sizes),
+        lambda m, b: m(b["ids"]).logsumexp(1).mean(),
+        lambda m, b: summed_group_means(m(b["ids"]).logsumexp(1), sizes),
+    )
     for p in params:
         p.grad = None
     check_case(case)
