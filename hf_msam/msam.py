@@ -321,8 +321,11 @@ class MicroBatchSAM:
                 self.stats.steps += self._mode == "perturbed"
             group_layout = self._vectorized_layout(micro_batches, layout, decomposable)
             if group_layout is not None:
+                sync = None  # synchronized scope: what each micro-batch weighs in the union (see sync_weight)
+                if self.sync_perturbation:
+                    sync = [(size_fn or batch_size_of)(mb) for mb in micro_batches] if sync_weight == "size" else weights
                 try:
-                    return self._vectorized_step(batch, group_layout, weights, loss_fn, rho)
+                    return self._vectorized_step(batch, group_layout, weights, loss_fn, rho, sync)
                 except _FellBack:
                     pass  # the vectorized ascent could not run this model: one pass per micro-batch, from the start
             if self._mode == "reuse":
@@ -416,8 +419,6 @@ class MicroBatchSAM:
             reason = "one micro-batch per device: nothing to vectorize"
         elif self.fsdp2:
             reason = "FSDP2 shards the weights the vectorized path would read whole"
-        elif self.sync_perturbation:
-            reason = "synchronized perturbations (--msam_sync_perturbation) are not vectorized yet"
         elif not Capabilities.of(self.perturbation, self.descent).vectorized:
             reason = f"the method's rules ({self.perturbation!r}, {self.descent!r}) do not support it (supports_vectorized)"
         elif not decomposable:
@@ -448,10 +449,11 @@ class MicroBatchSAM:
         self.path, self.path_reason = "sequential", reason
         return None
 
-    def _vectorized_step(self, batch, layout: GroupLayout, weights, loss_fn, rho) -> torch.Tensor:
+    def _vectorized_step(self, batch, layout: GroupLayout, weights, loss_fn, rho, sync=None) -> torch.Tensor:
         """Steps 1-4 for all k micro-batches at once: g_j for every j from one forward and backward at w, the rule
         per micro-batch on its slice of the stacked gradients, then one forward in which micro-batch j's rows see
-        w + e_j and one backward. The weights are never written."""
+        w + e_j and one backward. The weights are never written. `sync`: each micro-batch's weight a_j in the
+        union over devices (synchronized scope), None for device-local perturbations."""
         vec, k = self._vectorizer, layout.k
         params = vec.params
         c = [1.0 if c_j is None else c_j for c_j in weights]
@@ -473,6 +475,8 @@ class MicroBatchSAM:
                 raise _FellBack from err
             self.path, self.path_reason = "vectorized", None
             g = self._per_micro_batch(self._group_gradients(capture, clean_loss), c)
+            if sync is not None:
+                g = self._union_group_gradients(g, sync)
         else:
             self.path, self.path_reason = "vectorized", None
         if self._mode == "reuse":  # LookSAM between its SAM steps: descend from g_j alone
@@ -508,6 +512,23 @@ class MicroBatchSAM:
         self.stats.clean_loss = self.stats.clean_loss + clean_loss
         self.stats.perturbed_loss = self.stats.perturbed_loss + perturbed_loss
         return clean_loss
+
+    def _union_group_gradients(self, g: list[torch.Tensor], a: list) -> list[torch.Tensor]:
+        """Synchronized scope, all k at once: g_j ← Σ_r a_r,j·g_r,j / Σ_r a_r,j on every device, with one all-reduce
+        of the k weights and one of the stacked gradients (as `_union_ascent_gradient` does for one j)."""
+        group = self._group(g)
+        if group is None:
+            return g  # a single process: the union is this device's micro-batch
+        device = g[0].device
+        dtype = weight_dtype(device)
+        a_t = torch.stack([w.to(device=device, dtype=dtype).reshape(()) if isinstance(w, torch.Tensor)
+                           else torch.full((), float(w), dtype=dtype, device=device) for w in a])
+        total = a_t.clone()
+        dist.all_reduce(total, group=group)
+        share = torch.where(total > 0, a_t / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total))
+        flat = torch.cat([(t * share.to(t.dtype).view(-1, *([1] * (t.dim() - 1)))).reshape(-1) for t in g])
+        dist.all_reduce(flat, group=group)
+        return [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in g]), g)]
 
     def _group_gradients(self, capture, loss: torch.Tensor) -> list[torch.Tensor]:
         """Every micro-batch's part of ∇loss, stacked [k, ...] per parameter; fp16: scaled, then unscaled."""

@@ -19,7 +19,7 @@ class RecordingTrainer(MSAMTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
 
-def main(out_dir):
+def main(out_dir, vectorize="off"):
     torch.manual_seed(0)
     model = MLP().double()
     initial = [p.detach().clone() for p in model.parameters()]
@@ -27,7 +27,7 @@ def main(out_dir):
         out_dir, per_device_train_batch_size=4, max_steps=2, optim="sgd", learning_rate=0.5,
         lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, train_sampling_strategy="sequential",
         report_to="none", use_cpu=True, save_strategy="no", logging_steps=1, msam_rho=0.2, msam_micro_batch_size=3,
-        ddp_backend="gloo",
+        ddp_backend="gloo", msam_vectorize=vectorize,
     )
     trainer = RecordingTrainer(model=model, args=args, train_dataset=mlp_dataset(16))
     trainer.train()
@@ -36,10 +36,11 @@ def main(out_dir):
     logs = [h for h in trainer.state.log_history if "msam/sharpness" in h]
     torch.save(
         {"initial": initial, "batches": RecordingTrainer.seen, "final": final, "world_size": trainer.args.world_size,
-         "perturbations_per_step": trainer.msam_perturbations_per_step, "logs": logs},
+         "perturbations_per_step": trainer.msam_perturbations_per_step, "logs": logs,
+         "path": trainer._msam.path},
         f"{out_dir}/rank{rank}.pt",
     )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -2,6 +2,7 @@
 (gloo), in several settings. Each rank saves, per setting, its start, the batches of its training steps, its end
 and the start-up line."""
 
+import itertools
 import logging
 import sys
 
@@ -20,6 +21,8 @@ SETTINGS = {
     # A token-level loss over num_items_in_batch: the ranks' micro-batches hold different numbers of label tokens.
     "tokens": dict(per_device_train_batch_size=4, msam_micro_batch_size=2, gradient_accumulation_steps=1),
 }
+# The same settings on the vectorized step (every micro-batch of a rank in one forward and one backward per pass).
+SETTINGS.update({f"{name}_vectorized": dict(setting, msam_vectorize="on") for name, setting in list(SETTINGS.items())})
 
 
 def token_data(n, length=7, vocab=11):
@@ -55,9 +58,10 @@ def main(out_dir):
     results = {}
     for name, setting in SETTINGS.items():
         torch.manual_seed(0)
-        model = (TokenLM() if name == "tokens" else MLP()).double()
+        tokens = name.startswith("tokens")
+        model = (TokenLM() if tokens else MLP()).double()
         initial = [p.detach().clone() for p in model.parameters()]
-        data = token_data(32) if name == "tokens" else mlp_dataset(32)
+        data = token_data(32) if tokens else mlp_dataset(32)
         args = MSAMTrainingArguments(
             f"{out_dir}/{name}", max_steps=2, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant",
             max_grad_norm=0.0, weight_decay=0.0, train_sampling_strategy="sequential", report_to="none", use_cpu=True,
@@ -71,7 +75,7 @@ def main(out_dir):
         results[name] = {
             "initial": initial, "batches": trainer.seen, "final": [p.detach().clone() for p in model.parameters()],
             "perturbations_per_step": trainer.msam_perturbations_per_step, "log": list(lines.lines),
-            "num_items": trainer.num_items,
+            "num_items": trainer.num_items, "path": trainer._msam.path,
         }
         rank = trainer.args.process_index
     results["engine"] = engine_with_unequal_batches(rank)
@@ -88,10 +92,10 @@ def engine_with_unequal_batches(rank, rho=0.3):
     total = torch.tensor(float(n), dtype=torch.float64)
     dist.all_reduce(total)  # 7 examples over both ranks
     out = {"batch": batch}
-    for mode in ("size", "share"):
+    for mode, vectorize in itertools.product(("size", "share"), ("off", "on")):
         torch.manual_seed(0)
         model = torch.nn.parallel.DistributedDataParallel(MLP().double())
-        sam = MicroBatchSAM(model, rho=rho, micro_batch_size=2, sync_perturbation=True)
+        sam = MicroBatchSAM(model, rho=rho, micro_batch_size=2, sync_perturbation=True, vectorize=vectorize)
 
         def loss_fn(mb, info):
             if mode == "size":
@@ -102,8 +106,10 @@ def engine_with_unequal_batches(rank, rho=0.3):
         calls = []
         with host_syncs(calls):
             sam.backward(batch, loss_fn, sync_weight=mode)
-        out[mode] = [p.grad.clone() for p in model.parameters()]
-        out[f"{mode}_host_syncs"] = calls
+        key = mode if vectorize == "off" else f"{mode}_vectorized"
+        out[key] = [p.grad.clone() for p in model.parameters()]
+        out[f"{key}_host_syncs"] = calls
+        out[f"{key}_path"] = sam.path
     return out
 
 

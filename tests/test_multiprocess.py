@@ -21,16 +21,18 @@ def free_port():
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_process_ddp_matches_per_device_reference(tmp_path):
+@pytest.mark.parametrize("vectorize, path", [("off", "sequential"), ("on", "vectorized")])
+def test_two_process_ddp_matches_per_device_reference(tmp_path, vectorize, path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), str(HERE / "ddp_script.py"), str(tmp_path),
+        "--master_port", str(free_port()), str(HERE / "ddp_script.py"), str(tmp_path), vectorize,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["world_size"] == 2
+    assert ranks[0]["path"] == ranks[1]["path"] == path
     assert ranks[0]["perturbations_per_step"] == 2 * 1 * 2  # devices x accumulation x ceil(4 / 3)
 
     # The ranks trained on different data and ended bitwise in sync.

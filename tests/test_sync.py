@@ -27,12 +27,14 @@ def two_ranks(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("path", ["sequential", "vectorized"])
 @pytest.mark.parametrize(
     "name, mbs, accumulation, method",
     [("even", 2, 1, "sam"), ("uneven_ga", 3, 2, "sam"), ("fsam", 2, 1, "fsam")],
 )
-def test_synchronized_ranks_equal_the_union_reference(two_ranks, name, mbs, accumulation, method):
-    r0, r1 = (r[name] for r in two_ranks)
+def test_synchronized_ranks_equal_the_union_reference(two_ranks, name, mbs, accumulation, method, path):
+    r0, r1 = (r[name if path == "sequential" else f"{name}_vectorized"] for r in two_ranks)
+    assert r0["path"] == r1["path"] == path
     assert not torch.equal(r0["batches"][0]["x"], r1["batches"][0]["x"])  # the ranks saw different data
     for a, b in zip(r0["final"], r1["final"]):
         assert torch.equal(a, b)
@@ -63,12 +65,14 @@ def test_synchronized_ranks_equal_the_union_reference(two_ranks, name, mbs, accu
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_token_level_loss_takes_the_union_direction(two_ranks):
+@pytest.mark.parametrize("path", ["sequential", "vectorized"])
+def test_token_level_loss_takes_the_union_direction(two_ranks, path):
     """A causal-LM loss over num_items_in_batch (label tokens counted over both ranks): e_j follows the token-sum
     gradient of the union of the ranks' j-th micro-batches, and each rank descends with its own at w + e_j."""
     from test_no_host_sync import TokenLM
 
-    r0, r1 = (r["tokens"] for r in two_ranks)
+    r0, r1 = (r["tokens" if path == "sequential" else "tokens_vectorized"] for r in two_ranks)
+    assert r0["path"] == r1["path"] == path
     for a, b in zip(r0["final"], r1["final"]):
         assert torch.equal(a, b)
     model = TokenLM().double()
@@ -104,11 +108,16 @@ def test_token_level_loss_takes_the_union_direction(two_ranks):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("path", ["sequential", "vectorized"])
 @pytest.mark.parametrize("mode", ["size", "share"])
-def test_devices_with_unequal_micro_batches_weigh_as_in_the_union(two_ranks, mode):
+def test_devices_with_unequal_micro_batches_weigh_as_in_the_union(two_ranks, mode, path):
     """Rank 0: micro-batches of 2 and 2 examples; rank 1: 2 and 1. e_j comes from the union's mean loss (4 then
     3 examples); each rank descends with its own micro-batches at w + e_j, and DDP averages the two ranks."""
-    ranks = [r["engine"] for r in two_ranks]
+    ranks = [dict(r["engine"]) for r in two_ranks]
+    if path == "vectorized":
+        for r in ranks:
+            assert r[f"{mode}_vectorized_path"] == "vectorized"
+            r[mode], r[f"{mode}_host_syncs"] = r[f"{mode}_vectorized"], r[f"{mode}_vectorized_host_syncs"]
     assert all(torch.equal(a, b) for a, b in zip(ranks[0][mode], ranks[1][mode]))
     assert ranks[0][f"{mode}_host_syncs"] == [] and ranks[1][f"{mode}_host_syncs"] == []  # no .item(), bool(t), ...
     torch.manual_seed(0)
