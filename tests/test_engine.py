@@ -151,13 +151,15 @@ def test_frozen_parameters_are_never_perturbed():
     assert model.fc1.weight.grad is None
 
 
-def test_fp16_loss_scale_is_removed_before_the_norm():
+@pytest.mark.parametrize("vectorize", ["off", "on"])
+def test_fp16_loss_scale_is_removed_before_the_norm(vectorize):
     torch.manual_seed(0)
     model = MLP()
     batch = {"x": torch.randn(6, 6), "labels": torch.randint(0, 3, (6,))}
     expected = msam_gradient(copy.deepcopy(model), batch, 3, 0.1)
-    sam = MicroBatchSAM(model, rho=0.1, micro_batch_size=3, accelerator=ScalerAccelerator(2.0**12), eps=1.0)
+    sam = MicroBatchSAM(model, rho=0.1, micro_batch_size=3, accelerator=ScalerAccelerator(2.0**12), eps=1.0, vectorize=vectorize)
     sam.backward(batch, model_loss(model))
+    assert sam.path == ("vectorized" if vectorize == "on" else "sequential")
     # eps = 1 would weigh 4096x less against a scaled norm: agreement shows the norm was unscaled
     expected_eps1 = msam_gradient(copy.deepcopy(model), batch, 3, 0.1, eps=1.0)
     got = flat(p.grad for p in model.parameters()) / 2.0**12
@@ -165,12 +167,13 @@ def test_fp16_loss_scale_is_removed_before_the_norm():
     assert not torch.allclose(got, flat(expected), rtol=1e-3, atol=0)
 
 
-def test_fp16_overflow_in_ascent_skips_perturbation_not_the_run():
+@pytest.mark.parametrize("vectorize", ["off", "on"])
+def test_fp16_overflow_in_ascent_skips_perturbation_not_the_run(vectorize):
     torch.manual_seed(0)
     model = MLP()
     batch = {"x": torch.randn(6, 6), "labels": torch.randint(0, 3, (6,))}
     before = [p.detach().clone() for p in model.parameters()]
-    sam = MicroBatchSAM(model, rho=0.1, micro_batch_size=3, accelerator=ScalerAccelerator(2.0**120))
+    sam = MicroBatchSAM(model, rho=0.1, micro_batch_size=3, accelerator=ScalerAccelerator(2.0**120), vectorize=vectorize)
     sam.backward(batch, lambda mb: 1e6 * model(**mb)["loss"])  # the scaled gradients overflow float32
     assert sam.stats.skipped == 2
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

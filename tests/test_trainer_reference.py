@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from reference import MLP, mlp_dataset, msam_gradient
+from reference import MLP, flat, mlp_dataset, msam_gradient
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from hf_msam import MSAMTrainer, MSAMTrainingArguments
@@ -181,11 +181,12 @@ def test_batchnorm_running_stats_updated_once_per_micro_batch_by_clean_pass(tmp_
         assert torch.equal(getattr(model.bn, name), getattr(stats_ref.bn, name)), name
 
 
-def test_bf16_autocast_matches_reference_under_autocast(tmp_path):
+@pytest.mark.parametrize("vectorize", ["off", "on"])
+def test_bf16_autocast_matches_reference_under_autocast(tmp_path, vectorize):
     torch.manual_seed(0)
     model = MLP(d_in=16, d_hidden=32)  # float32 weights, bf16 autocast compute
     data = mlp_dataset(8, d_in=16, dtype=torch.float32)
-    ref = copy.deepcopy(model)
+    ref, start = copy.deepcopy(model), copy.deepcopy(model)
 
     def loss_of(m, mb):  # each forward in its own autocast region, as accelerate runs them
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -193,10 +194,22 @@ def test_bf16_autocast_matches_reference_under_autocast(tmp_path):
 
     grads = msam_gradient(ref, stack(data), 4, 0.05, loss_of=loss_of)
     expected = expected_after_step(ref, grads)
-    MSAMTrainer(model=model, args=sgd_args(tmp_path, 8, bf16=True, msam_micro_batch_size=4), train_dataset=data).train()
-    for a, b in zip(trainable(model), expected):
-        # same bf16 kernels in the same order; allow for float32 rounding in the update only
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    args = sgd_args(tmp_path, 8, bf16=True, msam_micro_batch_size=4, msam_vectorize=vectorize)
+    trainer = MSAMTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    assert trainer._msam.path == ("vectorized" if vectorize == "on" else "sequential")
+    if vectorize == "off":
+        for a, b in zip(trainable(model), expected):
+            # same bf16 kernels in the same order; allow for float32 rounding in the update only
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    else:
+        # other bf16 kernels (one batched matmul for both micro-batches): the update agrees with the float64
+        # reference to bf16 precision (unit roundoff 2^-8 = 3.9e-3; the sequential path is 3.7e-3 off here, this 3.8e-3)
+        exact = copy.deepcopy(start).double()
+        batch64 = {k: v.double() if v.is_floating_point() else v for k, v in stack(data).items()}
+        update64 = flat(expected_after_step(exact, msam_gradient(exact, batch64, 4, 0.05))) - flat(trainable(exact))
+        update = flat(trainable(model)).double() - flat(trainable(start)).double()
+        assert (update - update64).norm() / update64.norm() < 1e-2
     assert any(not torch.equal(a, b) for a, b in zip(trainable(model), trainable(ref)))
 
 

@@ -91,11 +91,18 @@ def test_auto_falls_back_and_says_why(tmp_path, caplog):
     assert "one pass per micro-batch (sequential), because BatchNorm" in caplog.text
 
 
-def test_on_refuses_synchronized_perturbations():
-    sam = MicroBatchSAM(MLP().double(), micro_batch_size=2, sync_perturbation=True, vectorize="on")
-    batch = stack(mlp_dataset(4))
-    with pytest.raises(ValueError, match="synchronized perturbations"):
+def test_single_process_synchronized_perturbations_are_the_device_local_step():
+    """One process: the union of the devices' j-th micro-batches is this one's (two processes: tests/test_sync.py)."""
+    batch = stack(mlp_dataset(5))
+    grads = []
+    for vectorize in ("on", "off"):
+        torch.manual_seed(0)
+        sam = MicroBatchSAM(MLP().double(), micro_batch_size=2, sync_perturbation=True, vectorize=vectorize)
         sam.backward(batch, lambda mb: sam.model(**mb)["loss"])
+        assert sam.path == ("vectorized" if vectorize == "on" else "sequential")
+        grads.append([p.grad for p in sam.model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
 
 
 def test_not_decomposable_loss_falls_back(tmp_path):
