@@ -56,7 +56,17 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 from hf_msam import MSAMTrainer, MSAMTrainingArguments
 
@@ -69,6 +79,10 @@ QUICK = dict(steps=3, warmup=1, batch_size=16, seq_len=16, hidden_size=32, layer
 TARGETS = {"rho0_vs_trainer": 1.03, "sam_vs_floor": 1.05, "extra_param_copies": 2.0}
 # The cheaper and stronger methods (README "Methods and schedules"): ratio of the mean step to the plain
 # Trainer's (interval, LookSAM, Momentum-SAM), or to MSAMTrainer SAM's (GSAM, F-SAM).
+VIT_IMAGE, VIT_PATCH = 32, 4  # ViT: 64 patches and the class token, 65 positions
+# The vectorized path (--counts): mSAM with 8 micro-batches at most 1.3x SAM; peak memory at most SAM's plus k copies
+# of the trainable parameters, plus 10%.
+SWEEP_TARGETS = {"k8_vectorized_vs_sam": 1.3, "memory_over_sam_plus_k_copies": 1.1}
 METHOD_TARGETS = {"msam_interval4": 1.3, "msam_looksam5": 1.3, "msam_momentum": 1.1, "msam_gsam": 1.05, "msam_fsam": 1.05}
 
 
@@ -92,6 +106,25 @@ METHOD_ROWS = [
     ("gsam", "GSAM", (("msam_method", "gsam"),)),
     ("fsam", "F-SAM", (("msam_method", "fsam"),)),
 ]
+
+
+def sweep_configurations(batch_size: int, counts: list[int]) -> list[Config]:
+    """The paths side by side: the plain Trainer, SAM, and mSAM with k micro-batches per device on the sequential
+    path (one pass per micro-batch) and on the vectorized one (all micro-batches in each pass), for each k."""
+    configs = [
+        Config("trainer", "Trainer (AdamW)", "trainer", 0.0, None, "loop_adamw"),
+        Config("msam_sam", "MSAMTrainer SAM", "msam", RHO, None, "loop_sam"),
+        Config("loop_adamw", "hand-written AdamW", "loop", 0.0, None, "loop_adamw"),
+        Config("loop_sam", "hand-written SAM", "loop", RHO, None, "loop_sam"),
+    ]
+    for k in counts:
+        if batch_size % k:
+            raise SystemExit(f"--counts: {k} does not divide the batch size {batch_size}")
+        m = batch_size // k
+        for path in ("sequential", "vectorized"):
+            flags = (("msam_vectorize", "off" if path == "sequential" else "on"),)
+            configs.append(Config(f"k{k}_{path[:3]}", f"mSAM k={k} {path}", "msam", RHO, m, "loop_sam", flags))
+    return configs
 
 
 def configurations(micro_batch_sizes: list[int]) -> list[Config]:
@@ -176,6 +209,20 @@ class Lockstep:
 
 def build_model(opts: argparse.Namespace, device: torch.device):
     torch.manual_seed(0)
+    if opts.model == "llama":
+        config = LlamaConfig(
+            vocab_size=opts.vocab_size, hidden_size=opts.hidden_size, num_hidden_layers=opts.layers,
+            num_attention_heads=opts.heads, num_key_value_heads=opts.heads, intermediate_size=4 * opts.hidden_size,
+            max_position_embeddings=opts.seq_len, tie_word_embeddings=True,
+        )
+        return LlamaForCausalLM(config).to(device)
+    if opts.model == "vit":
+        config = ViTConfig(
+            image_size=VIT_IMAGE, patch_size=VIT_PATCH, num_channels=3, hidden_size=opts.hidden_size,
+            num_hidden_layers=opts.layers, num_attention_heads=opts.heads, intermediate_size=4 * opts.hidden_size,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=10,
+        )
+        return ViTForImageClassification(config).to(device)
     config = BertConfig(
         vocab_size=opts.vocab_size,
         hidden_size=opts.hidden_size,
@@ -193,6 +240,13 @@ def build_model(opts: argparse.Namespace, device: torch.device):
 def synthetic_examples(opts: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
     n = (opts.warmup + opts.steps) * opts.batch_size
+    if opts.model == "vit":
+        pixels = torch.randn(n, 3, VIT_IMAGE, VIT_IMAGE, generator=generator)
+        labels = torch.randint(0, 10, (n,), generator=generator)
+        return [{"pixel_values": pixels[i], "labels": labels[i]} for i in range(n)]
+    if opts.model == "llama":
+        input_ids = torch.randint(0, opts.vocab_size, (n, opts.seq_len), generator=generator)
+        return [{"input_ids": input_ids[i], "labels": input_ids[i]} for i in range(n)]
     input_ids = torch.randint(0, opts.vocab_size, (n, opts.seq_len), generator=generator)
     labels = torch.randint(0, 2, (n,), generator=generator)
     return [{"input_ids": input_ids[i], "labels": labels[i]} for i in range(n)]
@@ -236,7 +290,7 @@ def run_trainer(config: Config, opts: argparse.Namespace, device: torch.device, 
 
 def handwritten_msam_backward(model, params, batch, rho: float, micro_batch_size: int | None) -> None:
     """Accumulate the (m)SAM gradient of `batch` into .grad: the same computation as MicroBatchSAM, bare."""
-    n = batch["labels"].shape[0]
+    n = next(iter(batch.values())).shape[0]
     size = micro_batch_size or n
     w = [p.detach().clone() for p in params]
     for start in range(0, n, size):
@@ -248,7 +302,7 @@ def handwritten_msam_backward(model, params, batch, rho: float, micro_batch_size
             torch._foreach_add_(params, g)
         del g
         loss = model(**micro_batch).loss
-        (loss if size >= n else loss * (micro_batch["labels"].shape[0] / n)).backward()
+        (loss if size >= n else loss * (next(iter(micro_batch.values())).shape[0] / n)).backward()
         with torch.no_grad():
             torch._foreach_copy_(params, w)
 
@@ -443,7 +497,7 @@ def run_in_lockstep(
 
 def measure(opts: argparse.Namespace) -> dict:
     load_before = os.getloadavg()
-    configs = configurations(opts.micro_batch_sizes)
+    configs = sweep_configurations(opts.batch_size, opts.counts) if opts.counts else configurations(opts.micro_batch_sizes)
     if opts.rows:
         unknown = set(opts.rows) - {c.key for c in configs}
         if unknown:
@@ -479,6 +533,7 @@ def measure(opts: argparse.Namespace) -> dict:
                 "q3_s": q3,
                 "vs_trainer": median[key] / median["trainer"],
                 "vs_floor": median[key] / median[w.config.floor],
+                "vs_sam": median[key] / median["msam_sam"] if "msam_sam" in median else None,
                 "peak_memory_bytes": peak[key],
                 "extra_vs_trainer_param_copies": (peak[key] - peak["trainer"]) / param_bytes,
                 "step_times_s": measured,
@@ -501,7 +556,7 @@ def measure(opts: argparse.Namespace) -> dict:
             if devices == {"cpu"}
             else f"torch.cuda.max_memory_allocated of a fresh worker taking {MEMORY_STEPS} steps"
         ),
-        "targets": check_targets(rows),
+        "targets": check_sweep_targets(rows, param_bytes) if opts.counts else check_targets(rows),
         "rows": rows,
     }
 
@@ -524,16 +579,31 @@ def check_targets(rows: list[dict]) -> dict:
     }
 
 
+def check_sweep_targets(rows: list[dict], param_bytes: int) -> dict:
+    row = {r["key"]: r for r in rows}
+    memory = {}
+    for r in rows:
+        if r["micro_batch_size"] and "msam_sam" in row:
+            k = int(r["key"].split("_")[0][1:])
+            bound = (row["msam_sam"]["peak_memory_bytes"] + k * param_bytes) * SWEEP_TARGETS["memory_over_sam_plus_k_copies"]
+            memory[r["key"]] = r["peak_memory_bytes"] <= bound
+    return {
+        "k8_vectorized_at_most_1.3x_sam": row["k8_vec"]["vs_sam"] <= SWEEP_TARGETS["k8_vectorized_vs_sam"] if "k8_vec" in row else None,
+        "peak_memory_at_most_sam_plus_k_copies_plus_10pct": memory,
+    }
+
+
 def markdown_table(result: dict) -> str:
     lines = [
-        "| configuration | median step (s) | IQR (s) | vs Trainer | vs floor | peak memory (MB) | extra vs Trainer (param copies) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| configuration | median step (s) | IQR (s) | vs Trainer | vs SAM | vs floor | peak memory (MB) | extra vs Trainer (param copies) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         vs_floor = "floor" if r["key"] == r["floor"] else f"{r['vs_floor']:.3f}"
+        vs_sam = "" if r.get("vs_sam") is None else f"{r['vs_sam']:.3f}"
         label = r["label"] + (" (mean)" if r.get("stat") == "mean" else "")
         lines.append(
-            f"| {label} | {r['median_s']:.4f} | {r['q1_s']:.4f}–{r['q3_s']:.4f} | {r['vs_trainer']:.3f} | {vs_floor} "
+            f"| {label} | {r['median_s']:.4f} | {r['q1_s']:.4f}–{r['q3_s']:.4f} | {r['vs_trainer']:.3f} | {vs_sam} | {vs_floor} "
             f"| {r['peak_memory_bytes'] / 2**20:.1f} | {r['extra_vs_trainer_param_copies']:+.2f} |"
         )
     lines.append(f"\ntrainable parameters: {result['trainable_param_bytes'] / 2**20:.1f} MB (one copy)")
@@ -546,6 +616,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="steps per configuration left out of the figures")
     parser.add_argument("--batch-size", type=int, default=32, help="per-device batch size")
     parser.add_argument("--micro-batch-sizes", type=int, nargs="+", default=[8, 4], help="mSAM micro-batch sizes")
+    parser.add_argument(
+        "--counts", type=int, nargs="+",
+        help="the paths' rows instead of the default ones: mSAM with each number k of micro-batches per device, on the "
+        "sequential and on the vectorized path, next to SAM (e.g. --counts 2 4 8 16)",
+    )
+    parser.add_argument("--model", choices=["bert", "llama", "vit"], default="bert",
+                        help="BertForSequenceClassification, LlamaForCausalLM (tied embeddings) or ViTForImageClassification")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
