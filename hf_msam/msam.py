@@ -146,6 +146,11 @@ class _FellBack(Exception):
     """The vectorized step gave up before touching anything: the caller takes one pass per micro-batch."""
 
 
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """The same tensors, by identity (== on tensors would compare their values)."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
 def _modules_with_running_stats(model: nn.Module) -> list[nn.Module]:
     return [
         m
@@ -261,6 +266,7 @@ class MicroBatchSAM:
         self._mode = "perturbed"
         self.vectorize = vectorize
         self._vectorizer: Vectorizer | None = None
+        self._memory_verdicts: dict[int, str | None] = {}  # "auto" on a GPU: whether k stacked copies fit, per k
         self._verified = False  # the first vectorized pass checks the loss reaches the weights only through the layers
         self.path: str | None = None  # "vectorized" or "sequential": what the last `backward` took
         self.path_reason: str | None = None  # why the last `backward` did not take the vectorized path
@@ -286,7 +292,7 @@ class MicroBatchSAM:
         rho: float | torch.Tensor | None = None,
         sync_weight: str = "size",
         layout: str = "rows",
-        decomposable: bool = True,
+        decomposable: bool | None = True,
     ) -> torch.Tensor:
         """Accumulate the mSAM gradient of `batch` into `.grad`; return the clean loss, detached.
 
@@ -308,7 +314,8 @@ class MicroBatchSAM:
         With `vectorize` "auto" or "on" (see `MicroBatchSAM`), all micro-batches share each pass: `layout` says how
         `split_fn` cut the batch ("rows" along dim 0, "pairs" of a preference batch, "packed" runs of sequences of
         a one-row batch), and `decomposable` False says `loss_fn(batch)` is not Σ_j c_j·loss_fn(B_j) (a token mean
-        weighed by example counts, in-batch negatives): the step then takes one pass per micro-batch.
+        weighed by example counts, in-batch negatives): the step then takes one pass per micro-batch. None: not
+        known (a loss written by the user): "auto" then takes one pass per micro-batch, "on" the vectorized step.
         """
         if sync_weight not in ("size", "share"):
             raise ValueError(f"sync_weight must be 'size' or 'share', got {sync_weight!r}.")
@@ -410,7 +417,7 @@ class MicroBatchSAM:
         self.stats.skipped = self.stats.skipped + (~ok).to(torch.int64)  # a tensor: counting never syncs
 
     # -- the vectorized step: every micro-batch in one forward and one backward per pass -------------
-    def _vectorized_layout(self, micro_batches: list[Any], layout: str, decomposable: bool) -> GroupLayout | None:
+    def _vectorized_layout(self, micro_batches: list[Any], layout: str, decomposable: bool | None) -> GroupLayout | None:
         """The groups of the vectorized step, or None (and `path_reason`) when this batch takes one pass each."""
         reason = None
         if self.vectorize == "off":
@@ -421,17 +428,20 @@ class MicroBatchSAM:
             reason = "FSDP2 shards the weights the vectorized path would read whole"
         elif not Capabilities.of(self.perturbation, self.descent).vectorized:
             reason = f"the method's rules ({self.perturbation!r}, {self.descent!r}) do not support it (supports_vectorized)"
-        elif not decomposable:
+        elif decomposable is False:
             reason = "the batch's loss is not the weighted sum of its micro-batches' losses"
+        elif decomposable is None and self.vectorize == "auto":
+            reason = ("the loss is the user's own: whether it is the weighted sum of its micro-batches' losses is not "
+                      "known (--msam_vectorize on asserts it is)")
         elif _modules_with_running_stats(self.model):
             reason = "BatchNorm in train mode: its running statistics must update once per micro-batch"
         elif layout not in ("rows", "pairs", "packed"):
             reason = f"unknown batch layout {layout!r}"
         if reason is None:
             params = [p for p in self.model.parameters() if p.requires_grad]
-            if self._vectorizer is None or self._vectorizer.params != params:
+            if self._vectorizer is None or not _same(self._vectorizer.params, params):
                 self._vectorizer, self._verified = Vectorizer(self.model, params), False
-            reason = self._vectorizer.why_not()
+            reason = self._vectorizer.why_not() or self._memory_problem(params, len(micro_batches))
         if reason is not None:
             return self._take_sequential(reason)
         if layout == "rows":
@@ -440,6 +450,24 @@ class MicroBatchSAM:
             return GroupLayout.pairs([batch_size_of(mb) // 2 for mb in micro_batches])
         lengths = [mb["input_ids"].shape[1] for mb in micro_batches]  # packed: each group one run of tokens
         return GroupLayout.tokens([0, *itertools.accumulate(lengths)], 1)
+
+    def _memory_problem(self, params: list[torch.Tensor], k: int) -> str | None:
+        """"auto" on a GPU: the vectorized step holds k stacked copies of the trainable parameters (three for GSAM and
+        LookSAM, whose descent needs g_j and g_p,j); it is taken only where they fit in half of the memory free at the
+        first step with k micro-batches (the decision is kept, so the path does not change mid-run)."""
+        device = params[0].device
+        if self.vectorize != "auto" or device.type != "cuda":
+            return None
+        if k not in self._memory_verdicts:
+            copies = k * (3 if self.descent.explicit else 1)
+            need = copies * sum(p.numel() * p.element_size() for p in params)
+            free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            self._memory_verdicts[k] = None if need <= free / 2 else (
+                f"its {copies} stacked copies of the trainable parameters ({need / 2**30:.1f} GiB) would take more than "
+                f"half of the free GPU memory ({free / 2**30:.1f} GiB); fewer micro-batches, LoRA or --msam_vectorize on "
+                "would take it"
+            )
+        return self._memory_verdicts[k]
 
     def _take_sequential(self, reason: str) -> None:
         if self.vectorize == "on":
@@ -465,7 +493,8 @@ class MicroBatchSAM:
         if clean_pass or self._mode == "reuse":
             point = "reuse" if self._mode == "reuse" else "clean"
             try:
-                with self._no_sync(), vec.capture(layout) as capture:
+                # A reuse step's only forward is this one: DDP must then all-reduce the backward that follows it.
+                with contextlib.nullcontext() if self._mode == "reuse" else self._no_sync(), vec.capture(layout) as capture:
                     clean_loss = loss_fn(batch, MicroBatch(0, 1, 1.0, point, True))
                     if not self._verified:
                         capture.verify(clean_loss)

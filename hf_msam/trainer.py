@@ -292,8 +292,16 @@ class MSAMMixin:
         return self._msam.backward(
             inputs, loss_fn, size_fn=size_fn, split_fn=cut.split, step=t, rho=self._msam_rho_now(),
             sync_weight="share" if shares else "size", layout=cut.layout,
-            decomposable=shares or self._msam_loss_is_a_mean_over_units(inputs, cut, size_fn),
+            decomposable=self._msam_decomposable(inputs, cut, size_fn, shares),
         )
+
+    def _msam_decomposable(self, inputs: dict[str, Any], cut: Any, size_fn: Any, shares: bool) -> bool | None:
+        """Whether the batch's loss is Σ_j c_j·L_j over its micro-batches (the vectorized step needs it): known for
+        the losses of transformers, TRL and hf_msam; None (not known) for a `compute_loss` written elsewhere."""
+        owner = next((c for c in type(self).__mro__ if "compute_loss" in vars(c)), Trainer)
+        if owner.__module__.split(".")[0] not in ("transformers", "trl", "hf_msam"):
+            return None
+        return shares or self._msam_loss_is_a_mean_over_units(inputs, cut, size_fn)
 
     def _msam_loss_is_a_mean_over_units(self, inputs: dict[str, Any], cut: Any, size_fn: Any) -> bool:
         """Whether the whole batch's loss is Σ_j c_j·L_j for the micro-batch weights c_j without a token count: a

@@ -64,10 +64,10 @@ class MSAMArguments:
             devices of their j-th micro-batches, the same on every device (one extra all-reduce of the trainable
             gradients per micro-batch). Default: each device perturbs with its own micro-batches. Always on under
             FSDP2. Not with `msam_method` gsam or looksam. See README "Multi-device".
-        msam_vectorize (`str`, *optional*, defaults to `"off"`):
+        msam_vectorize (`str`, *optional*, defaults to `"auto"`):
             `on`: all micro-batches of a device in one forward and one backward per pass (the vectorized step);
             `auto`: vectorized where it applies, else one pass per micro-batch (the log says why); `off`: one pass
-            per micro-batch.
+            per micro-batch. See README "Performance".
         msam_eval_flatness (`bool`, *optional*, defaults to `False`):
             Every evaluation also reports `eval_hessian_top_eigenvalue`, `eval_hessian_trace` and `eval_sharpness`
             (see `hf_msam.flatness`), measured on the first `msam_flatness_batches` evaluation batches.
@@ -184,7 +184,7 @@ class MSAMArguments:
         },
     )
     msam_vectorize: str = field(
-        default="off",
+        default="auto",
         metadata={
             "help": "How a device's micro-batches are computed. on: all of them in one forward and one backward per "
             "pass (the vectorized step: every micro-batch's own gradient from per-layer rules, each micro-batch's rows "

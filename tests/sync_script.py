@@ -21,8 +21,13 @@ SETTINGS = {
     # A token-level loss over num_items_in_batch: the ranks' micro-batches hold different numbers of label tokens.
     "tokens": dict(per_device_train_batch_size=4, msam_micro_batch_size=2, gradient_accumulation_steps=1),
 }
-# The same settings on the vectorized step (every micro-batch of a rank in one forward and one backward per pass).
-SETTINGS.update({f"{name}_vectorized": dict(setting, msam_vectorize="on") for name, setting in list(SETTINGS.items())})
+# Each setting on the sequential step (one pass per micro-batch) and on the vectorized one (every micro-batch of a
+# rank in one forward and one backward per pass).
+SETTINGS = {
+    f"{name}{suffix}": dict(setting, msam_vectorize=vectorize)
+    for name, setting in SETTINGS.items()
+    for suffix, vectorize in (("", "off"), ("_vectorized", "on"))
+}
 
 
 def token_data(n, length=7, vocab=11):

@@ -1,0 +1,87 @@
+"""How the trainer chooses its path by default (`--msam_vectorize auto`): vectorized where the step is known to be
+the same, one pass per micro-batch otherwise (SAM, a loss written by the user, too little GPU memory), with the
+update the sequential step's either way."""
+
+import types
+
+import pytest
+import torch
+from test_trainer_reference import bert_data, sgd_args, tiny_bert, trainable
+
+from hf_msam import MicroBatchSAM, MSAMTrainer, MSAMTrainingArguments
+
+
+def test_the_default_is_auto():
+    assert MSAMTrainingArguments("out").msam_vectorize == "auto"
+
+
+def run(model, tmp_path, name, trainer_cls=MSAMTrainer, steps=1, **flags):
+    args = sgd_args(tmp_path / name, 7, msam_rho=0.1, **flags)
+    args.max_steps = steps
+    trainer = trainer_cls(model=model, args=args, train_dataset=bert_data(7 * steps))
+    trainer.train()
+    return trainer
+
+
+def test_auto_vectorizes_micro_batches_and_keeps_the_sam_path_for_one(tmp_path):
+    auto, off = tiny_bert(), tiny_bert()
+    vectorized = run(auto, tmp_path, "auto", steps=2, msam_micro_batch_size=3)
+    run(off, tmp_path, "off", steps=2, msam_micro_batch_size=3, msam_vectorize="off")
+    assert vectorized._msam.path == "vectorized"
+    for a, b in zip(trainable(auto), trainable(off)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    sam = run(tiny_bert(), tmp_path, "sam")  # no micro-batch size: one micro-batch, the two-pass SAM step
+    assert sam._msam.path == "sequential" and "one micro-batch" in sam._msam.path_reason
+
+
+class OwnLoss(MSAMTrainer):
+    """A loss written by the user (here a per-example mean with a weight per class, decomposable, but the trainer
+    cannot know that)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        weight = torch.tensor([1.0, 2.0], dtype=outputs.logits.dtype)
+        loss = torch.nn.functional.cross_entropy(outputs.logits, labels, weight=weight, reduction="none").mean()
+        return (loss, outputs) if return_outputs else loss
+
+
+def test_a_users_own_loss_is_not_vectorized_by_auto_but_by_on(tmp_path):
+    auto = run(tiny_bert(), tmp_path, "auto", OwnLoss, msam_micro_batch_size=3)
+    assert auto._msam.path == "sequential" and "the user's own" in auto._msam.path_reason
+    on, off = tiny_bert(), tiny_bert()
+    assert run(on, tmp_path, "on", OwnLoss, msam_micro_batch_size=3, msam_vectorize="on")._msam.path == "vectorized"
+    run(off, tmp_path, "off", OwnLoss, msam_micro_batch_size=3, msam_vectorize="off")
+    for a, b in zip(trainable(on), trainable(off)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_auto_on_a_gpu_keeps_the_sequential_step_when_k_copies_do_not_fit(monkeypatch):
+    """The decision reads the GPU's free memory once per number of micro-batches (mocked here: CI has no GPU)."""
+    sam = MicroBatchSAM(torch.nn.Linear(4, 4), micro_batch_size=2, vectorize="auto")
+    params = [types.SimpleNamespace(device=torch.device("cuda"), numel=lambda: 1000, element_size=lambda: 4)]
+    free = {"bytes": 20_000}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free["bytes"], 10**9))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 0)
+    assert sam._memory_problem(params, 2) is None  # 8 kB of stacked copies, 20 kB free
+    reason = sam._memory_problem(params, 4)  # 16 kB
+    assert "4 stacked copies" in reason and "half of the free GPU memory" in reason
+    free["bytes"] = 10**9
+    assert sam._memory_problem(params, 4) == reason  # decided once per k: the path does not change mid-run
+    sam.vectorize = "on"
+    assert sam._memory_problem(params, 8) is None  # "on": the user's choice
+
+
+@pytest.mark.parametrize("vectorize", ["auto", "on"])
+def test_engine_default_stays_off_for_hand_written_loops(vectorize):
+    """MicroBatchSAM cannot see the loss function: it vectorizes only when asked."""
+    model = torch.nn.Linear(3, 2).double()
+    batch = {"x": torch.randn(4, 3, dtype=torch.float64), "y": torch.randn(4, 2, dtype=torch.float64)}
+    loss_fn = lambda mb: torch.nn.functional.mse_loss(model(mb["x"]), mb["y"])  # noqa: E731
+    default = MicroBatchSAM(model, micro_batch_size=2)
+    default.backward(batch, loss_fn)
+    assert default.vectorize == "off" and default.path == "sequential"
+    asked = MicroBatchSAM(model, micro_batch_size=2, vectorize=vectorize)
+    asked.backward(batch, loss_fn)
+    assert asked.path == "vectorized"
