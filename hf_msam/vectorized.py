@@ -72,6 +72,8 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils import _pytree as pytree
 
+from .ops import unaliased
+
 __all__ = ["Capture", "GroupLayout", "NotVectorizable", "Positions", "Rule", "Vectorizer", "register_rule"]
 
 
@@ -844,7 +846,8 @@ class Capture:
         if not retain_graph:
             self._calls, self._probes, self._regions = [], [], []
         k = self.layout.k
-        return [p.new_zeros((k, *p.shape)) if g is None else g for p, g in zip(params, total)]
+        # gradients of the fallback's probes may share storage (see `ops.unaliased`); callers scale them in place
+        return unaliased([p.new_zeros((k, *p.shape)) if g is None else g for p, g in zip(params, total)])
 
     def verify(self, loss: torch.Tensor) -> None:
         """Raise NotVectorizable if `loss` reaches a covered parameter other than through a recorded layer call:
