@@ -47,9 +47,9 @@ def _rms_norm_in_input_dtype(self, hidden_states):
     return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
 
 
-@pytest.fixture
-def exact_float64(monkeypatch):
-    """Patch out transformers' float32 casts, for both paths alike (see the module docstring)."""
+def without_float32_casts(monkeypatch) -> None:
+    """Patch out transformers' float32 casts inside a float64 model (see the module docstring): Llama's and Qwen2's
+    RMSNorm compute in the input's dtype, eager attention's softmax(..., dtype=torch.float32) keeps float64."""
     from transformers.models.llama import modeling_llama
     from transformers.models.qwen2 import modeling_qwen2
 
@@ -59,10 +59,25 @@ def exact_float64(monkeypatch):
 
     def softmax_keeping_float64(input, dim=None, _stacklevel=3, dtype=None):
         if input.dtype == torch.float64 and dtype == torch.float32:
-            dtype = None  # eager attention's softmax(..., dtype=torch.float32).to(query.dtype)
+            dtype = None
         return softmax(input, dim=dim, dtype=dtype)
 
     monkeypatch.setattr(F, "softmax", softmax_keeping_float64)
+
+
+def causal_lm_loss_in_logits_dtype(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, **kwargs):
+    """transformers' ForCausalLMLoss (shift by one, -100 ignored, a sum over num_items_in_batch or a mean), without
+    its `logits.float()`: set as `model.loss_function` in float64 tests."""
+    shifted = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = F.cross_entropy(logits.reshape(-1, vocab_size), shifted.reshape(-1).to(logits.device),
+                           ignore_index=ignore_index, reduction=reduction)
+    return loss if num_items_in_batch is None else loss / num_items_in_batch
+
+
+@pytest.fixture
+def exact_float64(monkeypatch):
+    without_float32_casts(monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------
