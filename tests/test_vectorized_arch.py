@@ -346,3 +346,279 @@ def test_unaliased_copies_only_what_shares_storage():
     out = unaliased([a, b, c])
     assert out[0] is a and out[2] is c and out[1] is not b and torch.equal(out[1], b)
     assert out[1].untyped_storage().data_ptr() != base.untyped_storage().data_ptr()
+
+
+# ---------------------------------------------------------------------------------------------
+# What takes the torch.func fallback, what falls back to the sequential step, and why
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fallback_modules_per_architecture():
+    """Layers without a rule run through the per-module torch.func fallback, not the whole model."""
+    from hf_msam.vectorized import Vectorizer
+
+    def fallbacks(arch):
+        model = build(arch, 2, torch.float64).model
+        return Vectorizer(model, [p for p in model.parameters() if p.requires_grad]).fallback_modules()
+
+    assert fallbacks("bert-padded") == [] and fallbacks("gpt2-tied-sft") == []  # rules cover every layer
+    assert fallbacks("vit") == ["vit.embeddings (ViTEmbeddings)"]  # cls_token, position_embeddings; its Conv2d inside
+    llama = fallbacks("llama-sdpa-sft")
+    assert len(llama) == 5 and all(name.endswith("(LlamaRMSNorm)") for name in llama)  # 2 layers x 2, and the last
+    lora = fallbacks("lora-llama-sft")
+    assert any("embed_tokens" in name for name in lora)  # LoRA's embedding keeps A and B in ParameterDicts
+
+
+class Net(torch.nn.Module):
+    """Embedding -> `middle` -> mean over positions -> Linear: the middle is the module under test."""
+
+    def __init__(self, middle: torch.nn.Module | None = None, embedding: torch.nn.Module | None = None, width: int = 8):
+        super().__init__()
+        self.emb = embedding if embedding is not None else torch.nn.Embedding(VOCAB, width)
+        self.middle = middle if middle is not None else torch.nn.Linear(width, width)
+        self.head = torch.nn.Linear(width, 3)
+
+    def forward(self, input_ids, labels):
+        h = self.middle(self.emb(input_ids))
+        logits = self.head(torch.tanh(h).mean(1))
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+class Checkpointed(torch.nn.Module):
+    """A Linear inside torch.utils.checkpoint, without transformers' `gradient_checkpointing` flag."""
+
+    def __init__(self, reentrant: bool, width: int = 8):
+        super().__init__()
+        self.inner, self.reentrant = torch.nn.Linear(width, width), reentrant
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=self.reentrant)
+
+
+class DataDependent(torch.nn.Module):
+    """A layer with a parameter and a branch on a value: vmap cannot run it, so its fallback fails at the forward."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        return x * self.scale if x.sum() > 0 else x * self.scale.square()
+
+
+class RowMixer(torch.nn.Module):
+    """Mixes the rows of its input: run by the fallback once per group, it mixes the rows of each micro-batch, as the
+    sequential step does."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        return x + (x * self.scale).mean(0)
+
+
+class BatchSummary(torch.nn.Module):
+    """Returns one value for the whole batch ([T, d]): its per-group output lacks the group's rows."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        return (x * self.scale).mean(0)
+
+
+class PlusSummary(torch.nn.Module):
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.summary = BatchSummary(width)
+
+    def forward(self, x):
+        return x + self.summary(x)
+
+
+class LearnedBias(torch.nn.Module):
+    """A parameter module called without any input that carries the batch."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(1, 1, width))
+
+    def forward(self):
+        return self.bias * 2
+
+
+class WithBias(torch.nn.Module):
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.lin, self.learned = torch.nn.Linear(width, width), LearnedBias(width)
+
+    def forward(self, x):
+        return self.lin(x) + self.learned()
+
+
+class DirectRead(torch.nn.Module):
+    """Reads its child's weight outside the child's call (as DoRA's norm does)."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.lin = torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        return self.lin(x) + F.linear(x, self.lin.weight.square())
+
+
+class Flattening(torch.nn.Module):
+    """Gives its Linear the batch flattened away: [n, T, d] -> [n·T, d]."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.lin = torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        return self.lin(x.reshape(-1, x.shape[-1])).view(x.shape)
+
+
+def _dora_net():
+    from peft import LoraConfig, get_peft_model
+
+    net = Net()
+    return get_peft_model(net, LoraConfig(r=2, target_modules=["middle"], use_dora=True))
+
+
+def _compiled_net():
+    return torch.compile(Net(), backend="eager")
+
+
+def _llama_checkpointing():
+    model = _decoder()
+    model.gradient_checkpointing_enable()
+    return model
+
+
+def _without_stats_batchnorm():
+    class PerChannel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.BatchNorm1d(8, track_running_stats=False)
+
+        def forward(self, x):
+            return self.norm(x.transpose(1, 2)).transpose(1, 2)
+
+    return Net(PerChannel())
+
+
+# name: (model builder, what the reason says). Each is refused before the step (`why_not`) or by the first step's
+# forward or graph check; `auto` then runs the sequential step from the start, `on` raises naming the reason.
+REFUSED = {
+    "batchnorm-train": (lambda: Net(torch.nn.Sequential(Transposed(torch.nn.BatchNorm1d(8)))), "BatchNorm"),
+    "batchnorm-train-no-running-stats": (_without_stats_batchnorm, "BatchNorm1d in train mode"),
+    "instancenorm-running-stats": (
+        lambda: Net(Transposed(torch.nn.InstanceNorm1d(8, affine=True, track_running_stats=True))), "running statistics"),
+    "lstm": (lambda: Net(FirstOutput(torch.nn.LSTM(8, 8, batch_first=True))), "recurrent layers"),
+    "batch-first-false": (lambda: Net(torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)), "batch_first=False"),
+    "embedding-max-norm": (lambda: Net(embedding=torch.nn.Embedding(VOCAB, 8, max_norm=1.0)), "max_norm"),
+    "embedding-scale-grad-by-freq": (
+        lambda: Net(embedding=torch.nn.Embedding(VOCAB, 8, scale_grad_by_freq=True)), "scale_grad_by_freq"),
+    "dora": (_dora_net, "DoRA"),
+    "transformers-gradient-checkpointing": (_llama_checkpointing, "gradient checkpointing is on"),
+    "torch-checkpoint": (lambda: Net(Checkpointed(reentrant=False)), "runs inside torch.utils.checkpoint"),
+    "torch-compile": (_compiled_net, "torch.compile"),
+    "weight-read-outside-its-layer": (lambda: Net(DirectRead()), r"parameter \d+ \[8, 8\] \(read by"),
+    "input-reshaped": (lambda: Net(Flattening()), "leading dims are not the batch"),
+    "fallback-fails-in-vmap": (lambda: Net(DataDependent()), "torch.func fallback for middle .DataDependent. failed"),
+    "fallback-output-without-rows": (lambda: Net(PlusSummary()), "does not carry the group's positions"),
+    "fallback-no-batched-input": (lambda: Net(WithBias()), "none of its inputs carries the batch"),
+}
+
+
+class Transposed(torch.nn.Module):
+    """[n, T, d] -> a per-channel module on [n, d, T] -> [n, T, d]."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.transpose(1, 2)).transpose(1, 2)
+
+
+class FirstOutput(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)[0]
+
+
+def _refused_setup(name: str):
+    torch.manual_seed(0)
+    model = REFUSED[name][0]().double()
+    model.train()
+    if name == "transformers-gradient-checkpointing":
+        return model, _sft_batch(4), _token_mean, label_token_count
+    ids = torch.randint(0, VOCAB, (4, 5), generator=torch.Generator().manual_seed(0))
+    return model, {"input_ids": ids, "labels": torch.arange(4) % 3}, lambda m, mb: m(**mb)["loss"], None
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_auto_falls_back_with_the_reason_and_on_raises_it(name, caplog):
+    """`auto`: the sequential step, its gradient bitwise the `off` one, the reason in `path_reason` and the log;
+    `on`: a ValueError naming the reason; either way `.grad` and the weights are as the sequential step leaves them."""
+    import logging
+
+    model, batch, loss, size_fn = _refused_setup(name)
+    twin, third = copy.deepcopy(model), copy.deepcopy(model)
+    reason = REFUSED[name][1]
+    grads = {}
+    for vectorize, m in (("off", twin), ("auto", model)):
+        sam = MicroBatchSAM(m, rho=0.1, micro_batch_size=2, vectorize=vectorize)
+        with caplog.at_level(logging.INFO, logger="hf_msam"):
+            sam.backward(batch, lambda mb: loss(m, mb), size_fn=size_fn)
+        assert sam.path == "sequential"
+        grads[vectorize] = [p.grad for p in m.parameters() if p.requires_grad]
+    import re
+
+    assert re.search(reason, sam.path_reason), sam.path_reason
+    assert "one pass per micro-batch (sequential), because" in caplog.text
+    for a, b in zip(grads["auto"], grads["off"]):
+        assert torch.equal(a, b)
+    before = copy.deepcopy(third.state_dict())
+    sam = MicroBatchSAM(third, rho=0.1, micro_batch_size=2, vectorize="on")
+    with pytest.raises(ValueError, match=reason):
+        sam.backward(batch, lambda mb: loss(third, mb), size_fn=size_fn)
+    assert all(p.grad is None for p in third.parameters())
+    assert all(torch.equal(v, third.state_dict()[k]) for k, v in before.items())
+
+
+def test_verify_finds_reentrant_checkpointing():
+    """Reentrant torch.utils.checkpoint runs its forward without autograd: no layer call inside is recorded, so the
+    region's parameters would get zero per-group gradients. `verify` finds its node. (The sequential step cannot
+    run it either: torch refuses .grad() through reentrant checkpoints.)"""
+    from hf_msam.vectorized import GroupLayout, NotVectorizable, Vectorizer
+
+    torch.manual_seed(0)
+    model = Net(Checkpointed(reentrant=True)).double()
+    vec = Vectorizer(model, list(model.parameters()))
+    assert vec.why_not() is None
+    ids = torch.randint(0, VOCAB, (4, 5), generator=torch.Generator().manual_seed(0))
+    with vec.capture(GroupLayout.rows([2, 2])) as cap:
+        loss = model(ids, torch.arange(4) % 3)["loss"]
+    with pytest.raises(NotVectorizable, match="torch.utils.checkpoint region"):
+        cap.verify(loss)
+
+
+def test_rows_mixed_inside_a_fallback_module_mix_per_micro_batch():
+    """The fallback runs a module once per group, as a batch of its own: rows mixed inside it mix within each
+    micro-batch, as in the sequential step, when the groups are even. (A short group is padded with copies of its
+    first row, which would enter such a mix: see the module docstring of hf_msam.vectorized.)"""
+    torch.manual_seed(0)
+    model = Net(RowMixer()).double()
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, VOCAB, (6, 4), generator=torch.Generator().manual_seed(0))
+    setup = Setup(model, {"input_ids": ids, "labels": torch.arange(6) % 3}, lambda m, mb: m(**mb)["loss"])
+    want = msam_grads(setup, twin, "off", 3, rho=0.1)
+    got = msam_grads(setup, model, "on", 3, rho=0.1)
+    assert max(relative_errors(got, want)) <= 1e-10
