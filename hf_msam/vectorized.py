@@ -56,8 +56,9 @@ the sequential step, but a short group's padding copies would take part.) A weig
 forwards: `Capture.verify` finds such reads in the autograd graph. Activation checkpointing recomputes layers in
 the backward, outside the pass that routed them: `why_not` refuses transformers' `gradient_checkpointing` flag, a
 routed layer called inside torch.utils.checkpoint's non-reentrant region raises `NotVectorizable`, and `verify`
-finds a reentrant one. A `torch.compile`d model (or a module compiled in place) runs its compiled graph, not the
-routed forwards: `why_not` refuses it. `why_not` reads these states of the modules each time it is called. `group_gradients` holds every recorded output's gradient at once (about the size of the
+finds a reentrant one. A `torch.compile`d model (or a module compiled in place) is refused by `why_not`: the routed
+forwards are swapped in around every pass, which compiled code is not checked to follow (with the eager backend
+dynamo recompiles and the result is right; inductor is untested). `why_not` reads these states of the modules each time it is called. `group_gradients` holds every recorded output's gradient at once (about the size of the
 activations) and returns k copies of the parameters' shapes.
 
 Nothing here synchronizes with the host: layouts are Python ints, their index tensors are built once per device.
@@ -529,8 +530,8 @@ def _module_problem(module: nn.Module) -> str | None:
         )
     if getattr(module, "_orig_mod", None) is not None or getattr(module, "_compiled_call_impl", None) is not None:
         return (
-            "compiled with torch.compile (the compiled graph calls the layers' original code, not the grouped "
-            "forwards): pass the uncompiled model"
+            "compiled with torch.compile (the vectorized path swaps the layers' forwards in and out around every "
+            "pass, and compiled code is not checked to follow that): pass the uncompiled model"
         )
     if getattr(module, "batch_first", True) is False:
         return f"{name} with batch_first=False (the batch is in dim 1 of its inputs)"
