@@ -50,7 +50,7 @@ from .methods.gsam import GSAMDescent
 from .methods.looksam import LookSAMDescent
 from .methods.momentum import MomentumPerturbation
 from .methods.sam import SAMDescent, SAMPerturbation
-from .ops import SHARD_GROUP, SHARDED_PARAMS, local, scoped, weight_dtype, weighted
+from .ops import SHARD_GROUP, SHARDED_PARAMS, local, scoped, unaliased, weight_dtype, weighted
 from .vectorized import GroupLayout, NotVectorizable, Vectorizer
 
 logger = logging.getLogger("hf_msam")
@@ -601,11 +601,11 @@ class MicroBatchSAM:
         """∇loss over `params`, through autograd.grad: `.grad` (maybe holding accumulated gradients) is untouched."""
         scaler = self._grad_scaler()
         if scaler is not None:  # fp16: scale so small gradients survive, then unscale before any norm
-            grads = torch.autograd.grad(scaler.scale(loss), params, allow_unused=True, materialize_grads=True)
+            grads = unaliased(torch.autograd.grad(scaler.scale(loss), params, allow_unused=True, materialize_grads=True))
             scale = scaler._get_scale_async()  # the scale as a tensor: get_scale() would sync
             torch._foreach_mul_(grads, scale.double().reciprocal().float())
             return list(grads)
-        return list(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True))
+        return unaliased(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True))
 
     def _union_ascent_gradient(self, loss: torch.Tensor, params: list[torch.Tensor], a: int | float | torch.Tensor) -> list[torch.Tensor]:
         """Synchronized scope: g_j of the union over devices of their j-th micro-batches, on every device.

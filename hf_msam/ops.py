@@ -93,3 +93,22 @@ def weighted(loss: torch.Tensor, c: float | torch.Tensor | None) -> torch.Tensor
     if c is None:
         return loss
     return loss * (c.to(loss.dtype) if isinstance(c, torch.Tensor) else c)
+
+
+def unaliased(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """`tensors`, each one that shares storage with an earlier one replaced by a copy.
+
+    `torch.autograd.grad` may return gradients that alias each other: with a batch of one row, ViT's cls_token gets
+    a view into the gradient it also returns for position_embeddings (the sum over the batch of a broadcast is then
+    no copy). The rules scale gradients in place, which would then scale the shared storage twice. Reads storage
+    addresses only (metadata): no host sync."""
+    seen: set[int] = set()
+    out = []
+    for t in tensors:
+        if type(t) is torch.Tensor and t.numel():  # tensor subclasses (DTensor) keep their own storage rules
+            address = t.untyped_storage().data_ptr()
+            if address in seen:
+                t = t.clone()
+            seen.add(address)
+        out.append(t)
+    return out

@@ -50,9 +50,15 @@ copy gets its own output gradient and its own group's perturbation.
 
 **What it cannot see.** Rows must not meet inside the model: `why_not` refuses BatchNorm in train mode, but other
 cross-row computations (a mixture-of-experts' load-balancing term, in-batch negatives) would make "group j's part"
-differ from group j's own gradient. A weight read outside its layer's call (PEFT DoRA, `F.linear(x, child.weight)`
-in a parent, a penalty on the weights) is invisible to the routed forwards: `Capture.verify` finds such reads in
-the autograd graph. `group_gradients` holds every recorded output's gradient at once (about the size of the
+differ from group j's own gradient. (Inside a module the fallback runs, rows meet within their group only, as in
+the sequential step, but a short group's padding copies would take part.) A weight read outside its layer's call
+(PEFT DoRA, `F.linear(x, child.weight)` in a parent, a penalty on the weights) is invisible to the routed
+forwards: `Capture.verify` finds such reads in the autograd graph. Activation checkpointing recomputes layers in
+the backward, outside the pass that routed them: `why_not` refuses transformers' `gradient_checkpointing` flag, a
+routed layer called inside torch.utils.checkpoint's non-reentrant region raises `NotVectorizable`, and `verify`
+finds a reentrant one. A `torch.compile`d model (or a module compiled in place) is refused by `why_not`: the routed
+forwards are swapped in around every pass, which compiled code is not checked to follow (with the eager backend
+dynamo recompiles and the result is right; inductor is untested). `why_not` reads these states of the modules each time it is called. `group_gradients` holds every recorded output's gradient at once (about the size of the
 activations) and returns k copies of the parameters' shapes.
 
 Nothing here synchronizes with the host: layouts are Python ints, their index tensors are built once per device.
@@ -71,6 +77,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils import _pytree as pytree
+
+from .ops import unaliased
 
 __all__ = ["Capture", "GroupLayout", "NotVectorizable", "Positions", "Rule", "Vectorizer", "register_rule"]
 
@@ -516,7 +524,15 @@ def _module_problem(module: nn.Module) -> str | None:
     if isinstance(module, nn.modules.batchnorm._NormBase) and module.training and module.track_running_stats:
         return f"{name} in train mode with running statistics (they must update once per micro-batch)"
     if getattr(module, "gradient_checkpointing", False) is True:  # transformers' flag on the layers it recomputes
-        return "gradient checkpointing is on (its recomputing forward would run the grouped layers again)"
+        return (
+            "gradient checkpointing is on (the backward recomputes the layers outside the pass that routed them, so "
+            "the recomputed activations would not be the grouped ones)"
+        )
+    if getattr(module, "_orig_mod", None) is not None or getattr(module, "_compiled_call_impl", None) is not None:
+        return (
+            "compiled with torch.compile (the vectorized path swaps the layers' forwards in and out around every "
+            "pass, and compiled code is not checked to follow that): pass the uncompiled model"
+        )
     if getattr(module, "batch_first", True) is False:
         return f"{name} with batch_first=False (the batch is in dim 1 of its inputs)"
     if name.startswith("Dora"):
@@ -529,6 +545,26 @@ def _has_forward(module: nn.Module) -> bool:
 
 
 _TENSOR = object()  # marks where a fallback's output had a tensor
+
+
+def _refuse_checkpointing(unit: _Unit) -> None:
+    """Raise NotVectorizable when this call runs inside torch.utils.checkpoint's non-reentrant region (its
+    saved-tensor hooks are on top): the backward would recompute the layer outside the context that routes it.
+    (Reentrant checkpointing is found by `Capture.verify`, from its node in the graph.) Reads a private torch
+    function; where it is missing, the check is skipped."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return
+    try:
+        hooks = top(True)
+    except TypeError:
+        return
+    pack = hooks[0] if hooks else None
+    if pack is not None and "_checkpoint_hook" in getattr(pack, "__qualname__", ""):
+        raise NotVectorizable(
+            f"{unit.where} runs inside torch.utils.checkpoint (activation checkpointing): the backward recomputes it "
+            "outside the pass that routes it per group"
+        )
 
 
 def _no_autocast(device_type: str):
@@ -573,9 +609,6 @@ class Vectorizer:
         covered: set[int] = set()
         for name, module in self.model.named_modules():
             where = f"{name or '<model>'} ({type(module).__name__})"
-            problem = _module_problem(module)
-            if problem:
-                problems.append(f"{where}: {problem}")
             direct = {n: self._index[id(p)] for n, p in module.named_parameters(recurse=False) if id(p) in self._index}
             if not direct:
                 continue
@@ -610,8 +643,15 @@ class Vectorizer:
         return list(units.values()), problems
 
     def why_not(self) -> str | None:
-        """None when every parameter is covered by a rule or the fallback; otherwise the reasons, in one line."""
-        return "; ".join(self._problems) if self._problems else None
+        """None when every parameter is covered by a rule or the fallback and no module is in a state that breaks
+        the per-position picture (read now: train mode, checkpointing and compilation can change after this object
+        was built); otherwise the reasons, in one line."""
+        problems = list(self._problems)
+        for name, module in self.model.named_modules():
+            problem = _module_problem(module)
+            if problem:
+                problems.append(f"{name or '<model>'} ({type(module).__name__}): {problem}")
+        return "; ".join(problems) if problems else None
 
     def fallback_modules(self) -> list[str]:
         """The modules run through the torch.func fallback (outermost ones, by name), for logs."""
@@ -694,6 +734,7 @@ class Vectorizer:
     def _rule_forward(self, unit: _Unit, inner: Callable, *args, **kwargs):
         if self._suspended:
             return inner(*args, **kwargs)
+        _refuse_checkpointing(unit)
         x = args[0] if args else next(iter(kwargs.values()))
         pos = self._layout.positions(x.device)
         broadcast = pos.broadcasts(x)
@@ -719,6 +760,7 @@ class Vectorizer:
         capture = self._capture if torch.is_grad_enabled() else None
         if self._suspended or (self._e is None and capture is None):
             return inner(*args, **kwargs)
+        _refuse_checkpointing(unit)
         leaves, spec = pytree.tree_flatten((args, kwargs))
         some = next(iter(unit.wanted.values()))
         pos = self._layout.positions(self.params[some].device)
@@ -844,7 +886,8 @@ class Capture:
         if not retain_graph:
             self._calls, self._probes, self._regions = [], [], []
         k = self.layout.k
-        return [p.new_zeros((k, *p.shape)) if g is None else g for p, g in zip(params, total)]
+        # gradients of the fallback's probes may share storage (see `ops.unaliased`); callers scale them in place
+        return unaliased([p.new_zeros((k, *p.shape)) if g is None else g for p, g in zip(params, total)])
 
     def verify(self, loss: torch.Tensor) -> None:
         """Raise NotVectorizable if `loss` reaches a covered parameter other than through a recorded layer call:
@@ -871,6 +914,9 @@ class Capture:
             if node in seen:
                 continue
             seen.add(node)
+            if node.name() == "CheckpointFunctionBackward":  # reentrant torch.utils.checkpoint: its forward ran
+                bad.append("a torch.utils.checkpoint region (reentrant: its forward ran without autograd, so no "
+                           "layer call inside it was seen)")
             for child, _ in node.next_functions:
                 if child is None:
                     continue
