@@ -142,6 +142,16 @@ def _with_info(loss_fn: Callable[..., torch.Tensor]) -> Callable[[Any, MicroBatc
     return loss_fn
 
 
+def check_trainable(model: nn.Module, who: str, fix: str = "") -> None:
+    """Raise ValueError when no parameter of `model` requires grad: there would be nothing to perturb or train."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            f"{who}: no parameter of {type(model).__name__} requires grad, so there is nothing to perturb or train. "
+            "Make the weights to train trainable (`param.requires_grad_(True)`; with PEFT, attach a trainable adapter, "
+            f"e.g. `get_peft_model`){fix}."
+        )
+
+
 class _FellBack(Exception):
     """The vectorized step gave up before touching anything: the caller takes one pass per micro-batch."""
 
@@ -255,6 +265,7 @@ class MicroBatchSAM:
         self.sync_perturbation = bool(sync_perturbation) or self.fsdp2  # FSDP2: every rank applies the same e
         self.process_group = process_group  # the devices to synchronize over (None: all)
         check_compatible(self.perturbation, self.descent, sync_perturbation=self.sync_perturbation, fsdp2=self.fsdp2)
+        check_trainable(model, "MicroBatchSAM")
         self._check_mesh()
         self.stats = MSAMStats()
         self._step: Any = object()  # the optimizer step `backward` last worked on
@@ -312,6 +323,7 @@ class MicroBatchSAM:
         """
         if sync_weight not in ("size", "share"):
             raise ValueError(f"sync_weight must be 'size' or 'share', got {sync_weight!r}.")
+        check_trainable(self.model, "MicroBatchSAM.backward")  # the model may have been frozen since
         loss_fn = _with_info(loss_fn)
         with self._fsdp2_reduces_every_backward() if self.fsdp2 else contextlib.nullcontext():
             micro_batches = (split_fn or split_batch)(batch, self.micro_batch_size)

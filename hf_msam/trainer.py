@@ -20,7 +20,7 @@ from .batches import SequenceBoundsRecorder, splitter_for, trl_bases
 from .flatness import evaluate_flatness
 from .methods import DescentRule, PerturbationRule, build_method, check_compatible
 from .methods.sam import SAMPerturbation
-from .msam import MicroBatch, MicroBatchSAM, MSAMStats, Schedule
+from .msam import MicroBatch, MicroBatchSAM, MSAMStats, Schedule, check_trainable
 from .training_args import MSAMArguments, check_msam_settings, msam_setting
 
 __all__ = ["MSAMMixin", "MSAMTrainer"]
@@ -379,6 +379,8 @@ class MSAMMixin:
         checkpoint = resume_from_checkpoint
         if isinstance(checkpoint, bool):
             checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
+        if self.msam_perturbation.enabled and self.model is not None:
+            check_trainable(self.model, type(self).__name__, ", or set --msam_rho 0 for the plain Trainer's step")
         if checkpoint is not None and os.path.isfile(self._msam_state_file(checkpoint)):
             state = torch.load(self._msam_state_file(checkpoint), map_location=self.args.device, weights_only=True)
             self.msam_perturbation.load_state_dict(state["perturbation"])

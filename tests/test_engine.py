@@ -174,3 +174,20 @@ def test_fp16_overflow_in_ascent_skips_perturbation_not_the_run():
     sam.backward(batch, lambda mb: 1e6 * model(**mb)["loss"])  # the scaled gradients overflow float32
     assert sam.stats.skipped == 2
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_model_without_trainable_parameter_is_refused_naming_requires_grad():
+    torch.manual_seed(0)
+    model = MLP().double()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter of MLP requires grad.*requires_grad_"):
+        MicroBatchSAM(model, rho=0.1, micro_batch_size=2)
+    model.fc2.requires_grad_(True)
+    sam = MicroBatchSAM(model, rho=0.1, micro_batch_size=2)
+    model.fc2.requires_grad_(False)  # frozen after the engine was built: refused at the step, before any pass
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = ScriptedLoss(model, {})
+    with pytest.raises(ValueError, match="MicroBatchSAM.backward: no parameter of MLP requires grad"):
+        sam.backward(batch_of(4), loss)
+    assert loss.calls == 0 and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
