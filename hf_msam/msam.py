@@ -84,7 +84,8 @@ class Schedule:
     """Per optimizer step t (1-based) of `max_steps`:
 
     - plain when t ≤ start·max_steps (late-phase SAM: Zhou et al., ICLR 2025), or when (t − 1) % interval ≠ 0;
-    - otherwise perturbed, with ρ_t = ρ (`rho_schedule="constant"`) or ρ·lr_t/lr_max (`"lr"`, as GSAM does).
+    - otherwise perturbed, with ρ_t = ρ (`rho_schedule="constant"`) or ρ·lr_t/lr_max (`"lr"`, as GSAM does; 0 when
+      lr_max is 0: a learning rate of 0 throughout perturbs nothing).
     """
 
     start: float = 0.0
@@ -95,7 +96,12 @@ class Schedule:
         return t > self.start * max_steps and (t - 1) % self.interval == 0
 
     def rho(self, rho: float, lr: float | torch.Tensor, lr_max: float | torch.Tensor) -> float | torch.Tensor:
-        return rho if self.rho_schedule == "constant" else rho * lr / lr_max
+        if self.rho_schedule == "constant":
+            return rho
+        if isinstance(lr_max, torch.Tensor):  # ρ_t = 0 where lr_max = 0, decided on the device
+            positive = lr_max > 0
+            return torch.where(positive, rho * lr / torch.where(positive, lr_max, torch.ones_like(lr_max)), torch.zeros_like(lr_max))
+        return rho * lr / lr_max if lr_max > 0 else 0.0 * lr
 
 
 @dataclass

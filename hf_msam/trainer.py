@@ -215,6 +215,13 @@ class MSAMMixin:
         if not self.msam_perturbation.enabled:
             logger.info("mSAM is off (msam_rho=0): plain Trainer steps.")
             return
+        if self.msam_schedule.rho_schedule == "lr" and not self.args.learning_rate > 0:
+            logger.warning(
+                "--msam_rho_schedule lr makes rho follow the learning rate, and --learning_rate is %s: rho is 0 on every "
+                "step, so nothing is perturbed (each step still makes mSAM's passes). Set a learning rate > 0, or "
+                "--msam_rho_schedule constant to perturb with --msam_rho.",
+                self.args.learning_rate,
+            )
         if self._msam_fsdp2() and not msam_setting(self.args, "msam_sync_perturbation"):
             logger.info("mSAM under FSDP2: perturbations are synchronized across devices (every rank perturbs its shard of the same e_j).")
         logger.info(

@@ -326,6 +326,44 @@ def test_rho_follows_the_learning_rate(tmp_path):
     torch.testing.assert_close(got, w, **TIGHT)
 
 
+def test_rho_following_a_zero_learning_rate_perturbs_nothing(tmp_path, caplog):
+    """--msam_rho_schedule lr with --learning_rate 0: ρ_t = ρ·0/0 is taken as 0 (no ZeroDivisionError): the run
+    trains like the plain Trainer (weights unchanged, the same logged losses) with a zero sharpness, and says so."""
+    data = mlp_dataset(10)
+    common = dict(learning_rate=0.0, logging_strategy="steps", logging_steps=1)
+    settings = dict(per_device_train_batch_size=5, max_steps=2, optim="sgd", lr_scheduler_type="linear",
+                    train_sampling_strategy="sequential", report_to="none", use_cpu=True, save_strategy="no",
+                    disable_tqdm=True, **common)  # fmt: skip
+    plain = Trainer(model=mlp(), args=TrainingArguments(str(tmp_path / "plain"), **settings), train_dataset=data)
+    plain.train()
+    model = mlp()
+    before = flat(params_of(model)).detach().clone()
+    trainer = MSAMTrainer(model=model, args=MSAMTrainingArguments(str(tmp_path / "msam"), msam_rho=RHO, msam_micro_batch_size=2,
+                          msam_method="fsam", msam_rho_schedule="lr", **settings), train_dataset=data)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="hf_msam"):
+        trainer.train()
+    assert "--msam_rho_schedule lr" in caplog.text and "--learning_rate is 0.0" in caplog.text
+    assert torch.equal(flat(params_of(model)), before)
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    plain_logs = [entry for entry in plain.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and [e["loss"] for e in logs] == [e["loss"] for e in plain_logs]
+    assert all(e["msam/sharpness"] == 0.0 and e["msam/skipped_perturbations"] == 0 for e in logs)
+
+
+def test_rho_schedule_of_a_zero_maximum_is_zero_without_host_sync():
+    from reference import host_syncs
+
+    from hf_msam import Schedule
+
+    schedule, calls = Schedule(rho_schedule="lr"), []
+    with host_syncs(calls):
+        zero = schedule.rho(RHO, torch.tensor(0.0), torch.tensor(0.0))
+        half = schedule.rho(RHO, torch.tensor(0.25), torch.tensor(0.5))
+    assert calls == []
+    assert zero.item() == 0.0 and half.item() == pytest.approx(RHO / 2)
+    assert schedule.rho(RHO, 0.0, 0.0) == 0.0 and schedule.rho(RHO, 0.25, 0.5) == pytest.approx(RHO / 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # State across steps: checkpoint, resume
 # ---------------------------------------------------------------------------------------------
