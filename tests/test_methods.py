@@ -393,6 +393,108 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, flags):
     assert not torch.allclose(resumed(drop_state=True), whole, rtol=1e-8, atol=0)  # the saved state mattered
 
 
+def fsam_checkpoint(tmp_path):
+    """A 4-step F-SAM run saving at step 2: its checkpoint-2, the settings, the data and the final weights."""
+    data, kwargs = mlp_dataset(20), dict(msam_micro_batch_size=2, save_strategy="steps", save_steps=2, msam_method="fsam", msam_fsam_lambda=0.5)
+    whole = train(mlp(), data, tmp_path / "whole", 5, 4, **kwargs)
+    return tmp_path / "whole" / "checkpoint-2", kwargs, data, whole
+
+
+def resume(tmp_path, checkpoint, kwargs, data):
+    model = mlp(seed=1)  # other weights: the checkpoint must bring them back
+    trainer = MSAMTrainer(model=model, args=trainer_args(tmp_path / "whole", 5, 4, **kwargs), train_dataset=data)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    return flat(params_of(model)).detach()
+
+
+def test_missing_state_file_warns_and_the_state_restarts(tmp_path, caplog):
+    checkpoint, kwargs, data, _ = fsam_checkpoint(tmp_path)
+    os.remove(checkpoint / "msam_state_0.pt")
+    with caplog.at_level(logging.WARNING, logger="hf_msam"):
+        got = resume(tmp_path, checkpoint, kwargs, data)
+    assert "has no msam_state_0.pt for process 0" in caplog.text and "FriendlyPerturbation restarts" in caplog.text
+    # Reference: F-SAM's EMA for steps 1-2, then a fresh one (m = None) for steps 3-4.
+    model = mlp()
+    w = flat(params_of(model)).detach().clone()
+    for t in range(1, 5):
+        ref = Reference(copy.deepcopy(model), "fsam", 2, lmbda=0.5, sigma=1.0) if t in (1, 3) else ref
+        w = w - LR * ref.gradient(w, stack(data[(t - 1) * 5 : t * 5]))
+    torch.testing.assert_close(got, w, **TIGHT)
+
+
+def damage(path, how):
+    if how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        return "cannot be read.*truncated or corrupt"
+    if how == "not a torch file":
+        path.write_text("hello")
+        return "cannot be read"
+    state = torch.load(path, weights_only=True)
+    if how == "short":
+        state["perturbation"]["m"] = state["perturbation"]["m"][:-1]
+        message = "'m' has 3 tensors for the model's 4 trainable parameters"
+    elif how == "shape":
+        state["perturbation"]["m"][1] = state["perturbation"]["m"][1][:2]
+        message = r"'m'\[1\] has shape \(2,\), its parameter \(8,\)"
+    elif how == "nan":
+        state["perturbation"]["m"][2][0, 0] = float("nan")
+        message = "'m' has non-finite entries"
+    elif how == "inf":
+        state["perturbation"]["m"][0][0, 0] = float("inf")
+        message = "'m' has non-finite entries"
+    torch.save(state, path)
+    return message
+
+
+@pytest.mark.parametrize("how", ["truncated", "not a torch file", "short", "shape", "nan", "inf"])
+def test_damaged_state_file_is_refused_naming_it_and_how_to_continue(tmp_path, how):
+    checkpoint, kwargs, data, whole = fsam_checkpoint(tmp_path)
+    path = checkpoint / "msam_state_0.pt"
+    message = damage(path, how)
+    with pytest.raises(ValueError, match=message) as err:
+        resume(tmp_path, checkpoint, kwargs, data)
+    assert str(path) in str(err.value) and f"Delete {path} to restart the method's state" in str(err.value)
+    os.remove(path)  # as the message says: the run then resumes with the state restarted
+    resume(tmp_path, checkpoint, kwargs, data)
+
+
+def test_looksam_state_with_a_negative_counter_is_refused(tmp_path):
+    data, kwargs = mlp_dataset(20), dict(msam_micro_batch_size=2, save_strategy="steps", save_steps=2, msam_method="looksam", msam_looksam_k=3)
+    train(mlp(), data, tmp_path / "whole", 5, 4, **kwargs)
+    path = tmp_path / "whole" / "checkpoint-2" / "msam_state_0.pt"
+    state = torch.load(path, weights_only=True)
+    state["descent"]["reuses_left"] = -1  # would never take a SAM step again
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=f"{path}.*reuses_left must be a whole number >= 0, got -1.*Delete"):
+        resume(tmp_path, path.parent, kwargs, data)
+
+
+def test_state_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The state file is written to a temporary file in the checkpoint and renamed: a save that dies half-way leaves
+    the previous file as it was and no temporary file."""
+    checkpoint, kwargs, data, _ = fsam_checkpoint(tmp_path)
+    path = checkpoint / "msam_state_0.pt"
+    before = path.read_bytes()
+    trainer = MSAMTrainer(model=mlp(), args=trainer_args(tmp_path / "other", 5, 4, **kwargs), train_dataset=data)
+    trainer.msam_perturbation.load_state_dict(torch.load(path, weights_only=True)["perturbation"])
+    real_save = torch.save
+
+    def dies_half_way(obj, f, *args, **kw):
+        if isinstance(f, (str, os.PathLike)):  # the Trainer's own RNG state
+            return real_save(obj, f, *args, **kw)
+        f.write(before[: len(before) // 2])
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        trainer._save_rng_state(str(checkpoint))
+    assert path.read_bytes() == before and sorted(p.name for p in checkpoint.glob("msam_state*")) == ["msam_state_0.pt"]
+    monkeypatch.setattr(torch, "save", real_save)
+    trainer._save_rng_state(str(checkpoint))
+    assert torch.load(path, weights_only=True)["world_size"] == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Flags that do not combine
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ class PerturbationRule:
 
     `enabled` False tells the trainer to take the plain, single-pass step. `needs_gradient` False means
     e does not depend on the micro-batch (Momentum-SAM): no clean pass is made. Rules with state that
-    crosses steps return it from `state_dict()`; the trainer saves it in each checkpoint.
+    crosses steps return it from `state_dict()`; the trainer saves it in each checkpoint (a list of tensors in it holds
+    one per trainable parameter, shaped like it: the trainer checks that, and that tensors are finite, at a resume).
 
     Capabilities (class attributes; a subclass overrides what does not hold for it):
     `adaptive` (ASAM is in effect), `supports_sync` (the rule is the union's when the ascent gradient is),

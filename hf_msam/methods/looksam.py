@@ -78,8 +78,11 @@ class LookSAMDescent(DescentRule):
         return {"g_v": None if self.g_v is None else [t.detach().cpu() for t in self.g_v], "reuses_left": self.reuses_left}
 
     def load_state_dict(self, state):
+        reuses_left = state.get("reuses_left", 0)
+        if isinstance(reuses_left, bool) or not isinstance(reuses_left, int) or reuses_left < 0:
+            raise ValueError(f"LookSAM's reuses_left must be a whole number >= 0, got {reuses_left!r}")
         self.g_v = None if state.get("g_v") is None else [t.clone() for t in state["g_v"]]
-        self.reuses_left = int(state.get("reuses_left", 0))
+        self.reuses_left = reuses_left
 
 
 @register_method("looksam", paper="LookSAM, Liu et al., CVPR 2022",
