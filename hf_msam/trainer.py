@@ -401,13 +401,17 @@ class MSAMMixin:
         if not stateful:
             return  # a method without state (SAM, GSAM, Momentum-SAM: its momentum is the optimizer's)
         path, index, world = self._msam_state_file(checkpoint), self.args.process_index, self.args.world_size
-        restarts = f"the state of {' and '.join(stateful)} restarts, as at the first step"
+        names = " and ".join(stateful)
         saved = len(glob.glob(os.path.join(glob.escape(checkpoint), "msam_state_*.pt")))
         if not os.path.isfile(path):
             by = f" (it holds the state of {saved} process(es), this run has {world})" if saved else ""
-            logger.warning("Checkpoint %s has no %s for process %d%s: %s on this process.", checkpoint, os.path.basename(path), index, by, restarts)
+            logger.warning(
+                "Checkpoint %s has no %s for process %d%s: the state of %s restarts on this process, as at the first step.",
+                checkpoint, os.path.basename(path), index, by, names,
+            )
             return
-        delete = f"Delete {path} to restart the method's state ({restarts}) and resume: the weights, optimizer and scheduler still come from the checkpoint."
+        delete = (f"Delete {path} to restart the method's state (that of {names}, as at the first step) and resume: the "
+                  "weights, optimizer and scheduler still come from the checkpoint.")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)  # the rules move it to their device
         except Exception as err:
@@ -420,8 +424,9 @@ class MSAMMixin:
             if self.is_world_process_zero():
                 logger.warning(
                     "Checkpoint %s holds the mSAM method state of %d process(es) (one msam_state_<process>.pt each), and "
-                    "this run has %d: the state of one process cannot be given to another, so %s on every process. "
-                    "Resume with %d process(es) to keep it.", checkpoint, saved, world, restarts, saved,
+                    "this run has %d: the state of one process cannot be given to another, so the state of %s restarts "
+                    "on every process, as at the first step. Resume with %d process(es) to keep it.",
+                    checkpoint, saved, world, names, saved,
                 )
             return
         try:

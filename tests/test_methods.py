@@ -565,6 +565,69 @@ def test_two_process_ddp_looksam_matches_per_device_reference(tmp_path):
     torch.testing.assert_close(flat(ranks[0]["final"]), w, **TIGHT)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_process_resume_of_stateful_methods_and_a_changed_process_count(tmp_path, caplog):
+    """F-SAM, LookSAM and Momentum-SAM on 2 processes: each rank saves and restores its own state, so the resumed run
+    ends bitwise where the uninterrupted one does, which equals the per-device reference. Resuming with another number
+    of processes (1 -> 2, 2 -> 1) warns and restarts the method's state."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    one = tmp_path / "one"  # a 1-process F-SAM checkpoint, for the 2-process resume
+    train(mlp(), mlp_dataset(8), one, 4, 2, msam_method="fsam", msam_micro_batch_size=3, save_strategy="steps", save_steps=2)
+    here = Path(__file__).parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(port), str(here / "ddp_resume_script.py"), str(tmp_path), str(one / "checkpoint-2"),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["world_size"] == 2
+    for method, h in [("fsam", dict(lmbda=0.5, sigma=1.0)), ("looksam", dict(k=3, alpha=0.7)), ("momentum", {})]:
+        if method != "momentum":
+            assert (tmp_path / method / "checkpoint-2" / "msam_state_1.pt").is_file()
+        for r in ranks:  # resumed on 2 processes: bitwise the uninterrupted run, on each rank
+            assert torch.equal(flat(r["resumed"][method]), flat(r["whole"][method])), method
+        assert torch.equal(flat(ranks[0]["whole"][method]), flat(ranks[1]["whole"][method]))
+        # Reference: each device keeps its own method state; DDP averages the gradients; SGD with momentum 0.9.
+        model = MLP().double()
+        set_flat(model, flat(ranks[0]["initial"][method]))
+        refs = [Reference(copy.deepcopy(model), method, 3, **h) for _ in ranks]
+        w, buf = flat(ranks[0]["initial"][method]), None
+        for step in range(4):
+            g = sum(ref.gradient(w, r["batches"][method][step], rho=0.2, momentum=buf) for ref, r in zip(refs, ranks)) / 2
+            buf = g.clone() if buf is None else 0.9 * buf + g
+            w = w - 0.5 * buf
+        torch.testing.assert_close(flat(ranks[0]["whole"][method]), w, **TIGHT)
+    assert all(not r["resume_warnings"] for r in ranks), [r["resume_warnings"] for r in ranks]
+    # 1 -> 2 processes: rank 0 finds the state of 1 process, rank 1 none; both restart it.
+    assert all(r["grown_state"] == {"m": None} for r in ranks)
+    assert any("holds the mSAM method state of 1 process(es)" in m and "this run has 2" in m for m in ranks[0]["grown_warnings"])
+    assert any("has no msam_state_1.pt for process 1" in m and "restarts" in m for m in ranks[1]["grown_warnings"])
+    # 2 -> 1 process: the F-SAM checkpoint of the 2-process run, resumed here.
+    trainer = MSAMTrainer(model=mlp(), args=trainer_args(tmp_path / "shrunk", 4, 2, msam_method="fsam", msam_micro_batch_size=3),
+                          train_dataset=mlp_dataset(8))  # fmt: skip
+    at_start = []
+
+    class StateAtStart(TrainerCallback):  # the method's state once the checkpoint is loaded, before any step
+        def on_train_begin(self, *args, **kwargs):
+            at_start.append(trainer.msam_perturbation.state_dict())
+
+    trainer.add_callback(StateAtStart())
+    with caplog.at_level(logging.WARNING, logger="hf_msam"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "fsam" / "checkpoint-2"))
+    assert "holds the mSAM method state of 2 process(es)" in caplog.text and "FriendlyPerturbation restarts" in caplog.text
+    assert at_start == [{"m": None}]
+
+
 def test_fsam_ema_starts_at_the_first_usable_gradient():
     """A skipped first micro-batch (zero gradient, e.g. an fp16 overflow) must not start F-SAM's EMA at 0: the
     second micro-batch starts it, m = g_2, and the third climbs along g_3 − σ·g_2 (Li et al., Algorithm 1)."""
