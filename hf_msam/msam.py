@@ -331,7 +331,7 @@ class MicroBatchSAM:
             raise ValueError(f"sync_weight must be 'size' or 'share', got {sync_weight!r}.")
         check_trainable(self.model, "MicroBatchSAM.backward")  # the model may have been frozen since
         loss_fn = _with_info(loss_fn)
-        with self._fsdp2_reduces_every_backward() if self.fsdp2 else contextlib.nullcontext():
+        with self._rolled_back_on_error(), self._fsdp2_reduces_every_backward() if self.fsdp2 else contextlib.nullcontext():
             micro_batches = (split_fn or split_batch)(batch, self.micro_batch_size)
             weights = [None] if len(micro_batches) == 1 else micro_batch_weights(micro_batches, size_fn)
             if step is None or step != self._step:  # a new optimizer step: perturbed, or (LookSAM) reuse
@@ -346,6 +346,21 @@ class MicroBatchSAM:
             if self._mode == "reuse":
                 return self._reuse_step(micro_batches, weights, loss_fn)
             return self._perturbed_step(micro_batches, weights, loss_fn, size_fn, rho, sync_weight)
+
+    @contextlib.contextmanager
+    def _rolled_back_on_error(self):
+        """When a pass raises, put the rules' state (F-SAM's EMA, LookSAM's g_v and counter), the step bookkeeping
+        and the statistics back as they were before this call (the step restores the weights itself). Snapshots keep
+        tensors by reference: nothing is copied on the normal path."""
+        saved = self.perturbation.snapshot(), self.descent.snapshot(), self._step, self._mode, dict(vars(self.stats))
+        try:
+            yield
+        except BaseException:
+            self.perturbation.restore(saved[0])
+            self.descent.restore(saved[1])
+            self._step, self._mode = saved[2], saved[3]
+            vars(self.stats).update(saved[4])  # in place: the trainer shares this object
+            raise
 
     def _perturbed_step(self, micro_batches, weights, loss_fn, size_fn, rho, sync_weight) -> torch.Tensor:
         """Steps 1-4 for each micro-batch in turn, w restored bitwise after each."""

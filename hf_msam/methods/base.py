@@ -64,6 +64,16 @@ class PerturbationRule:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def snapshot(self) -> dict[str, Any]:
+        """The rule's attributes as they are, which `restore` puts back when a step raises (`MicroBatchSAM.backward`
+        takes one per call). Tensors are kept by reference: a rule must replace its state tensors, not change them in
+        place, or override this to clone what it changes in place."""
+        return dict(vars(self))
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        vars(self).clear()
+        vars(self).update(snapshot)
+
 
 class DescentRule:
     """What micro-batch j adds to the gradient, from its clean gradient g_j and perturbed gradient g_p,j.
@@ -104,6 +114,9 @@ class DescentRule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    snapshot = PerturbationRule.snapshot
+    restore = PerturbationRule.restore
 
 
 @dataclass(frozen=True)

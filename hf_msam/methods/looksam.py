@@ -48,10 +48,9 @@ class LookSAMDescent(DescentRule):
         sq = dot(g, g)
         s = torch.where(sq > 0, dot(g, g_p) / sq, torch.zeros_like(sq))  # ‖g_p‖cos θ/‖g‖; 0 when g = 0
         g_v = [(gp - s.to(gp.dtype) * gj) * c for gj, gp in zip(g, g_p)]  # c_j·g_v,j
-        if self._fresh:  # the first micro-batch of a SAM step replaces the old g_v
-            self.g_v, self._fresh = g_v, False
-        else:
-            torch._foreach_add_(self.g_v, g_v)
+        if not self._fresh:  # the first micro-batch of a SAM step replaces the old g_v; the others add to it
+            torch._foreach_add_(g_v, self.g_v)  # into the new tensors, not g_v's: a snapshot keeps the old g_v
+        self.g_v, self._fresh = g_v, False
         return g_p
 
     def reuse(self, g):
