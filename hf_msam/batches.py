@@ -117,7 +117,8 @@ def micro_batch_weights(
 
     Sizes given as Python numbers (example counts) give Python floats; sizes given as tensors (label-token
     counts, say) give 0-d float64 tensors on their device, computed there: no transfer to the host. Both
-    are exact in double precision, whatever the loss dtype.
+    are exact in double precision, whatever the loss dtype. A batch whose tensor sizes are all 0 (no label token in
+    a whole accumulation batch) gives c_j = 0, not 0/0: it contributes nothing.
     """
     sizes = [(size_fn or batch_size_of)(mb) for mb in micro_batches]
     device = next((n.device for n in sizes if isinstance(n, torch.Tensor)), None)
@@ -126,7 +127,8 @@ def micro_batch_weights(
         return [float(n) / total for n in sizes]
     dtype = weight_dtype(device)
     sizes_t = torch.stack([torch.as_tensor(n, device=device).to(dtype).reshape(()) for n in sizes])
-    return list((sizes_t / sizes_t.sum()).unbind())
+    total = sizes_t.sum()
+    return list(torch.where(total > 0, sizes_t / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(sizes_t)).unbind())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -84,7 +84,8 @@ class Schedule:
     """Per optimizer step t (1-based) of `max_steps`:
 
     - plain when t ≤ start·max_steps (late-phase SAM: Zhou et al., ICLR 2025), or when (t − 1) % interval ≠ 0;
-    - otherwise perturbed, with ρ_t = ρ (`rho_schedule="constant"`) or ρ·lr_t/lr_max (`"lr"`, as GSAM does).
+    - otherwise perturbed, with ρ_t = ρ (`rho_schedule="constant"`) or ρ·lr_t/lr_max (`"lr"`, as GSAM does; 0 when
+      lr_max is 0: a learning rate of 0 throughout perturbs nothing).
     """
 
     start: float = 0.0
@@ -95,7 +96,12 @@ class Schedule:
         return t > self.start * max_steps and (t - 1) % self.interval == 0
 
     def rho(self, rho: float, lr: float | torch.Tensor, lr_max: float | torch.Tensor) -> float | torch.Tensor:
-        return rho if self.rho_schedule == "constant" else rho * lr / lr_max
+        if self.rho_schedule == "constant":
+            return rho
+        if isinstance(lr_max, torch.Tensor):  # ρ_t = 0 where lr_max = 0, decided on the device
+            positive = lr_max > 0
+            return torch.where(positive, rho * lr / torch.where(positive, lr_max, torch.ones_like(lr_max)), torch.zeros_like(lr_max))
+        return rho * lr / lr_max if lr_max > 0 else 0.0 * lr
 
 
 @dataclass
@@ -140,6 +146,16 @@ def _with_info(loss_fn: Callable[..., torch.Tensor]) -> Callable[[Any, MicroBatc
     except ValueError:  # no signature to read (a builtin): call it as documented first, with the batch alone
         return lambda micro_batch, info: loss_fn(micro_batch)
     return loss_fn
+
+
+def check_trainable(model: nn.Module, who: str, fix: str = "") -> None:
+    """Raise ValueError when no parameter of `model` requires grad: there would be nothing to perturb or train."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            f"{who}: no parameter of {type(model).__name__} requires grad, so there is nothing to perturb or train. "
+            "Make the weights to train trainable (`param.requires_grad_(True)`; with PEFT, attach a trainable adapter, "
+            f"e.g. `get_peft_model`){fix}."
+        )
 
 
 class _FellBack(Exception):
@@ -260,6 +276,7 @@ class MicroBatchSAM:
         self.sync_perturbation = bool(sync_perturbation) or self.fsdp2  # FSDP2: every rank applies the same e
         self.process_group = process_group  # the devices to synchronize over (None: all)
         check_compatible(self.perturbation, self.descent, sync_perturbation=self.sync_perturbation, fsdp2=self.fsdp2)
+        check_trainable(model, "MicroBatchSAM")
         self._check_mesh()
         self.stats = MSAMStats()
         self._step: Any = object()  # the optimizer step `backward` last worked on
@@ -319,8 +336,9 @@ class MicroBatchSAM:
         """
         if sync_weight not in ("size", "share"):
             raise ValueError(f"sync_weight must be 'size' or 'share', got {sync_weight!r}.")
+        check_trainable(self.model, "MicroBatchSAM.backward")  # the model may have been frozen since
         loss_fn = _with_info(loss_fn)
-        with self._fsdp2_reduces_every_backward() if self.fsdp2 else contextlib.nullcontext():
+        with self._rolled_back_on_error(), self._fsdp2_reduces_every_backward() if self.fsdp2 else contextlib.nullcontext():
             micro_batches = (split_fn or split_batch)(batch, self.micro_batch_size)
             weights = [None] if len(micro_batches) == 1 else micro_batch_weights(micro_batches, size_fn)
             if step is None or step != self._step:  # a new optimizer step: perturbed, or (LookSAM) reuse
@@ -338,6 +356,21 @@ class MicroBatchSAM:
             if self._mode == "reuse":
                 return self._reuse_step(micro_batches, weights, loss_fn)
             return self._perturbed_step(micro_batches, weights, loss_fn, size_fn, rho, sync_weight)
+
+    @contextlib.contextmanager
+    def _rolled_back_on_error(self):
+        """When a pass raises, put the rules' state (F-SAM's EMA, LookSAM's g_v and counter), the step bookkeeping
+        and the statistics back as they were before this call (the step restores the weights itself). Snapshots keep
+        tensors by reference: nothing is copied on the normal path."""
+        saved = self.perturbation.snapshot(), self.descent.snapshot(), self._step, self._mode, dict(vars(self.stats))
+        try:
+            yield
+        except BaseException:
+            self.perturbation.restore(saved[0])
+            self.descent.restore(saved[1])
+            self._step, self._mode = saved[2], saved[3]
+            vars(self.stats).update(saved[4])  # in place: the trainer shares this object
+            raise
 
     def _perturbed_step(self, micro_batches, weights, loss_fn, size_fn, rho, sync_weight) -> torch.Tensor:
         """Steps 1-4 for each micro-batch in turn, w restored bitwise after each."""

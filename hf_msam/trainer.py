@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import glob
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ from .batches import SequenceBoundsRecorder, splitter_for, trl_bases
 from .flatness import evaluate_flatness
 from .methods import DescentRule, PerturbationRule, build_method, check_compatible
 from .methods.sam import SAMPerturbation
-from .msam import MicroBatch, MicroBatchSAM, MSAMStats, Schedule
+from .msam import MicroBatch, MicroBatchSAM, MSAMStats, Schedule, check_trainable
 from .training_args import MSAMArguments, check_msam_settings, msam_setting
 
 __all__ = ["MSAMMixin", "MSAMTrainer"]
@@ -215,6 +216,13 @@ class MSAMMixin:
         if not self.msam_perturbation.enabled:
             logger.info("mSAM is off (msam_rho=0): plain Trainer steps.")
             return
+        if self.msam_schedule.rho_schedule == "lr" and not self.args.learning_rate > 0:
+            logger.warning(
+                "--msam_rho_schedule lr makes rho follow the learning rate, and --learning_rate is %s: rho is 0 on every "
+                "step, so nothing is perturbed (each step still makes mSAM's passes). Set a learning rate > 0, or "
+                "--msam_rho_schedule constant to perturb with --msam_rho.",
+                self.args.learning_rate,
+            )
         if self._msam_fsdp2() and not msam_setting(self.args, "msam_sync_perturbation"):
             logger.info("mSAM under FSDP2: perturbations are synchronized across devices (every rank perturbs its shard of the same e_j).")
         logger.info(
@@ -381,16 +389,93 @@ class MSAMMixin:
         super()._save_rng_state(output_dir)  # called by every process for each checkpoint, like the RNG state
         state = {"perturbation": self.msam_perturbation.state_dict(), "descent": self.msam_descent.state_dict()}
         if any(state.values()):
-            torch.save(state, self._msam_state_file(output_dir))
+            path = self._msam_state_file(output_dir)
+            temporary = f"{path}.tmp"  # written whole, then renamed: a kill during the save never leaves half a file
+            try:
+                with open(temporary, "wb") as f:
+                    torch.save({**state, "world_size": self.args.world_size}, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(temporary, path)
+            finally:
+                if os.path.exists(temporary):
+                    os.remove(temporary)
+
+    def _msam_load_state(self, checkpoint: str) -> None:
+        """This process's method state from `checkpoint`; a warning when it restarts instead, an error when its file
+        cannot be used."""
+        rules = {"perturbation": self.msam_perturbation, "descent": self.msam_descent}
+        stateful = [type(rule).__name__ for rule in rules.values() if rule.state_dict()]
+        if not stateful:
+            return  # a method without state (SAM, GSAM, Momentum-SAM: its momentum is the optimizer's)
+        path, index, world = self._msam_state_file(checkpoint), self.args.process_index, self.args.world_size
+        names = " and ".join(stateful)
+        saved = len(glob.glob(os.path.join(glob.escape(checkpoint), "msam_state_*.pt")))
+        if not os.path.isfile(path):
+            by = f" (it holds the state of {saved} process(es), this run has {world})" if saved else ""
+            logger.warning(
+                "Checkpoint %s has no %s for process %d%s: the state of %s restarts on this process, as at the first step.",
+                checkpoint, os.path.basename(path), index, by, names,
+            )
+            return
+        delete = (f"Delete {path} to restart the method's state (that of {names}, as at the first step) and resume: the "
+                  "weights, optimizer and scheduler still come from the checkpoint.")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)  # the rules move it to their device
+        except Exception as err:
+            raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err}): it is truncated or corrupt. {delete}") from err
+        problem = self._msam_state_problem(state, rules)
+        if problem:
+            raise ValueError(f"{path} is not a valid mSAM method state: {problem}. {delete}")
+        saved = state.get("world_size", saved)
+        if saved != world:
+            if self.is_world_process_zero():
+                logger.warning(
+                    "Checkpoint %s holds the mSAM method state of %d process(es) (one msam_state_<process>.pt each), and "
+                    "this run has %d: the state of one process cannot be given to another, so the state of %s restarts "
+                    "on every process, as at the first step. Resume with %d process(es) to keep it.",
+                    checkpoint, saved, world, names, saved,
+                )
+            return
+        try:
+            for key, rule in rules.items():
+                rule.load_state_dict(state[key])
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{path} is not a valid mSAM method state: {err}. {delete}") from err
+
+    def _msam_state_problem(self, state: Any, rules: dict[str, Any]) -> str | None:
+        """What is wrong with a loaded method state, or None: lists of tensors must have one finite tensor per
+        trainable parameter, shaped like it (under FSDP2, like its shard: not checked here), other tensors be finite."""
+        if not isinstance(state, dict) or not all(isinstance(state.get(key), dict) for key in rules):
+            return f"it does not hold a state for each rule ({', '.join(rules)})"
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for key in rules:
+            for name, value in state[key].items():
+                where = f"{key} state {name!r}"
+                tensors = value if isinstance(value, (list, tuple)) else [value]
+                if isinstance(value, (list, tuple)):
+                    if not all(isinstance(t, torch.Tensor) for t in value):
+                        continue  # not a per-parameter list: the rule checks it
+                    if len(value) != len(params):
+                        return f"{where} has {len(value)} tensors for the model's {len(params)} trainable parameters"
+                    if not self._msam_fsdp2():
+                        shapes = [(i, tuple(t.shape), tuple(p.shape)) for i, (t, p) in enumerate(zip(value, params)) if t.shape != p.shape]
+                        if shapes:
+                            i, got, want = shapes[0]
+                            return f"{where}[{i}] has shape {got}, its parameter {want}"
+                for t in tensors:
+                    if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+                        return f"{where} has non-finite entries (NaN or inf)"
+        return None
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         checkpoint = resume_from_checkpoint
         if isinstance(checkpoint, bool):
             checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
-        if checkpoint is not None and os.path.isfile(self._msam_state_file(checkpoint)):
-            state = torch.load(self._msam_state_file(checkpoint), map_location=self.args.device, weights_only=True)
-            self.msam_perturbation.load_state_dict(state["perturbation"])
-            self.msam_descent.load_state_dict(state["descent"])
+        if self.msam_perturbation.enabled and self.model is not None:
+            check_trainable(self.model, type(self).__name__, ", or set --msam_rho 0 for the plain Trainer's step")
+        if checkpoint is not None:
+            self._msam_load_state(checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def get_train_dataloader(self):

@@ -78,3 +78,15 @@ def test_sharded_setups_are_refused_unless_msam_is_off(tmp_path, flag):
         trainer._check_supported()
     trainer.msam_perturbation.rho = 0.0
     trainer._check_supported()  # rho = 0 is the plain Trainer: allowed
+
+
+def test_model_without_trainable_parameter_is_refused_at_train_start(tmp_path):
+    from reference import mlp_dataset
+
+    model = MLP().double()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    args = MSAMTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", max_steps=1, per_device_train_batch_size=4)
+    trainer = MSAMTrainer(model=model, args=args, train_dataset=mlp_dataset(4))
+    with pytest.raises(ValueError, match=r"MSAMTrainer: no parameter of MLP requires grad.*--msam_rho 0"):
+        trainer.train()

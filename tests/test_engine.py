@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from accelerate import Accelerator
-from reference import MLP, ScalerAccelerator, flat, mlp_dataset, msam_gradient
+from reference import MLP, ScalerAccelerator, flat, mlp_dataset, msam_gradient, unflat
 
 from hf_msam import MicroBatchSAM, split_batch
 from hf_msam.msam import batch_size_of
@@ -177,3 +177,100 @@ def test_fp16_overflow_in_ascent_skips_perturbation_not_the_run(vectorize):
     sam.backward(batch, lambda mb: 1e6 * model(**mb)["loss"])  # the scaled gradients overflow float32
     assert sam.stats.skipped == 2
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_model_without_trainable_parameter_is_refused_naming_requires_grad():
+    torch.manual_seed(0)
+    model = MLP().double()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter of MLP requires grad.*requires_grad_"):
+        MicroBatchSAM(model, rho=0.1, micro_batch_size=2)
+    model.fc2.requires_grad_(True)
+    sam = MicroBatchSAM(model, rho=0.1, micro_batch_size=2)
+    model.fc2.requires_grad_(False)  # frozen after the engine was built: refused at the step, before any pass
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = ScriptedLoss(model, {})
+    with pytest.raises(ValueError, match="MicroBatchSAM.backward: no parameter of MLP requires grad"):
+        sam.backward(batch_of(4), loss)
+    assert loss.calls == 0 and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def grad_of(model, mb, shift=None):
+    """∇L_mb at w (+ shift), a flat vector; the model is left at w."""
+    params = list(model.parameters())
+    w = [p.detach().clone() for p in params]
+    if shift is not None:
+        with torch.no_grad():
+            for p, e in zip(params, unflat(shift, params)):
+                p.add_(e)
+    g = flat(torch.autograd.grad(model(**mb)["loss"], params))
+    with torch.no_grad():
+        for p, w_i in zip(params, w):
+            p.copy_(w_i)
+    return g
+
+
+def thirds(batch):
+    return [{k: v[s : s + 2] for k, v in batch.items()} for s in (0, 2, 4)]
+
+
+def test_exception_mid_step_rolls_back_fsam_ema_with_the_weights():
+    """F-SAM's EMA (Li et al.): m ← g_1, then m ← λm + (1 − λ)g_j. A step that raises in its third micro-batch (after
+    two have updated m) leaves m, the engine's counters and the weights as they were; the step retried then goes on
+    from there."""
+    from hf_msam import build_method
+
+    torch.manual_seed(0)
+    model = MLP().double()
+    batch, lmbda = batch_of(6), 0.9
+    ascent, descent = build_method("fsam", rho=0.1, fsam_sigma=1.0, fsam_lambda=lmbda)
+    sam = MicroBatchSAM(model, micro_batch_size=2, perturbation=ascent, descent=descent)
+    g = [grad_of(model, mb) for mb in thirds(batch)]  # w never changes here: no optimizer step
+    m = g[0]
+    for g_j in g[1:]:
+        m = lmbda * m + (1 - lmbda) * g_j
+    sam.backward(batch, model_loss(model), step=1)
+    torch.testing.assert_close(flat(ascent.m), m, **TIGHT)
+    m_before, stats_before = [t.clone() for t in ascent.m], dict(vars(sam.stats))
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="perturbed pass failed"):
+        sam.backward(batch, ScriptedLoss(model, {5: "raise"}), step=2)  # call 5: micro-batch 3's clean pass
+    assert all(torch.equal(a, b) for a, b in zip(ascent.m, m_before)) and bool(ascent.started)
+    assert sam._step == 1 and sam.stats.micro_batches == stats_before["micro_batches"] == 3
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    sam.backward(batch, model_loss(model), step=2)
+    for g_j in g:
+        m = lmbda * m + (1 - lmbda) * g_j
+    torch.testing.assert_close(flat(ascent.m), m, **TIGHT)
+    assert sam.stats.micro_batches == 6 and sam.stats.steps == 2
+
+
+def test_exception_mid_step_rolls_back_looksam_state_with_the_weights():
+    """LookSAM (Liu et al.): a SAM step keeps g_v = Σ_j c_j (g_p,j − (⟨g_j, g_p,j⟩/‖g_j‖²) g_j) over its micro-batches,
+    accumulation steps included. A second accumulation step that raises in its second micro-batch leaves g_v, the
+    counter of reuse steps and the weights as the first one left them."""
+    from hf_msam import build_method
+
+    torch.manual_seed(0)
+    model = MLP().double()
+    batch, rho = batch_of(6), 0.1
+    ascent, descent = build_method("looksam", rho=rho, looksam_k=3, looksam_alpha=0.7)
+    sam = MicroBatchSAM(model, micro_batch_size=2, perturbation=ascent, descent=descent)
+    g_v = torch.zeros_like(flat(model.parameters()))
+    for mb in thirds(batch):  # c_j = 1/3
+        g = grad_of(model, mb)
+        g_p = grad_of(model, mb, rho * g / (g.norm() + 1e-12))
+        g_v += (g_p - (g @ g_p) / (g @ g) * g) / 3
+    sam.backward(batch, model_loss(model), step=1)
+    torch.testing.assert_close(flat(descent.g_v), g_v, **TIGHT)
+    assert descent.reuses_left == 2
+    before = [t.clone() for t in descent.g_v]
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="perturbed pass failed"):
+        sam.backward(batch, ScriptedLoss(model, {4: "raise"}), step=1)  # the same optimizer step; call 4: micro-batch 2
+    assert all(torch.equal(a, b) for a, b in zip(descent.g_v, before))
+    assert descent.reuses_left == 2 and not descent._fresh and sam._mode == "perturbed"
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    sam.backward(batch, model_loss(model), step=1)  # retried: adds this accumulation step's part to g_v
+    torch.testing.assert_close(flat(descent.g_v), 2 * g_v, **TIGHT)

@@ -326,6 +326,44 @@ def test_rho_follows_the_learning_rate(tmp_path):
     torch.testing.assert_close(got, w, **TIGHT)
 
 
+def test_rho_following_a_zero_learning_rate_perturbs_nothing(tmp_path, caplog):
+    """--msam_rho_schedule lr with --learning_rate 0: ρ_t = ρ·0/0 is taken as 0 (no ZeroDivisionError): the run
+    trains like the plain Trainer (weights unchanged, the same logged losses) with a zero sharpness, and says so."""
+    data = mlp_dataset(10)
+    common = dict(learning_rate=0.0, logging_strategy="steps", logging_steps=1)
+    settings = dict(per_device_train_batch_size=5, max_steps=2, optim="sgd", lr_scheduler_type="linear",
+                    train_sampling_strategy="sequential", report_to="none", use_cpu=True, save_strategy="no",
+                    disable_tqdm=True, **common)  # fmt: skip
+    plain = Trainer(model=mlp(), args=TrainingArguments(str(tmp_path / "plain"), **settings), train_dataset=data)
+    plain.train()
+    model = mlp()
+    before = flat(params_of(model)).detach().clone()
+    trainer = MSAMTrainer(model=model, args=MSAMTrainingArguments(str(tmp_path / "msam"), msam_rho=RHO, msam_micro_batch_size=2,
+                          msam_method="fsam", msam_rho_schedule="lr", **settings), train_dataset=data)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="hf_msam"):
+        trainer.train()
+    assert "--msam_rho_schedule lr" in caplog.text and "--learning_rate is 0.0" in caplog.text
+    assert torch.equal(flat(params_of(model)), before)
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    plain_logs = [entry for entry in plain.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and [e["loss"] for e in logs] == [e["loss"] for e in plain_logs]
+    assert all(e["msam/sharpness"] == 0.0 and e["msam/skipped_perturbations"] == 0 for e in logs)
+
+
+def test_rho_schedule_of_a_zero_maximum_is_zero_without_host_sync():
+    from reference import host_syncs
+
+    from hf_msam import Schedule
+
+    schedule, calls = Schedule(rho_schedule="lr"), []
+    with host_syncs(calls):
+        zero = schedule.rho(RHO, torch.tensor(0.0), torch.tensor(0.0))
+        half = schedule.rho(RHO, torch.tensor(0.25), torch.tensor(0.5))
+    assert calls == []
+    assert zero.item() == 0.0 and half.item() == pytest.approx(RHO / 2)
+    assert schedule.rho(RHO, 0.0, 0.0) == 0.0 and schedule.rho(RHO, 0.25, 0.5) == pytest.approx(RHO / 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # State across steps: checkpoint, resume
 # ---------------------------------------------------------------------------------------------
@@ -353,6 +391,108 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, flags):
 
     assert torch.equal(resumed(), whole)
     assert not torch.allclose(resumed(drop_state=True), whole, rtol=1e-8, atol=0)  # the saved state mattered
+
+
+def fsam_checkpoint(tmp_path):
+    """A 4-step F-SAM run saving at step 2: its checkpoint-2, the settings, the data and the final weights."""
+    data, kwargs = mlp_dataset(20), dict(msam_micro_batch_size=2, save_strategy="steps", save_steps=2, msam_method="fsam", msam_fsam_lambda=0.5)
+    whole = train(mlp(), data, tmp_path / "whole", 5, 4, **kwargs)
+    return tmp_path / "whole" / "checkpoint-2", kwargs, data, whole
+
+
+def resume(tmp_path, checkpoint, kwargs, data):
+    model = mlp(seed=1)  # other weights: the checkpoint must bring them back
+    trainer = MSAMTrainer(model=model, args=trainer_args(tmp_path / "whole", 5, 4, **kwargs), train_dataset=data)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    return flat(params_of(model)).detach()
+
+
+def test_missing_state_file_warns_and_the_state_restarts(tmp_path, caplog):
+    checkpoint, kwargs, data, _ = fsam_checkpoint(tmp_path)
+    os.remove(checkpoint / "msam_state_0.pt")
+    with caplog.at_level(logging.WARNING, logger="hf_msam"):
+        got = resume(tmp_path, checkpoint, kwargs, data)
+    assert "has no msam_state_0.pt for process 0" in caplog.text and "FriendlyPerturbation restarts" in caplog.text
+    # Reference: F-SAM's EMA for steps 1-2, then a fresh one (m = None) for steps 3-4.
+    model = mlp()
+    w = flat(params_of(model)).detach().clone()
+    for t in range(1, 5):
+        ref = Reference(copy.deepcopy(model), "fsam", 2, lmbda=0.5, sigma=1.0) if t in (1, 3) else ref
+        w = w - LR * ref.gradient(w, stack(data[(t - 1) * 5 : t * 5]))
+    torch.testing.assert_close(got, w, **TIGHT)
+
+
+def damage(path, how):
+    if how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        return "cannot be read.*truncated or corrupt"
+    if how == "not a torch file":
+        path.write_text("hello")
+        return "cannot be read"
+    state = torch.load(path, weights_only=True)
+    if how == "short":
+        state["perturbation"]["m"] = state["perturbation"]["m"][:-1]
+        message = "'m' has 3 tensors for the model's 4 trainable parameters"
+    elif how == "shape":
+        state["perturbation"]["m"][1] = state["perturbation"]["m"][1][:2]
+        message = r"'m'\[1\] has shape \(2,\), its parameter \(8,\)"
+    elif how == "nan":
+        state["perturbation"]["m"][2][0, 0] = float("nan")
+        message = "'m' has non-finite entries"
+    elif how == "inf":
+        state["perturbation"]["m"][0][0, 0] = float("inf")
+        message = "'m' has non-finite entries"
+    torch.save(state, path)
+    return message
+
+
+@pytest.mark.parametrize("how", ["truncated", "not a torch file", "short", "shape", "nan", "inf"])
+def test_damaged_state_file_is_refused_naming_it_and_how_to_continue(tmp_path, how):
+    checkpoint, kwargs, data, whole = fsam_checkpoint(tmp_path)
+    path = checkpoint / "msam_state_0.pt"
+    message = damage(path, how)
+    with pytest.raises(ValueError, match=message) as err:
+        resume(tmp_path, checkpoint, kwargs, data)
+    assert str(path) in str(err.value) and f"Delete {path} to restart the method's state" in str(err.value)
+    os.remove(path)  # as the message says: the run then resumes with the state restarted
+    resume(tmp_path, checkpoint, kwargs, data)
+
+
+def test_looksam_state_with_a_negative_counter_is_refused(tmp_path):
+    data, kwargs = mlp_dataset(20), dict(msam_micro_batch_size=2, save_strategy="steps", save_steps=2, msam_method="looksam", msam_looksam_k=3)
+    train(mlp(), data, tmp_path / "whole", 5, 4, **kwargs)
+    path = tmp_path / "whole" / "checkpoint-2" / "msam_state_0.pt"
+    state = torch.load(path, weights_only=True)
+    state["descent"]["reuses_left"] = -1  # would never take a SAM step again
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=f"{path}.*reuses_left must be a whole number >= 0, got -1.*Delete"):
+        resume(tmp_path, path.parent, kwargs, data)
+
+
+def test_state_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The state file is written to a temporary file in the checkpoint and renamed: a save that dies half-way leaves
+    the previous file as it was and no temporary file."""
+    checkpoint, kwargs, data, _ = fsam_checkpoint(tmp_path)
+    path = checkpoint / "msam_state_0.pt"
+    before = path.read_bytes()
+    trainer = MSAMTrainer(model=mlp(), args=trainer_args(tmp_path / "other", 5, 4, **kwargs), train_dataset=data)
+    trainer.msam_perturbation.load_state_dict(torch.load(path, weights_only=True)["perturbation"])
+    real_save = torch.save
+
+    def dies_half_way(obj, f, *args, **kw):
+        if isinstance(f, (str, os.PathLike)):  # the Trainer's own RNG state
+            return real_save(obj, f, *args, **kw)
+        f.write(before[: len(before) // 2])
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        trainer._save_rng_state(str(checkpoint))
+    assert path.read_bytes() == before and sorted(p.name for p in checkpoint.glob("msam_state*")) == ["msam_state_0.pt"]
+    monkeypatch.setattr(torch, "save", real_save)
+    trainer._save_rng_state(str(checkpoint))
+    assert torch.load(path, weights_only=True)["world_size"] == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,6 +563,69 @@ def test_two_process_ddp_looksam_matches_per_device_reference(tmp_path):
         grads = [ref.gradient(w, r["batches"][step], rho=0.2) for ref, r in zip(refs, ranks)]
         w = w - 0.5 * (grads[0] + grads[1]) / 2
     torch.testing.assert_close(flat(ranks[0]["final"]), w, **TIGHT)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_process_resume_of_stateful_methods_and_a_changed_process_count(tmp_path, caplog):
+    """F-SAM, LookSAM and Momentum-SAM on 2 processes: each rank saves and restores its own state, so the resumed run
+    ends bitwise where the uninterrupted one does, which equals the per-device reference. Resuming with another number
+    of processes (1 -> 2, 2 -> 1) warns and restarts the method's state."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    one = tmp_path / "one"  # a 1-process F-SAM checkpoint, for the 2-process resume
+    train(mlp(), mlp_dataset(8), one, 4, 2, msam_method="fsam", msam_micro_batch_size=3, save_strategy="steps", save_steps=2)
+    here = Path(__file__).parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(port), str(here / "ddp_resume_script.py"), str(tmp_path), str(one / "checkpoint-2"),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["world_size"] == 2
+    for method, h in [("fsam", dict(lmbda=0.5, sigma=1.0)), ("looksam", dict(k=3, alpha=0.7)), ("momentum", {})]:
+        if method != "momentum":
+            assert (tmp_path / method / "checkpoint-2" / "msam_state_1.pt").is_file()
+        for r in ranks:  # resumed on 2 processes: bitwise the uninterrupted run, on each rank
+            assert torch.equal(flat(r["resumed"][method]), flat(r["whole"][method])), method
+        assert torch.equal(flat(ranks[0]["whole"][method]), flat(ranks[1]["whole"][method]))
+        # Reference: each device keeps its own method state; DDP averages the gradients; SGD with momentum 0.9.
+        model = MLP().double()
+        set_flat(model, flat(ranks[0]["initial"][method]))
+        refs = [Reference(copy.deepcopy(model), method, 3, **h) for _ in ranks]
+        w, buf = flat(ranks[0]["initial"][method]), None
+        for step in range(4):
+            g = sum(ref.gradient(w, r["batches"][method][step], rho=0.2, momentum=buf) for ref, r in zip(refs, ranks)) / 2
+            buf = g.clone() if buf is None else 0.9 * buf + g
+            w = w - 0.5 * buf
+        torch.testing.assert_close(flat(ranks[0]["whole"][method]), w, **TIGHT)
+    assert all(not r["resume_warnings"] for r in ranks), [r["resume_warnings"] for r in ranks]
+    # 1 -> 2 processes: rank 0 finds the state of 1 process, rank 1 none; both restart it.
+    assert all(r["grown_state"] == {"m": None} for r in ranks)
+    assert any("holds the mSAM method state of 1 process(es)" in m and "this run has 2" in m for m in ranks[0]["grown_warnings"])
+    assert any("has no msam_state_1.pt for process 1" in m and "restarts" in m for m in ranks[1]["grown_warnings"])
+    # 2 -> 1 process: the F-SAM checkpoint of the 2-process run, resumed here.
+    trainer = MSAMTrainer(model=mlp(), args=trainer_args(tmp_path / "shrunk", 4, 2, msam_method="fsam", msam_micro_batch_size=3),
+                          train_dataset=mlp_dataset(8))  # fmt: skip
+    at_start = []
+
+    class StateAtStart(TrainerCallback):  # the method's state once the checkpoint is loaded, before any step
+        def on_train_begin(self, *args, **kwargs):
+            at_start.append(trainer.msam_perturbation.state_dict())
+
+    trainer.add_callback(StateAtStart())
+    with caplog.at_level(logging.WARNING, logger="hf_msam"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "fsam" / "checkpoint-2"))
+    assert "holds the mSAM method state of 2 process(es)" in caplog.text and "FriendlyPerturbation restarts" in caplog.text
+    assert at_start == [{"m": None}]
 
 
 def test_fsam_ema_starts_at_the_first_usable_gradient():

@@ -332,3 +332,52 @@ def test_micro_batch_without_label_tokens_adds_nothing_and_logs_finite_numbers(t
     logged = next(entry for entry in trainer.state.log_history if "msam/sharpness" in entry)
     assert all(torch.isfinite(torch.tensor(logged[k])) for k in ("loss", "msam/perturbed_loss", "msam/sharpness"))
     assert logged["loss"] > 0 and logged["msam/skipped_perturbations"] == 1  # the empty micro-batch has no direction
+
+
+def test_accumulation_batch_without_label_tokens_adds_nothing_and_logs_the_plain_loss(tmp_path):
+    """Gradient accumulation with completion-only labels: a whole accumulation batch without a label token (its
+    micro-batches' shares are 0/0) and a micro-batch without one contribute nothing, nothing is NaN, the logged loss
+    is the plain Trainer's, and the step equals the token-weighted reference over the micro-batches with tokens."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=16, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).double()
+    assert sum(p.numel() for p in model.parameters()) < 1000
+    ids = torch.randint(0, 16, (12, 6), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    # accumulation batches of 4 rows, micro-batches of 2; keeping 0 or 1 label leaves no token after the shift
+    for i, keep in enumerate([6, 1, 4, 3, 0, 1, 0, 0, 5, 2, 1, 0]):
+        labels[i, keep:] = -100
+    data = [{"input_ids": ids[i], "labels": labels[i]} for i in range(12)]
+
+    def token_sum(m, mb):
+        logits = m(input_ids=mb["input_ids"]).logits[:, :-1].float()  # as transformers computes the loss
+        target = mb["labels"][:, 1:]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, 16), target.reshape(-1), ignore_index=-100, reduction="sum")
+
+    counts = lambda mb: float((mb["labels"][:, 1:] != -100).sum())  # noqa: E731
+    N = counts({"labels": labels})
+    ref = copy.deepcopy(model)
+    loss_of = lambda m, mb: token_sum(m, mb) / counts(mb)  # noqa: E731
+    token_weights = lambda micro: [counts(mb) / N for mb in micro]  # noqa: E731
+    first = msam_gradient(ref, stack(data[0:4]), 2, 0.05, loss_of=loss_of, weights=token_weights)
+    third = msam_gradient(ref, stack(data[8:10]), None, 0.05, loss_of=loss_of, weights=token_weights)  # rows 10-11: none
+    expected = expected_after_step(ref, [a + b for a, b in zip(first, third)])
+
+    common = dict(per_device_train_batch_size=4, gradient_accumulation_steps=3, max_steps=1, optim="sgd", learning_rate=LR,
+                  lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, train_sampling_strategy="sequential",
+                  report_to="none", use_cpu=True, save_strategy="no", logging_strategy="steps", logging_steps=1,
+                  disable_tqdm=True)  # fmt: skip
+    plain = Trainer(model=copy.deepcopy(model), args=TrainingArguments(str(tmp_path / "plain"), **common), train_dataset=data)
+    plain.train()
+    trainer = MSAMTrainer(model=model, args=MSAMTrainingArguments(str(tmp_path / "msam"), msam_rho=0.05,
+                          msam_micro_batch_size=2, **common), train_dataset=data)  # fmt: skip
+    trainer.train()
+    for a, b in zip(trainable(model), expected):  # the model's loss is float32 (transformers casts the logits)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    logged, plain_logged = trainer.state.log_history[0], plain.state.log_history[0]
+    assert logged["loss"] == pytest.approx(plain_logged["loss"], rel=1e-9)
+    assert all(torch.isfinite(torch.tensor(logged[k])) for k in ("msam/perturbed_loss", "msam/sharpness", "msam/ascent_grad_norm"))
+    assert logged["msam/skipped_perturbations"] == 3 and logged["msam/micro_batches_per_step"] == 6  # 3 without a token

@@ -26,7 +26,8 @@ class PerturbationRule:
 
     `enabled` False tells the trainer to take the plain, single-pass step. `needs_gradient` False means
     e does not depend on the micro-batch (Momentum-SAM): no clean pass is made. Rules with state that
-    crosses steps return it from `state_dict()`; the trainer saves it in each checkpoint.
+    crosses steps return it from `state_dict()`; the trainer saves it in each checkpoint (a list of tensors in it holds
+    one per trainable parameter, shaped like it: the trainer checks that, and that tensors are finite, at a resume).
 
     Capabilities (class attributes; a subclass overrides what does not hold for it):
     `adaptive` (ASAM is in effect), `supports_sync` (the rule is the union's when the ascent gradient is),
@@ -62,6 +63,16 @@ class PerturbationRule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    def snapshot(self) -> dict[str, Any]:
+        """The rule's attributes as they are, which `restore` puts back when a step raises (`MicroBatchSAM.backward`
+        takes one per call). Tensors are kept by reference: a rule must replace its state tensors, not change them in
+        place, or override this to clone what it changes in place."""
+        return dict(vars(self))
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        vars(self).clear()
+        vars(self).update(snapshot)
 
 
 class DescentRule:
@@ -103,6 +114,9 @@ class DescentRule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    snapshot = PerturbationRule.snapshot
+    restore = PerturbationRule.restore
 
 
 @dataclass(frozen=True)

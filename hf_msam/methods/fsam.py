@@ -42,11 +42,12 @@ class FriendlyPerturbation(SAMPerturbation):
             self.started = torch.zeros((), dtype=torch.bool, device=grads[0].device)
         self.m = [m.to(g.device) for m, g in zip(self.m, grads)]  # a no-op once there (after a resume: moved once)
         started = self.started.to(grads[0].device)
-        for g, m in zip(grads, self.m):
+        for i, (g, m) in enumerate(zip(grads, self.m)):
             # The first usable g_j starts the EMA (m ← g_j); the ones after it update it: m ← λ·m + (1 − λ)·g_j.
             m_next = torch.where(started, m * self.lmbda + g * (1.0 - self.lmbda), g.to(m.dtype))
             g.sub_(m, alpha=self.sigma)  # d_j = g_j − σ·m, with the m of before this micro-batch (0 before the start)
-            m.copy_(torch.where(ok, m_next, m))  # a skipped g_j leaves m as it was
+            # A skipped g_j leaves m as it was. Replaced in a new list, not changed in place: a snapshot keeps the old m.
+            self.m[i] = torch.where(ok, m_next, m)
         self.started = started | ok
         d_norm = global_norm(grads)
         ok = ok & usable(d_norm)  # d_j = 0 (g_j = σ·m) has no direction either: counted as skipped

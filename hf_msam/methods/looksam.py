@@ -48,10 +48,9 @@ class LookSAMDescent(DescentRule):
         sq = dot(g, g)
         s = torch.where(sq > 0, dot(g, g_p) / sq, torch.zeros_like(sq))  # ‖g_p‖cos θ/‖g‖; 0 when g = 0
         g_v = [(gp - s.to(gp.dtype) * gj) * c for gj, gp in zip(g, g_p)]  # c_j·g_v,j
-        if self._fresh:  # the first micro-batch of a SAM step replaces the old g_v
-            self.g_v, self._fresh = g_v, False
-        else:
-            torch._foreach_add_(self.g_v, g_v)
+        if not self._fresh:  # the first micro-batch of a SAM step replaces the old g_v; the others add to it
+            torch._foreach_add_(g_v, self.g_v)  # into the new tensors, not g_v's: a snapshot keeps the old g_v
+        self.g_v, self._fresh = g_v, False
         return g_p
 
     def reuse(self, g):
@@ -78,8 +77,11 @@ class LookSAMDescent(DescentRule):
         return {"g_v": None if self.g_v is None else [t.detach().cpu() for t in self.g_v], "reuses_left": self.reuses_left}
 
     def load_state_dict(self, state):
+        reuses_left = state.get("reuses_left", 0)
+        if isinstance(reuses_left, bool) or not isinstance(reuses_left, int) or reuses_left < 0:
+            raise ValueError(f"LookSAM's reuses_left must be a whole number >= 0, got {reuses_left!r}")
         self.g_v = None if state.get("g_v") is None else [t.clone() for t in state["g_v"]]
-        self.reuses_left = int(state.get("reuses_left", 0))
+        self.reuses_left = reuses_left
 
 
 @register_method("looksam", paper="LookSAM, Liu et al., CVPR 2022",
