@@ -258,9 +258,13 @@ class MSAMMixin:
                 "Packed rows are cut into as many micro-batches as they hold sequences, so devices would make different "
                 "numbers of "
                 + ("synchronized perturbations (--msam_sync_perturbation)" if self.msam_sync_perturbation else "calls to a "
-                   "loss that gathers metrics across devices (TRL's compute_loss)")
-                + " and wait on each other forever. Pad instead of packing (padding_free=False, packing=False), train "
-                "on one device, or set --msam_micro_batch_size None (one micro-batch per device)."
+                   "loss that gathers metrics across devices (TRL's compute_loss, under a bare MSAMMixin)")
+                + " and wait on each other forever. "
+                + ("Drop --msam_sync_perturbation (device-local perturbations work with packed rows), pad instead of "
+                   "packing (padding_free=False, packing=False)" if self.msam_sync_perturbation else "Use the ready "
+                   "classes of hf_msam.trl (MSAMSFTTrainer), which gather TRL's metrics once per step, pad instead of "
+                   "packing (padding_free=False, packing=False)")
+                + ", train on one device, or set --msam_micro_batch_size None (one micro-batch per device)."
             )
         t = self.state.global_step + 1  # the optimizer step this call contributes to (1-based)
         if not self.msam_perturbation.enabled or not self.msam_schedule.perturbs(t, self.state.max_steps):
@@ -355,8 +359,9 @@ class MSAMMixin:
 
     @functools.cached_property
     def _msam_loss_has_collectives(self) -> bool:
-        """TRL's trainers gather metrics across devices inside `compute_loss`, once per call."""
-        return bool(trl_bases(self))
+        """TRL's trainers gather metrics across devices inside `compute_loss`, once per call (the ready classes of
+        `hf_msam.trl` make those gathers once per step)."""
+        return bool(trl_bases(self)) and not getattr(self, "_msam_gathers_once_per_step", False)
 
     def _msam_rho_now(self) -> float | torch.Tensor | None:
         """ρ_t of `--msam_rho_schedule lr` (ρ·lr_t/lr_max, from the optimizer's first group); None: the rule's own ρ."""

@@ -139,6 +139,8 @@ class _TRLStep:
       `aux_loss`) is the mean over the micro-batches, as TRL's is over devices.
     """
 
+    _msam_gathers_once_per_step = True  # so devices may cut packed rows into different numbers of micro-batches
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         current = getattr(self, "_msam_pass", None)  # set by the mSAM step around each pass it computes
         if current is None:
