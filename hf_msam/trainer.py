@@ -35,6 +35,23 @@ if not logger.handlers:  # our own handler, in the Trainer's format: scripts nee
 MODEL_CARD_TAGS = ["msam", "sharpness-aware-minimization"]
 
 
+def launched_apart(world_size: int, environ: Any = os.environ) -> str | None:
+    """Why this process trains alone although a launcher started several (WORLD_SIZE or LOCAL_WORLD_SIZE above 1,
+    world size 1: e.g. `accelerate launch --multi_gpu` or `torchrun` on a machine without GPUs and without
+    `--use_cpu`), or None. Each such process is a run of its own, not a replica of one data-parallel run."""
+    launched = max(int(environ.get(name) or 1) for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"))
+    if world_size != 1 or launched <= 1:
+        return None
+    return (
+        f"The launcher started {launched} processes (WORLD_SIZE={environ.get('WORLD_SIZE')}, LOCAL_WORLD_SIZE="
+        f"{environ.get('LOCAL_WORLD_SIZE')}), but this one trains alone (world size 1): they do not form one process "
+        f"group, so they make {launched} separate runs, each on the whole data set, writing to the same output_dir. "
+        "Without GPUs, pass the Trainer's --use_cpu to the script (accelerate launch --multi_gpu --num_processes "
+        f"{launched} script.py --use_cpu ..., or torchrun --nproc_per_node {launched} script.py --use_cpu ...), which "
+        "makes the processes one gloo group; with GPUs, check that each process sees one."
+    )
+
+
 class MSAMMixin:
     """Micro-batch sharpness-aware minimization for any [`~transformers.Trainer`] subclass: put it first,
     `class MySFTTrainer(MSAMMixin, SFTTrainer)`. It replaces the gradient of `Trainer.training_step`, so a
@@ -99,6 +116,8 @@ class MSAMMixin:
                 "micro-batch of %d example(s), which is SAM on each device.",
                 self.msam_micro_batch_size, per_device, per_device,
             )
+        if (apart := launched_apart(self.args.world_size)) and os.environ.get("RANK", "0") == "0":
+            logger.warning(apart)
 
     # -- what mSAM cannot do (yet) ----------------------------------------------------------------
     def _msam_fsdp2(self) -> bool:
@@ -218,12 +237,14 @@ class MSAMMixin:
         if self._msam_fsdp2() and not msam_setting(self.args, "msam_sync_perturbation"):
             logger.info("mSAM under FSDP2: perturbations are synchronized across devices (every rank perturbs its shard of the same e_j).")
         logger.info(
-            "mSAM: %d distinct perturbations per optimizer step (%s of %d example(s) per device)%s; scope: %s; rule: %s, "
-            "%s; schedule: %s.",
+            "mSAM: %d distinct perturbations per optimizer step (%s of %d example(s) per device)%s; %s; scope: %s; "
+            "rule: %s, %s; schedule: %s.",
             self.msam_perturbations_per_step,
             self.msam_count(),
             min(self.msam_micro_batch_size or math.inf, self.args.per_device_train_batch_size),
             self.msam_count_caveat,
+            f"{self.args.world_size} processes in one process group (data parallel)" if self.args.world_size > 1
+            else "1 process (no data parallelism)",
             f"synchronized (the same perturbations on all {self.args.world_size} device(s))"
             if self.msam_sync_perturbation
             else "device-local (each device perturbs with its own micro-batches)",
