@@ -319,3 +319,35 @@ def test_micro_batch_without_label_tokens_adds_nothing_and_logs_finite_numbers(t
     logged = next(entry for entry in trainer.state.log_history if "msam/sharpness" in entry)
     assert all(torch.isfinite(torch.tensor(logged[k])) for k in ("loss", "msam/perturbed_loss", "msam/sharpness"))
     assert logged["loss"] > 0 and logged["msam/skipped_perturbations"] == 1  # the empty micro-batch has no direction
+
+
+def test_micro_batch_larger_than_the_batch_warns_once_and_reports_the_real_size(tmp_path, caplog):
+    """--msam_micro_batch_size 16 with per-device batches of 8: one warning, the start-up line and the model card say
+    micro-batches of 8 (not 16), and each step is SAM on the whole batch of 8 (the reference with one micro-batch)."""
+    import logging
+
+    model, data = tiny_bert(), bert_data(16)
+    reference = copy.deepcopy(model)
+    args = sgd_args(tmp_path, 8, msam_rho=0.05, msam_micro_batch_size=16)
+    args.max_steps = 2
+    with caplog.at_level(logging.INFO, logger="hf_msam"):
+        trainer = MSAMTrainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "--msam_micro_batch_size 16 is larger than the per-device batch (8): each device's batch is one micro-batch "
+        "of 8 example(s), which is SAM on each device."
+    ]
+    assert trainer.msam_micro_batches_per_device == 1 and trainer.msam_perturbations_per_step == 1
+    assert "1 micro-batch(es) of 8 example(s) per device" in caplog.text and "of 16 example(s)" not in caplog.text
+    trainer.create_model_card()
+    card = (tmp_path / "README.md").read_text()
+    assert "- micro-batch size: 8 example(s) per perturbation, per device (the whole per-device batch" in card
+
+    for step in range(2):
+        grads = msam_gradient(reference, stack(data[8 * step : 8 * step + 8]), None, 0.05)
+        with torch.no_grad():
+            for p, g in zip([p for p in reference.parameters() if p.requires_grad], grads):
+                p.sub_(LR * g)
+    for a, b in zip(trainable(model), trainable(reference)):
+        torch.testing.assert_close(a, b, **TIGHT)
