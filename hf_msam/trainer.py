@@ -52,6 +52,25 @@ def launched_apart(world_size: int, environ: Any = os.environ) -> str | None:
     )
 
 
+def name_local_base_model(card_path: str, name_or_path: str | None) -> None:
+    """TRL's and transformers' model cards name the base model only when it comes from the Hub: one loaded from a
+    local directory gets "a fine-tuned version of [None](https://huggingface.co/None)" (TRL) or "trained from
+    scratch" (transformers). Name the local directory instead (no link), or, with no name at all, leave it out."""
+    local = bool(name_or_path) and os.path.isdir(name_or_path)
+    name = f"the local model `{os.path.basename(os.path.normpath(name_or_path))}`" if local else None
+    with open(card_path, encoding="utf-8") as f:
+        text = f.read()
+    fixed = text.replace(
+        "This model is a fine-tuned version of [None](https://huggingface.co/None)",
+        f"This model is a fine-tuned version of {name}" if name else "This model was trained",
+    )
+    if name:
+        fixed = fixed.replace("This model was trained from scratch on ", f"This model is a fine-tuned version of {name} on ")
+    if fixed != text:
+        with open(card_path, "w", encoding="utf-8") as f:
+            f.write(fixed)
+
+
 class MSAMMixin:
     """Micro-batch sharpness-aware minimization for any [`~transformers.Trainer`] subclass: put it first,
     `class MySFTTrainer(MSAMMixin, SFTTrainer)`. It replaces the gradient of `Trainer.training_step`, so a
@@ -459,6 +478,8 @@ class MSAMMixin:
         super().create_model_card(*args, tags=tags, **kwargs)
         if not self.is_world_process_zero():
             return
+        name_local_base_model(os.path.join(self.args.output_dir, "README.md"),
+                              getattr(getattr(self.model, "config", None), "_name_or_path", None))  # fmt: skip
         rule = self.msam_perturbation
         per_device = self.args.per_device_train_batch_size
         micro_batch_size = min(self.msam_micro_batch_size or per_device, per_device)

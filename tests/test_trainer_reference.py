@@ -351,3 +351,14 @@ def test_micro_batch_larger_than_the_batch_warns_once_and_reports_the_real_size(
                 p.sub_(LR * g)
     for a, b in zip(trainable(model), trainable(reference)):
         torch.testing.assert_close(a, b, **TIGHT)
+
+
+def test_model_card_names_a_local_base_model(tmp_path, request):
+    """transformers' card calls a model loaded from a local directory "trained from scratch": it names the directory."""
+    tiny_bert_dir = request.getfixturevalue("tiny_bert")  # conftest's: a BERT saved to a directory
+    model = BertForSequenceClassification.from_pretrained(tiny_bert_dir)
+    trainer = MSAMTrainer(model=model, args=sgd_args(tmp_path, 8, msam_rho=0.05), train_dataset=bert_data(8))
+    trainer.create_model_card(model_name="tiny")
+    text = (tmp_path / "README.md").read_text()
+    assert "trained from scratch" not in text
+    assert f"This model is a fine-tuned version of the local model `{tiny_bert_dir.name}` on " in text

@@ -442,3 +442,22 @@ def test_dpo_metrics_under_micro_batches_equal_the_plain_step(llama_dir, tmp_pat
     assert len(keys) >= 9
     for key in keys:
         assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
+
+
+def test_model_card_names_a_local_base_model(llama_dir, tmp_path):
+    """A model loaded from a local directory: TRL's card said "fine-tuned version of [None](https://huggingface.co/None)";
+    it names the directory. A model built from a config (no name at all) leaves the base model out."""
+    from transformers import LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    data = Dataset.from_list(PROMPT_COMPLETION[:2])
+    config = LlamaConfig.from_pretrained(llama_dir)
+    for name, model in (("local", load(llama_dir)), ("config", AutoModelForCausalLM.from_config(config))):
+        out = tmp_path / name
+        trainer = MSAMSFTTrainer(model=model, args=MSAMSFTConfig(str(out), msam_rho=0.1, **COMMON), train_dataset=data,
+                                 processing_class=tokenizer)  # fmt: skip
+        trainer.create_model_card(model_name="tiny", dataset_name="local.jsonl")
+        text = (out / "README.md").read_text()
+        assert "[None]" not in text and "huggingface.co/None" not in text
+        expected = f"fine-tuned version of the local model `{llama_dir.name}` on" if name == "local" else "This model was trained on"
+        assert expected in text and "## mSAM settings" in text
