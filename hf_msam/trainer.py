@@ -56,6 +56,8 @@ def name_local_base_model(card_path: str, name_or_path: str | None) -> None:
     """TRL's and transformers' model cards name the base model only when it comes from the Hub: one loaded from a
     local directory gets "a fine-tuned version of [None](https://huggingface.co/None)" (TRL) or "trained from
     scratch" (transformers). Name the local directory instead (no link), or, with no name at all, leave it out."""
+    if not os.path.isfile(card_path):
+        return  # the base trainer wrote no card
     local = bool(name_or_path) and os.path.isdir(name_or_path)
     name = f"the local model `{os.path.basename(os.path.normpath(name_or_path))}`" if local else None
     with open(card_path, encoding="utf-8") as f:
