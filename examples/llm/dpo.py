@@ -5,9 +5,9 @@
         --output_dir runs/dpo-msam --msam_rho 0.05 --msam_micro_batch_size 2
 
 Every flag of TRL's `DPOConfig` and `ModelConfig` works, and so do the `--msam_*` flags of `MSAMDPOConfig`.
-A micro-batch is made of whole preference pairs. Without a bf16-capable GPU the script trains in float32 (on the
-CPU without a GPU) unless --bf16/--fp16/--use_cpu say otherwise. With `--use_peft` the reference model is the base model with the
-adapter switched off (no second copy); without it, a frozen copy of the starting model. See README.md.
+A micro-batch is made of whole preference pairs. With `--use_peft` the reference model is the base model with the
+adapter switched off (no second copy); without it, a frozen copy of the starting model. Without a bf16-capable GPU
+the script trains in float32 (on the CPU without a GPU) unless --bf16/--fp16/--use_cpu say otherwise. See README.md.
 """
 
 from __future__ import annotations
