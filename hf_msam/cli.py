@@ -23,7 +23,8 @@ RUN_EPILOG = """\
 examples:
   hf-msam run run_glue.py --model_name_or_path bert-base-uncased --task_name mrpc --do_train --msam_rho 0.05 \\
       --msam_micro_batch_size 8 --output_dir out
-  accelerate launch --num_processes 2 -m hf_msam run train.py --msam_rho 0.1 --output_dir out
+  accelerate launch --multi_gpu --num_processes 2 -m hf_msam run train.py --msam_rho 0.1 --output_dir out
+      (without GPUs, add the Trainer's --use_cpu: the 2 processes then train together over gloo)
   hf-msam run -m trl.scripts.sft --model_name_or_path MODEL_DIR --dataset_name DATA_DIR --output_dir out \
       --msam_rho 0.05 --msam_micro_batch_size 2
 """

@@ -321,10 +321,14 @@ def run(script: str | None, args: Sequence[str], module: str | None = None) -> N
         with patched_transformers(flag_values) as swaps, _trl_cli_patched(module, flag_values) as relaunched:
             swapped = ", ".join(f"{original} -> hf_msam.launcher.{new}" for original, new in swaps.items())
             given = ", ".join(f"{name}={value}" for name, value in flag_values.items()) or "none, mSAM defaults"
-            _say(
-                f"running {target} with mSAM. Swapped: {swapped} (subclasses of MSAMTrainer and "
-                f"MSAMTrainingArguments). --msam_* flags given: {given}."
-            )
+            if relaunched:  # the processes TRL's command starts say what they swap, once
+                _say(f"running {target}: TRL's command starts its training script through accelerate launch, as "
+                     f"`-m hf_msam run SCRIPT` with the --msam_* flags given ({given}).")  # fmt: skip
+            else:
+                _say(
+                    f"running {target} with mSAM. Swapped: {swapped} (subclasses of MSAMTrainer and "
+                    f"MSAMTrainingArguments). --msam_* flags given: {given}."
+                )
             if module is None:
                 runpy.run_path(origin, run_name="__main__")
             else:

@@ -36,6 +36,44 @@ if not logger.handlers:  # our own handler, in the Trainer's format: scripts nee
 MODEL_CARD_TAGS = ["msam", "sharpness-aware-minimization"]
 
 
+def launched_apart(world_size: int, environ: Any = os.environ) -> str | None:
+    """Why this process trains alone although a launcher started several (WORLD_SIZE or LOCAL_WORLD_SIZE above 1,
+    world size 1: e.g. `accelerate launch --multi_gpu` or `torchrun` on a machine without GPUs and without
+    `--use_cpu`), or None. Each such process is a run of its own, not a replica of one data-parallel run."""
+    launched = max(int(environ.get(name) or 1) for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"))
+    if world_size != 1 or launched <= 1:
+        return None
+    return (
+        f"The launcher started {launched} processes (WORLD_SIZE={environ.get('WORLD_SIZE')}, LOCAL_WORLD_SIZE="
+        f"{environ.get('LOCAL_WORLD_SIZE')}), but this one trains alone (world size 1): they do not form one process "
+        f"group, so they make {launched} separate runs, each on the whole data set, writing to the same output_dir. "
+        "Without GPUs, pass the Trainer's --use_cpu to the script (accelerate launch --multi_gpu --num_processes "
+        f"{launched} script.py --use_cpu ..., or torchrun --nproc_per_node {launched} script.py --use_cpu ...), which "
+        "makes the processes one gloo group; with GPUs, check that each process sees one."
+    )
+
+
+def name_local_base_model(card_path: str, name_or_path: str | None) -> None:
+    """TRL's and transformers' model cards name the base model only when it comes from the Hub: one loaded from a
+    local directory gets "a fine-tuned version of [None](https://huggingface.co/None)" (TRL) or "trained from
+    scratch" (transformers). Name the local directory instead (no link), or, with no name at all, leave it out."""
+    if not os.path.isfile(card_path):
+        return  # the base trainer wrote no card
+    local = bool(name_or_path) and os.path.isdir(name_or_path)
+    name = f"the local model `{os.path.basename(os.path.normpath(name_or_path))}`" if local else None
+    with open(card_path, encoding="utf-8") as f:
+        text = f.read()
+    fixed = text.replace(
+        "This model is a fine-tuned version of [None](https://huggingface.co/None)",
+        f"This model is a fine-tuned version of {name}" if name else "This model was trained",
+    )
+    if name:
+        fixed = fixed.replace("This model was trained from scratch on ", f"This model is a fine-tuned version of {name} on ")
+    if fixed != text:
+        with open(card_path, "w", encoding="utf-8") as f:
+            f.write(fixed)
+
+
 class MSAMMixin:
     """Micro-batch sharpness-aware minimization for any [`~transformers.Trainer`] subclass: put it first,
     `class MySFTTrainer(MSAMMixin, SFTTrainer)`. It replaces the gradient of `Trainer.training_step`, so a
@@ -100,6 +138,8 @@ class MSAMMixin:
                 "micro-batch of %d example(s), which is SAM on each device.",
                 self.msam_micro_batch_size, per_device, per_device,
             )
+        if (apart := launched_apart(self.args.world_size)) and os.environ.get("RANK", "0") == "0":
+            logger.warning(apart)
 
     # -- what mSAM cannot do (yet) ----------------------------------------------------------------
     def _msam_fsdp2(self) -> bool:
@@ -226,12 +266,14 @@ class MSAMMixin:
         if self._msam_fsdp2() and not msam_setting(self.args, "msam_sync_perturbation"):
             logger.info("mSAM under FSDP2: perturbations are synchronized across devices (every rank perturbs its shard of the same e_j).")
         logger.info(
-            "mSAM: %d distinct perturbations per optimizer step (%s of %d example(s) per device)%s; scope: %s; rule: %s, "
-            "%s; schedule: %s.",
+            "mSAM: %d distinct perturbations per optimizer step (%s of %d example(s) per device)%s; %s; scope: %s; "
+            "rule: %s, %s; schedule: %s.",
             self.msam_perturbations_per_step,
             self.msam_count(),
             min(self.msam_micro_batch_size or math.inf, self.args.per_device_train_batch_size),
             self.msam_count_caveat,
+            f"{self.args.world_size} processes in one process group (data parallel)" if self.args.world_size > 1
+            else "1 process (no data parallelism)",
             f"synchronized (the same perturbations on all {self.args.world_size} device(s))"
             if self.msam_sync_perturbation
             else "device-local (each device perturbs with its own micro-batches)",
@@ -266,9 +308,13 @@ class MSAMMixin:
                 "Packed rows are cut into as many micro-batches as they hold sequences, so devices would make different "
                 "numbers of "
                 + ("synchronized perturbations (--msam_sync_perturbation)" if self.msam_sync_perturbation else "calls to a "
-                   "loss that gathers metrics across devices (TRL's compute_loss)")
-                + " and wait on each other forever. Pad instead of packing (padding_free=False, packing=False), train "
-                "on one device, or set --msam_micro_batch_size None (one micro-batch per device)."
+                   "loss that gathers metrics across devices (TRL's compute_loss, under a bare MSAMMixin)")
+                + " and wait on each other forever. "
+                + ("Drop --msam_sync_perturbation (device-local perturbations work with packed rows), pad instead of "
+                   "packing (padding_free=False, packing=False)" if self.msam_sync_perturbation else "Use the ready "
+                   "classes of hf_msam.trl (MSAMSFTTrainer), which gather TRL's metrics once per step, pad instead of "
+                   "packing (padding_free=False, packing=False)")
+                + ", train on one device, or set --msam_micro_batch_size None (one micro-batch per device)."
             )
         t = self.state.global_step + 1  # the optimizer step this call contributes to (1-based)
         if not self.msam_perturbation.enabled or not self.msam_schedule.perturbs(t, self.state.max_steps):
@@ -371,8 +417,9 @@ class MSAMMixin:
 
     @functools.cached_property
     def _msam_loss_has_collectives(self) -> bool:
-        """TRL's trainers gather metrics across devices inside `compute_loss`, once per call."""
-        return bool(trl_bases(self))
+        """TRL's trainers gather metrics across devices inside `compute_loss`, once per call (the ready classes of
+        `hf_msam.trl` make those gathers once per step)."""
+        return bool(trl_bases(self)) and not getattr(self, "_msam_gathers_once_per_step", False)
 
     def _msam_rho_now(self) -> float | torch.Tensor | None:
         """ρ_t of `--msam_rho_schedule lr` (ρ·lr_t/lr_max, from the optimizer's first group); None: the rule's own ρ."""
@@ -526,6 +573,8 @@ class MSAMMixin:
         super().create_model_card(*args, tags=tags, **kwargs)
         if not self.is_world_process_zero():
             return
+        name_local_base_model(os.path.join(self.args.output_dir, "README.md"),
+                              getattr(getattr(self.model, "config", None), "_name_or_path", None))  # fmt: skip
         rule = self.msam_perturbation
         per_device = self.args.per_device_train_batch_size
         micro_batch_size = min(self.msam_micro_batch_size or per_device, per_device)

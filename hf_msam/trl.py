@@ -19,6 +19,8 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 try:
     from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 except ModuleNotFoundError as err:  # pragma: no cover - depends on the environment
@@ -41,25 +43,124 @@ __all__ = [
 ]
 
 
+def _stacked(parts: list[Any]) -> Any:
+    """The values one gather call of each micro-batch's pass received, joined as a gather across devices joins them:
+    0-d tensors stacked, others concatenated along dim 0 (tuples, lists and dicts element by element)."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(parts) if first.dim() == 0 else torch.cat(parts)
+    if isinstance(first, dict):
+        return type(first)({key: _stacked([p[key] for p in parts]) for key in first})
+    if isinstance(first, (list, tuple)):
+        return type(first)(_stacked(list(values)) for values in zip(*parts))
+    return parts[-1]
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, dict):
+        return type(value)({key: _detached(v) for key, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detached(v) for v in value)
+    return value
+
+
+def _gather_uneven(accelerator: Any, gather: Any, real: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+    """`real(value)` (the accelerator's gather or gather_for_metrics) for a tensor whose dim 0 may differ across
+    processes (packed rows make different numbers of micro-batches per device): padded to the longest, gathered,
+    the padding dropped. The sizes are read on the host, as TRL reads every gathered metric right after (.item())."""
+    if accelerator.num_processes == 1 or not isinstance(value, torch.Tensor):
+        return real(value, *args, **kwargs)
+    sizes = gather(torch.full((1,), value.shape[0], dtype=torch.long, device=value.device)).tolist()
+    if len(set(sizes)) == 1:
+        return real(value, *args, **kwargs)
+    longest = max(sizes)
+    padded = torch.cat([value, value.new_zeros((longest - value.shape[0], *value.shape[1:]))])
+    gathered = gather(padded).reshape(len(sizes), longest, *value.shape[1:])
+    return torch.cat([gathered[rank, :n] for rank, n in enumerate(sizes)])
+
+
+@contextlib.contextmanager
+def _micro_batch_gathers(accelerator: Any, record: list[Any], passes: list[list[Any]] | None):
+    """Inside one pass of the mSAM step, the accelerator's `gather` and `gather_for_metrics` (TRL's metrics) make no
+    collective: each records its (detached) value in `record` and returns it. With `passes` (the records of all
+    the step's reported passes, this one last), each instead gathers across devices the values its call received
+    in every one of those passes, joined as if each micro-batch were a process: TRL's sums and counts then cover
+    the whole batch, and its means over pairs or examples all of them."""
+    names = ("gather", "gather_for_metrics")
+    own = {name: accelerator.__dict__.get(name) for name in names}  # instance attributes of someone else's
+    real = {name: getattr(accelerator, name) for name in names}
+    inside: list[bool] = []  # gather_for_metrics calls self.gather: that one is the real one
+
+    def local(name: str) -> Any:
+        def call(value: Any, *args: Any, **kwargs: Any) -> Any:
+            if inside:
+                return real[name](value, *args, **kwargs)
+            position = len(record)
+            record.append(_detached(value))
+            if passes is None:
+                return value
+            inside.append(True)
+            try:
+                joined = _stacked([p[position] for p in passes])
+                return _gather_uneven(accelerator, real["gather"], real[name], joined, *args, **kwargs)
+            finally:
+                inside.clear()
+
+        return call
+
+    for name in names:
+        setattr(accelerator, name, local(name))
+    try:
+        yield
+    finally:
+        for name in names:
+            if own[name] is None:
+                delattr(accelerator, name)
+            else:
+                setattr(accelerator, name, own[name])
+
+
 class _TRLStep:
     """What the ready classes add to [`MSAMMixin`] for TRL's trainers.
 
     - TRL wraps `Trainer.training_step` in its activation-offloading context. The mSAM step comes before TRL's in the
       method order and replaces it when mSAM is on, so it enters that context itself.
-    - TRL's `compute_loss` records metrics (token count, accuracy, entropy, rewards, ...) on every call. The mSAM step
-      calls it twice per micro-batch, clean at w then perturbed at w + e_j: the metrics of the calls whose loss the
-      step does not report (`MicroBatch.reported` False) are dropped, so the logged ones are those of the reported
-      loss (the clean one; at w + e for Momentum-SAM, which has no clean pass), over each token once.
+    - TRL's `compute_loss` records metrics (token count, accuracy, entropy, rewards, ...) on every call, gathering
+      them across devices. The mSAM step calls it twice per micro-batch, clean at w then perturbed at w + e_j. Its
+      gathers then make no collective (devices with packed rows cut different numbers of micro-batches); the
+      metrics of every pass are dropped but those of the last pass whose loss the step reports
+      (`MicroBatch.reported`: the clean ones; at w + e for Momentum-SAM, which has no clean pass), whose gathers
+      collect the values of all the reported passes of the step, from every device. So the logged metrics are
+      those of the whole batch, each token once: sums and counts (`num_tokens`, and the numerators and
+      denominators of `entropy` and `mean_token_accuracy`) and means over pairs (`rewards/*`) as without
+      micro-batches; a metric TRL gathers as a mean per call (the reward model's `accuracy` and `margin`,
+      `aux_loss`) is the mean over the micro-batches, as TRL's is over devices.
     """
+
+    _msam_gathers_once_per_step = True  # so devices may cut packed rows into different numbers of micro-batches
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         current = getattr(self, "_msam_pass", None)  # set by the mSAM step around each pass it computes
-        if current is None or current.reported:
+        if current is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if current.reported and current.index == 0:
+            self._msam_reported_gathers = []  # a new step: the gathers of its reported passes
+        record: list[Any] = []
+        if current.reported:
+            self._msam_reported_gathers.append(record)
+        if current.reported and current.index == current.count - 1:  # the step's metrics, all passes together
+            try:
+                with _micro_batch_gathers(self.accelerator, record, self._msam_reported_gathers):
+                    return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            finally:
+                self._msam_reported_gathers = []
         metrics = self._metrics["train"]
         saved = ({key: list(values) for key, values in metrics.items()}, getattr(self, "_total_train_tokens", None))
         try:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            with _micro_batch_gathers(self.accelerator, record, None):
+                return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         finally:
             metrics.clear()
             metrics.update(saved[0])

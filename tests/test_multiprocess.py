@@ -55,3 +55,77 @@ def test_two_process_ddp_matches_per_device_reference(tmp_path, vectorize, path)
 
     # The mSAM metrics are averaged across the processes: both ranks log the same values.
     assert ranks[0]["logs"] and ranks[0]["logs"] == ranks[1]["logs"]
+
+
+# What the README's CPU command leaves to the test: the script, its output and the steps (the SGD step the
+# reference takes), and a free port (other jobs may hold accelerate's default one).
+README_SCRIPT_ARGS = [
+    "--per_device_train_batch_size", "16", "--max_steps", "2", "--optim", "sgd", "--learning_rate", "0.5",
+    "--lr_scheduler_type", "constant", "--max_grad_norm", "0", "--weight_decay", "0",
+    "--train_sampling_strategy", "sequential", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
+]  # fmt: skip
+
+
+def readme_cpu_command():
+    """The README's CPU `accelerate launch` line of "Multi-device", split into (launcher arguments, script arguments)."""
+    readme = (HERE.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Multi-device", 1)[1].split("\n## ", 1)[0]
+    (line,) = [x for x in section.splitlines() if x.startswith("accelerate launch") and "--use_cpu" in x]
+    words = line.split()
+    at = words.index("your_script.py")
+    assert words[-1] == "..."
+    return words[2:at], words[at + 1 : -1]
+
+
+def launch(tmp_path, launcher_args, script_args):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", *launcher_args, "--main_process_port", str(free_port()),
+        str(HERE / "readme_ddp_script.py"), *script_args, "--output_dir", str(tmp_path), *README_SCRIPT_ARGS,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, [torch.load(f) for f in sorted(tmp_path.glob("rank*.pt"))]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_readme_cpu_command_trains_two_processes_in_one_group(tmp_path):
+    """The README's CPU command, as written (`accelerate launch --multi_gpu --num_processes 2 your_script.py --use_cpu
+    --msam_rho 0.05 --msam_micro_batch_size 8`): 2 processes in one gloo group, equal to the per-device reference."""
+    launcher_args, script_args = readme_cpu_command()
+    assert launcher_args == ["--multi_gpu", "--num_processes", "2"] and "--use_cpu" in script_args
+    proc, ranks = launch(tmp_path, launcher_args, script_args)
+    assert len(ranks) == 2 and [r["world_size"] for r in ranks] == [2, 2]
+    log = proc.stdout + proc.stderr
+    assert "2 processes in one process group (data parallel)" in log
+    assert "do not form one process group" not in log
+    for a, b in zip(ranks[0]["final"], ranks[1]["final"]):
+        assert torch.equal(a, b)
+    assert not torch.equal(ranks[0]["batches"][0]["x"], ranks[1]["batches"][0]["x"])  # each its own data
+    # Reference: per device, micro-batches of 8 of its 16 examples, rho 0.05; DDP averages the two descents.
+    model = MLP().double()
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), ranks[0]["initial"]):
+            p.copy_(w)
+    for step in range(2):
+        grads = [msam_gradient(model, r["batches"][step], 8, 0.05) for r in ranks]
+        with torch.no_grad():
+            for p, g0, g1 in zip(model.parameters(), *grads):
+                p.sub_(0.5 * (g0 + g1) / 2)
+    for p, w in zip(model.parameters(), ranks[0]["final"]):
+        torch.testing.assert_close(w, p.detach(), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the processes form a group on GPUs")
+def test_launch_without_use_cpu_on_a_cpu_machine_warns(tmp_path):
+    """`--multi_gpu` without the script's --use_cpu on a machine without GPUs: 2 separate runs of world size 1. The
+    trainer says so (once: the process with RANK 0), and its start-up line says 1 process."""
+    proc, ranks = launch(tmp_path, ["--multi_gpu", "--num_processes", "2"], ["--msam_rho", "0.05", "--msam_micro_batch_size", "8"])
+    assert [r["world_size"] for r in ranks] == [1, 1]
+    log = proc.stdout + proc.stderr
+    assert log.count("The launcher started 2 processes (WORLD_SIZE=2") == 1
+    assert "do not form one process group" in log and "--use_cpu" in log
+    assert "1 process (no data parallelism)" in log

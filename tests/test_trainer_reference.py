@@ -381,3 +381,46 @@ def test_accumulation_batch_without_label_tokens_adds_nothing_and_logs_the_plain
     assert logged["loss"] == pytest.approx(plain_logged["loss"], rel=1e-9)
     assert all(torch.isfinite(torch.tensor(logged[k])) for k in ("msam/perturbed_loss", "msam/sharpness", "msam/ascent_grad_norm"))
     assert logged["msam/skipped_perturbations"] == 3 and logged["msam/micro_batches_per_step"] == 6  # 3 without a token
+
+
+def test_micro_batch_larger_than_the_batch_warns_once_and_reports_the_real_size(tmp_path, caplog):
+    """--msam_micro_batch_size 16 with per-device batches of 8: one warning, the start-up line and the model card say
+    micro-batches of 8 (not 16), and each step is SAM on the whole batch of 8 (the reference with one micro-batch)."""
+    import logging
+
+    model, data = tiny_bert(), bert_data(16)
+    reference = copy.deepcopy(model)
+    args = sgd_args(tmp_path, 8, msam_rho=0.05, msam_micro_batch_size=16)
+    args.max_steps = 2
+    with caplog.at_level(logging.INFO, logger="hf_msam"):
+        trainer = MSAMTrainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "--msam_micro_batch_size 16 is larger than the per-device batch (8): each device's batch is one micro-batch "
+        "of 8 example(s), which is SAM on each device."
+    ]
+    assert trainer.msam_micro_batches_per_device == 1 and trainer.msam_perturbations_per_step == 1
+    assert "1 micro-batch(es) of 8 example(s) per device" in caplog.text and "of 16 example(s)" not in caplog.text
+    trainer.create_model_card()
+    card = (tmp_path / "README.md").read_text()
+    assert "- micro-batch size: 8 example(s) per perturbation, per device (the whole per-device batch" in card
+
+    for step in range(2):
+        grads = msam_gradient(reference, stack(data[8 * step : 8 * step + 8]), None, 0.05)
+        with torch.no_grad():
+            for p, g in zip([p for p in reference.parameters() if p.requires_grad], grads):
+                p.sub_(LR * g)
+    for a, b in zip(trainable(model), trainable(reference)):
+        torch.testing.assert_close(a, b, **TIGHT)
+
+
+def test_model_card_names_a_local_base_model(tmp_path, request):
+    """transformers' card calls a model loaded from a local directory "trained from scratch": it names the directory."""
+    tiny_bert_dir = request.getfixturevalue("tiny_bert")  # conftest's: a BERT saved to a directory
+    model = BertForSequenceClassification.from_pretrained(tiny_bert_dir)
+    trainer = MSAMTrainer(model=model, args=sgd_args(tmp_path, 8, msam_rho=0.05), train_dataset=bert_data(8))
+    trainer.create_model_card(model_name="tiny")
+    text = (tmp_path / "README.md").read_text()
+    assert "trained from scratch" not in text
+    assert f"This model is a fine-tuned version of the local model `{tiny_bert_dir.name}` on " in text

@@ -338,3 +338,126 @@ def test_reward_trainer_splits_by_pairs(llama_dir, tmp_path):
     assert torch.equal(micro[1]["input_ids"], batch["input_ids"][[3, 7]])
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert "msam/sharpness" in logs[0] and "accuracy" in logs[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL's logged metrics under micro-batches: those of the same step without them
+# ---------------------------------------------------------------------------------------------
+
+
+def first_log(trainer):
+    return next(h for h in trainer.state.log_history if "loss" in h)
+
+
+def logged_metrics_of(cls, config_cls, llama_dir, tmp_path, data, **kwargs):
+    trainer = cls(
+        model=load(llama_dir), args=config_cls(str(tmp_path), **COMMON, **kwargs), train_dataset=Dataset.from_list(data),
+        processing_class=AutoTokenizer.from_pretrained(llama_dir),
+    )  # fmt: skip
+    trainer.train()
+    return first_log(trainer)
+
+
+def label_free_last_rows(llama_dir):
+    """PROMPT_COMPLETION tokenized, with a completion mask; in rows 6 and 7 it marks only the first token, which
+    the shifted labels drop (TRL keeps such rows: its filter reads the unshifted labels). So the last micro-batch
+    of 2 rows holds no label token."""
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    rows = []
+    for i, row in enumerate(PROMPT_COMPLETION):
+        prompt = tokenizer(row["prompt"])["input_ids"]
+        completion = tokenizer(row["completion"])["input_ids"] + [tokenizer.eos_token_id]
+        mask = [1] + [0] * (len(prompt) + len(completion) - 1) if i >= 6 else [0] * len(prompt) + [1] * len(completion)
+        rows.append({"input_ids": prompt + completion, "completion_mask": mask})
+    return rows
+
+
+@pytest.mark.parametrize(
+    "layout, data, settings",
+    [
+        ("padded", "label-free", dict(per_device_train_batch_size=8, completion_only_loss=True)),
+        ("packed", PROMPT_COMPLETION, dict(per_device_train_batch_size=1, packing=True, max_length=48)),
+    ],
+)
+def test_sft_metrics_under_micro_batches_equal_the_plain_step(llama_dir, tmp_path, layout, data, settings):
+    """entropy, mean_token_accuracy and num_tokens of the first step (the clean passes at w) equal plain SFTTrainer's
+    on the same batch: a micro-batch without label tokens weighs nothing (it used to count as 0), and packed rows
+    cut into micro-batches of sequences give the row's ratio, not a mean of ratios."""
+    data = label_free_last_rows(llama_dir) if data == "label-free" else data
+    plain = logged_metrics_of(SFTTrainer, SFTConfig, llama_dir, tmp_path / "plain", data, **settings)
+    ours = logged_metrics_of(
+        recording(MSAMSFTTrainer), MSAMSFTConfig, llama_dir, tmp_path / "msam", data, msam_rho=0.1,
+        msam_micro_batch_size=2, **settings,
+    )  # fmt: skip
+    assert ours["msam/micro_batches_per_step"] >= 3  # the batch was cut
+    assert ours["num_tokens"] == plain["num_tokens"]
+    assert ours["mean_token_accuracy"] == pytest.approx(plain["mean_token_accuracy"], rel=1e-9)
+    assert ours["entropy"] == pytest.approx(plain["entropy"], rel=1e-6)
+    assert ours["loss"] == pytest.approx(plain["loss"], rel=1e-6)  # the clean loss of the same step
+    if layout == "padded":  # 4 micro-batches, the last without labels: it used to log 3/4 of the entropy
+        assert ours["msam/micro_batches_per_step"] == 4
+
+
+def test_sft_metrics_with_a_label_free_micro_batch_are_the_token_weighted_ones(llama_dir, tmp_path):
+    """The same padded step against a plain-PyTorch reference: accuracy and entropy over the label tokens of the
+    whole batch, from the model's logits at w."""
+    settings = dict(per_device_train_batch_size=8, completion_only_loss=True)
+    trainer = recording(MSAMSFTTrainer)(
+        model=load(llama_dir), args=MSAMSFTConfig(str(tmp_path), **COMMON, msam_rho=0.1, msam_micro_batch_size=2, **settings),
+        train_dataset=Dataset.from_list(label_free_last_rows(llama_dir)),
+        processing_class=AutoTokenizer.from_pretrained(llama_dir),
+    )  # fmt: skip
+    trainer.train()
+    (batch,) = trainer.seen
+    assert batch["input_ids"].shape[0] == 8
+    assert batch["labels"][6:, 1:].ne(-100).sum() == 0 < batch["labels"][:6, 1:].ne(-100).sum()
+    with torch.no_grad():
+        logits = load(llama_dir)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    mask = batch["labels"][:, 1:].ne(-100)
+    logp = torch.log_softmax(logits, -1)
+    entropy = -(logp.exp() * logp).sum(-1)[mask].mean().item()
+    accuracy = (logits.argmax(-1) == batch["labels"][:, 1:])[mask].double().mean().item()
+    logged = first_log(trainer)
+    assert logged["mean_token_accuracy"] == pytest.approx(accuracy, rel=1e-6)  # TRL divides in float32
+    assert logged["entropy"] == pytest.approx(entropy, rel=1e-6)
+    assert logged["num_tokens"] == batch["attention_mask"].sum().item()
+
+
+def test_dpo_metrics_under_micro_batches_equal_the_plain_step(llama_dir, tmp_path):
+    """5 pairs in micro-batches of 2, 2, 1: DPO's token ratios and its means over pairs equal plain DPOTrainer's."""
+    data = Dataset.from_list(PREFERENCES)
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    plain = DPOTrainer(model=load(llama_dir), ref_model=load(llama_dir), args=DPOConfig(**dpo_common(tmp_path / "a")),
+                       train_dataset=data, processing_class=tokenizer)  # fmt: skip
+    plain.train()
+    ours = MSAMDPOTrainer(
+        model=load(llama_dir), ref_model=load(llama_dir),
+        args=MSAMDPOConfig(**dpo_common(tmp_path / "b"), msam_rho=0.1, msam_micro_batch_size=2),
+        train_dataset=data, processing_class=tokenizer,
+    )  # fmt: skip
+    ours.train()
+    a, b = first_log(plain), first_log(ours)
+    assert b["msam/micro_batches_per_step"] == 3
+    keys = [k for k in a if k.split("/")[0] in ("rewards", "logps", "logits") or k in ("entropy", "mean_token_accuracy", "num_tokens")]
+    assert len(keys) >= 9
+    for key in keys:
+        assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
+
+
+def test_model_card_names_a_local_base_model(llama_dir, tmp_path):
+    """A model loaded from a local directory: TRL's card said "fine-tuned version of [None](https://huggingface.co/None)";
+    it names the directory. A model built from a config (no name at all) leaves the base model out."""
+    from transformers import LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    data = Dataset.from_list(PROMPT_COMPLETION[:2])
+    config = LlamaConfig.from_pretrained(llama_dir)
+    for name, model in (("local", load(llama_dir)), ("config", AutoModelForCausalLM.from_config(config))):
+        out = tmp_path / name
+        trainer = MSAMSFTTrainer(model=model, args=MSAMSFTConfig(str(out), msam_rho=0.1, **COMMON), train_dataset=data,
+                                 processing_class=tokenizer)  # fmt: skip
+        trainer.create_model_card(model_name="tiny", dataset_name="local.jsonl")
+        text = (out / "README.md").read_text()
+        assert "[None]" not in text and "huggingface.co/None" not in text
+        expected = f"fine-tuned version of the local model `{llama_dir.name}` on" if name == "local" else "This model was trained on"
+        assert expected in text and "## mSAM settings" in text

@@ -66,3 +66,35 @@ def test_dpo_example_with_lora(tmp_path, llama_dir, monkeypatch):
         "--output_dir", out, *COMMON,
     )  # fmt: skip
     check_run(out, "dpo")
+
+
+def readme_command(script):
+    """The command of examples/llm/README.md that runs `script` (sft.py or dpo.py) alone, as its argument list."""
+    import shlex
+
+    text = (EXAMPLES / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
+    (line,) = [x for x in text.splitlines() if x.startswith(f"python examples/llm/{script}")]
+    return shlex.split(line)[2:]
+
+
+@pytest.mark.parametrize("script, kind", [("sft.py", "sft"), ("dpo.py", "dpo")])
+def test_readme_commands_run_as_written(tmp_path, llama_dir, monkeypatch, capsys, script, kind):
+    """examples/llm/README.md's SFT and DPO commands, as written but for the model and output paths: they train
+    on any machine (TRL's bf16 default is replaced by float32 without a bf16-capable GPU), and log every step."""
+    import torch
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    args = readme_command(script)
+    out = tmp_path / kind
+    args = [str(llama_dir) if a == "path/to/local/model" else str(out) if a.startswith("runs/") else a for a in args]
+    assert "--bf16" not in args and "--use_cpu" not in args and "--logging_steps" in args
+    monkeypatch.chdir(REPO_ROOT)  # the data paths are relative to the repository
+    run_example(kind, monkeypatch, *args)
+    if not torch.cuda.is_available():
+        assert "no bf16-capable GPU, adding --use_cpu --bf16 false" in capsys.readouterr().err
+    elif not is_torch_bf16_gpu_available():
+        assert "no bf16-capable GPU, adding --bf16 false" in capsys.readouterr().err
+    state = json.loads((out / "trainer_state.json").read_text())
+    logs = [h for h in state["log_history"] if "loss" in h]
+    assert state["max_steps"] >= 2 and len(logs) == state["max_steps"]  # --logging_steps 1: every step
+    assert all("msam/sharpness" in h for h in logs)

@@ -218,6 +218,10 @@ def test_trl_command_line(tmp_path, llama_dir, data_dir):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trains with mSAM (msam_rho=0.1, msam_micro_batch_size=2" in proc.stderr
+    # The banner once, from the process that trains; the `trl` command's own process says it relaunches.
+    assert proc.stderr.count("Swapped: Trainer -> ") == 1
+    assert "hf-msam: running sft.py with mSAM. Swapped:" in proc.stderr
+    assert "hf-msam: running -m trl.cli.main: TRL's command starts its training script" in proc.stderr
     expected = reference_weights(llama_dir, data_dir / "train.jsonl", tmp_path, dtype=torch.float32)
     assert_close_to(saved_weights(out), expected, rtol=1e-4, atol=1e-5)
 

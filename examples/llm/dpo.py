@@ -1,22 +1,25 @@
 """Direct preference optimization (DPO) of a causal language model with mSAM, through TRL, offline.
 
     python examples/llm/dpo.py --model_name_or_path path/to/local/model \
-        --train_file examples/llm/data/dpo_train.jsonl --use_peft --lora_r 8 --lora_alpha 16 \
+        --train_file examples/llm/data/dpo_train.jsonl --use_peft --lora_r 8 --lora_alpha 16 --logging_steps 1 \
         --output_dir runs/dpo-msam --msam_rho 0.05 --msam_micro_batch_size 2
 
 Every flag of TRL's `DPOConfig` and `ModelConfig` works, and so do the `--msam_*` flags of `MSAMDPOConfig`.
 A micro-batch is made of whole preference pairs. With `--use_peft` the reference model is the base model with the
-adapter switched off (no second copy); without it, a frozen copy of the starting model. See README.md.
+adapter switched off (no second copy); without it, a frozen copy of the starting model. Without a bf16-capable GPU
+the script trains in float32 (on the CPU without a GPU) unless --bf16/--fp16/--use_cpu say otherwise. See README.md.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
 from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import is_torch_bf16_gpu_available
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from hf_msam.trl import MSAMDPOConfig, MSAMDPOTrainer
@@ -36,9 +39,22 @@ def load_local(path: str):
     return load_dataset(kind, data_files=path, split="train")
 
 
+def device_defaults(argv: list[str]) -> list[str]:
+    """TRL's configs default to bf16, which fails on a machine without a bf16-capable GPU. Unless the command line
+    sets --bf16, --fp16, --use_cpu or a --config file, choose by device: nothing with such a GPU, float32
+    (--bf16 false) on another GPU, the CPU in float32 (--use_cpu --bf16 false) without a GPU."""
+    given = {arg.split("=", 1)[0] for arg in argv}
+    if given & {"--bf16", "--fp16", "--use_cpu", "--config"} or is_torch_bf16_gpu_available():
+        return argv
+    extra = ["--bf16", "false"] if torch.cuda.is_available() else ["--use_cpu", "--bf16", "false"]
+    print(f"{os.path.basename(__file__)}: no bf16-capable GPU, adding {' '.join(extra)} (set --bf16/--fp16/--use_cpu "
+          "to choose yourself).", file=sys.stderr, flush=True)  # fmt: skip
+    return [*argv, *extra]
+
+
 def main() -> None:
     parser = TrlParser((DataArguments, MSAMDPOConfig, ModelConfig))
-    data_args, config, model_args = parser.parse_args_and_config()
+    data_args, config, model_args = parser.parse_args_and_config(device_defaults(sys.argv[1:]))
 
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     load = dict(dtype=dtype, attn_implementation=model_args.attn_implementation)

@@ -6,17 +6,21 @@
         --msam_rho 0.05 --msam_micro_batch_size 2
 
 Every flag of TRL's `SFTConfig` and `ModelConfig` works (`--packing`, `--padding_free`, `--completion_only_loss`,
-`--gradient_accumulation_steps`, `--bf16`, ...), and so do the `--msam_*` flags of `MSAMSFTConfig`. See README.md.
+`--gradient_accumulation_steps`, `--bf16`, ...), and so do the `--msam_*` flags of `MSAMSFTConfig`. Without a
+bf16-capable GPU it trains in float32 (on the CPU without a GPU) unless --bf16/--fp16/--use_cpu say otherwise.
+See README.md.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
 from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import is_torch_bf16_gpu_available
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from hf_msam.trl import MSAMSFTConfig, MSAMSFTTrainer
@@ -36,9 +40,22 @@ def load_local(path: str):
     return load_dataset(kind, data_files=path, split="train")
 
 
+def device_defaults(argv: list[str]) -> list[str]:
+    """TRL's configs default to bf16, which fails on a machine without a bf16-capable GPU. Unless the command line
+    sets --bf16, --fp16, --use_cpu or a --config file, choose by device: nothing with such a GPU, float32
+    (--bf16 false) on another GPU, the CPU in float32 (--use_cpu --bf16 false) without a GPU."""
+    given = {arg.split("=", 1)[0] for arg in argv}
+    if given & {"--bf16", "--fp16", "--use_cpu", "--config"} or is_torch_bf16_gpu_available():
+        return argv
+    extra = ["--bf16", "false"] if torch.cuda.is_available() else ["--use_cpu", "--bf16", "false"]
+    print(f"{os.path.basename(__file__)}: no bf16-capable GPU, adding {' '.join(extra)} (set --bf16/--fp16/--use_cpu "
+          "to choose yourself).", file=sys.stderr, flush=True)  # fmt: skip
+    return [*argv, *extra]
+
+
 def main() -> None:
     parser = TrlParser((DataArguments, MSAMSFTConfig, ModelConfig))
-    data_args, config, model_args = parser.parse_args_and_config()
+    data_args, config, model_args = parser.parse_args_and_config(device_defaults(sys.argv[1:]))
 
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     model = AutoModelForCausalLM.from_pretrained(
