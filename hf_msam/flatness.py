@@ -46,6 +46,7 @@ SizeFn = Callable[[Mapping[str, Any]], "int | torch.Tensor"]  # a batch's weight
 
 __all__ = [
     "LossLandscape",
+    "check_flatness_supported",
     "evaluate_flatness",
     "hessian_top_eigenvalue",
     "hessian_trace",
@@ -538,6 +539,22 @@ def _first_batches(dataloader: Iterable[Any], count: int) -> list[Any]:
     return batches
 
 
+def check_flatness_supported(trainer: Any) -> None:
+    """Raise NotImplementedError, naming the flags, when the trainer's `msam_eval_*` flags ask for measures its setup
+    cannot take: run when the trainer is built, so a run does not fail at its first evaluation."""
+    args = trainer.args
+    flags = [f"--{name}" for name in ("msam_eval_flatness", "msam_eval_landscape") if msam_setting(args, name)]
+    if not flags:
+        return
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled or getattr(trainer, "is_fsdp_xla_enabled", False):
+        what = "DeepSpeed" if trainer.is_deepspeed_enabled else "FSDP"
+        raise NotImplementedError(
+            f"{' and '.join(flags)} need the whole, unsharded trainable weights on each device: they do not work with "
+            f"{what}. Drop {' and '.join(flags)} (and compute the measures after training with hf_msam.flatness on the "
+            "saved model), or train without it."
+        )
+
+
 def evaluate_flatness(trainer: Any, eval_dataset: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
     """What [`MSAMTrainer.evaluate`] adds to an evaluation, per the trainer's `msam_eval_*` flags.
 
@@ -557,11 +574,7 @@ def evaluate_flatness(trainer: Any, eval_dataset: Any = None, metric_key_prefix:
     with_flatness, with_landscape = msam_setting(args, "msam_eval_flatness"), msam_setting(args, "msam_eval_landscape")
     if not (with_flatness or with_landscape):
         return {}
-    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
-        raise NotImplementedError(
-            "--msam_eval_flatness and --msam_eval_landscape need the whole, unsharded trainable weights on each "
-            "device: they do not work with DeepSpeed or FSDP. Compute them after training with hf_msam.flatness."
-        )
+    check_flatness_supported(trainer)
     batches = _first_batches(trainer.get_eval_dataloader(eval_dataset), msam_setting(args, "msam_flatness_batches"))
     model, progress_bar = trainer.model, trainer.is_local_process_zero() and not args.disable_tqdm
     # A token-level loss (labels per token: causal or token-classification LMs) is a mean over label tokens:

@@ -176,6 +176,26 @@ def _is_fsdp2(model: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
+# Why DeepSpeed is refused (the trainer and the engine say it the same way).
+DEEPSPEED_REFUSAL = (
+    "DeepSpeed (any ZeRO stage): DeepSpeed's engine owns the backward pass, the gradients and the optimizer step "
+    "(accelerate's `backward` runs `engine.backward` and then `engine.step`, which clips, steps and zeroes the "
+    "gradients; ZeRO-1 partitions the optimizer state, ZeRO-2 also the gradients, ZeRO-3 also the parameters), "
+    "while mSAM takes an ascent gradient beside the accumulated ones, adds its descent to `.grad` over several "
+    "backward passes per step, and perturbs and restores the weights between them"
+)
+
+
+def _is_deepspeed(model: nn.Module, accelerator: Any = None) -> bool:
+    """True when `model` is wrapped by DeepSpeed (a `deepspeed` engine class), or `accelerator` runs DeepSpeed: read
+    off class names and modules, so DeepSpeed need not be installed (nor imported) to tell."""
+    engine = any(
+        k.__name__ == "DeepSpeedEngine" or (k.__module__.split(".")[0] == "deepspeed" and k.__name__.endswith("Engine"))
+        for k in type(model).__mro__
+    )
+    return engine or str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED")
+
+
 def _param_groups(fsdp_state: Any) -> list:
     """The parameter groups of one FSDP2 module's state: a list since torch 2.12, at most one group before."""
     groups = getattr(fsdp_state, "_fsdp_param_groups", None)
@@ -244,6 +264,11 @@ class MicroBatchSAM:
             raise ValueError(f"vectorize must be 'auto', 'on' or 'off', got {vectorize!r}.")
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be None or >= 1, got {micro_batch_size}.")
+        if _is_deepspeed(model, accelerator):
+            raise NotImplementedError(
+                f"MicroBatchSAM does not support {DEEPSPEED_REFUSAL}. Train without DeepSpeed: FSDP2 (`fully_shard`, "
+                "or accelerate's `fsdp_version: 2`) to shard the model, plain DDP otherwise."
+            )
         self.model = model
         self.micro_batch_size = micro_batch_size
         self.accelerator = accelerator

@@ -17,10 +17,10 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.training_args import OptimizerNames
 
 from .batches import SequenceBoundsRecorder, splitter_for, trl_bases
-from .flatness import evaluate_flatness
+from .flatness import check_flatness_supported, evaluate_flatness
 from .methods import DescentRule, PerturbationRule, build_method, check_compatible
 from .methods.sam import SAMPerturbation
-from .msam import MicroBatch, MicroBatchSAM, MSAMStats, Schedule
+from .msam import DEEPSPEED_REFUSAL, MicroBatch, MicroBatchSAM, MSAMStats, Schedule
 from .training_args import MSAMArguments, check_msam_settings, msam_setting
 
 __all__ = ["MSAMMixin", "MSAMTrainer"]
@@ -72,6 +72,7 @@ class MSAMMixin:
                 msam_setting(self.args, "msam_adaptive"),
             )
         check_msam_settings(self.args)  # again: scripts and sweeps may change fields after the arguments are built
+        check_flatness_supported(self)  # here, not at the first evaluation
         default_perturbation, default_descent = build_method(msam_setting(self.args, "msam_method"), self.args)
         self._default_perturbation = default_perturbation
         self.msam_perturbation = perturbation or default_perturbation
@@ -114,10 +115,12 @@ class MSAMMixin:
             return  # msam_rho=0: the plain Trainer step, whatever the setup
         fsdp2 = self._msam_fsdp2()
         if self.is_deepspeed_enabled or getattr(self, "is_fsdp_xla_enabled", False) or (self.is_fsdp_enabled and not fsdp2):
-            what = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP1 (and FSDP on XLA)"
+            why = DEEPSPEED_REFUSAL if self.is_deepspeed_enabled else (
+                "FSDP1 (and FSDP on XLA): mSAM perturbs each rank's shard of the weights and restores it between "
+                "passes, which it does for FSDP2 only"
+            )
             raise NotImplementedError(
-                f"MSAMTrainer does not support {what}: mSAM perturbs each rank's shard of the weights and restores it "
-                "between passes, which it does for FSDP2 only. Use FSDP2 (accelerate config `fsdp_version: 2`, or "
+                f"MSAMTrainer does not support {why}. Use FSDP2 (accelerate config `fsdp_version: 2`, or "
                 "--fsdp_config with \"version\": 2), plain data parallelism (DDP, e.g. `accelerate launch --multi_gpu`), "
                 "or set --msam_rho 0 to train without mSAM."
             )
