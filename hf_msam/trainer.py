@@ -16,11 +16,12 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.training_args import OptimizerNames
 
-from .batches import SequenceBoundsRecorder, splitter_for, trl_bases
+from .batches import SequenceBoundsRecorder, batch_size_of, splitter_for, trl_bases
 from .flatness import check_flatness_supported, evaluate_flatness
 from .methods import DescentRule, PerturbationRule, build_method, check_compatible
 from .methods.sam import SAMPerturbation
 from .msam import DEEPSPEED_REFUSAL, MicroBatch, MicroBatchSAM, MSAMStats, Schedule
+from .st import check_losses, loss_parameters, whole_batch_loss, whole_batch_step
 from .training_args import MSAMArguments, check_msam_settings, msam_setting
 
 __all__ = ["MSAMMixin", "MSAMTrainer"]
@@ -86,6 +87,8 @@ class MSAMMixin:
         # Synchronized perturbations: asked for, or forced by FSDP2 (sharded weights take one perturbation).
         self.msam_sync_perturbation = bool(msam_setting(self.args, "msam_sync_perturbation")) or self._msam_fsdp2()
         self._check_supported()
+        if self.msam_perturbation.enabled:  # sentence-transformers' losses: refused, or how they are perturbed
+            check_losses(self, self.msam_micro_batch_size)
         # How batches are cut into micro-batches: dim 0, packed rows at sequence boundaries, or preference pairs.
         self._msam_splitter = splitter_for(self, strict=self.msam_perturbation.enabled)
         self._msam: MicroBatchSAM | None = None
@@ -218,6 +221,7 @@ class MSAMMixin:
         if not self.msam_perturbation.enabled:
             logger.info("mSAM is off (msam_rho=0): plain Trainer steps.")
             return
+        check_losses(self, self.msam_micro_batch_size)  # (a no-op when __init__ could check them)
         if self._msam_fsdp2() and not msam_setting(self.args, "msam_sync_perturbation"):
             logger.info("mSAM under FSDP2: perturbations are synchronized across devices (every rank perturbs its shard of the same e_j).")
         logger.info(
@@ -271,6 +275,9 @@ class MSAMMixin:
         if self._msam is None or self._msam.model is not model:
             self._msam = self._msam_engine(model)
         inputs = self._prepare_inputs(inputs)
+        whole_batch = whole_batch_loss(self, inputs)  # sentence-transformers: a loss comparing a batch's examples
+        if whole_batch is not None and self.msam_micro_batch_size and batch_size_of(inputs) > self.msam_micro_batch_size:
+            return whole_batch_step(self, model, whole_batch, inputs, num_items_in_batch, cut.split, t, self._msam_rho_now())
 
         # With `num_items_in_batch` the loss is normalized by a count of label tokens: weight the micro-batches by
         # that count, and give each the count that makes its loss a mean over itself.
@@ -352,6 +359,7 @@ class MSAMMixin:
             optimizer=self.optimizer,
             sync_perturbation=self.msam_sync_perturbation,
             vectorize=msam_setting(self.args, "msam_vectorize"),
+            params=loss_parameters(self, model),  # with those a loss owns (sentence-transformers' SoftmaxLoss)
         )
         engine.stats = self._msam_stats
         return engine
