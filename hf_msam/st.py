@@ -154,7 +154,7 @@ def whole_batch_step(trainer: Any, model: nn.Module, loss: nn.Module, inputs: di
         trainer.optimizer.train()
     inputs = {k: v for k, v in inputs.items() if k != "dataset_name"}
     _, labels = trainer.collect_features(inputs)
-    encoder = getattr(loss, "model", None) or getattr(loss, "sentence_embedder", None) or model
+    encoder = next((m for m in (getattr(loss, "model", None), getattr(loss, "sentence_embedder", None)) if m is not None), model)
     if encoder is trainer.model and trainer.model_wrapped is not trainer.model:
         encoder = trainer.model_wrapped  # DDP: its no_sync and its all-reduce in the last backward
     scale = 1.0 if trainer._msam_loss_uses_num_items(num_items_in_batch) else 1.0 / trainer.current_gradient_accumulation_steps
