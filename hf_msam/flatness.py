@@ -18,6 +18,11 @@ They run the model in eval mode (no dropout, BatchNorm on its running statistics
 function of w alone, on the device the model is on, and leave it bitwise as they found it, in the
 train/eval mode each of its modules was in. Hessian-vector products are double backward passes
 (`torch.autograd.grad` with `create_graph=True`), so the model must be twice differentiable.
+
+A model sharded with FSDP2 (`fully_shard`) is measured on the union of all processes' batches, every process
+getting the same numbers: there Hessian-vector products are central finite differences of the gradients FSDP2
+reduce-scatters, every vector sharded like the weights, norms and dot products summed over the shards (see
+docs/flatness.md). `loss_landscape` does not support FSDP2.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate.utils import send_to_device
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -39,13 +45,14 @@ from tqdm.auto import tqdm
 
 from .batches import batch_size_of, split_batch
 from .methods.sam import SAMPerturbation
-from .ops import dot
+from .ops import SHARD_GROUP, dot, global_norm, local, scoped
 from .training_args import msam_setting
 
 SizeFn = Callable[[Mapping[str, Any]], "int | torch.Tensor"]  # a batch's weight n_b in the mean loss
 
 __all__ = [
     "LossLandscape",
+    "check_flatness_supported",
     "evaluate_flatness",
     "hessian_top_eigenvalue",
     "hessian_trace",
@@ -133,6 +140,129 @@ def _hessian_vector_product(
     return hv
 
 
+# ---------------------------------------------------------------------------------------------
+# FSDP2: each rank holds a shard of w, and of every vector; Hessian-vector products by finite differences
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Sharding:
+    """A model sharded with FSDP2 (`fully_shard`): the process group, its size, and N = Σ n_b over all ranks' batches.
+    L is then the mean over the union of all ranks' batches, and every rank gets the same numbers."""
+
+    group: Any
+    world: int
+    total: float
+
+
+def _sharding(model: nn.Module, params: list[nn.Parameter], data: list[tuple[Mapping[str, Any], int]]) -> _Sharding | None:
+    from .msam import _is_fsdp2  # the engine's test (hf_msam.msam imports much more than this module needs)
+
+    if not _is_fsdp2(model):
+        return None
+    meshes = {p.device_mesh for p in params if hasattr(p, "device_mesh")}
+    if len(meshes) != 1 or next(iter(meshes)).ndim != 1:
+        raise NotImplementedError(
+            "The flatness measures under FSDP2 need every trainable parameter sharded over one one-dimensional mesh "
+            "(plain fully_shard, not HSDP or a 2-D mesh)."
+        )
+    group = next(iter(meshes)).get_group()
+    counts = torch.tensor([len(data), -len(data)], dtype=torch.int64, device=params[0].device)
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=group)
+    if counts[0].item() != -counts[1].item():
+        raise ValueError(
+            f"Under FSDP2 every rank must measure the same number of batches (each forward is a collective); this "
+            f"rank has {len(data)}, another {counts[0].item() if counts[0].item() != len(data) else -counts[1].item()}."
+        )
+    return _Sharding(group, dist.get_world_size(group), _global_sum(sum(n for _, n in data), params[0].device, group))
+
+
+def _global_sum(x: float, device: torch.device, group: Any) -> float:
+    t = torch.full((), float(x), dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=group)
+    return t.item()
+
+
+def _shard_of(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `full`, a whole vector shaped like the (sharded) parameter `p`; `full` itself otherwise."""
+    if not hasattr(p, "device_mesh"):
+        return full.to(p.device)
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
+
+
+def _sharded_gradient(
+    model: nn.Module, params: list[nn.Parameter], data: list[tuple[Mapping[str, Any], int]], sharding: _Sharding
+) -> list[torch.Tensor]:
+    """∇L(w) as this rank's shards: a plain backward per batch (torch.autograd.grad does not reach FSDP2's sharded
+    parameters), weighed by W·n_b/N so that FSDP2's reduce-scatter, a mean over the W ranks, sums to ∇L of the
+    union. `.grad` is set aside and put back."""
+    return _sharded_loss_and_gradient(model, params, data, sharding)[1]
+
+
+def _sharded_loss_and_gradient(
+    model: nn.Module, params: list[nn.Parameter], data: list[tuple[Mapping[str, Any], int]], sharding: _Sharding
+) -> tuple[float, list[torch.Tensor]]:
+    """`_sharded_gradient`, and Σ_b n_b L_b(w) over this rank's batches."""
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    rank_sum = 0.0
+    try:
+        for batch, n in data:
+            loss = _loss(model, batch)
+            (loss * (sharding.world * n / sharding.total)).backward()
+            rank_sum += n * loss.double().item()
+        with torch.no_grad():
+            return rank_sum, [torch.zeros_like(local(p)) if p.grad is None else local(p.grad).clone() for p in params]
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+
+
+def _finite_difference_hessian_vector_product(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    data: list[tuple[Mapping[str, Any], int]],
+    v: list[torch.Tensor],
+    sharding: _Sharding,
+) -> list[torch.Tensor]:
+    """∇²L(w) v ≈ (∇L(w + h v) − ∇L(w − h v)) / 2h, every vector this rank's shards, h = ε^⅓·(1 + ‖w‖)/‖v‖ (ε of the
+    parameters' dtype: the step that balances the O(h²) truncation error against rounding). The shards come back
+    bitwise."""
+    with torch.no_grad():
+        shards = [local(p) for p in params]
+        w = [t.detach().clone() for t in shards]
+    with scoped(SHARD_GROUP, sharding.group):
+        w_norm, v_norm = global_norm(w).item(), global_norm(v).item()
+    if v_norm == 0:
+        return [torch.zeros_like(x) for x in v]
+    h = torch.finfo(w[0].dtype).eps ** (1 / 3) * (1 + w_norm) / v_norm
+    gradients = []
+    try:
+        for sign in (1.0, -1.0):
+            with torch.no_grad():
+                torch._foreach_copy_(shards, w)
+                torch._foreach_add_(shards, [x.to(t.dtype) for x, t in zip(v, shards)], alpha=sign * h)
+            gradients.append(_sharded_gradient(model, params, data, sharding))
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(shards, w)
+    return [(a.to(x.dtype) - b.to(x.dtype)) / (2 * h) for a, b, x in zip(*gradients, v)]
+
+
+def _over_shards(sharding: _Sharding | None):
+    """Norms and dot products (hf_msam.ops) sum over all shards under FSDP2."""
+    return scoped(SHARD_GROUP, None if sharding is None else sharding.group)
+
+
+def _hvp(model, params, data, v, sharding: _Sharding | None) -> list[torch.Tensor]:
+    if sharding is None:
+        return _hessian_vector_product(model, params, data, v)
+    return _finite_difference_hessian_vector_product(model, params, data, v, sharding)
+
+
 @contextlib.contextmanager
 def _measuring(model: nn.Module):
     """Eval mode and autograd on (even under the caller's `torch.no_grad`); then each module back in its mode."""
@@ -197,14 +327,15 @@ def hessian_top_eigenvalue(
         raise ValueError(f"iters must be >= 1, got {iters}.")
     params = _trainable_parameters(model)
     data = _materialize(batches, params[0].device, size_fn)
+    sharding = _sharding(model, params, data)
     generator = torch.Generator().manual_seed(seed)
-    v = [torch.randn(p.shape, generator=generator, dtype=_accumulation_dtype(p)).to(p.device) for p in params]
-    norm = dot(v, v).sqrt()
-    v = [x / norm for x in v]
+    v = [_shard_of(torch.randn(p.shape, generator=generator, dtype=_accumulation_dtype(p)), p) for p in params]
     eigenvalue = None
-    with _measuring(model), _progress(iters, "Hessian top eigenvalue", progress_bar) as bar:
+    with _measuring(model), _progress(iters, "Hessian top eigenvalue", progress_bar) as bar, _over_shards(sharding):
+        norm = dot(v, v).sqrt()
+        v = [x / norm for x in v]
         for _ in range(iters):
-            hv = _hessian_vector_product(model, params, data, v)
+            hv = _hvp(model, params, data, v, sharding)
             rayleigh = dot(v, hv).item()  # vᵀHv, ‖v‖ = 1
             norm = dot(hv, hv).sqrt()
             bar.update()
@@ -256,13 +387,14 @@ def hessian_trace(
         raise ValueError(f"samples must be >= 1, got {samples}.")
     params = _trainable_parameters(model)
     data = _materialize(batches, params[0].device, size_fn)
+    sharding = _sharding(model, params, data)
     generator = torch.Generator().manual_seed(seed)
     estimates = []
-    with _measuring(model), _progress(samples, "Hessian trace", progress_bar) as bar:
+    with _measuring(model), _progress(samples, "Hessian trace", progress_bar) as bar, _over_shards(sharding):
         for _ in range(samples):
             bits = [torch.randint(0, 2, p.shape, generator=generator) for p in params]
-            z = [(2 * b - 1).to(device=p.device, dtype=_accumulation_dtype(p)) for b, p in zip(bits, params)]  # ±1
-            estimates.append(dot(z, _hessian_vector_product(model, params, data, z)))
+            z = [_shard_of((2 * b - 1).to(dtype=_accumulation_dtype(p)), p) for b, p in zip(bits, params)]  # ±1
+            estimates.append(dot(z, _hvp(model, params, data, z, sharding)))
             bar.update()
     return torch.stack(estimates).mean().item()
 
@@ -328,6 +460,8 @@ def sharpness(
     size_fn = size_fn or batch_size_of  # micro-batches weigh as batches do
     data = _materialize(batches, params[0].device, size_fn)
     micro_batches = [mb for batch, _ in data for mb in split_batch(batch, micro_batch_size)]
+    if _sharding(model, params, data) is not None:
+        return _sharded_sharpness(model, params, micro_batches, perturbation, size_fn, progress_bar)
     w = [p.detach().clone() for p in params]  # restore by copy: w + e - e is not w in floating point
     rise, total = 0.0, 0
     with _measuring(model), _progress(len(micro_batches), "Sharpness", progress_bar) as bar:
@@ -346,6 +480,35 @@ def sharpness(
                         torch._foreach_copy_(params, w)
                 rise += n_j * (perturbed_loss.double().item() - clean_loss.double().item())
             total += n_j
+            bar.update()
+    return rise / total
+
+
+def _sharded_sharpness(model, params, micro_batches, perturbation, size_fn, progress_bar) -> float:
+    """FSDP2: micro-batch j is the union of all ranks' j-th micro-batches (its gradient reduce-scattered, its norm
+    summed over the shards, as the mSAM step under FSDP2 perturbs); each rank perturbs and restores its shards."""
+    sharding = _sharding(model, params, [(mb, 0) for mb in micro_batches])  # the same count of micro-batches
+    device = params[0].device
+    with torch.no_grad():
+        shards = [local(p) for p in params]
+        w = [t.detach().clone() for t in shards]
+    rise, total = 0.0, 0.0
+    with _measuring(model), _progress(len(micro_batches), "Sharpness", progress_bar) as bar, _over_shards(sharding):
+        for mb in micro_batches:
+            n_j = int(size_fn(mb))
+            n = _global_sum(n_j, device, sharding.group)  # the union micro-batch's weight
+            clean_sum, g = _sharded_loss_and_gradient(model, params, [(mb, n_j)], _Sharding(sharding.group, sharding.world, n))
+            e, _ = perturbation(shards, g)
+            if e is not None:
+                try:
+                    with torch.no_grad():
+                        torch._foreach_add_(shards, e)
+                        perturbed_sum = n_j * _loss(model, mb).double().item()
+                finally:
+                    with torch.no_grad():
+                        torch._foreach_copy_(shards, w)
+                rise += _global_sum(perturbed_sum - clean_sum, device, sharding.group)
+            total += n
             bar.update()
     return rise / total
 
@@ -466,6 +629,13 @@ def loss_landscape(
         raise ValueError(f"span must be a finite number > 0, got {span!r}.")
     params = _trainable_parameters(model)
     data = _materialize(batches, params[0].device, size_fn)
+    from .msam import _is_fsdp2
+
+    if _is_fsdp2(model):
+        raise NotImplementedError(
+            "loss_landscape does not support a model sharded with FSDP2 yet (its filter normalization needs whole "
+            "filters): draw the landscape of the saved, unsharded model (or drop --msam_eval_landscape)."
+        )
     generator = torch.Generator().manual_seed(seed)
     d = [_filter_normalized_direction(params, generator) for _ in range(directions)]
     # span·(2i − (steps−1))/(steps−1): α = 0 exactly in the middle of an odd grid.
@@ -538,6 +708,29 @@ def _first_batches(dataloader: Iterable[Any], count: int) -> list[Any]:
     return batches
 
 
+def check_flatness_supported(trainer: Any) -> None:
+    """Raise NotImplementedError, naming the flags, when the trainer's `msam_eval_*` flags ask for measures its setup
+    cannot take: run when the trainer is built, so a run does not fail at its first evaluation."""
+    args = trainer.args
+    flags = [f"--{name}" for name in ("msam_eval_flatness", "msam_eval_landscape") if msam_setting(args, name)]
+    if not flags:
+        return
+    fsdp2 = trainer.is_fsdp_enabled and getattr(trainer, "_msam_fsdp2", lambda: False)()
+    if fsdp2 and "--msam_eval_landscape" in flags:
+        raise NotImplementedError(
+            "--msam_eval_landscape does not support FSDP2 yet (the filter normalization of its directions needs whole "
+            "filters): drop it (--msam_eval_flatness works under FSDP2), and draw the landscape of the saved model "
+            "with hf_msam.flatness.loss_landscape after training."
+        )
+    if trainer.is_deepspeed_enabled or (trainer.is_fsdp_enabled and not fsdp2) or getattr(trainer, "is_fsdp_xla_enabled", False):
+        what = "DeepSpeed" if trainer.is_deepspeed_enabled else "FSDP1 (FSDP2 is supported: fsdp_version 2)"
+        raise NotImplementedError(
+            f"{' and '.join(flags)} need the whole, unsharded trainable weights on each device: they do not work with "
+            f"{what}. Drop {' and '.join(flags)} (and compute the measures after training with hf_msam.flatness on the "
+            "saved model), or train without it."
+        )
+
+
 def evaluate_flatness(trainer: Any, eval_dataset: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
     """What [`MSAMTrainer.evaluate`] adds to an evaluation, per the trainer's `msam_eval_*` flags.
 
@@ -551,17 +744,15 @@ def evaluate_flatness(trainer: Any, eval_dataset: Any = None, metric_key_prefix:
 
     With several processes, every process measures its own shard's first batches, with no collective
     inside (the model is unwrapped); the three numbers are then averaged across processes, which all
-    reach that one all-reduce. The main process alone draws the landscape, on its own batches.
+    reach that one all-reduce. The main process alone draws the landscape, on its own batches. Under FSDP2 the
+    measures are of the mean loss over all processes' batches (Hessian-vector products by finite differences of
+    sharded gradients), the same on every process; the landscape is refused there.
     """
     args = trainer.args
     with_flatness, with_landscape = msam_setting(args, "msam_eval_flatness"), msam_setting(args, "msam_eval_landscape")
     if not (with_flatness or with_landscape):
         return {}
-    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
-        raise NotImplementedError(
-            "--msam_eval_flatness and --msam_eval_landscape need the whole, unsharded trainable weights on each "
-            "device: they do not work with DeepSpeed or FSDP. Compute them after training with hf_msam.flatness."
-        )
+    check_flatness_supported(trainer)
     batches = _first_batches(trainer.get_eval_dataloader(eval_dataset), msam_setting(args, "msam_flatness_batches"))
     model, progress_bar = trainer.model, trainer.is_local_process_zero() and not args.disable_tqdm
     # A token-level loss (labels per token: causal or token-classification LMs) is a mean over label tokens:
@@ -576,7 +767,9 @@ def evaluate_flatness(trainer: Any, eval_dataset: Any = None, metric_key_prefix:
             hessian_trace(model, batches, samples=msam_setting(args, "msam_flatness_iters"), **common),
             sharpness(model, batches, rho=msam_setting(args, "msam_flatness_rho"), **common),
         ]
-        if trainer.accelerator.num_processes > 1:
+        from .msam import _is_fsdp2
+
+        if trainer.accelerator.num_processes > 1 and not _is_fsdp2(model):  # FSDP2: already over all ranks' batches
             values = trainer.accelerator.reduce(torch.tensor(values, device=args.device), reduction="mean").tolist()
         names = ("hessian_top_eigenvalue", "hessian_trace", "sharpness")
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in zip(names, values)}

@@ -197,6 +197,26 @@ def _is_fsdp2(model: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
+# Why DeepSpeed is refused (the trainer and the engine say it the same way).
+DEEPSPEED_REFUSAL = (
+    "DeepSpeed (any ZeRO stage): DeepSpeed's engine owns the backward pass, the gradients and the optimizer step "
+    "(accelerate's `backward` runs `engine.backward` and then `engine.step`, which clips, steps and zeroes the "
+    "gradients; ZeRO-1 partitions the optimizer state, ZeRO-2 also the gradients, ZeRO-3 also the parameters), "
+    "while mSAM takes an ascent gradient beside the accumulated ones, adds its descent to `.grad` over several "
+    "backward passes per step, and perturbs and restores the weights between them"
+)
+
+
+def _is_deepspeed(model: nn.Module, accelerator: Any = None) -> bool:
+    """True when `model` is wrapped by DeepSpeed (a `deepspeed` engine class), or `accelerator` runs DeepSpeed: read
+    off class names and modules, so DeepSpeed need not be installed (nor imported) to tell."""
+    engine = any(
+        k.__name__ == "DeepSpeedEngine" or (k.__module__.split(".")[0] == "deepspeed" and k.__name__.endswith("Engine"))
+        for k in type(model).__mro__
+    )
+    return engine or str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED")
+
+
 def _param_groups(fsdp_state: Any) -> list:
     """The parameter groups of one FSDP2 module's state: a list since torch 2.12, at most one group before."""
     groups = getattr(fsdp_state, "_fsdp_param_groups", None)
@@ -260,12 +280,19 @@ class MicroBatchSAM:
         sync_perturbation: bool = False,
         process_group: Any = None,
         vectorize: str = "off",
+        params: list[nn.Parameter] | None = None,
     ):
         if vectorize not in ("auto", "on", "off"):
             raise ValueError(f"vectorize must be 'auto', 'on' or 'off', got {vectorize!r}.")
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be None or >= 1, got {micro_batch_size}.")
+        if _is_deepspeed(model, accelerator):
+            raise NotImplementedError(
+                f"MicroBatchSAM does not support {DEEPSPEED_REFUSAL}. Train without DeepSpeed: FSDP2 (`fully_shard`, "
+                "or accelerate's `fsdp_version: 2`) to shard the model, plain DDP otherwise."
+            )
         self.model = model
+        self.params = None if params is None else list(params)  # None: the model's (see `_trainable_params`)
         self.micro_batch_size = micro_batch_size
         self.accelerator = accelerator
         self.perturbation = perturbation if perturbation is not None else SAMPerturbation(rho, adaptive, adaptive_eta, eps)
@@ -297,7 +324,32 @@ class MicroBatchSAM:
                     "meshes: shard over one mesh dimension, or use plain DDP."
                 )
 
+    def _trainable_params(self) -> list[nn.Parameter]:
+        """The parameters perturbed: `params` given at construction (e.g. the model's and those a loss module owns,
+        as sentence-transformers' SoftmaxLoss classifier), else the model's, those that require a gradient."""
+        return [p for p in (self.model.parameters() if self.params is None else self.params) if p.requires_grad]
+
     # -- the method -----------------------------------------------------------------------------
+    def backward_whole_batch(
+        self,
+        batch: Any,
+        forward_fn: Callable[[Any], Any],
+        loss_fn: Callable[[list[torch.Tensor]], torch.Tensor],
+        size_fn: Callable[[Any], int | torch.Tensor] | None = None,
+        split_fn: Callable[[Any, int | None], list[Any]] | None = None,
+        *,
+        step: Any = None,
+        rho: float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`backward` for a loss over the whole batch that is not the weighted sum of its micro-batches' losses (in-batch
+        negatives): `forward_fn(micro_batch)` returns its outputs, a tensor or a list of tensors with one row per
+        example (embeddings, one per column), and `loss_fn(outputs)` the batch's loss from the outputs of all
+        micro-batches concatenated along the rows. Micro-batch j's rows are computed at w + e_j, e_j from its part of
+        the batch's gradient; see `hf_msam.whole_batch`. Adds to `.grad`, returns the batch's clean loss (detached)."""
+        from .whole_batch import whole_batch_backward
+
+        return whole_batch_backward(self, batch, forward_fn, loss_fn, size_fn, split_fn, step=step, rho=rho)[0]
+
     def backward(
         self,
         batch: Any,
@@ -374,7 +426,7 @@ class MicroBatchSAM:
 
     def _perturbed_step(self, micro_batches, weights, loss_fn, size_fn, rho, sync_weight) -> torch.Tensor:
         """Steps 1-4 for each micro-batch in turn, w restored bitwise after each."""
-        params = [p for p in self.model.parameters() if p.requires_grad]  # frozen (PEFT) weights: never perturbed
+        params = self._trainable_params()  # frozen (PEFT) weights: never perturbed
         with torch.no_grad():  # the tensors perturbed and restored: under FSDP2, this rank's shards
             shards = [local(p) for p in params] if self.fsdp2 else params
         explicit = self.descent.explicit  # GSAM, LookSAM: the descent needs g_j and g_p,j themselves
@@ -434,7 +486,7 @@ class MicroBatchSAM:
 
     def _reuse_step(self, micro_batches, weights, loss_fn) -> torch.Tensor:
         """A reuse step (LookSAM between its SAM steps): one pass at w per micro-batch, descent from g_j alone."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self._trainable_params()
         k, total = len(micro_batches), 0.0
         for j, (mb, c_j) in enumerate(zip(micro_batches, weights)):
             with contextlib.nullcontext() if j == k - 1 else self._no_sync():
@@ -471,7 +523,7 @@ class MicroBatchSAM:
         elif layout not in ("rows", "pairs", "packed"):
             reason = f"unknown batch layout {layout!r}"
         if reason is None:
-            params = [p for p in self.model.parameters() if p.requires_grad]
+            params = self._trainable_params()
             if self._vectorizer is None or not _same(self._vectorizer.params, params):
                 self._vectorizer, self._verified = Vectorizer(self.model, params), False
             reason = self._vectorizer.why_not() or self._memory_problem(params, len(micro_batches))

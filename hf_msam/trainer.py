@@ -17,11 +17,12 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.training_args import OptimizerNames
 
-from .batches import SequenceBoundsRecorder, splitter_for, trl_bases
-from .flatness import evaluate_flatness
+from .batches import SequenceBoundsRecorder, batch_size_of, splitter_for, trl_bases
+from .flatness import check_flatness_supported, evaluate_flatness
 from .methods import DescentRule, PerturbationRule, build_method, check_compatible
 from .methods.sam import SAMPerturbation
-from .msam import MicroBatch, MicroBatchSAM, MSAMStats, Schedule, check_trainable
+from .msam import DEEPSPEED_REFUSAL, MicroBatch, MicroBatchSAM, MSAMStats, Schedule, check_trainable
+from .st import check_losses, loss_parameters, whole_batch_loss, whole_batch_step
 from .training_args import MSAMArguments, check_msam_settings, msam_setting
 
 __all__ = ["MSAMMixin", "MSAMTrainer"]
@@ -111,6 +112,7 @@ class MSAMMixin:
                 msam_setting(self.args, "msam_adaptive"),
             )
         check_msam_settings(self.args)  # again: scripts and sweeps may change fields after the arguments are built
+        check_flatness_supported(self)  # here, not at the first evaluation
         default_perturbation, default_descent = build_method(msam_setting(self.args, "msam_method"), self.args)
         self._default_perturbation = default_perturbation
         self.msam_perturbation = perturbation or default_perturbation
@@ -124,6 +126,8 @@ class MSAMMixin:
         # Synchronized perturbations: asked for, or forced by FSDP2 (sharded weights take one perturbation).
         self.msam_sync_perturbation = bool(msam_setting(self.args, "msam_sync_perturbation")) or self._msam_fsdp2()
         self._check_supported()
+        if self.msam_perturbation.enabled:  # sentence-transformers' losses: refused, or how they are perturbed
+            check_losses(self, self.msam_micro_batch_size)
         # How batches are cut into micro-batches: dim 0, packed rows at sequence boundaries, or preference pairs.
         self._msam_splitter = splitter_for(self, strict=self.msam_perturbation.enabled)
         self._msam: MicroBatchSAM | None = None
@@ -155,10 +159,12 @@ class MSAMMixin:
             return  # msam_rho=0: the plain Trainer step, whatever the setup
         fsdp2 = self._msam_fsdp2()
         if self.is_deepspeed_enabled or getattr(self, "is_fsdp_xla_enabled", False) or (self.is_fsdp_enabled and not fsdp2):
-            what = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP1 (and FSDP on XLA)"
+            why = DEEPSPEED_REFUSAL if self.is_deepspeed_enabled else (
+                "FSDP1 (and FSDP on XLA): mSAM perturbs each rank's shard of the weights and restores it between "
+                "passes, which it does for FSDP2 only"
+            )
             raise NotImplementedError(
-                f"MSAMTrainer does not support {what}: mSAM perturbs each rank's shard of the weights and restores it "
-                "between passes, which it does for FSDP2 only. Use FSDP2 (accelerate config `fsdp_version: 2`, or "
+                f"MSAMTrainer does not support {why}. Use FSDP2 (accelerate config `fsdp_version: 2`, or "
                 "--fsdp_config with \"version\": 2), plain data parallelism (DDP, e.g. `accelerate launch --multi_gpu`), "
                 "or set --msam_rho 0 to train without mSAM."
             )
@@ -263,6 +269,7 @@ class MSAMMixin:
                 "--msam_rho_schedule constant to perturb with --msam_rho.",
                 self.args.learning_rate,
             )
+        check_losses(self, self.msam_micro_batch_size)  # (a no-op when __init__ could check them)
         if self._msam_fsdp2() and not msam_setting(self.args, "msam_sync_perturbation"):
             logger.info("mSAM under FSDP2: perturbations are synchronized across devices (every rank perturbs its shard of the same e_j).")
         logger.info(
@@ -322,6 +329,9 @@ class MSAMMixin:
         if self._msam is None or self._msam.model is not model:
             self._msam = self._msam_engine(model)
         inputs = self._prepare_inputs(inputs)
+        whole_batch = whole_batch_loss(self, inputs)  # sentence-transformers: a loss comparing a batch's examples
+        if whole_batch is not None and self.msam_micro_batch_size and batch_size_of(inputs) > self.msam_micro_batch_size:
+            return whole_batch_step(self, model, whole_batch, inputs, num_items_in_batch, cut.split, t, self._msam_rho_now())
 
         # With `num_items_in_batch` the loss is normalized by a count of label tokens: weight the micro-batches by
         # that count, and give each the count that makes its loss a mean over itself.
@@ -411,6 +421,7 @@ class MSAMMixin:
             optimizer=self.optimizer,
             sync_perturbation=self.msam_sync_perturbation,
             vectorize=msam_setting(self.args, "msam_vectorize"),
+            params=loss_parameters(self, model),  # with those a loss owns (sentence-transformers' SoftmaxLoss)
         )
         engine.stats = self._msam_stats
         return engine

@@ -517,3 +517,24 @@ def test_trainer_weighs_causal_lm_batches_by_label_tokens(tmp_path):
     # (transformers' causal-LM loss takes the cross-entropy in float32, hence not 1e-12)
     assert landscape.losses[10] == pytest.approx(token_mean, rel=1e-7)
     assert abs(token_mean - sum(by_batch) / 2) > 1e-3  # the example-weighted mean would differ: the test can fail
+
+
+@pytest.mark.parametrize("version, flag, refused", [
+    (2, "msam_eval_flatness", None),  # FSDP2: finite differences of sharded gradients (tests/test_fsdp2.py)
+    (2, "msam_eval_landscape", "--msam_eval_landscape does not support FSDP2"),
+    (1, "msam_eval_flatness", "--msam_eval_flatness need the whole, unsharded trainable weights.*FSDP1"),
+])
+def test_flatness_flags_under_fsdp(tmp_path, monkeypatch, version, flag, refused):
+    """The trainer's decision (FSDP needs a GPU launch to construct for real: accelerate's state is mocked)."""
+    import types
+
+    trainer = MSAMTrainer(model=nn.Linear(2, 1), args=MSAMTrainingArguments(
+        str(tmp_path), use_cpu=True, report_to="none", msam_rho=0.0, **{flag: True}))
+    plugin = types.SimpleNamespace(fsdp_version=version)
+    monkeypatch.setattr(trainer.accelerator, "state", types.SimpleNamespace(fsdp_plugin=plugin, is_fsdp2=version == 2))
+    trainer.is_fsdp_enabled = True
+    if refused is None:
+        flatness.check_flatness_supported(trainer)
+    else:
+        with pytest.raises(NotImplementedError, match=refused):
+            flatness.check_flatness_supported(trainer)

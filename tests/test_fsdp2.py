@@ -108,3 +108,64 @@ def test_param_groups_of_fsdp_state_old_and_new_torch():
     assert _param_groups(SimpleNamespace(_fsdp_param_group=a)) == [a]
     assert _param_groups(SimpleNamespace(_fsdp_param_group=None)) == []
     assert _param_groups(SimpleNamespace()) == []
+
+
+@pytest.fixture(scope="module")
+def flatness_ranks(tmp_path_factory):
+    return torchrun("fsdp2_flatness_script.py", tmp_path_factory.mktemp("fsdp2_flatness"))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_fsdp2_flatness_equals_the_unsharded_measures_of_the_union(flatness_ranks):
+    """λ_max, the Hutchinson trace and the (ASAM) sharpness of a model sharded over 2 ranks equal those of the same
+    model unsharded, on the union of the ranks' batches: against the exact Hessian (torch.autograd.functional.hessian
+    of the flattened weights) and a plain-PyTorch sharpness, and against hf_msam.flatness's own unsharded (double
+    backward) results. The finite differences are float64: their error is ~1e-9 relative."""
+    from torch.func import functional_call
+
+    from hf_msam.flatness import hessian_top_eigenvalue, hessian_trace
+
+    r0, r1 = flatness_ranks
+    assert r0["results"] == r1["results"]  # every rank gets the same numbers
+    assert all(r0["restored"].values()) and all(r1["restored"].values())  # shards and .grad bitwise as they were
+    model = MLP().double()
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), r0["initial"]):
+            p.copy_(w)
+    names = [n for n, _ in model.named_parameters()]
+    w0 = flat([p.detach() for p in model.parameters()])
+    batches = r0["batches"] + r1["batches"]
+
+    def loss(w, batch_list):
+        params = dict(zip(names, unflat(w, list(model.parameters()))))
+        n = sum(len(b["labels"]) for b in batch_list)
+        return sum(len(b["labels"]) * functional_call(model, params, (), b)["loss"] for b in batch_list) / n
+
+    hessian = torch.autograd.functional.hessian(lambda w: loss(w, batches), w0)
+    eigenvalues = torch.linalg.eigvalsh(hessian)
+    top = eigenvalues[eigenvalues.abs().argmax()].item()
+    got = r0["results"]
+    assert got["top_eigenvalue"] == pytest.approx(top, rel=1e-7)
+    assert got["top_eigenvalue"] == pytest.approx(
+        hessian_top_eigenvalue(model, batches, iters=200, tol=1e-12, seed=3, progress_bar=False), rel=1e-7)
+
+    generator = torch.Generator().manual_seed(5)  # Hutchinson with the z_k the measure draws: ±1, parameter by parameter
+    z = [flat([2 * torch.randint(0, 2, p.shape, generator=generator) - 1 for p in model.parameters()]).double() for _ in range(4)]
+    assert got["trace"] == pytest.approx(sum(zk @ hessian @ zk for zk in z).item() / 4, rel=1e-7)
+    assert got["trace"] == pytest.approx(hessian_trace(model, batches, samples=4, seed=5, progress_bar=False), rel=1e-7)
+
+    # Micro-batch j: both ranks' j-th micro-batches of 2 (as the mSAM step under FSDP2 perturbs).
+    halves = [{k: v[s : s + 2] for k, v in b.items()} for b in r0["batches"] for s in (0, 2)], [
+        {k: v[s : s + 2] for k, v in b.items()} for b in r1["batches"] for s in (0, 2)]
+    unions = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in zip(*halves)]
+    for name, rho, adaptive in (("sharpness", 0.2, False), ("asam_sharpness", 0.5, True)):
+        rise = 0.0
+        for mb in unions:
+            w = w0.clone().requires_grad_()
+            clean = loss(w, [mb])
+            (g,) = torch.autograd.grad(clean, w)
+            t = w0.abs() + 0.01 if adaptive else torch.ones_like(w0)
+            e = rho * t * t * g / ((t * g).norm() + 1e-12)
+            rise += 4 * (loss(w0 + e, [mb]) - clean).item()
+        assert got[name] == pytest.approx(rise / 16, rel=1e-9), name

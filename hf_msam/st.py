@@ -1,0 +1,172 @@
+"""sentence-transformers: `SentenceTransformerTrainer` with `MSAMMixin` in front (or through `hf-msam run`).
+
+What the loss does decides the step, read off its class (only sentence-transformers' own classes, exactly; a
+subclass may change what its `forward` computes):
+
+- a mean over examples (SoftmaxLoss, CosineSimilarityLoss, ...): the whole batch's loss is the size-weighted sum of
+  its micro-batches' losses, and the ordinary mSAM step is exact;
+- a loss that compares the examples of the batch with each other (MultipleNegativesRankingLoss's in-batch
+  negatives, CoSENT's pairs, batch-hard triplets) and is computed from the embeddings alone
+  (`compute_loss_from_embeddings`): with micro-batches, the loss and the descent stay the whole batch's, every
+  micro-batch's rows embedded at its own w + e_j (`MicroBatchSAM.backward_whole_batch`);
+- a loss that runs its own backward pass (the Cached* losses, GradCache): refused, since mSAM could neither take
+  its ascent gradient nor perturb it; the whole-batch step above already keeps one micro-batch's activations alive
+  at a time, so the plain loss with micro-batches takes its place;
+- any other loss with micro-batches: each micro-batch's loss is computed on its own, which for a loss comparing
+  examples means only within the micro-batch; said once at start-up.
+
+Parameters a loss owns (SoftmaxLoss's classifier) are trained by the sentence-transformers trainer; mSAM perturbs
+them too.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("hf_msam")
+
+__all__ = ["is_sentence_transformers_trainer", "loss_kind", "losses_of"]
+
+# Means over the examples of the batch: Σ_j c_j·L(B_j) with c_j = n_j / n is the batch's loss.
+_MEANS = {
+    "SoftmaxLoss", "CosineSimilarityLoss", "MSELoss", "MarginMSELoss", "TripletLoss", "ContrastiveLoss",
+    "DistillKLDivLoss",
+}
+# Compare examples within the batch, and compute the loss from the columns' embeddings: forward(features, labels) is
+# compute_loss_from_embeddings(embeddings of each column, labels).
+_WHOLE_BATCH = {
+    "MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss", "CoSENTLoss", "AnglELoss",
+    "OnlineContrastiveLoss", "BatchAllTripletLoss", "BatchHardTripletLoss", "BatchHardSoftMarginTripletLoss",
+    "BatchSemiHardTripletLoss",
+}
+
+
+def is_sentence_transformers_trainer(trainer: Any) -> bool:
+    return hasattr(trainer, "loss") and any(k.__module__.split(".")[0] == "sentence_transformers" for k in type(trainer).__mro__)
+
+
+def losses_of(trainer: Any) -> list[nn.Module]:
+    """The trainer's loss modules (one, or one per dataset of a multi-dataset run)."""
+    loss = getattr(trainer, "loss", None)
+    losses = list(loss.values()) if isinstance(loss, dict) else [loss]
+    return [m for m in losses if isinstance(m, nn.Module)]
+
+
+def _runs_own_backward(loss: nn.Module) -> bool:
+    return any(
+        getattr(m, "uses_gradient_cache", False) or any(k.__name__ == "CachedLossMixin" for k in type(m).__mro__)
+        for m in loss.modules()
+    )
+
+
+def loss_kind(loss: nn.Module) -> str:
+    """"own_backward", "mean", "whole_batch" or "unknown" (see the module's docstring)."""
+    if _runs_own_backward(loss):
+        return "own_backward"
+    cls = type(loss)
+    if cls.__module__.split(".")[0] != "sentence_transformers":
+        return "unknown"
+    if cls.__name__ == "ContrastiveLoss" and not getattr(loss, "size_average", True):
+        return "unknown"  # a sum over the batch: micro-batch losses would still add up, but their weights would not
+    if cls.__name__ == "CosineSimilarityLoss" and getattr(getattr(loss, "loss_fct", None), "reduction", "mean") != "mean":
+        return "unknown"
+    if cls.__name__ in _MEANS:
+        return "mean"
+    if cls.__name__ in _WHOLE_BATCH and hasattr(loss, "compute_loss_from_embeddings"):
+        return "whole_batch"
+    return "unknown"
+
+
+def loss_parameters(trainer: Any, model: nn.Module) -> list[nn.Parameter] | None:
+    """The parameters to perturb when a loss owns some (SoftmaxLoss's classifier): the model's, then the losses'
+    own; None when no loss owns any (the engine then takes the model's)."""
+    if not is_sentence_transformers_trainer(trainer):
+        return None
+    mine = {id(p) for p in model.parameters()}
+    owned = []
+    for loss in losses_of(trainer):
+        for p in loss.parameters():
+            if p.requires_grad and id(p) not in mine:
+                mine.add(id(p))
+                owned.append(p)
+    return [*model.parameters(), *owned] if owned else None
+
+
+def check_losses(trainer: Any, micro_batch_size: int | None) -> None:
+    """Refuse, or say once, what mSAM does with the trainer's losses (run when the trainer is built, and again at the
+    first step: under `hf-msam run` the sentence-transformers trainer sets its loss after the mixin's __init__)."""
+    if getattr(trainer, "_msam_losses_checked", False) or not is_sentence_transformers_trainer(trainer):
+        return
+    trainer._msam_losses_checked = True
+    kinds = {type(loss).__name__: loss_kind(loss) for loss in losses_of(trainer)}
+    cached = [name for name, kind in kinds.items() if kind == "own_backward"]
+    if cached:
+        raise ValueError(
+            f"{', '.join(cached)} runs its own backward pass inside its forward (gradient caching), so mSAM can neither "
+            "take its ascent gradient nor perturb it: every step would be unperturbed at twice the cost. Use the "
+            "loss without caching (e.g. MultipleNegativesRankingLoss for CachedMultipleNegativesRankingLoss) with "
+            "--msam_micro_batch_size: for losses over the whole batch hf-msam keeps the whole batch's loss and "
+            "negatives and holds one micro-batch's activations at a time, as the cached loss does. Or set "
+            "--msam_rho 0 to train without mSAM."
+        )
+    per_device = trainer.args.per_device_train_batch_size
+    if micro_batch_size is None or micro_batch_size >= per_device:
+        return  # one micro-batch per device: the loss is the batch's, whatever it is
+    whole = [name for name, kind in kinds.items() if kind == "whole_batch"]
+    unknown = [name for name, kind in kinds.items() if kind == "unknown"]
+    if whole:
+        logger.info(
+            "mSAM: %s compare(s) the examples of a batch with each other: the loss, its logged value and the descent "
+            "are the whole batch's (all in-batch negatives), with each micro-batch of %d embedded at its own "
+            "perturbation (see README, \"sentence-transformers\").", ", ".join(whole), micro_batch_size,
+        )
+    if unknown:
+        logger.warning(
+            "mSAM: hf-msam cannot tell whether %s is a mean over examples: with --msam_micro_batch_size %d each "
+            "micro-batch's loss is computed on its own, so a loss that compares the examples of a batch (in-batch "
+            "negatives) sees only those of its micro-batch, and its value and gradient differ from the whole batch's. "
+            "Use one of sentence-transformers' own losses, or --msam_micro_batch_size None (SAM on each device's "
+            "whole batch).", ", ".join(unknown), micro_batch_size,
+        )
+
+
+def whole_batch_loss(trainer: Any, inputs: dict[str, Any]) -> nn.Module | None:
+    """The loss module of this batch when it is computed over the whole batch (see `loss_kind`), else None."""
+    if not is_sentence_transformers_trainer(trainer):
+        return None
+    loss = trainer.loss
+    if isinstance(loss, dict):
+        loss = loss.get(inputs.get("dataset_name")) if isinstance(inputs, dict) else None
+    return loss if isinstance(loss, nn.Module) and loss_kind(loss) == "whole_batch" else None
+
+
+def whole_batch_step(trainer: Any, model: nn.Module, loss: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any,
+                     split_fn: Any, step: int, rho: Any) -> torch.Tensor:
+    """One `training_step` of a loss over the whole batch: the loss normalized as `Trainer.training_step` does it."""
+    from sentence_transformers.base.losses.merged_forward import embed_columns
+
+    model.train()
+    if hasattr(trainer.optimizer, "train") and callable(trainer.optimizer.train):
+        trainer.optimizer.train()
+    inputs = {k: v for k, v in inputs.items() if k != "dataset_name"}
+    _, labels = trainer.collect_features(inputs)
+    encoder = next((m for m in (getattr(loss, "model", None), getattr(loss, "sentence_embedder", None)) if m is not None), model)
+    if encoder is trainer.model and trainer.model_wrapped is not trainer.model:
+        encoder = trainer.model_wrapped  # DDP: its no_sync and its all-reduce in the last backward
+    scale = 1.0 if trainer._msam_loss_uses_num_items(num_items_in_batch) else 1.0 / trainer.current_gradient_accumulation_steps
+
+    def forward_fn(micro_batch: dict[str, Any]) -> list[torch.Tensor]:
+        features, _ = trainer.collect_features(micro_batch)
+        return embed_columns(encoder, [dict(f) for f in features])  # copies: the modules write into the dicts
+
+    def loss_fn(embeddings: list[torch.Tensor]) -> torch.Tensor:
+        value = loss.compute_loss_from_embeddings(embeddings, labels)
+        if isinstance(value, dict):
+            value = torch.stack(list(value.values())).sum()
+        return value * scale
+
+    return trainer._msam.backward_whole_batch(inputs, forward_fn, loss_fn, split_fn=split_fn, step=step, rho=rho)
