@@ -584,14 +584,24 @@ class MicroBatchSAM:
                     if not self._verified:
                         capture.verify(clean_loss)
                         self._verified = True
+                parts = self._group_gradients(capture, clean_loss)
             except NotVectorizable as err:  # nothing was accumulated or perturbed: the step can start again
                 self._take_sequential(str(err))
                 raise _FellBack from err
             self.path, self.path_reason = "vectorized", None
-            g = self._per_micro_batch(self._group_gradients(capture, clean_loss), c)
+            g = self._per_micro_batch(parts, c)
+            del parts
             if sync is not None:
                 g = self._union_group_gradients(g, sync)
         else:
+            if not self._verified:  # Momentum-SAM (no clean pass): check once, with a forward at w, that the routed
+                try:                # layers see every use of the weights; nothing is accumulated or perturbed yet
+                    with self._no_sync(), vec.capture(layout) as capture:
+                        capture.verify(loss_fn(batch, MicroBatch(0, 1, 1.0, "clean", False)))
+                    self._verified = True
+                except NotVectorizable as err:
+                    self._take_sequential(str(err))
+                    raise _FellBack from err
             self.path, self.path_reason = "vectorized", None
         if self._mode == "reuse":  # LookSAM between its SAM steps: descend from g_j alone
             d = [self.descent.reuse([t[j] for t in g]) for j in range(k)]

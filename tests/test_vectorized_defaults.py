@@ -85,3 +85,33 @@ def test_engine_default_stays_off_for_hand_written_loops(vectorize):
     asked = MicroBatchSAM(model, micro_batch_size=2, vectorize=vectorize)
     asked.backward(batch, loss_fn)
     assert asked.path == "vectorized"
+
+
+def test_momentum_sam_checks_the_model_once_although_it_has_no_clean_pass():
+    """Momentum-SAM takes no pass at w, so its first vectorized step makes one forward at w to check that the routed
+    layers see every use of the weights; a weight read outside its layer then falls back before anything moves."""
+    from test_vectorized_arch import VOCAB, DirectRead, Net
+
+    from hf_msam.methods.momentum import MomentumPerturbation
+
+    ids = torch.randint(0, VOCAB, (4, 5), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": torch.arange(4) % 3}
+    grads = {}
+    for name, middle in (("plain", None), ("reads-outside", DirectRead)):
+        for vectorize in ("auto", "off"):
+            torch.manual_seed(0)
+            model = (Net() if middle is None else Net(middle())).double()
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            model(**batch)["loss"].backward()
+            optimizer.step()  # a momentum to perturb along
+            optimizer.zero_grad()
+            sam = MicroBatchSAM(model, micro_batch_size=2, vectorize=vectorize, optimizer=optimizer,
+                                perturbation=MomentumPerturbation(rho=0.1))
+            sam.backward(batch, lambda mb: model(**mb)["loss"])
+            grads[name, vectorize] = ([p.grad for p in model.parameters()], sam.path, sam.path_reason)
+    assert grads["plain", "auto"][1] == "vectorized"
+    for a, b in zip(grads["plain", "auto"][0], grads["plain", "off"][0]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    assert grads["reads-outside", "auto"][1] == "sequential" and "outside the layer calls" in grads["reads-outside", "auto"][2]
+    for a, b in zip(grads["reads-outside", "auto"][0], grads["reads-outside", "off"][0]):
+        assert torch.equal(a, b)
