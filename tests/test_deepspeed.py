@@ -72,7 +72,9 @@ def test_engine_refuses_an_accelerator_that_runs_deepspeed():
     MicroBatchSAM(MLP(), rho=0.05, accelerator=types.SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
 
     class MyEngine(nn.Module):
-        pass
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(2, 2)
 
     MicroBatchSAM(MyEngine(), rho=0.05)
 
