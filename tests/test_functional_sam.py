@@ -201,3 +201,133 @@ def test_preconditioned_step_through_the_engine(method):
             w_p = (w + RHO * d / (d.norm() + 1e-12)).requires_grad_(True)
             expected += 0.5 * torch.autograd.grad(loss(w_p), w_p)[0]
     torch.testing.assert_close(got, expected, **TIGHT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through MSAMTrainer: a BERT classifier, a Llama causal LM (token-weighted, -100 labels, accumulation)
+# ---------------------------------------------------------------------------------------------
+
+
+def sgd_args(tmp_path, batch_size, **kwargs):
+    return MSAMTrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=batch_size, max_steps=1, optim="sgd", learning_rate=LR,
+        lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, train_sampling_strategy="sequential",
+        report_to="none", use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True,
+        msam_method="functional", **kwargs,
+    )  # fmt: skip
+
+
+def vjp_reference(model, pieces, rho):
+    """Σ_j c_j J_F(w + e_j)ᵀ ∇_F L_j(w) as a vector-Jacobian product; `pieces` are (forward, loss_of_logits, c_j), the
+    forward giving the logits and ∇_F L_j(w) taken by autograd on a detached copy of the clean logits."""
+    params = params_of(model)
+    w0 = [p.detach().clone() for p in params]
+    total = [torch.zeros_like(p) for p in params]
+    for forward, loss_of, c in pieces:
+        g = torch.autograd.grad(loss_of(forward()), params)
+        norm = torch.sqrt(sum((t * t).sum() for t in g))
+        z = forward().detach().requires_grad_(True)
+        (grad_F,) = torch.autograd.grad(loss_of(z), z)
+        with torch.no_grad():
+            for p, w, t in zip(params, w0, g):
+                p.copy_(w + rho * t / (norm + 1e-12))
+        vjp = torch.autograd.grad(forward(), params, grad_outputs=grad_F)
+        with torch.no_grad():
+            for acc, t in zip(total, vjp):
+                acc.add_(c * t)
+            for p, w in zip(params, w0):
+                p.copy_(w)
+    return total
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
+    )  # fmt: skip
+    return BertForSequenceClassification(config).double()
+
+
+def bert_data(n=6, seq_len=7):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 40, (n, seq_len), generator=g)
+    mask = torch.ones(n, seq_len, dtype=torch.long)
+    mask[::3, -2:] = 0
+    labels = torch.randint(0, 3, (n,), generator=g)
+    return [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(n)]
+
+
+def after_sgd(model, gradient):
+    return [(p - LR * g).detach() for p, g in zip(params_of(model), gradient)]
+
+
+@pytest.mark.parametrize("vectorize", ["off", "on"])
+def test_trainer_bert_classifier_equals_the_vjp_reference(tmp_path, vectorize):
+    model, data = tiny_bert(), bert_data()
+    ref = copy.deepcopy(model)
+    batch = stack(data)
+    pieces = []
+    for s in (0, 2, 4):
+        mb = {k: v[s : s + 2] for k, v in batch.items()}
+        forward = lambda mb=mb: ref(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits  # noqa: E731
+        pieces.append((forward, lambda z, y=mb["labels"]: F.cross_entropy(z, y), 1 / 3))
+    gradient = vjp_reference(ref, pieces, 0.1)
+    expected = after_sgd(ref, gradient)
+    trainer = MSAMTrainer(model=model, args=sgd_args(tmp_path, 6, msam_rho=0.1, msam_micro_batch_size=2, msam_vectorize=vectorize),
+                          train_dataset=data)
+    trainer.train()
+    assert trainer._msam.path == ("vectorized" if vectorize == "on" else "sequential")
+    for a, b in zip(params_of(model), expected):
+        torch.testing.assert_close(a.detach(), b, **TIGHT)
+    # SAM's step is measurably elsewhere
+    sam = after_sgd(ref, __import__("reference").msam_gradient(copy.deepcopy(ref), batch, 2, 0.1))
+    assert max((a - b).abs().max() for a, b in zip(sam, expected)) > 1e-6
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=30, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=16, tie_word_embeddings=False,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).double()
+
+
+def llama_data():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 30, (8, 6), generator=g)
+    labels = ids.clone()
+    for i, keep in enumerate([6, 3, 5, 2, 6, 4, 1, 6]):  # ragged: the label-token counts differ per row
+        labels[i, keep:] = -100
+    return [{"input_ids": ids[i], "labels": labels[i]} for i in range(8)]
+
+
+@pytest.mark.parametrize("vectorize", ["off", "on"])
+def test_trainer_causal_lm_token_weighted_with_accumulation_equals_the_vjp_reference(tmp_path, vectorize):
+    """Two accumulation steps of 4 rows, micro-batches of 2 rows: micro-batch j weighs its share of all N label tokens
+    of the optimizer step, and its ∇_F L_j is that of its own token-mean loss."""
+    model, data = tiny_llama(), llama_data()
+    ref = copy.deepcopy(model)
+    N = sum(int((d["labels"][1:] != -100).sum()) for d in data)
+    pieces = []
+    for s in (0, 2, 4, 6):
+        mb = stack(data[s : s + 2])
+        count = int((mb["labels"][:, 1:] != -100).sum())
+
+        def loss_of(z, y=mb["labels"], count=count):  # float32, as the model's loss upcasts the logits
+            z = z[:, :-1].float()
+            return F.cross_entropy(z.reshape(-1, 30), y[:, 1:].reshape(-1), ignore_index=-100, reduction="sum") / count
+
+        pieces.append((lambda ids=mb["input_ids"]: ref(input_ids=ids).logits, loss_of, count / N))
+    expected = after_sgd(ref, vjp_reference(ref, pieces, 0.05))
+    args = sgd_args(tmp_path, 4, gradient_accumulation_steps=2, msam_rho=0.05, msam_micro_batch_size=2, msam_vectorize=vectorize)
+    trainer = MSAMTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    assert trainer._msam.path == ("vectorized" if vectorize == "on" else "sequential")
+    # The model's loss runs in float32 (it upcasts the logits): float32-level agreement, against updates of ~1e-1.
+    for a, b in zip(params_of(model), expected):
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=1e-6)
+    # The tolerance tells the token weighting from a weighting by rows (each micro-batch 1/4).
+    by_rows = after_sgd(ref, vjp_reference(ref, [(f, loss_of, 0.25) for f, loss_of, _ in pieces], 0.05))
+    assert max((a - b).abs().max() for a, b in zip(by_rows, expected)) > 100 * 1e-6
