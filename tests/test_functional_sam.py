@@ -331,3 +331,143 @@ def test_trainer_causal_lm_token_weighted_with_accumulation_equals_the_vjp_refer
     # The tolerance tells the token weighting from a weighting by rows (each micro-batch 1/4).
     by_rows = after_sgd(ref, vjp_reference(ref, [(f, loss_of, 0.25) for f, loss_of, _ in pieces], 0.05))
     assert max((a - b).abs().max() for a, b in zip(by_rows, expected)) > 100 * 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL SFT
+# ---------------------------------------------------------------------------------------------
+
+
+def test_trl_sft_functional_step_equals_the_token_weighted_vjp_reference(tmp_path):
+    """MSAMSFTTrainer takes the SFT loss from the logits for this method (TRL's fused head gives only log p(label),
+    in which the loss is linear: Functional-SAM would be SAM there): 5 rows in micro-batches of 2, 2, 1."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl_helpers import PROMPT_COMPLETION, write_tiny_llama
+
+    from hf_msam.trl import MSAMSFTConfig, MSAMSFTTrainer
+
+    llama_dir = write_tiny_llama(tmp_path / "llama")
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float64)
+    ref = copy.deepcopy(model)
+    seen = []
+
+    class Recording(MSAMSFTTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            seen.append({k: v.clone() for k, v in inputs.items() if torch.is_tensor(v)})
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    args = MSAMSFTConfig(
+        str(tmp_path / "out"), per_device_train_batch_size=5, msam_rho=0.1, msam_micro_batch_size=2, msam_method="functional",
+        max_steps=1, optim="sgd", learning_rate=LR, lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
+        bf16=False, report_to="none", use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
+        train_sampling_strategy="sequential",
+    )  # fmt: skip
+    trainer = Recording(model=model, args=args, train_dataset=Dataset.from_list(PROMPT_COMPLETION[:5]),
+                        processing_class=AutoTokenizer.from_pretrained(llama_dir))
+    trainer.train()
+    (batch,) = seen
+    V = model.config.vocab_size
+    counts = [int(batch["labels"][a : a + 2, 1:].ne(-100).sum()) for a in (0, 2, 4)]
+    pieces = []
+    for a, count in zip((0, 2, 4), counts):
+        rows = {k: batch[k][a : a + 2] for k in ("input_ids", "attention_mask", "labels")}
+
+        def loss_of(z, y=rows["labels"], count=count):
+            return F.cross_entropy(z[:, :-1].reshape(-1, V).float(), y[:, 1:].reshape(-1), ignore_index=-100, reduction="sum") / count
+
+        forward = lambda rows=rows: ref(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits  # noqa: E731
+        pieces.append((forward, loss_of, count / sum(counts)))
+    expected = after_sgd(ref, vjp_reference(ref, pieces, 0.1))
+    for a, b in zip(params_of(model), expected):
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=1e-6)
+    # SAM's step (what the fused head's log p(label) as F would give) is measurably elsewhere.
+    from trl_helpers import sft_reference_step
+
+    sam = sft_reference_step(ref, batch, micro_batch_size=2, rho=0.1, lr=LR)
+    names = [n for n, p in ref.named_parameters() if p.requires_grad]
+    assert max((sam[n] - b).abs().max() for n, b in zip(names, expected)) > 100 * 1e-6
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and logs[0]["msam/sharpness"] > 0 and "mean_token_accuracy" in logs[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals, and resume
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        (dict(msam_method="gsam", msam_precondition="adam"), "--msam_precondition adam does not combine with --msam_method gsam"),
+        (dict(msam_precondition="adam", msam_adaptive=True), "--msam_precondition adam does not combine with --msam_adaptive"),
+        (dict(msam_precondition="diag"), "--msam_precondition must be"),
+        (dict(msam_method="functional", msam_sync_perturbation=True), "--msam_sync_perturbation does not combine with --msam_method functional"),
+    ],
+)
+def test_bad_combinations_are_refused_naming_the_flag(tmp_path, kwargs, flag):
+    with pytest.raises(ValueError, match=flag):
+        MSAMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kwargs)
+
+
+@pytest.mark.parametrize("method", ["sam", "functional"])
+def test_precondition_with_an_optimizer_without_a_second_moment_is_refused(tmp_path, method):
+    args = MSAMTrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, optim="sgd", use_cpu=True, report_to="none",
+        save_strategy="no", msam_method=method, msam_precondition="adam",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="--msam_precondition adam .* keeps no second moment"):
+        MSAMTrainer(model=mlp(), args=args, train_dataset=mlp_dataset(4)).train()
+
+
+def test_functional_refuses_a_loss_that_is_not_computed_from_the_models_outputs():
+    model = mlp()
+    other = copy.deepcopy(model)
+    sam = MicroBatchSAM(model, perturbation=build_method("functional", rho=RHO)[0], descent=build_method("functional")[1])
+    with pytest.raises(ValueError, match="--msam_method functional found no output"):
+        sam.backward(stack(mlp_dataset(4)), lambda mb: (other(**mb)["loss"] + 0 * sum(p.sum() for p in model.parameters())))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_functional_refuses_fused_log_probabilities_without_logits():
+    """F = log p(label) (TRL's fused LM head) would make Functional-SAM SAM for the SFT loss: refused."""
+
+    class Fused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = MLP().double()
+
+        def forward(self, x, labels):
+            log_probs = torch.log_softmax(self.net(x)["logits"], -1).gather(-1, labels[:, None]).squeeze(-1)
+            return {"loss": -log_probs.mean(), "log_probs": log_probs}
+
+    model = Fused()
+    ascent, descent = build_method("functional", rho=RHO)
+    with pytest.raises(ValueError, match="fused LM head"):
+        MicroBatchSAM(model, perturbation=ascent, descent=descent).backward(stack(mlp_dataset(4)), lambda mb: model(**mb)["loss"])
+
+
+def test_resume_with_precondition_equals_the_uninterrupted_run(tmp_path):
+    """The preconditioner is the optimizer's second moment: it comes back with the optimizer's checkpoint."""
+    data = mlp_dataset(20)
+
+    def args(**kwargs):
+        settings = dict(
+            output_dir=str(tmp_path / "run"), per_device_train_batch_size=5, max_steps=4, optim="adamw_torch",
+            learning_rate=1e-2, lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, use_cpu=True,
+            report_to="none", train_sampling_strategy="sequential", save_strategy="steps", save_steps=2, logging_strategy="no",
+            disable_tqdm=True, msam_rho=RHO, msam_micro_batch_size=2, msam_method="functional", msam_precondition="adam",
+        )  # fmt: skip
+        return MSAMTrainingArguments(**{**settings, **kwargs})
+
+    model = mlp()
+    MSAMTrainer(model=model, args=args(), train_dataset=data).train()
+    whole = flat(params_of(model)).detach()
+    resumed = mlp(seed=1)
+    MSAMTrainer(model=resumed, args=args(), train_dataset=data).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert torch.equal(flat(params_of(resumed)).detach(), whole)
+    # and the preconditioner mattered: without it the run ends elsewhere
+    plain = mlp()
+    MSAMTrainer(model=plain, args=args(msam_precondition="none", output_dir=str(tmp_path / "plain")), train_dataset=data).train()
+    assert (flat(params_of(plain)).detach() - whole).abs().max() > 1e-6
