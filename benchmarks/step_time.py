@@ -105,6 +105,8 @@ METHOD_ROWS = [
     ("momentum", "Momentum-SAM", (("msam_method", "momentum"),)),
     ("gsam", "GSAM", (("msam_method", "gsam"),)),
     ("fsam", "F-SAM", (("msam_method", "fsam"),)),
+    ("functional", "Functional-SAM", (("msam_method", "functional"),)),
+    ("precond", "SAM, Adam-preconditioned", (("msam_precondition", "adam"),)),
 ]
 
 
@@ -366,7 +368,25 @@ class HandwrittenMethod:
             with torch.no_grad():
                 torch._foreach_copy_(self.params, self.w)
             return
+        if method == "functional":  # J_F(w + e)ᵀ ∇_F L(w): ∇_F L from the clean pass, back through the perturbed logits
+            out = self.model(**batch)
+            *g, grad_logits = torch.autograd.grad(out.loss, [*self.params, out.logits])
+            e = torch._foreach_mul(g, self.rho / (_norm(g) + 1e-12))
+            del g, out
+            with torch.no_grad():
+                torch._foreach_add_(self.params, e)
+            del e
+            self.model(**batch).logits.backward(grad_logits)
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.w)
+            return
         g = _grad(self.model(**batch).loss, self.params)
+        if self.flags.get("msam_precondition") == "adam" and self.optimizer.state:  # P g, P = 1/(√v̂ + ε)
+            group = self.optimizer.param_groups[0]
+            beta2, eps = group["betas"][1], group["eps"]
+            for g_i, p in zip(g, self.params):
+                state = self.optimizer.state[p]
+                g_i.div_((state["exp_avg_sq"] / (1 - beta2 ** state["step"])).sqrt_().add_(eps))
         if method == "looksam" and self.g_v is not None and (self.t - 1) % self.flags["msam_looksam_k"]:
             scale = self.flags.get("alpha", 0.7) * _norm(g) / _norm(self.g_v)  # reuse: g + α‖g‖/‖g_v‖ g_v
             torch._foreach_add_(g, torch._foreach_mul(self.g_v, scale))

@@ -46,6 +46,7 @@ from .methods import (
     register_method,
 )
 from .methods.fsam import FriendlyPerturbation
+from .methods.functional import check_outputs, model_outputs
 from .methods.gsam import GSAMDescent
 from .methods.looksam import LookSAMDescent
 from .methods.momentum import MomentumPerturbation
@@ -430,6 +431,7 @@ class MicroBatchSAM:
         with torch.no_grad():  # the tensors perturbed and restored: under FSDP2, this rank's shards
             shards = [local(p) for p in params] if self.fsdp2 else params
         explicit = self.descent.explicit  # GSAM, LookSAM: the descent needs g_j and g_p,j themselves
+        functional = self.descent.through_outputs  # Functional-SAM: descend through the outputs F with ∇_F L(w)
         clean_pass = self.perturbation.needs_gradient  # Momentum-SAM: e comes from the optimizer, no clean pass
         frozen_stats = _modules_with_running_stats(self.model) if clean_pass else []
         shard_group = self._group(params) if self.fsdp2 else None  # FSDP2: the rules' norms sum over all shards
@@ -443,7 +445,9 @@ class MicroBatchSAM:
             g = None
             if clean_pass:
                 with self._no_sync():
-                    clean_loss = loss_fn(mb, MicroBatch(j, k, c, "clean", True))
+                    with model_outputs(self.model, functional) as outputs:
+                        clean_loss = loss_fn(mb, MicroBatch(j, k, c, "clean", True))
+                    grad_outputs = self._output_gradient(clean_loss, outputs) if functional else None
                     g = self._ascent_gradient_of(clean_loss, params, mb, size_fn, sync_weight, c)
             # 2. e_j from g_j, in g's storage (a copy of g_j is kept when the descent needs it); e_j = 0 and ok
             #    False when g_j is zero, non-finite or overflowed in fp16.
@@ -461,9 +465,13 @@ class MicroBatchSAM:
                     # forward below would silently run at the stale, unperturbed w.
                     torch.clear_autocast_cache()
                 with contextlib.nullcontext() if last else self._no_sync(), _running_stats_frozen(frozen_stats):
-                    perturbed_loss = loss_fn(mb, MicroBatch(j, k, c, "perturbed", not clean_pass))
+                    with model_outputs(self.model, functional) as outputs:
+                        perturbed_loss = loss_fn(mb, MicroBatch(j, k, c, "perturbed", not clean_pass))
                     if explicit:
                         g_p = self.ascent_gradient(perturbed_loss, params)  # .grad untouched
+                    elif functional:  # 4. Functional-SAM: .grad += c_j·J_F(w + e_j)ᵀ∇_F L_j(w)
+                        self._backward(weighted(self.descent.surrogate(outputs, grad_outputs), c_j))
+                        del outputs, grad_outputs
                     else:
                         self._backward(weighted(perturbed_loss, c_j))  # 4. SAM: .grad += c_j·g_p,j
             finally:
@@ -571,6 +579,7 @@ class MicroBatchSAM:
         params = vec.params
         c = [1.0 if c_j is None else c_j for c_j in weights]
         explicit, clean_pass = self.descent.explicit, self.perturbation.needs_gradient
+        functional = self.descent.through_outputs  # Functional-SAM: ∇_F L of the batch's loss, rows of B_j = c_j·∇_F L_j
         if self.path != "vectorized":
             logger.info("mSAM step: vectorized (%d micro-batches share each forward and backward).", k)
         # 1. every g_j at w, `.grad` untouched.
@@ -580,10 +589,12 @@ class MicroBatchSAM:
             try:
                 # A reuse step's only forward is this one: DDP must then all-reduce the backward that follows it.
                 with contextlib.nullcontext() if self._mode == "reuse" else self._no_sync(), vec.capture(layout) as capture:
-                    clean_loss = loss_fn(batch, MicroBatch(0, 1, 1.0, point, True))
+                    with model_outputs(self.model, functional) as outputs:
+                        clean_loss = loss_fn(batch, MicroBatch(0, 1, 1.0, point, True))
                     if not self._verified:
                         capture.verify(clean_loss)
                         self._verified = True
+                grad_outputs = self._output_gradient(clean_loss, outputs) if functional else None  # before the graph goes
                 parts = self._group_gradients(capture, clean_loss)
             except NotVectorizable as err:  # nothing was accumulated or perturbed: the step can start again
                 self._take_sequential(str(err))
@@ -625,8 +636,11 @@ class MicroBatchSAM:
                     perturbed_loss = loss_fn(batch, MicroBatch(0, 1, 1.0, "perturbed", not clean_pass))
                 g_p = self._per_micro_batch(self._group_gradients(capture, perturbed_loss), c)
             else:
-                perturbed_loss = loss_fn(batch, MicroBatch(0, 1, 1.0, "perturbed", not clean_pass))
-                self._backward(perturbed_loss)
+                with model_outputs(self.model, functional) as outputs:
+                    perturbed_loss = loss_fn(batch, MicroBatch(0, 1, 1.0, "perturbed", not clean_pass))
+                # Functional-SAM: Σ_j c_j·J_F(w + e_j)ᵀ∇_F L_j(w), each row's F at its own w + e_j
+                self._backward(self.descent.surrogate(outputs, grad_outputs) if functional else perturbed_loss)
+                del outputs
         del e
         if explicit:  # GSAM, LookSAM: .grad += Σ_j c_j·D(g_j, g_p,j)
             d = [self.descent.descent([t[j] for t in g], [t[j] for t in g_p], c[j]) for j in range(k)]
@@ -692,15 +706,27 @@ class MicroBatchSAM:
         a = (size_fn or batch_size_of)(mb) if sync_weight == "size" else c
         return self._union_ascent_gradient(loss, params, a)
 
-    def ascent_gradient(self, loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    def ascent_gradient(self, loss: torch.Tensor, params: list[torch.Tensor], retain_graph: bool = False) -> list[torch.Tensor]:
         """∇loss over `params`, through autograd.grad: `.grad` (maybe holding accumulated gradients) is untouched."""
         scaler = self._grad_scaler()
         if scaler is not None:  # fp16: scale so small gradients survive, then unscale before any norm
-            grads = unaliased(torch.autograd.grad(scaler.scale(loss), params, allow_unused=True, materialize_grads=True))
+            grads = unaliased(torch.autograd.grad(scaler.scale(loss), params, retain_graph=retain_graph, allow_unused=True,
+                                                  materialize_grads=True))
             scale = scaler._get_scale_async()  # the scale as a tensor: get_scale() would sync
             torch._foreach_mul_(grads, scale.double().reciprocal().float())
             return list(grads)
-        return unaliased(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True))
+        return unaliased(torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True, materialize_grads=True))
+
+    def _output_gradient(self, loss: torch.Tensor, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Functional-SAM: ∇_F loss over the model's outputs F, the graph kept for the ascent gradient that follows
+        (this backward runs only from the loss to F: the loss head, not the network)."""
+        check_outputs(outputs)
+        scaler = self._grad_scaler()
+        if scaler is None:
+            return list(torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True, materialize_grads=True))
+        grads = torch.autograd.grad(scaler.scale(loss), outputs, retain_graph=True, allow_unused=True, materialize_grads=True)
+        inverse = scaler._get_scale_async().double().reciprocal().float()
+        return [t.float() * inverse for t in grads]  # unscaled in float32: in fp16 it would underflow
 
     def _union_ascent_gradient(self, loss: torch.Tensor, params: list[torch.Tensor], a: int | float | torch.Tensor) -> list[torch.Tensor]:
         """Synchronized scope: g_j of the union over devices of their j-th micro-batches, on every device.

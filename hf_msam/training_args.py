@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .methods import build_method, check_compatible
+from .methods import REGISTRY, build_method, check_compatible, get_method
 
 __all__ = ["MSAMArguments", "MSAMTrainingArguments", "check_msam_settings", "msam_default", "msam_setting"]
 
@@ -39,8 +39,13 @@ class MSAMArguments:
         msam_eps (`float`, *optional*, defaults to `1e-12`):
             Added to the gradient norm in the denominator of the perturbation.
         msam_method (`str`, *optional*, defaults to `"sam"`):
-            `sam` (with `msam_adaptive`: ASAM), `gsam`, `fsam` (Friendly-SAM), `looksam`, `momentum` (Momentum-SAM), or
+            `sam` (with `msam_adaptive`: ASAM), `gsam`, `fsam` (Friendly-SAM), `looksam`, `momentum` (Momentum-SAM),
+            `functional` (Functional-SAM), or
             any method registered with `hf_msam.register_method`. See README "Methods and schedules".
+        msam_precondition (`str`, *optional*, defaults to `"none"`):
+            `adam`: the perturbation along AdamW's preconditioned gradient, e = rho * P g / ||P g||,
+            P = diag(1 / (sqrt(v_hat) + eps)) (Singh et al. 2025), for `msam_method` sam and functional. Needs an
+            Adam-type optimizer. `none`: the plain gradient.
         msam_start (`float`, *optional*, defaults to `0.0`):
             Optimizer steps t <= msam_start * max_steps are plain steps (late-phase SAM). In [0, 1).
         msam_interval (`int`, *optional*, defaults to `1`):
@@ -113,8 +118,20 @@ class MSAMArguments:
         metadata={
             "help": "The sharpness-aware method: sam (SAM/mSAM; with --msam_adaptive, ASAM), gsam (GSAM, Zhuang et al. "
             "2022), fsam (Friendly-SAM, Li et al. 2024), looksam (LookSAM, Liu et al. 2022) or momentum "
-            "(Momentum-SAM, Becker et al. 2024: one pass per step, needs an optimizer with momentum), or the name of "
+            "(Momentum-SAM, Becker et al. 2024: one pass per step, needs an optimizer with momentum), functional "
+            "(Functional-SAM, Singh et al. 2025: the clean loss's gradient with respect to the logits, back-propagated "
+            "through the perturbed network), or the name of "
             "a method registered with hf_msam.register_method (see README \"Your own variant\").",
+        },
+    )
+    msam_precondition: str = field(
+        default="none",
+        metadata={
+            "help": "adam: perturb along AdamW's preconditioned gradient, e = rho * P g / ||P g|| with "
+            "P = diag(1 / (sqrt(v_hat) + eps)) from the optimizer's bias-corrected second moment (Singh et al. 2025; "
+            "before the first optimizer step, the plain gradient), for --msam_method sam and functional; needs an "
+            "Adam-type optimizer. none: the plain gradient.",
+            "choices": ["none", "adam"],
         },
     )
     msam_start: float = field(
@@ -315,6 +332,21 @@ def check_msam_settings(args: Any) -> None:
         raise ValueError(f"--msam_rho_schedule must be 'constant' or 'lr', got {msam_setting(args, 'msam_rho_schedule')!r}.")
     # What the method combines with is read off its rules: one error for each combination that does not hold.
     method = msam_setting(args, "msam_method")
+    precondition = msam_setting(args, "msam_precondition")
+    if precondition not in ("none", "adam"):
+        raise ValueError(f"--msam_precondition must be 'none' or 'adam', got {precondition!r}.")
+    if precondition != "none":
+        takers = [name for name, m in REGISTRY.items() if "msam_precondition" in m.flags]
+        if "msam_precondition" not in get_method(method).flags:
+            raise ValueError(
+                f"--msam_precondition {precondition} does not combine with --msam_method {method}: it applies to "
+                f"--msam_method {', '.join(takers)}. Drop --msam_precondition, or choose one of those."
+            )
+        if msam_setting(args, "msam_adaptive"):
+            raise ValueError(
+                f"--msam_precondition {precondition} does not combine with --msam_adaptive: both rescale the ascent "
+                "gradient. Choose one."
+            )
     perturbation, descent = build_method(method, args)
     check_compatible(
         perturbation,

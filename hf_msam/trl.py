@@ -211,6 +211,29 @@ class MSAMSFTTrainer(_TRLStep, MSAMMixin, SFTTrainer):
 
     _tag_names = ["trl", "sft", "msam", "sharpness-aware-minimization"]
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.msam_descent.through_outputs and self.compute_loss_func is None and self.label_smoother is None:
+            # Functional-SAM needs the logits the loss consumes; TRL's fused LM head gives only log p(label), in which
+            # the SFT loss is linear (the method would be SAM). The loss on the logits is TRL's own `compute_loss_func`
+            # path (its fused forward, without a graph, then only feeds the metrics: one more forward per pass).
+            if self.args.loss_type != "nll":
+                raise ValueError(
+                    f"--msam_method functional computes the SFT loss from the logits, as loss_type 'nll'; loss_type "
+                    f"{self.args.loss_type!r} is computed by TRL's fused LM head only. Use loss_type='nll' or another "
+                    "--msam_method."
+                )
+            self.compute_loss_func = _token_cross_entropy
+
+
+def _token_cross_entropy(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+    """The SFT loss from the logits: Σ over label tokens of −log p(label), over `num_items_in_batch` (else their
+    count), as transformers' causal-LM loss computes it."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    logits = outputs.logits
+    return ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
+
 
 class MSAMDPOTrainer(_TRLStep, MSAMMixin, DPOTrainer):
     """TRL's `DPOTrainer` with micro-batch sharpness-aware minimization. Give it [`MSAMDPOConfig`].

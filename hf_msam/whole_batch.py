@@ -83,7 +83,7 @@ def whole_batch_backward(
             "perturbations or under FSDP2: drop --msam_sync_perturbation, shard with plain DDP, or set "
             "--msam_micro_batch_size None (one micro-batch per device: SAM, exact for any loss)."
         )
-    if engine.descent.explicit:
+    if engine.descent.explicit or engine.descent.through_outputs:
         raise NotImplementedError(
             f"A loss over the whole batch (in-batch negatives) takes the descent of SAM-like methods only, not "
             f"{engine.descent!r}, which needs each micro-batch's own perturbed gradient: choose --msam_method sam, "

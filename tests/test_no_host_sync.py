@@ -90,6 +90,11 @@ METHODS = [
     dict(msam_method="gsam", msam_vectorize="on"),
     dict(msam_method="fsam", msam_vectorize="on"),
     dict(msam_method="looksam", msam_looksam_k=2, msam_vectorize="on"),
+    # Functional-SAM, and preconditioned perturbations read from AdamW's state (after its first step)
+    dict(msam_method="functional"),
+    dict(msam_method="functional", msam_vectorize="on"),
+    dict(msam_method="functional", msam_precondition="adam", optim="adamw_torch"),
+    dict(msam_method="sam", msam_precondition="adam", optim="adamw_torch", msam_vectorize="on"),
 ]
 
 
@@ -107,7 +112,7 @@ def test_example_weighted_step_makes_no_host_sync(tmp_path, monkeypatch, method)
 
 
 @pytest.mark.parametrize("vectorize", ["off", "on"])
-@pytest.mark.parametrize("method", ["sam", "gsam", "looksam"])
+@pytest.mark.parametrize("method", ["sam", "gsam", "looksam", "functional"])
 def test_token_weighted_step_makes_no_host_sync(tmp_path, monkeypatch, method, vectorize):
     counter = SyncCounter(monkeypatch)
     torch.manual_seed(0)

@@ -86,10 +86,15 @@ class DescentRule:
     `begin_step()` is called once per optimizer step and answers "perturbed" or "reuse"; on a "reuse" step
     there is no perturbation, and `reuse(g)` gives the contribution from the clean gradient alone (LookSAM).
 
+    `through_outputs` True (Functional-SAM): the engine records the model's outputs F in both passes, keeps
+    ∇_F L(w) from the clean pass, and back-propagates `surrogate(outputs at w + e_j, ∇_F L(w))` of the perturbed
+    pass (weighted by c_j) instead of its loss.
+
     Capabilities as for `PerturbationRule`, plus `supports_interval` (combines with `--msam_interval`).
     """
 
     explicit: bool = False
+    through_outputs: bool = False
     supports_sync: bool = True
     supports_fsdp2: bool = True
     supports_vectorized: bool = True
@@ -158,6 +163,11 @@ def check_compatible(
     not known here); `sync_perturbation` whether perturbations are synchronized (always under FSDP2)."""
     caps = Capabilities.of(perturbation, descent)
     who = f"--msam_method {method}" if method else f"the rules {perturbation!r} and {descent!r}"
+    if getattr(descent, "through_outputs", False) and not perturbation.needs_gradient:
+        raise ValueError(
+            f"{who}: a descent through the outputs (Functional-SAM) needs ∇_F L at w from a clean pass, and the "
+            f"perturbation {perturbation!r} makes none (needs_gradient False)."
+        )
     if adaptive and not caps.adaptive:
         raise ValueError(
             f"--msam_adaptive (ASAM) does not combine with {who}: its perturbation is not adaptive. Drop "

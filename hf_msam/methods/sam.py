@@ -51,6 +51,8 @@ class SAMDescent(DescentRule):
 
 
 @register_method("sam", paper="SAM, Foret et al. 2021; ASAM, Kwon et al. 2021",
-                 flags=("msam_rho", "msam_adaptive", "msam_adaptive_eta", "msam_eps"))
+                 flags=("msam_rho", "msam_adaptive", "msam_adaptive_eta", "msam_eps", "msam_precondition"))
 def build(args):
-    return SAMPerturbation(args.msam_rho, args.msam_adaptive, args.msam_adaptive_eta, args.msam_eps), SAMDescent()
+    from .precondition import sam_ascent  # SAM, ASAM, or with --msam_precondition adam preconditioned SAM
+
+    return sam_ascent(args), SAMDescent()
