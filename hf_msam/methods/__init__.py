@@ -16,7 +16,8 @@ combines with (ASAM, synchronized perturbations, FSDP2, the vectorized path, `--
 the optimizer's state) is read off its rules (`Capabilities`); `check_compatible` raises the one error for each
 combination that does not hold, wherever it is asked for.
 
-Built in: `sam` (and ASAM) in `sam.py`, `gsam`, `fsam`, `looksam`, `momentum` in modules of those names.
+Built in: `sam` (and ASAM) in `sam.py`, `gsam`, `fsam`, `looksam`, `momentum` in modules of those names, `flat_lora`
+in `flat_lora.py`.
 """
 
 from __future__ import annotations
@@ -122,3 +123,4 @@ def build_method(method: str = "sam", args: Any = None, /, optimizer: Any = None
 
 # The built-in methods register themselves on import.
 from . import sam, gsam, fsam, looksam, momentum  # noqa: E402,F401,I001  (this order is the order of --help)
+from . import flat_lora  # noqa: E402,F401
