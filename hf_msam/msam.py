@@ -305,6 +305,7 @@ class MicroBatchSAM:
         self.process_group = process_group  # the devices to synchronize over (None: all)
         check_compatible(self.perturbation, self.descent, sync_perturbation=self.sync_perturbation, fsdp2=self.fsdp2)
         check_trainable(model, "MicroBatchSAM")
+        self.perturbation.check_model(model)  # Flat-LoRA: the model must have LoRA layers
         self._check_mesh()
         self.stats = MSAMStats()
         self._step: Any = object()  # the optimizer step `backward` last worked on
@@ -464,7 +465,8 @@ class MicroBatchSAM:
                     # Inside an enclosing autocast region, casts of w are cached: drop them, or the
                     # forward below would silently run at the stale, unperturbed w.
                     torch.clear_autocast_cache()
-                with contextlib.nullcontext() if last else self._no_sync(), _running_stats_frozen(frozen_stats):
+                with (contextlib.nullcontext() if last else self._no_sync(), _running_stats_frozen(frozen_stats),
+                      self.perturbation.perturbing(self.model, self._step, j, k)):  # Flat-LoRA: the base weights' noise
                     with model_outputs(self.model, functional) as outputs:
                         perturbed_loss = loss_fn(mb, MicroBatch(j, k, c, "perturbed", not clean_pass))
                     if explicit:

@@ -412,6 +412,8 @@ class MSAMMixin:
             warning = rule.check_optimizer(self.optimizer)
             if warning and self.is_world_process_zero():
                 logger.warning(warning)
+        if getattr(self.msam_perturbation, "max_steps", False) is None:  # Flat-LoRA's σ schedule runs over the training
+            self.msam_perturbation.max_steps = self.state.max_steps
         engine = MicroBatchSAM(
             model,
             micro_batch_size=self.msam_micro_batch_size,
@@ -532,6 +534,7 @@ class MSAMMixin:
             checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
         if self.msam_perturbation.enabled and self.model is not None:
             check_trainable(self.model, type(self).__name__, ", or set --msam_rho 0 for the plain Trainer's step")
+            self.msam_perturbation.check_model(self.model)  # Flat-LoRA: refused without LoRA layers, before any step
         if checkpoint is not None:
             self._msam_load_state(checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)

@@ -40,7 +40,7 @@ class MSAMArguments:
             Added to the gradient norm in the denominator of the perturbation.
         msam_method (`str`, *optional*, defaults to `"sam"`):
             `sam` (with `msam_adaptive`: ASAM), `gsam`, `fsam` (Friendly-SAM), `looksam`, `momentum` (Momentum-SAM),
-            `functional` (Functional-SAM), or
+            `functional` (Functional-SAM), `flat_lora` (Flat-LoRA), or
             any method registered with `hf_msam.register_method`. See README "Methods and schedules".
         msam_precondition (`str`, *optional*, defaults to `"none"`):
             `adam`: the perturbation along AdamW's preconditioned gradient, e = rho * P g / ||P g||,
@@ -64,6 +64,11 @@ class MSAMArguments:
             alpha of LookSAM: reuse steps descend along g + alpha * (||g|| / ||g_v||) * g_v. The default is the
             paper's; with AdamW, alpha >= 0.2 stalled training in our measurements and 0.1 trained (warned at the
             first step).
+        msam_flat_lora_sigma (`float`, *optional*, defaults to `0.05`):
+            sigma of Flat-LoRA (`msam_method` flat_lora): row i of the merged LoRA weight W + s*BA gets Gaussian noise of
+            std sigma_t * ||(W + s*BA)_i|| / sqrt(n), n its input dimension. 0 turns it off.
+        msam_flat_lora_schedule (`str`, *optional*, defaults to `"cosine"`):
+            `cosine`: sigma_t = sigma * (1 - cos(pi * (t - 1) / max_steps)) / 2, rising from 0 (the paper's); `constant`.
         msam_sync_perturbation (`bool`, *optional*, defaults to `False`):
             Synchronized perturbations: micro-batch j's perturbation comes from the gradient of the union over all
             devices of their j-th micro-batches, the same on every device (one extra all-reduce of the trainable
@@ -120,7 +125,8 @@ class MSAMArguments:
             "2022), fsam (Friendly-SAM, Li et al. 2024), looksam (LookSAM, Liu et al. 2022) or momentum "
             "(Momentum-SAM, Becker et al. 2024: one pass per step, needs an optimizer with momentum), functional "
             "(Functional-SAM, Singh et al. 2025: the clean loss's gradient with respect to the logits, back-propagated "
-            "through the perturbed network), or the name of "
+            "through the perturbed network), flat_lora (Flat-LoRA, Li et al. 2025: PEFT LoRA models, random noise on "
+            "the merged weights, one pass per step), or the name of "
             "a method registered with hf_msam.register_method (see README \"Your own variant\").",
         },
     )
@@ -187,6 +193,22 @@ class MSAMArguments:
             "help": "alpha of LookSAM (--msam_method looksam): reuse steps descend along g + alpha * (||g|| / ||g_v||) "
             "* g_v. 0.7 is the paper's; with AdamW, alpha >= 0.2 stalled training in our measurements and 0.1 trained "
             "(a warning says so at the first step)."
+        },
+    )
+    msam_flat_lora_sigma: float = field(
+        default=0.05,
+        metadata={
+            "help": "sigma of Flat-LoRA (--msam_method flat_lora, PEFT LoRA models): each pass runs every LoRA layer at "
+            "W + s*BA + noise, row i of the noise N(0, sigma_t^2 ||(W + s*BA)_i||^2 / n), n the input dimension, drawn "
+            "from a seed. 0.05 is the paper's. 0 turns it off."
+        },
+    )
+    msam_flat_lora_schedule: str = field(
+        default="cosine",
+        metadata={
+            "help": "How Flat-LoRA's sigma changes over training. cosine: sigma_t = sigma * (1 - cos(pi (t - 1) / "
+            "max_steps)) / 2, rising from 0 at the first step to sigma (the paper's). constant: sigma at every step.",
+            "choices": ["cosine", "constant"],
         },
     )
     msam_sync_perturbation: bool = field(
@@ -312,6 +334,7 @@ def check_msam_settings(args: Any) -> None:
         "msam_fsam_lambda": (0.0, 1.0, "a number in [0, 1)"),
         "msam_fsam_sigma": (0.0, None, "a finite number >= 0"),
         "msam_looksam_alpha": (0.0, None, "a finite number >= 0"),
+        "msam_flat_lora_sigma": (0.0, None, "a finite number >= 0 (0.05 is the paper's; 0 turns Flat-LoRA off)"),
     }
     for name, (low, high, what) in ranges.items():
         if not _finite(msam_setting(args, name), low, high):
@@ -328,6 +351,10 @@ def check_msam_settings(args: Any) -> None:
         raise ValueError(f"--msam_flatness_rho must be a finite number > 0, got {msam_setting(args, 'msam_flatness_rho')!r}.")
     if msam_setting(args, "msam_vectorize") not in ("auto", "on", "off"):
         raise ValueError(f"--msam_vectorize must be 'auto', 'on' or 'off', got {msam_setting(args, 'msam_vectorize')!r}.")
+    if msam_setting(args, "msam_flat_lora_schedule") not in ("cosine", "constant"):
+        raise ValueError(
+            f"--msam_flat_lora_schedule must be 'cosine' or 'constant', got {msam_setting(args, 'msam_flat_lora_schedule')!r}."
+        )
     if msam_setting(args, "msam_rho_schedule") not in ("constant", "lr"):
         raise ValueError(f"--msam_rho_schedule must be 'constant' or 'lr', got {msam_setting(args, 'msam_rho_schedule')!r}.")
     # What the method combines with is read off its rules: one error for each combination that does not hold.

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .batches import batch_size_of, micro_batch_weights, split_batch
+from .methods.base import PerturbationRule
 from .ops import weight_dtype
 
 __all__ = ["whole_batch_backward"]
@@ -88,6 +89,12 @@ def whole_batch_backward(
             f"A loss over the whole batch (in-batch negatives) takes the descent of SAM-like methods only, not "
             f"{engine.descent!r}, which needs each micro-batch's own perturbed gradient: choose --msam_method sam, "
             "fsam or momentum, or set --msam_micro_batch_size None."
+        )
+    if type(engine.perturbation).perturbing is not PerturbationRule.perturbing:
+        raise NotImplementedError(
+            f"A loss over the whole batch (in-batch negatives) perturbs the trainable parameters only, and "
+            f"{engine.perturbation!r} perturbs other weights (--msam_method flat_lora: the LoRA base weights): set "
+            "--msam_micro_batch_size None (one micro-batch per device), or choose another --msam_method."
         )
     micro_batches = (split_fn or split_batch)(batch, engine.micro_batch_size)
     k = len(micro_batches)

@@ -201,7 +201,7 @@ def test_fsdp2_is_accepted_and_synchronizes(tmp_path, monkeypatch):
     assert "- perturbation scope: synchronized" in card and "- perturbations per optimizer step: 2 (1 accumulation" in card
 
 
-@pytest.mark.parametrize("method", ["gsam", "looksam"])
+@pytest.mark.parametrize("method", ["gsam", "looksam", "flat_lora"])
 def test_fsdp2_refuses_methods_it_cannot_make_right(tmp_path, monkeypatch, method):
     trainer = _trainer(tmp_path, msam_method=method)
     _fsdp(monkeypatch, trainer, 2)

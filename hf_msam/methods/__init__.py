@@ -16,8 +16,8 @@ combines with (ASAM, synchronized perturbations, FSDP2, the vectorized path, `--
 the optimizer's state) is read off its rules (`Capabilities`); `check_compatible` raises the one error for each
 combination that does not hold, wherever it is asked for.
 
-Built in: `sam` (and ASAM) in `sam.py`, `gsam`, `fsam`, `looksam`, `momentum`, `functional` in modules of those
-names; `--msam_precondition adam` (for `sam` and `functional`) in `precondition.py`.
+Built in: `sam` (and ASAM) in `sam.py`, `gsam`, `fsam`, `looksam`, `momentum`, `functional`, `flat_lora` in modules of
+those names; `--msam_precondition adam` (for `sam` and `functional`) in `precondition.py`.
 """
 
 from __future__ import annotations
@@ -124,3 +124,4 @@ def build_method(method: str = "sam", args: Any = None, /, optimizer: Any = None
 # The built-in methods register themselves on import.
 from . import sam, gsam, fsam, looksam, momentum  # noqa: E402,F401,I001  (this order is the order of --help)
 from . import functional  # noqa: E402,F401  (Functional-SAM, and preconditioned SAM in precondition.py)
+from . import flat_lora  # noqa: E402,F401

@@ -4,6 +4,7 @@ j adds to the gradient, from g_j and g_p,j). Each rule also says what it can be 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,18 @@ class PerturbationRule:
         """Called once with the training optimizer before the first perturbed step: raise if the rule cannot work
         with it, or return a warning to log (None: nothing to say)."""
         return None
+
+    def check_model(self, model: Any) -> None:
+        """Called with the model when the engine is built (and when the trainer starts training): raise ValueError,
+        naming the flag, if the rule cannot perturb this model (Flat-LoRA without LoRA layers)."""
+        return None
+
+    def perturbing(self, model: Any, step: Any, index: int, count: int) -> contextlib.AbstractContextManager:
+        """Entered around the perturbed pass (forward and backward at w + e_j) of micro-batch `index` of `count` at
+        optimizer step `step` (the engine's `step`). A rule that perturbs something other than the trainable
+        parameters (Flat-LoRA: the frozen base weights of LoRA layers) does it here, and must leave everything
+        bitwise as it found it when the context exits, also on an exception. Default: nothing."""
+        return contextlib.nullcontext()
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -179,18 +192,31 @@ def check_compatible(
             "leave --msam_interval at 1."
         )
     if fsdp2 and not caps.fsdp2:
+        why = _why(perturbation, descent, "fsdp2", _NONLINEAR + ", which FSDP2's sharded gradients do not give")
         raise ValueError(
-            f"{who} is not supported under FSDP2: its descent is a nonlinear function of each device's own perturbed "
-            f"gradient, which FSDP2's sharded gradients do not give. Use --msam_method "
+            f"{who} is not supported under FSDP2: {why}. Use --msam_method "
             f"{_names_where(lambda c: c.fsdp2)} under FSDP2, or plain DDP."
         )
     if sync_perturbation and not caps.sync_perturbation:
+        why = _why(perturbation, descent, "sync_perturbation", _NONLINEAR + ", which synchronizing the ascent does not make the union's")
         raise ValueError(
-            f"--msam_sync_perturbation does not combine with {who}: its descent is a nonlinear function of each "
-            "device's own perturbed gradient, which synchronizing the ascent does not make the union's. Drop "
+            f"--msam_sync_perturbation does not combine with {who}: {why}. Drop "
             "--msam_sync_perturbation (sync_perturbation=True in MicroBatchSAM) for device-local perturbations, or "
             f"use --msam_method {_names_where(lambda c: c.sync_perturbation)}."
         )
+
+
+_NONLINEAR = "its descent is a nonlinear function of each device's own perturbed gradient"
+
+
+def _why(perturbation: PerturbationRule, descent: DescentRule, capability: str, default: str) -> str:
+    """Why `capability` does not hold: a rule's own note (`capability_notes[capability]`) where it has one, else
+    `default`."""
+    for rule in (perturbation, descent):
+        note = getattr(rule, "capability_notes", {}).get(capability)
+        if note:
+            return note
+    return default
 
 
 def _names_where(predicate, **settings: Any) -> str:
