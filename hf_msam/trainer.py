@@ -27,6 +27,10 @@ from .training_args import MSAMArguments, check_msam_settings, msam_setting
 
 __all__ = ["MSAMMixin", "MSAMTrainer"]
 
+# TRL preference losses computed across the batch's pairs (AOT sorts the batch's log-ratios; the "sft" term is one
+# token mean over the batch): the batch's loss is then not the weighted sum of its micro-batches' losses.
+CROSS_EXAMPLE_LOSS_TYPES = {"aot", "aot_unpaired", "sft"}
+
 logger = logging.getLogger("hf_msam")
 if not logger.handlers:  # our own handler, in the Trainer's format: scripts need no logging set-up to see us
     _handler = logging.StreamHandler()
@@ -365,6 +369,10 @@ class MSAMMixin:
         owner = next((c for c in type(self).__mro__ if "compute_loss" in vars(c)), Trainer)
         if owner.__module__.split(".")[0] not in ("transformers", "trl", "hf_msam"):
             return None
+        loss_types = getattr(self.args, "loss_type", None)
+        loss_types = [loss_types] if isinstance(loss_types, str) else list(loss_types or [])
+        if set(loss_types) & CROSS_EXAMPLE_LOSS_TYPES or getattr(self, "aux_loss_enabled", False):
+            return False  # the batch's loss reads all its examples at once: not a sum over micro-batches
         return shares or self._msam_loss_is_a_mean_over_units(inputs, cut, size_fn)
 
     def _msam_loss_is_a_mean_over_units(self, inputs: dict[str, Any], cut: Any, size_fn: Any) -> bool:

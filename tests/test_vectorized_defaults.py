@@ -115,3 +115,21 @@ def test_momentum_sam_checks_the_model_once_although_it_has_no_clean_pass():
     assert grads["reads-outside", "auto"][1] == "sequential" and "outside the layer calls" in grads["reads-outside", "auto"][2]
     for a, b in zip(grads["reads-outside", "auto"][0], grads["reads-outside", "off"][0]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("loss_type, expected", [("sigmoid", True), (["sigmoid", "sft"], False), ("aot", False),
+                                                 ("aot_unpaired", False)])
+def test_preference_losses_across_pairs_are_not_vectorized(loss_type, expected):
+    """TRL's AOT losses sort the batch's log-ratios and its "sft" term is one token mean over the batch: not a sum
+    over micro-batches of pairs, so `auto` must not take the vectorized step for them."""
+    from hf_msam.trainer import MSAMMixin
+
+    class PreferenceTrainer(MSAMMixin):
+        def compute_loss(self, *args, **kwargs):  # stands for TRL's DPOTrainer.compute_loss
+            raise NotImplementedError
+
+    PreferenceTrainer.__module__ = "trl.trainer.dpo_trainer"
+    trainer = PreferenceTrainer.__new__(PreferenceTrainer)
+    trainer.args = types.SimpleNamespace(loss_type=loss_type)
+    cut = types.SimpleNamespace(layout="pairs")
+    assert trainer._msam_decomposable({}, cut, None, False) is expected
