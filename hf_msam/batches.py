@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .ops import weight_dtype
+from .ops import divide_where_positive, weight_dtype
 
 __all__ = [
     "BatchCut",
@@ -127,8 +127,7 @@ def micro_batch_weights(
         return [float(n) / total for n in sizes]
     dtype = weight_dtype(device)
     sizes_t = torch.stack([torch.as_tensor(n, device=device).to(dtype).reshape(()) for n in sizes])
-    total = sizes_t.sum()
-    return list(torch.where(total > 0, sizes_t / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(sizes_t)).unbind())
+    return list(divide_where_positive(sizes_t, sizes_t.sum()).unbind())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from .methods.gsam import GSAMDescent
 from .methods.looksam import LookSAMDescent
 from .methods.momentum import MomentumPerturbation
 from .methods.sam import SAMDescent, SAMPerturbation
-from .ops import SHARD_GROUP, SHARDED_PARAMS, local, scoped, unaliased, weight_dtype, weighted
+from .ops import SHARD_GROUP, SHARDED_PARAMS, device_scalar, divide_where_positive, local, scoped, unaliased, weighted
 from .vectorized import GroupLayout, NotVectorizable, Vectorizer
 
 logger = logging.getLogger("hf_msam")
@@ -100,8 +100,7 @@ class Schedule:
         if self.rho_schedule == "constant":
             return rho
         if isinstance(lr_max, torch.Tensor):  # ρ_t = 0 where lr_max = 0, decided on the device
-            positive = lr_max > 0
-            return torch.where(positive, rho * lr / torch.where(positive, lr_max, torch.ones_like(lr_max)), torch.zeros_like(lr_max))
+            return divide_where_positive(rho * lr, lr_max)
         return rho * lr / lr_max if lr_max > 0 else 0.0 * lr
 
 
@@ -659,13 +658,10 @@ class MicroBatchSAM:
         group = self._group(g)
         if group is None:
             return g  # a single process: the union is this device's micro-batch
-        device = g[0].device
-        dtype = weight_dtype(device)
-        a_t = torch.stack([w.to(device=device, dtype=dtype).reshape(()) if isinstance(w, torch.Tensor)
-                           else torch.full((), float(w), dtype=dtype, device=device) for w in a])
+        a_t = torch.stack([device_scalar(w, g[0].device) for w in a])
         total = a_t.clone()
         dist.all_reduce(total, group=group)
-        share = torch.where(total > 0, a_t / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total))
+        share = divide_where_positive(a_t, total)
         flat = torch.cat([(t * share.to(t.dtype).view(-1, *([1] * (t.dim() - 1)))).reshape(-1) for t in g])
         dist.all_reduce(flat, group=group)
         return [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in g]), g)]
@@ -683,11 +679,8 @@ class MicroBatchSAM:
     def _per_micro_batch(parts: list[torch.Tensor], c: list[float | torch.Tensor]) -> list[torch.Tensor]:
         """g_j = part_j / c_j: the whole batch's loss is Σ_j c_j·L_j, so micro-batch j's part of its gradient is
         c_j·g_j (a micro-batch with c_j = 0, no counted token, gets g_j = 0: its perturbation is skipped)."""
-        device = parts[0].device
-        dtype = weight_dtype(device)
-        c_t = torch.stack([w.to(device=device, dtype=dtype).reshape(()) if isinstance(w, torch.Tensor)
-                           else torch.full((), float(w), dtype=dtype, device=device) for w in c])
-        inverse = torch.where(c_t > 0, 1.0 / torch.where(c_t > 0, c_t, torch.ones_like(c_t)), torch.zeros_like(c_t))
+        c_t = torch.stack([device_scalar(w, parts[0].device) for w in c])
+        inverse = divide_where_positive(torch.ones_like(c_t), c_t)
         for t in parts:
             t.mul_(inverse.to(t.dtype).view(-1, *([1] * (t.dim() - 1))))
         return parts
@@ -739,10 +732,7 @@ class MicroBatchSAM:
         group = self._group(params)
         if group is None and not self.fsdp2:
             return self.ascent_gradient(loss, params)  # a single process: the union is this micro-batch
-        device = loss.device
-        dtype = weight_dtype(device)  # Python numbers straight to float64: through float32 they would round
-        # torch.full, not torch.tensor: a Python number copied to the device would wait for it (a host sync).
-        c = (a.to(device=device, dtype=dtype) if isinstance(a, torch.Tensor) else torch.full((), float(a), dtype=dtype, device=device)).reshape(())
+        c = device_scalar(a, loss.device)
         total = c.clone()
         if group is not None:
             dist.all_reduce(total, group=group)

@@ -88,6 +88,22 @@ def weight_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def device_scalar(x: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`x` (a Python number or a tensor with one element) as a 0-d tensor in `weight_dtype` on `device`. Python
+    numbers go straight to float64 (through float32 they would round), with torch.full: torch.tensor would copy
+    from the host and wait for the device."""
+    dtype = weight_dtype(device)
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=dtype).reshape(())
+    return torch.full((), float(x), dtype=dtype, device=device)
+
+
+def divide_where_positive(a: float | torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a / b where b > 0, else 0, decided on the device (a zero count or weight gives 0, not 0/0)."""
+    positive = b > 0
+    return torch.where(positive, a / torch.where(positive, b, torch.ones_like(b)), torch.zeros_like(b))
+
+
 def weighted(loss: torch.Tensor, c: float | torch.Tensor | None) -> torch.Tensor:
     """c·loss in the loss's dtype (c None: the whole batch, weight 1)."""
     if c is None:

@@ -31,7 +31,7 @@ import torch
 
 from .batches import batch_size_of, micro_batch_weights, split_batch
 from .methods.base import PerturbationRule
-from .ops import weight_dtype
+from .ops import device_scalar, divide_where_positive
 
 __all__ = ["whole_batch_backward"]
 
@@ -137,8 +137,8 @@ def whole_batch_backward(
                 _set_rng_state(states[j], device)
                 g = engine.ascent_gradient(_surrogate(outputs_of(j, grad=True), grads[j]), params)
                 c_j = weights[j]
-                c = c_j.to(device=device, dtype=weight_dtype(device)) if isinstance(c_j, torch.Tensor) else torch.full((), float(c_j), dtype=weight_dtype(device), device=device)
-                inverse = torch.where(c > 0, 1.0 / torch.where(c > 0, c, torch.ones_like(c)), torch.zeros_like(c))
+                c = device_scalar(c_j, device)
+                inverse = divide_where_positive(torch.ones_like(c), c)
                 torch._foreach_mul_(g, inverse.to(g[0].dtype))  # a micro-batch of weight 0: g_j = 0, skipped
                 e_j, grad_norm, ok = engine.perturbation.perturb(params, g, rho)
                 e.append(e_j)
