@@ -74,8 +74,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -525,6 +526,7 @@ class _Unit:
     module: nn.Module
     rule: Rule | None
     wanted: dict[str, int]  # parameter name, relative to the module -> index in Vectorizer.params
+    routed: dict = field(default_factory=dict)  # the routed forwards, kept across passes (see `_routed`)
 
     @property
     def where(self) -> str:
@@ -547,11 +549,6 @@ def _module_problem(module: nn.Module) -> str | None:
             "reentrant gradient checkpointing (its forward runs without autograd, so no layer call inside is seen, and "
             "torch refuses autograd.grad through it): use gradient_checkpointing_kwargs={'use_reentrant': False}, "
             "transformers' default"
-        )
-    if getattr(module, "_orig_mod", None) is not None or getattr(module, "_compiled_call_impl", None) is not None:
-        return (
-            "compiled with torch.compile (the vectorized path swaps the layers' forwards in and out around every "
-            "pass, and compiled code is not checked to follow that): pass the uncompiled model"
         )
     if getattr(module, "batch_first", True) is False:
         return f"{name} with batch_first=False (the batch is in dim 1 of its inputs)"
@@ -604,6 +601,24 @@ def _no_autocast(device_type: str):
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def _routed(unit: _Unit, forward: Callable, own: Callable | None) -> Callable:
+    """What replaces `unit.module.forward` while a context is active: `forward(unit, inner, ...)`, inner the module's
+    forward of before. The same object at every pass (while no one else replaces the module's forward): compiled
+    code guards on it, and a new one at each pass would recompile the model at each pass. Once torch.compile has been
+    imported (someone compiled something), it runs outside compilation (`torch.compiler.disable`): the routed
+    forwards read Python state that compiled code would freeze, so the compiled model breaks its graph at each
+    routed layer and compiles what lies between them."""
+    compiling = "torch._dynamo" in sys.modules
+    cached = unit.routed.get(forward.__name__)
+    if cached is not None and cached[0] is own and cached[1] == compiling:
+        return cached[2]
+    routed = functools.partial(forward, unit, own if own is not None else unit.module.forward)
+    if compiling:
+        routed = torch.compiler.disable(routed)
+    unit.routed[forward.__name__] = (own, compiling, routed)
+    return routed
 
 
 class Vectorizer:
@@ -738,8 +753,7 @@ class Vectorizer:
 
     def _install(self) -> None:
         for unit in self._units:
-            forward = self._rule_forward if unit.rule is not None else self._fallback_forward
-            self._undo.append(self._patch_forward(unit, forward))
+            self._undo.append(self._patch_forward(unit, self._rule_forward if unit.rule is not None else self._fallback_forward))
 
     def _uninstall(self) -> None:
         while self._undo:
@@ -753,7 +767,7 @@ class Vectorizer:
         layer itself; forward hooks and pre-hooks of others still run around it."""
         module = unit.module
         own = module.__dict__.get("forward")  # set by someone else (accelerate's hooks, say): wrap it, keep it
-        module.forward = functools.partial(forward, unit, module.forward)
+        module.forward = _routed(unit, forward, own)
 
         def restore() -> None:
             if own is None:

@@ -16,6 +16,7 @@ whose exact gradient is ~0 (attention's key bias), which both sides only approxi
 from __future__ import annotations
 
 import copy
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -501,8 +502,6 @@ def _dora_net():
     return get_peft_model(net, LoraConfig(r=2, target_modules=["middle"], use_dora=True))
 
 
-def _compiled_net():
-    return torch.compile(Net(), backend="eager")
 
 
 def _llama_reentrant_checkpointing():
@@ -536,7 +535,6 @@ REFUSED = {
     "embedding-scale-grad-by-freq": (
         lambda: Net(embedding=torch.nn.Embedding(VOCAB, 8, scale_grad_by_freq=True)), "scale_grad_by_freq"),
     "dora": (_dora_net, "DoRA"),
-    "torch-compile": (_compiled_net, "torch.compile"),
     "weight-read-outside-its-layer": (lambda: Net(DirectRead()), r"parameter \d+ \[8, 8\] \(read by"),
     "input-reshaped": (lambda: Net(Flattening()), "leading dims are not the batch"),
     "fallback-fails-in-vmap": (lambda: Net(DataDependent()), "torch.func fallback for middle .DataDependent. failed"),
@@ -613,6 +611,70 @@ def test_a_torch_checkpoint_region_in_a_users_model_vectorizes():
     setup = Setup(model, {"input_ids": ids, "labels": torch.arange(5) % 3}, lambda m, mb: m(**mb)["loss"])
     want = msam_grads(setup, twin, "off", 2, rho=0.1)
     got = msam_grads(setup, model, "on", 2, rho=0.1)
+    assert max(relative_errors(got, want)) <= 1e-12
+
+
+def _compiled_steps(model, compiled, batch, loss, size_fn, steps: int) -> tuple[list[torch.Tensor], list[int]]:
+    """`steps` vectorized backwards through the compiled model; .grad of the last one, and the number of graphs
+    dynamo has compiled after each."""
+    from torch._dynamo.utils import counters
+
+    sam = MicroBatchSAM(model, rho=0.1, micro_batch_size=2, vectorize="on")
+    graphs = []
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        sam.backward(batch, lambda mb: loss(compiled, mb), size_fn=size_fn)
+        assert sam.path == "vectorized"
+        graphs.append(counters["stats"]["unique_graphs"])
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad], graphs
+
+
+@pytest.mark.parametrize("arch", ["net", "llama-sdpa-sft"])
+def test_a_compiled_model_vectorizes_without_recompiling(arch, exact_float64):
+    """torch.compile (eager backend: dynamo's tracing and guards without code generation): the routed layers run
+    outside compilation (graph breaks), the pieces between them are compiled once, not at every pass (the routed
+    forwards are the same objects at every pass). The gradient is the uncompiled sequential step's to 1e-12."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    if arch == "net":
+        torch.manual_seed(0)
+        model = Net().double().train()
+        batch = {"input_ids": torch.randint(0, VOCAB, (5, 4), generator=torch.Generator().manual_seed(0)),
+                 "labels": torch.arange(5) % 3}
+        loss, size_fn = (lambda m, mb: m(**mb)["loss"]), None
+    else:
+        setup = build(arch, 5, torch.float64)
+        model, batch, size_fn = setup.model, setup.batch, setup.size_fn
+        loss = setup.loss
+    twin = copy.deepcopy(model)
+    sam = MicroBatchSAM(twin, rho=0.1, micro_batch_size=2, vectorize="off")
+    sam.backward(batch, lambda mb: loss(twin, mb), size_fn=size_fn)
+    want = [p.grad for p in twin.parameters() if p.requires_grad]
+    got, graphs = _compiled_steps(model, torch.compile(model, backend="eager"), batch, loss, size_fn, steps=4)
+    torch._dynamo.reset()
+    assert graphs[0] > 0 and graphs[-1] == graphs[1], graphs  # compiled at the first two steps at most, then reused
+    assert max(relative_errors(got, want)) <= 1e-12
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+def test_a_model_compiled_with_inductor_vectorizes():
+    """The same with inductor, torch.compile's default backend (generated C++ on the CPU)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Net().double().train()
+    batch = {"input_ids": torch.randint(0, VOCAB, (5, 4), generator=torch.Generator().manual_seed(0)),
+             "labels": torch.arange(5) % 3}
+    twin = copy.deepcopy(model)
+    sam = MicroBatchSAM(twin, rho=0.1, micro_batch_size=2, vectorize="off")
+    sam.backward(batch, lambda mb: twin(**mb)["loss"])
+    want = [p.grad for p in twin.parameters()]
+    got, graphs = _compiled_steps(model, torch.compile(model), batch, lambda m, mb: m(**mb)["loss"], None, steps=3)
+    torch._dynamo.reset()
+    assert graphs[-1] == graphs[1], graphs
     assert max(relative_errors(got, want)) <= 1e-12
 
 

@@ -213,3 +213,24 @@ def test_gradient_checkpointing_capture_keeps_no_activations_of_the_checkpointed
     assert calls and not any(".layers." in name for name in calls), calls  # embeddings, the final norm's input, lm_head
     for a, b in zip(probed, plain):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_torch_compile_through_the_trainer_matches_the_sequential_step(tmp_path):
+    """`--torch_compile` (eager backend: dynamo without code generation, quick on a CPU): `auto` takes the
+    vectorized step, whose routed layers run outside compilation, and the update is the uncompiled sequential
+    step's to 1e-10."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    data = bert_data(14)
+    on, off = tiny_bert(), tiny_bert()
+    from torch._dynamo.utils import counters
+
+    vectorized = train(on, data, tmp_path, "auto", torch_compile=True, torch_compile_backend="eager")
+    assert counters["stats"]["unique_graphs"] > 0  # the trainer did compile the model
+    torch._dynamo.reset()
+    train(off, data, tmp_path, "off")
+    assert vectorized._msam.path == "vectorized", vectorized._msam.path_reason
+    assert any(not torch.equal(a, b) for a, b in zip(trainable(on), trainable(tiny_bert())))
+    for a, b in zip(trainable(on), trainable(off)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
