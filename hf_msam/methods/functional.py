@@ -91,6 +91,11 @@ def model_outputs(model: nn.Module, on: bool = True) -> Iterator[list[torch.Tens
             )
         found.extend(_differentiable(output))
 
+    # Under DDP, the hook goes on the wrapped module: DDP passes the module's outputs through its `_DDPSink` when it
+    # looks for unused parameters (transformers' default for models without gradient checkpointing), and the copies
+    # it returns are not what a loss computed inside the model (its `loss` field) depends on.
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     handle = model.register_forward_hook(hook) if on else None
     try:
         yield found
