@@ -494,17 +494,25 @@ def _fused_llama(tmp_path, dtype, outputs=("log_probs", "entropy", "mean_logits"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fused_head_from_logits_equals_trls_fused_head(tmp_path, dtype):
+def test_fused_head_from_logits_equals_trls_fused_head(tmp_path, monkeypatch, dtype):
     """Every field TRL's fused LM head returns, from the logits: bitwise in float32 (the fused head computes in float32
     on CPU, with the same formulas), within float32 roundoff in float64 (where ours stays in float64); the gradient of
-    the log-probabilities with respect to every weight within float32 roundoff."""
+    the log-probabilities with respect to every weight within float32 roundoff. No host sync on the way."""
     pytest.importorskip("trl")
+    from reference import SYNCING
+
     from hf_msam.trl import fused_head_from_logits
 
     model, ids, attention_mask, labels = _fused_llama(tmp_path, dtype)
     fused = model(input_ids=ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True, use_cache=False)
-    ours = fused_head_from_logits(model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits, labels,
-                                  log_sum_sq_probs=True)  # fmt: skip
+    logits = model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
+    syncs = []
+    with monkeypatch.context() as patch:
+        for name in SYNCING:
+            original = getattr(torch.Tensor, name)
+            patch.setattr(torch.Tensor, name, lambda t, *a, __name=name, __original=original, **k: syncs.append(__name) or __original(t, *a, **k))
+        ours = fused_head_from_logits(logits, labels, log_sum_sq_probs=True)
+    assert syncs == []
     assert ours.log_probs.shape == fused.log_probs.shape == (4, 8)
     assert torch.equal(ours.label_mask, fused.label_mask) and torch.equal(ours.is_top1, fused.is_top1)
     assert bool((ours.log_probs[~ours.label_mask] == 0).all()) and bool(ours.label_mask.sum() > 5)
