@@ -235,14 +235,95 @@ def _token_cross_entropy(outputs: Any, labels: torch.Tensor, num_items_in_batch:
     return ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
 
 
+def fused_head_from_logits(logits: torch.Tensor, labels: torch.Tensor, log_sum_sq_probs: bool = False) -> Any:
+    """What TRL's fused LM head (`model(..., labels=labels, fused_lm_head=True)`) returns, computed from the model's
+    logits: per-token fields of the next-token distribution at positions 0..L-2 against the labels shifted by one,
+    each zero where the label is -100. `log_probs` (and `loss`) keep the graph to the logits; `entropy`,
+    `mean_logits`, `is_top1` and `log_sum_sq_probs` (only with `log_sum_sq_probs`) are computed without one (TRL's
+    DPO reads them for its metrics and its WPO weights only, detached). In the logits' dtype, at least float32 (the
+    fused head's is float32), with the fused head's own formulas: log p = z_label − (m + log Σ exp(z − m)), m the
+    row's largest logit. Logits longer than the labels (prompt-learning PEFT prepends virtual tokens) are scored
+    against labels padded with -100 in front, as PEFT pads them for the fused head."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    if logits.shape[1] > labels.shape[1]:
+        labels = torch.cat([labels.new_full((labels.shape[0], logits.shape[1] - labels.shape[1]), -100), labels], dim=1)
+    labels = labels[:, 1:].to(logits.device)
+    z = logits[:, :-1]
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    mask = labels != -100
+    target = labels.clamp(min=0).unsqueeze(-1)
+    with torch.no_grad():
+        m = z.amax(dim=-1)  # a constant shift: log Σ exp(z − m) + m is log Σ exp(z) for any m, and so is its gradient
+    e = torch.exp(z - m.unsqueeze(-1))
+    sum_exp = e.sum(dim=-1)
+    log_z = m + torch.log(sum_exp)
+    target_logit = z.gather(-1, target).squeeze(-1)
+    log_probs = (target_logit - log_z).masked_fill(~mask, 0)
+    with torch.no_grad():
+        entropy = (log_z - (e * z).sum(dim=-1) / sum_exp).masked_fill(~mask, 0)
+        mean_logits = (z.sum(dim=-1) / z.shape[-1]).masked_fill(~mask, 0)
+        is_top1 = (z.argmax(dim=-1, keepdim=True) == target).squeeze(-1) & mask  # the first maximum, as the fused head
+        log_sum_sq = (
+            (torch.log((e * e).sum(dim=-1)) - 2 * torch.log(sum_exp)).masked_fill(~mask, 0) if log_sum_sq_probs else None
+        )
+    loss = -log_probs.sum() / mask.sum().clamp(min=1)
+    return FusedCausalLMOutput(
+        loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq, mean_logits=mean_logits,
+        is_top1=is_top1, label_mask=mask,
+    )
+
+
+class _FusedHeadFromLogits:
+    """The policy as TRL's `_compute_loss` calls it, for Functional-SAM: a call with `fused_lm_head=True` and grad
+    enabled calls the model without the fused head (its forward hook then records the logits as F) and serves the
+    fused head's fields from the logits (`fused_head_from_logits`); every other call (the reference model's, under
+    no_grad) goes to the model unchanged."""
+
+    def __init__(self, model: Any, log_sum_sq_probs: bool):
+        self.module = model
+        self.log_sum_sq_probs = log_sum_sq_probs
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not (kwargs.get("fused_lm_head") and torch.is_grad_enabled()):
+            return self.module(*args, **kwargs)
+        kwargs.pop("fused_lm_head")
+        labels = kwargs.pop("labels")
+        outputs = self.module(*args, **kwargs)
+        return fused_head_from_logits(outputs.logits, labels, self.log_sum_sq_probs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.module, name)
+
+
 class MSAMDPOTrainer(_TRLStep, MSAMMixin, DPOTrainer):
     """TRL's `DPOTrainer` with micro-batch sharpness-aware minimization. Give it [`MSAMDPOConfig`].
 
     Micro-batches are made of whole preference pairs and weighted by their share of the pairs (the DPO loss is a
     mean over pairs). The reference model is never perturbed: only the trainable weights of the policy are.
+
+    With `--msam_method functional`, the policy's forward in the mSAM step returns the logits (F, through which
+    Functional-SAM descends), and the per-token log-probabilities the DPO loss consumes are computed from them as
+    TRL's fused LM head computes them (`fused_head_from_logits`); the reference model's forward stays fused.
     """
 
     _tag_names = ["trl", "dpo", "msam", "sharpness-aware-minimization"]
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.msam_descent.through_outputs and self.msam_perturbation.enabled and self.aux_loss_enabled:
+            raise ValueError(
+                "--msam_method functional with a mixture-of-experts policy whose router loss is on "
+                "(output_router_logits): the load-balancing loss reaches the weights through the router logits, not "
+                "the LM logits, and is not supported. Turn the router loss off or use another --msam_method."
+            )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.msam_descent.through_outputs and getattr(self, "_msam_pass", None) is not None:
+            # Functional-SAM: the DPO loss is a nonlinear function of the logits (through the log-softmax); F must be
+            # the logits, which the fused head never builds
+            model = _FusedHeadFromLogits(model, log_sum_sq_probs=self.use_weighting)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
 
 class MSAMRewardTrainer(_TRLStep, MSAMMixin, RewardTrainer):

@@ -471,3 +471,237 @@ def test_resume_with_precondition_equals_the_uninterrupted_run(tmp_path):
     plain = mlp()
     MSAMTrainer(model=plain, args=args(msam_precondition="none", output_dir=str(tmp_path / "plain")), train_dataset=data).train()
     assert (flat(params_of(plain)).detach() - whole).abs().max() > 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL DPO: the policy's log-probabilities from the logits
+# ---------------------------------------------------------------------------------------------
+
+
+def _fused_llama(tmp_path, dtype, outputs=("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")):
+    from trl.trainer.utils import add_fused_lm_head
+    from trl_helpers import write_tiny_llama
+
+    model = LlamaForCausalLM.from_pretrained(write_tiny_llama(tmp_path / "llama"), dtype=dtype)
+    add_fused_lm_head(model, outputs=outputs)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, model.config.vocab_size, (4, 9), generator=g)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, -3:] = 0
+    labels = ids.masked_fill(torch.rand(ids.shape, generator=g) < 0.4, -100)
+    labels[1, -3:] = -100
+    return model, ids, attention_mask, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_head_from_logits_equals_trls_fused_head(tmp_path, monkeypatch, dtype):
+    """Every field TRL's fused LM head returns, from the logits: bitwise in float32 (the fused head computes in float32
+    on CPU, with the same formulas), within float32 roundoff in float64 (where ours stays in float64); the gradient of
+    the log-probabilities with respect to every weight within float32 roundoff. No host sync on the way."""
+    pytest.importorskip("trl")
+    from reference import SYNCING
+
+    from hf_msam.trl import fused_head_from_logits
+
+    model, ids, attention_mask, labels = _fused_llama(tmp_path, dtype)
+    fused = model(input_ids=ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True, use_cache=False)
+    logits = model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
+    syncs = []
+    with monkeypatch.context() as patch:
+        for name in SYNCING:
+            original = getattr(torch.Tensor, name)
+            patch.setattr(torch.Tensor, name, lambda t, *a, __name=name, __original=original, **k: syncs.append(__name) or __original(t, *a, **k))
+        ours = fused_head_from_logits(logits, labels, log_sum_sq_probs=True)
+    assert syncs == []
+    assert ours.log_probs.shape == fused.log_probs.shape == (4, 8)
+    assert torch.equal(ours.label_mask, fused.label_mask) and torch.equal(ours.is_top1, fused.is_top1)
+    assert bool((ours.log_probs[~ours.label_mask] == 0).all()) and bool(ours.label_mask.sum() > 5)
+    for name in ("log_probs", "entropy", "mean_logits", "log_sum_sq_probs", "loss"):
+        a, b = getattr(fused, name), getattr(ours, name)
+        if dtype == torch.float32:
+            assert b.dtype == torch.float32 and torch.equal(a, b), name
+        else:
+            assert b.dtype == torch.float64, name
+            torch.testing.assert_close(b, a.double(), rtol=3e-7, atol=3e-7, msg=name)
+    # the gradient, through a nonlinear function of the log-probabilities (as DPO's loss is)
+    params = params_of(model)
+    weights = torch.linspace(-1, 1, ours.log_probs.numel(), dtype=torch.float64).view_as(ours.log_probs)
+
+    def grad(log_probs):
+        return flat(torch.autograd.grad(torch.sigmoid((weights * log_probs.double()).sum()), params))
+
+    a, b = grad(fused.log_probs), grad(ours.log_probs)
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+
+
+DPO_BETA, DPO_RHO = 0.5, 0.1
+
+
+def dpo_pieces(policy, ref_logps, batch, pairs, beta=DPO_BETA):
+    """Per micro-batch of pairs: (the policy's logits, DPO's sigmoid loss of the logits, its share of the pairs);
+    `ref_logps` the reference model's Σ_t log p(completion token) per row."""
+    n = batch["input_ids"].shape[0] // 2
+    pieces = []
+    for r in pairs:
+        rows = list(r) + [n + i for i in r]
+        ids, attention_mask = batch["input_ids"][rows], batch["attention_mask"][rows]
+        completion = batch["completion_mask"][rows][:, 1:]
+        ref, k = ref_logps[rows].double(), len(r)
+
+        def loss_of(z, ids=ids, completion=completion, ref=ref, k=k):
+            logp = torch.log_softmax(z[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            ratio = (logp * completion).sum(-1) - ref
+            return -F.logsigmoid(beta * (ratio[:k] - ratio[k:])).mean()
+
+        forward = lambda ids=ids, attention_mask=attention_mask: policy(input_ids=ids, attention_mask=attention_mask).logits  # noqa: E731
+        pieces.append((forward, loss_of, len(r) / n))
+    return pieces
+
+
+def fused_ref_logps(ref_model, batch, rows=None):
+    """The reference model's log p(completion) per row through TRL's fused head, as DPOTrainer computes it (float32)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(ref_model)
+    rows = slice(None) if rows is None else rows
+    ids, completion = batch["input_ids"][rows], batch["completion_mask"][rows]
+    with torch.no_grad():
+        out = ref_model(input_ids=ids, attention_mask=batch["attention_mask"][rows], labels=ids.masked_fill(completion == 0, -100),
+                        fused_lm_head=True, use_cache=False)  # fmt: skip
+    return out.log_probs[:, -(ids.shape[1] - 1) :].sum(1)
+
+
+@pytest.fixture
+def float64_rms_norm(monkeypatch):
+    """Llama's RMSNorm computes in float32 whatever the input's dtype: in a float64 model, differences of 1e-16 between
+    two computations of w + e_j (the engine's and the reference's) then come out of it as float32 roundoff (≈1e-8 in
+    the step). Here it computes in the input's dtype, so the float64 step can be compared at 1e-10."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    def forward(self, hidden_states):
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+    monkeypatch.setattr(LlamaRMSNorm, "forward", forward)
+
+
+def run_functional_dpo(tmp_path, vectorize, peft=False, **settings):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl_helpers import PREFERENCES, write_tiny_llama
+
+    from hf_msam.trl import MSAMDPOConfig, MSAMDPOTrainer
+
+    llama_dir = write_tiny_llama(tmp_path / "llama")
+    load = lambda: AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float64)  # noqa: E731
+    model = load()
+    extra = {}
+    if peft:  # the trainer wraps the model: its reference is then the policy with the adapters disabled
+        from peft import LoraConfig
+
+        extra["peft_config"] = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        torch.manual_seed(1)
+    else:
+        extra["ref_model"] = load()
+        policy = copy.deepcopy(model)
+    seen = []
+
+    class Recording(MSAMDPOTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            seen.append({k: v.clone() for k, v in inputs.items() if torch.is_tensor(v)})
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    args = MSAMDPOConfig(str(tmp_path / "out"), **{**dict(
+        per_device_train_batch_size=5, beta=DPO_BETA, msam_rho=DPO_RHO, msam_micro_batch_size=2, msam_method="functional",
+        msam_vectorize=vectorize, max_steps=1, optim="sgd", learning_rate=LR, lr_scheduler_type="constant",
+        max_grad_norm=0.0, weight_decay=0.0, bf16=False, report_to="none", use_cpu=True, save_strategy="no",
+        logging_steps=1, disable_tqdm=True, train_sampling_strategy="sequential",
+    ), **settings})  # fmt: skip
+    trainer = Recording(model=model, args=args, train_dataset=Dataset.from_list(PREFERENCES),
+                        processing_class=AutoTokenizer.from_pretrained(llama_dir), **extra)  # fmt: skip
+    model = trainer.model
+    if peft:  # the same LoRA model, its adapters as the trainer initialized them
+        from peft import get_peft_model
+
+        policy = get_peft_model(load(), extra["peft_config"])
+        adapters = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        assert adapters and not policy.load_state_dict(adapters, strict=False).unexpected_keys
+    before = [p.detach().clone() for p in params_of(model)]
+    trainer.train()
+    (batch,) = seen
+    return trainer, model, policy, load(), batch, before
+
+
+def relative_error(got, expected):
+    return max(float((a - b).abs().max()) for a, b in zip(got, expected)) / max(float(b.abs().max()) for b in expected)
+
+
+@pytest.mark.parametrize("vectorize", ["off", "on"])
+def test_trl_dpo_functional_step_equals_the_pairwise_vjp_reference(tmp_path, vectorize, float64_rms_norm):
+    """MSAMDPOTrainer with Functional-SAM: 5 pairs in micro-batches of 2, 2, 1 pairs. F is the policy's logits (TRL's
+    fused head, which returns only log p(label), is served from them); the step equals Σ_j (|B_j|/5)·J_F(w + e_j)ᵀ
+    ∇_F L_j(w), with DPO's sigmoid loss written here and the reference model's log-probabilities from a frozen copy
+    (through TRL's fused head, as the trainer computes them)."""
+    pytest.importorskip("trl")
+    # DPOConfig checkpoints activations by default; the vectorized step cannot recompute grouped layers
+    trainer, model, policy, frozen, batch, before = run_functional_dpo(tmp_path, vectorize, gradient_checkpointing=vectorize == "off")
+    assert trainer._msam.path == ("vectorized" if vectorize == "on" else "sequential")
+    n = batch["input_ids"].shape[0] // 2
+    assert n == 5
+    pairs = [range(0, 2), range(2, 4), range(4, 5)]
+    if vectorize == "on":  # the reference model sees the whole batch in one call, else each micro-batch
+        ref_logps = fused_ref_logps(frozen, batch)
+    else:
+        ref_logps = torch.empty(2 * n, dtype=torch.float32)
+        for r in pairs:
+            rows = list(r) + [n + i for i in r]
+            ref_logps[rows] = fused_ref_logps(frozen, batch, rows)
+    # the fused reference log-probabilities are float32's rounding of the float64 ones
+    from trl_helpers import completion_logps
+
+    with torch.no_grad():
+        exact = completion_logps(frozen, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    torch.testing.assert_close(ref_logps.double(), exact, rtol=1e-6, atol=1e-6)
+    pieces = dpo_pieces(policy, ref_logps, batch, pairs)
+    gradient = vjp_reference(policy, pieces, DPO_RHO)  # Σ_j c_j J_F(w + e_j)ᵀ ∇_F L_j(w)
+    update = [b - p.detach() for b, p in zip(before, params_of(model))]
+    expected = [LR * g for g in gradient]
+    err = relative_error(update, expected)
+    assert err <= 1e-10, err
+    # SAM's step is measurably elsewhere, and so is the plain gradient
+    from trl_helpers import msam_gradient
+
+    sam = msam_gradient(policy, [lambda f=f, loss_of=loss_of: loss_of(f()) for f, loss_of, _ in pieces], [c for *_, c in pieces], DPO_RHO)
+    assert relative_error([LR * g for g in sam], expected) > 1e-4
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and logs[0]["msam/sharpness"] != 0 and "rewards/chosen" in logs[0] and "entropy" in logs[0]
+
+
+@pytest.mark.parametrize("vectorize", ["off", "on"])
+def test_trl_dpo_functional_lora_step_equals_the_vjp_reference(tmp_path, vectorize, float64_rms_norm):
+    """The same with a LoRA policy and no reference model (TRL's reference: the policy with its adapters disabled,
+    a forward that stays fused): only the adapters move, by the reference's step."""
+    pytest.importorskip("peft")
+    trainer, model, policy, frozen, batch, before = run_functional_dpo(
+        tmp_path, vectorize, peft=True, gradient_checkpointing=vectorize == "off"
+    )
+    assert trainer._msam.path == ("vectorized" if vectorize == "on" else "sequential")
+    n = batch["input_ids"].shape[0] // 2
+    pairs = [range(0, 2), range(2, 4), range(4, 5)]
+    if vectorize == "on":
+        ref_logps = fused_ref_logps(frozen, batch)  # the base model: the policy with its adapters disabled
+    else:
+        ref_logps = torch.empty(2 * n, dtype=torch.float32)
+        for r in pairs:
+            rows = list(r) + [n + i for i in r]
+            ref_logps[rows] = fused_ref_logps(frozen, batch, rows)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in name for name in names)
+    gradient = vjp_reference(policy, dpo_pieces(policy, ref_logps, batch, pairs), DPO_RHO)
+    update = [b - p.detach() for b, p in zip(before, params_of(model))]
+    err = relative_error(update, [LR * g for g in gradient])
+    assert err <= 1e-10, err
+    base = {name: p for name, p in frozen.named_parameters()}
+    for name, p in model.named_parameters():  # the frozen base weights end bitwise as they started
+        if not p.requires_grad:
+            assert torch.equal(p, base[name.replace("base_model.model.", "").replace(".base_layer", "")]), name

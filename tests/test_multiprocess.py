@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import MLP, msam_gradient
+from reference import MLP, flat, msam_gradient, unflat
 
 HERE = Path(__file__).parent
 
@@ -55,6 +55,61 @@ def test_two_process_ddp_matches_per_device_reference(tmp_path, vectorize, path)
 
     # The mSAM metrics are averaged across the processes: both ranks log the same values.
     assert ranks[0]["logs"] and ranks[0]["logs"] == ranks[1]["logs"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    "vectorize, precondition, path",
+    [("off", "none", "sequential"), ("on", "none", "vectorized"), ("off", "adam", "sequential"), ("on", "adam", "vectorized")],
+)
+def test_two_process_functional_sam_matches_the_union_reference(tmp_path, vectorize, precondition, path):
+    """Functional-SAM under DDP (2 gloo processes, 4 examples each in micro-batches of 3 and 1): each device perturbs
+    with its own micro-batches' gradients (no all-reduce of the ascent), the descents J_F(w + e_j)ᵀ ∇_F L_j(w) are
+    all-reduced. The ranks end bitwise equal, and equal to the plain-PyTorch reference on the union of the two
+    devices' batches: the mean of its four micro-batches' vector-Jacobian products, each weighted by its examples.
+    With --msam_precondition adam (AdamW, three steps): e_j = ρ P g_j/‖P g_j‖, P = 1/(√v̂ + ε) computed here from
+    the all-reduced gradients of the earlier steps (the plain gradient before the first)."""
+    from test_functional_sam import adam_inverse_by_hand, functional_reference
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), str(HERE / "ddp_script.py"), str(tmp_path), vectorize, "functional", precondition,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    steps = 3 if precondition == "adam" else 2
+    assert ranks[0]["world_size"] == 2 and len(ranks[0]["batches"]) == steps
+    assert ranks[0]["path"] == ranks[1]["path"] == path
+    assert not torch.equal(ranks[0]["batches"][0]["x"], ranks[1]["batches"][0]["x"])
+    for a, b in zip(ranks[0]["final"], ranks[1]["final"]):
+        assert torch.equal(a, b)
+
+    model = MLP().double()
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), ranks[0]["initial"]):
+            p.copy_(w)
+    params = list(model.parameters())
+    optimizer = (
+        torch.optim.AdamW(params, lr=0.05, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        if precondition == "adam" else torch.optim.SGD(params, lr=0.5)
+    )  # fmt: skip
+    seen = []  # the all-reduced gradients AdamW was given
+    for step in range(steps):
+        P = adam_inverse_by_hand(seen) if precondition == "adam" and seen else None
+        union = [r["batches"][step] for r in ranks]  # each device's 4 examples: micro-batches of 3 and 1
+        # Σ over the union's micro-batches of (n_j / 8)·vjp_j: functional_reference gives Σ_j (n_j / 4)·vjp_j of a batch
+        gradient = sum((b["labels"].shape[0] / 8) * functional_reference(model, b, 3, 0.2, precondition=P) for b in union)
+        seen.append(gradient.detach().clone())
+        for p, g in zip(params, unflat(gradient, params)):
+            p.grad = g.clone()
+        optimizer.step()
+    got, expected = flat(ranks[0]["final"]), flat([p.detach() for p in params])
+    initial = flat(ranks[0]["initial"])
+    err = float((got - expected).abs().max() / (expected - initial).abs().max())
+    assert err <= 1e-10, err
 
 
 # What the README's CPU command leaves to the test: the script, its output and the steps (the SGD step the

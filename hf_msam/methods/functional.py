@@ -11,7 +11,8 @@ that mostly regularizes logit statistics (spurious sharpness); Functional-SAM pe
 Same cost as SAM: ∇_F L(w) comes from the clean pass, and the perturbed pass back-propagates the surrogate
 Σ⟨∇_F L(w), F(w + e_j)⟩, whose gradient with respect to w is J_F(w + e_j)ᵀ ∇_F L(w).
 
-F are the outputs of the calls of the model given to the engine (a forward hook on it, `model_outputs`): every
+F are the outputs of the calls of the model given to the engine (a forward hook on it, on the wrapped module under
+DDP, `model_outputs`): every
 floating tensor it returns that requires grad, other than a `loss` field (for a tuple: other than 0-d tensors, a
 loss by transformers' convention), i.e. the `logits` for transformers' models. The loss must reach the weights only
 through them (a term on the weights themselves would be dropped from the descent).
@@ -77,7 +78,9 @@ def model_outputs(model: nn.Module, on: bool = True) -> Iterator[list[torch.Tens
     """The outputs F of every call of `model` inside the block, in call order (empty when `on` is False).
 
     TRL's fused LM head returns per-token log-probabilities without the logits: F would then be log p(label), in
-    which the SFT loss is linear (Functional-SAM would silently be SAM), so it is refused."""
+    which the SFT loss is linear (Functional-SAM would silently be SAM), so a call that returns them with a graph is
+    refused. hf_msam.trl's `MSAMSFTTrainer` and `MSAMDPOTrainer` call the policy without the fused head for this
+    method and compute the loss (SFT) or the log-probabilities (DPO) from the logits."""
     found: list[torch.Tensor] = []
 
     def hook(module, args, output):
@@ -86,11 +89,16 @@ def model_outputs(model: nn.Module, on: bool = True) -> Iterator[list[torch.Tens
             raise ValueError(
                 "--msam_method functional back-propagates the loss's gradient with respect to the logits, and this "
                 "model returned per-token log-probabilities without logits (TRL's fused LM head, "
-                "`fused_lm_head=True`): use MSAMSFTTrainer (which computes the SFT loss from the logits for this "
-                "method), a loss on the logits, or another --msam_method."
+                "`fused_lm_head=True`): use MSAMSFTTrainer or MSAMDPOTrainer (which compute the SFT loss, or DPO's "
+                "log-probabilities, from the logits for this method), a loss on the logits, or another --msam_method."
             )
         found.extend(_differentiable(output))
 
+    # Under DDP, the hook goes on the wrapped module: DDP passes the module's outputs through its `_DDPSink` when it
+    # looks for unused parameters (transformers' default for models without gradient checkpointing), and the copies
+    # it returns are not what a loss computed inside the model (its `loss` field) depends on.
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     handle = model.register_forward_hook(hook) if on else None
     try:
         yield found
