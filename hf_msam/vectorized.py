@@ -56,14 +56,16 @@ checkpointing frees): the layer runs at w + z_j with probes z as in the fallback
 the backward as it goes. Reentrant checkpointing runs its forward without autograd and refuses autograd.grad:
 `why_not` refuses transformers' reentrant flag and `verify` finds a reentrant region.
 
+**torch.compile.** The routed forwards run outside compilation (`_routed`): a compiled model breaks its graph at
+each routed layer, the code between them stays compiled, and nothing is recompiled from one pass to the next.
+
 **What it cannot see.** Rows must not meet inside the model: `why_not` refuses BatchNorm in train mode, but other
 cross-row computations (a mixture-of-experts' load-balancing term, in-batch negatives) would make "group j's part"
 differ from group j's own gradient. (Inside a module the fallback runs, rows meet within their group only, as in
 the sequential step, but a short group's padding copies would take part.) A weight read outside its layer's call
 (PEFT DoRA, `F.linear(x, child.weight)` in a parent, a penalty on the weights) is invisible to the routed
-forwards: `Capture.verify` finds such reads in the autograd graph. A `torch.compile`d model (or a module compiled in place) is refused by `why_not`: the routed
-forwards are swapped in around every pass, which compiled code is not checked to follow (with the eager backend
-dynamo recompiles and the result is right; inductor is untested). `why_not` reads these states of the modules each time it is called. `group_gradients` holds every recorded output's gradient at once (about the size of the
+forwards: `Capture.verify` finds such reads in the autograd graph. `why_not` reads the modules' states (train mode,
+checkpointing) each time it is called. `group_gradients` holds every recorded output's gradient at once (about the size of the
 activations) and returns k copies of the parameters' shapes.
 
 Nothing here synchronizes with the host: layouts are Python ints, their index tensors are built once per device.

@@ -643,8 +643,8 @@ def test_trl_dpo_functional_step_equals_the_pairwise_vjp_reference(tmp_path, vec
     ∇_F L_j(w), with DPO's sigmoid loss written here and the reference model's log-probabilities from a frozen copy
     (through TRL's fused head, as the trainer computes them)."""
     pytest.importorskip("trl")
-    # DPOConfig checkpoints activations by default; the vectorized step cannot recompute grouped layers
-    trainer, model, policy, frozen, batch, before = run_functional_dpo(tmp_path, vectorize, gradient_checkpointing=vectorize == "off")
+    # DPOConfig checkpoints activations by default: both paths run with it
+    trainer, model, policy, frozen, batch, before = run_functional_dpo(tmp_path, vectorize, activation_checkpointing=True)
     assert trainer._msam.path == ("vectorized" if vectorize == "on" else "sequential")
     n = batch["input_ids"].shape[0] // 2
     assert n == 5
@@ -683,7 +683,7 @@ def test_trl_dpo_functional_lora_step_equals_the_vjp_reference(tmp_path, vectori
     a forward that stays fused): only the adapters move, by the reference's step."""
     pytest.importorskip("peft")
     trainer, model, policy, frozen, batch, before = run_functional_dpo(
-        tmp_path, vectorize, peft=True, gradient_checkpointing=vectorize == "off"
+        tmp_path, vectorize, peft=True, activation_checkpointing=True
     )
     assert trainer._msam.path == ("vectorized" if vectorize == "on" else "sequential")
     n = batch["input_ids"].shape[0] // 2
