@@ -68,11 +68,19 @@ from transformers import (
     ViTForImageClassification,
 )
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from hf_msam import MSAMTrainer, MSAMTrainingArguments
 
 RHO = 0.05
 LEARNING_RATE = 5e-5
 MAX_GRAD_NORM = 1.0  # the Trainer's default clipping, done by the hand-written loops too
+KERNEL_STEPS = 20  # steps counted by --count-kernels: a whole period of interval 4 and of LookSAM k=5
+aten = torch.ops.aten
+METADATA_OPS = {  # operators that launch no kernel though they are not views: allocations without a fill
+    aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default, aten.new_empty.default,
+    aten.new_empty_strided.default, aten.lift_fresh.default,
+}
 MEMORY_STEPS = 2  # steps each configuration then takes alone, in a fresh worker, for its peak memory
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 QUICK = dict(steps=3, warmup=1, batch_size=16, seq_len=16, hidden_size=32, layers=2, heads=2, vocab_size=500)
@@ -179,6 +187,21 @@ def peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+class KernelCount(TorchDispatchMode):
+    """Counts the aten operators a step dispatches, views and other metadata-only operators left out: each of the
+    rest is a kernel launch on a GPU (a `torch._foreach_*` over a list, one fused launch or a few), so the count is a
+    device-independent measure of the per-step overhead that dominates small models on an accelerator."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not (func.is_view or func in METADATA_OPS):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 class Lockstep:
     """Times each step, and starts it only when the parent says so.
 
@@ -187,10 +210,12 @@ class Lockstep:
     while another worker is being timed.
     """
 
-    def __init__(self, device: torch.device, conn):
+    def __init__(self, device: torch.device, conn, count_kernels: bool = False):
         self.device, self.conn = device, conn
         self.times: list[float] = []
         self._start = 0.0
+        self.kernels: list[int] = []
+        self._counter = KernelCount() if count_kernels else None
 
     def begin(self) -> None:
         if self.times:
@@ -199,14 +224,21 @@ class Lockstep:
             self.conn.send({"ready": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"})
         self.conn.recv()
         synchronize(self.device)
+        if self._counter is not None:
+            self._counter.count = 0
+            self._counter.__enter__()
         self._start = time.perf_counter()
 
     def end(self) -> None:
         synchronize(self.device)
         self.times.append(time.perf_counter() - self._start)
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.kernels.append(self._counter.count)
 
     def finish(self) -> None:
-        self.conn.send({"step_time": self.times[-1], "peak_memory_bytes": peak_memory(self.device)})
+        kernels = statistics.fmean(self.kernels) if self.kernels else None
+        self.conn.send({"step_time": self.times[-1], "peak_memory_bytes": peak_memory(self.device), "kernels": kernels})
 
 
 def build_model(opts: argparse.Namespace, device: torch.device):
@@ -451,7 +483,7 @@ def worker(config: Config, opts: argparse.Namespace, conn, for_memory: bool) -> 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device)
     if for_memory and device.type == "cpu":
         return_freed_memory_at_once()
-    lockstep = Lockstep(device, conn)
+    lockstep = Lockstep(device, conn, count_kernels=getattr(opts, "counting", False))
     with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints its final metrics
         (run_loop if config.runner == "loop" else run_trainer)(config, opts, device, lockstep)
     lockstep.finish()
@@ -488,6 +520,7 @@ class Worker:
         message = self.receive()
         self.times.append(message["step_time"])
         self.peak_memory_bytes = message.get("peak_memory_bytes", self.peak_memory_bytes)
+        self.kernels = message.get("kernels", getattr(self, "kernels", None))
 
 
 def trainable_parameter_bytes(opts: argparse.Namespace) -> int:
@@ -536,6 +569,13 @@ def measure(opts: argparse.Namespace) -> dict:
         peak[config.key] = run_in_lockstep([config], memory_opts, for_memory=True)[1][0].peak_memory_bytes
         print(f"memory: {config.label} done", file=sys.stderr, flush=True)
 
+    kernels = {}
+    if opts.count_kernels:  # a third pass: KERNEL_STEPS steps (a whole period of every mixed-step method), counted
+        count_opts = argparse.Namespace(**{**vars(opts), "warmup": 0, "steps": KERNEL_STEPS, "counting": True})
+        for config in configs:
+            kernels[config.key] = run_in_lockstep([config], count_opts, for_memory=True)[1][0].kernels
+            print(f"kernels: {config.label} done", file=sys.stderr, flush=True)
+
     param_bytes = trainable_parameter_bytes(opts)
     by_key = {w.config.key: w for w in workers}
     median = {
@@ -558,6 +598,8 @@ def measure(opts: argparse.Namespace) -> dict:
                 "vs_sam": median[key] / median["msam_sam"] if "msam_sam" in median else None,
                 "peak_memory_bytes": peak[key],
                 "extra_vs_trainer_param_copies": (peak[key] - peak["trainer"]) / param_bytes,
+                "kernels_per_step": kernels.get(key),
+                "kernels_vs_floor": kernels[key] / kernels[w.config.floor] if kernels else None,
                 "step_times_s": measured,
             }
         )
@@ -628,6 +670,9 @@ def markdown_table(result: dict) -> str:
             f"| {label} | {r['median_s']:.4f} | {r['q1_s']:.4f}–{r['q3_s']:.4f} | {r['vs_trainer']:.3f} | {vs_sam} | {vs_floor} "
             f"| {r['peak_memory_bytes'] / 2**20:.1f} | {r['extra_vs_trainer_param_copies']:+.2f} |"
         )
+    if any(r.get("kernels_per_step") for r in result["rows"]):
+        lines += ["", "| configuration | kernels per step (mean) | vs floor |", "|---|---:|---:|"]
+        lines += [f"| {r['label']} | {r['kernels_per_step']:.0f} | {r['kernels_vs_floor']:.3f} |" for r in result["rows"]]
     lines.append(f"\ntrainable parameters: {result['trainable_param_bytes'] / 2**20:.1f} MB (one copy)")
     return "\n".join(lines)
 
@@ -654,6 +699,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in every worker")
     parser.add_argument("--json", help="also write the JSON result to this path")
     parser.add_argument("--rows", nargs="+", help="only these configuration keys (e.g. trainer msam_sam msam_gsam loop_gsam)")
+    parser.add_argument("--count-kernels", action="store_true",
+                        help=f"also count each row's kernels per step (non-view aten operators, a GPU's launches), over "
+                             f"{KERNEL_STEPS} steps in a worker of its own: the per-step overhead, independent of the device")
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 mixed precision (autocast) in the Trainer rows (the hand-written floors stay float32)")
     parser.add_argument("--activation-checkpointing", action="store_true",

@@ -51,7 +51,7 @@ from .methods.gsam import GSAMDescent
 from .methods.looksam import LookSAMDescent
 from .methods.momentum import MomentumPerturbation
 from .methods.sam import SAMDescent, SAMPerturbation
-from .ops import SHARD_GROUP, SHARDED_PARAMS, device_scalar, divide_where_positive, local, scoped, unaliased, weighted
+from .ops import SHARD_GROUP, SHARDED_PARAMS, copies, device_scalar, divide_where_positive, local, scoped, unaliased, weighted
 from .vectorized import GroupLayout, NotVectorizable, Vectorizer
 
 logger = logging.getLogger("hf_msam")
@@ -156,6 +156,23 @@ def check_trainable(model: nn.Module, who: str, fix: str = "") -> None:
             "Make the weights to train trainable (`param.requires_grad_(True)`; with PEFT, attach a trainable adapter, "
             f"e.g. `get_peft_model`){fix}."
         )
+
+
+class _Linear(torch.autograd.Function):
+    """⟨d, w⟩ as a 0 with gradient d: `_Linear.apply(d, *params)` returns a zero whose gradient with respect to
+    params[i] is d[i] times the incoming gradient. Its backward adds c·d to `.grad` through AccumulateGrad (so DDP's
+    hooks, the loss scale and accelerate's accumulation scaling apply), in one fused multiply, with no graph of a
+    product and a sum per parameter."""
+
+    @staticmethod
+    def forward(ctx, d, *params):
+        ctx.d = d  # detached tensors of the caller's: kept by reference until the backward
+        return params[0].new_zeros((), dtype=torch.promote_types(params[0].dtype, torch.float32))  # c and the loss scale in ≥ float32
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        d, ctx.d = ctx.d, None
+        return (None, *torch._foreach_mul(d, grad_output))
 
 
 class _FellBack(Exception):
@@ -452,7 +469,7 @@ class MicroBatchSAM:
             # 2. e_j from g_j, in g's storage (a copy of g_j is kept when the descent needs it); e_j = 0 and ok
             #    False when g_j is zero, non-finite or overflowed in fp16.
             with scoped(SHARD_GROUP, shard_group), scoped(SHARDED_PARAMS, params if self.fsdp2 else None):
-                e, grad_norm, ok = self.perturbation.perturb(shards, [t.clone() for t in g] if explicit else g, rho)
+                e, grad_norm, ok = self.perturbation.perturb(shards, copies(g) if explicit else g, rho)
             if not explicit:
                 g = None  # e lives in g's storage: no other reference may keep it alive past `del e`
             # 3. g_p,j at w + e_j, then back to w bitwise, whatever happens in between.
@@ -623,7 +640,9 @@ class MicroBatchSAM:
         # 2. e_j from g_j, micro-batch by micro-batch (F-SAM's EMA runs over j in order), into one stacked buffer.
         e = [torch.empty((k, *p.shape), dtype=p.dtype, device=p.device) for p in params] if g is None or explicit else g
         for j in range(k):
-            g_j = None if g is None else [t[j].clone() if explicit else t[j] for t in g]
+            g_j = None if g is None else [t[j] for t in g]
+            if explicit and g_j is not None:
+                g_j = copies(g_j)
             e_j, grad_norm, ok = self.perturbation.perturb(params, g_j, rho)
             slices = [t[j] for t in e]
             if e_j is None:
@@ -688,10 +707,11 @@ class MicroBatchSAM:
 
     def _accumulate_stacked(self, d: list[list[torch.Tensor]], params: list[torch.Tensor], c: list) -> None:
         """.grad += Σ_j c_j·d_j, in one backward (see `_accumulate`)."""
-        total = [torch.zeros_like(p) for p in params]
+        total = None
         for d_j, c_j in zip(d, c):
-            torch._foreach_add_(total, [t.to(p.dtype) * (c_j.to(p.dtype) if isinstance(c_j, torch.Tensor) else c_j)
-                                        for t, p in zip(d_j, params)])
+            d_j = [t if t.dtype == p.dtype else t.to(p.dtype) for t, p in zip(d_j, params)]
+            term = torch._foreach_mul(d_j, c_j.to(d_j[0].dtype) if isinstance(c_j, torch.Tensor) else c_j)
+            total = term if total is None else torch._foreach_add(total, term)
         self._accumulate(total, params, None)
 
     # -- gradients without touching `.grad` -------------------------------------------------------
@@ -771,8 +791,7 @@ class MicroBatchSAM:
     def _accumulate(self, d: list[torch.Tensor], params: list[torch.Tensor], c: float | torch.Tensor | None) -> None:
         """.grad += c·d, as a backward of the linear function c·⟨d, w⟩ (whose gradient is c·d): DDP's
         all-reduce, fp16 loss scaling and accelerate's accumulation scaling then treat d like any gradient."""
-        surrogate = sum(torch.sum(d_i.detach() * p) for d_i, p in zip(d, params))
-        self._backward(weighted(surrogate, c))
+        self._backward(weighted(_Linear.apply([t.detach() for t in d], *params), c))
 
     # -- the contexts and the backward the accelerator would use --------------------------------
     def _group(self, params: list[torch.Tensor]) -> Any:

@@ -61,15 +61,36 @@ def usable(norm: torch.Tensor) -> torch.Tensor:
 
 
 def scale_to_radius(
-    d: list[torch.Tensor], norm: torch.Tensor, rho: float | torch.Tensor, eps: float, ok: torch.Tensor
+    d: list[torch.Tensor], norm: torch.Tensor, rho: float | torch.Tensor, eps: float, ok: torch.Tensor,
+    finite: bool = False,
 ) -> list[torch.Tensor]:
-    """d ← ρ·d/(‖d‖ + eps) in place, or d ← 0 when `ok` is False: the perturbation, in the storage of d."""
+    """d ← ρ·d/(‖d‖ + eps) in place, or d ← 0 when `ok` is False: the perturbation, in the storage of d.
+    `finite`: the caller knows d holds no inf or nan (then 0·d is 0 already)."""
     zero = torch.zeros((), dtype=norm.dtype, device=norm.device)
     scale = torch.where(ok, rho / (norm + eps), zero)  # never a division by zero, never a sync
     torch._foreach_mul_(d, scale)
-    for t in d:  # a skipped d may hold inf/nan, and 0·inf is nan: make it exactly 0 (a no-op when ok)
-        t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    if not finite:
+        # A skipped d may hold inf/nan, and 0·inf is nan: make it exactly 0 (a no-op when ok). One launch per
+        # tensor: torch has no fused nan_to_num, and no fused arithmetic turns nan into 0.
+        for t in d:
+            t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     return d
+
+
+def copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of `tensors`, made by one `_foreach_copy_` (a fused launch on a GPU, not one per tensor)."""
+    out = [torch.empty_like(t) for t in tensors]
+    torch._foreach_copy_(out, list(tensors))
+    return out
+
+
+def blend(on: torch.Tensor, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """`on ? a : b` for every tensor, `on` a 0-d bool on the device, in three fused launches instead of one
+    `torch.where` per tensor: on·a + (1 − on)·b, which is a or b exactly when both are finite (x·1 + y·0 = x)."""
+    weight = on.to(a[0].dtype)
+    out = torch._foreach_mul(list(a), weight)
+    torch._foreach_add_(out, torch._foreach_mul(list(b), 1 - weight))
+    return out
 
 
 def like(state: list[torch.Tensor], tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import global_norm, scale_to_radius, usable
+from ..ops import blend, global_norm, like, scale_to_radius, usable
 from . import register_method
 from .sam import SAMDescent, SAMPerturbation
 
@@ -42,17 +42,26 @@ class FriendlyPerturbation(SAMPerturbation):
             self.started = torch.zeros((), dtype=torch.bool, device=grads[0].device)
         self.m = [m.to(g.device) for m, g in zip(self.m, grads)]  # a no-op once there (after a resume: moved once)
         started = self.started.to(grads[0].device)
-        for i, (g, m) in enumerate(zip(grads, self.m)):
-            # The first usable g_j starts the EMA (m ← g_j); the ones after it update it: m ← λ·m + (1 − λ)·g_j.
-            m_next = torch.where(started, m * self.lmbda + g * (1.0 - self.lmbda), g.to(m.dtype))
-            g.sub_(m, alpha=self.sigma)  # d_j = g_j − σ·m, with the m of before this micro-batch (0 before the start)
-            # A skipped g_j leaves m as it was. Replaced in a new list, not changed in place: a snapshot keeps the old m.
-            self.m[i] = torch.where(ok, m_next, m)
+        # Whole lists at a time (fused launches, not a few per tensor); g and m are finite here, so `blend` selects
+        # exactly. The first usable g_j starts the EMA (m ← g_j); the ones after it update it: m ← λ·m + (1 − λ)·g_j.
+        g_m = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, self.m)]
+        ema = torch._foreach_mul(self.m, self.lmbda)
+        torch._foreach_add_(ema, g_m, alpha=1.0 - self.lmbda)
+        m_next = blend(started, ema, g_m)
+        del ema, g_m
+        torch._foreach_add_(grads, like(self.m, grads), alpha=-self.sigma)  # d_j = g_j − σ·m, m of before this micro-batch
+        # A skipped g_j leaves m as it was. A new list, not changed in place: a snapshot keeps the old m.
+        self.m = blend(ok, m_next, self.m)
         self.started = started | ok
         d_norm = global_norm(grads)
         ok = ok & usable(d_norm)  # d_j = 0 (g_j = σ·m) has no direction either: counted as skipped
+        # g and m are finite, so d is too unless g − σ·m overflowed to ±inf (then d_norm is inf and ok False): clamp
+        # to the largest finite value (a no-op when ok), so that the 0·d of a skip is exactly 0, in two launches.
+        largest = [torch.finfo(t.dtype).max for t in grads]
+        torch._foreach_clamp_min_(grads, [-x for x in largest])
+        torch._foreach_clamp_max_(grads, largest)
         rho = self.rho if rho is None else rho
-        return scale_to_radius(grads, d_norm, rho, self.eps, ok), d_norm, ok
+        return scale_to_radius(grads, d_norm, rho, self.eps, ok, finite=True), d_norm, ok
 
     def state_dict(self):
         if self.m is None:

@@ -47,7 +47,9 @@ class LookSAMDescent(DescentRule):
     def descent(self, g, g_p, c=1.0):
         sq = dot(g, g)
         s = torch.where(sq > 0, dot(g, g_p) / sq, torch.zeros_like(sq))  # ‖g_p‖cos θ/‖g‖; 0 when g = 0
-        g_v = [(gp - s.to(gp.dtype) * gj) * c for gj, gp in zip(g, g_p)]  # c_j·g_v,j
+        g_v = torch._foreach_mul(g, -s.to(g[0].dtype))  # c_j·g_v,j = c_j·(g_p − s·g), in fused launches
+        torch._foreach_add_(g_v, g_p)
+        torch._foreach_mul_(g_v, c.to(g_v[0].dtype) if isinstance(c, torch.Tensor) else c)
         if not self._fresh:  # the first micro-batch of a SAM step replaces the old g_v; the others add to it
             torch._foreach_add_(g_v, self.g_v)  # into the new tensors, not g_v's: a snapshot keeps the old g_v
         self.g_v, self._fresh = g_v, False

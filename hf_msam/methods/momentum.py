@@ -69,8 +69,15 @@ class MomentumPerturbation(PerturbationRule):
             return None, zero, torch.zeros((), dtype=torch.bool, device=params[0].device)
         norm = global_norm(m)
         ok = usable(norm)
-        e = [t.detach().neg().to(p.dtype) for t, p in zip(m, params)]  # −m: a fresh tensor, m stays the optimizer's
-        return scale_to_radius(e, norm, self.rho if rho is None else rho, self.eps, ok), norm, ok
+        e = torch._foreach_neg([t.detach() for t in m])  # −m: fresh tensors (one launch), m stays the optimizer's
+        e = [t if t.dtype == p.dtype else t.to(p.dtype) for t, p in zip(e, params)]
+        # m holds no nan (a nan in the momentum has already reached the weights through the optimizer's step), and
+        # an inf is clamped to the largest finite value (a no-op when ok): 0·e of a skip is then exactly 0, in two
+        # launches rather than one nan_to_num per tensor.
+        largest = [torch.finfo(t.dtype).max for t in e]
+        torch._foreach_clamp_min_(e, [-x for x in largest])
+        torch._foreach_clamp_max_(e, largest)
+        return scale_to_radius(e, norm, self.rho if rho is None else rho, self.eps, ok, finite=True), norm, ok
 
 
 def _name(optimizer: Any) -> str:
