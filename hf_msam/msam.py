@@ -24,6 +24,7 @@ come from tensors (token counts) stay tensors.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import logging
@@ -165,6 +166,11 @@ class _FellBack(Exception):
 def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     """The same tensors, by identity (== on tensors would compare their values)."""
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _overrides(rule: Any, name: str) -> bool:
+    """True when `rule`'s class defines its own `name` (PerturbationRule's default does nothing)."""
+    return getattr(type(rule), name) is not getattr(PerturbationRule, name)
 
 
 def _modules_with_running_stats(model: nn.Module) -> list[nn.Module]:
@@ -522,6 +528,9 @@ class MicroBatchSAM:
             reason = "FSDP2 shards the weights the vectorized path would read whole"
         elif not Capabilities.of(self.perturbation, self.descent).vectorized:
             reason = f"the method's rules ({self.perturbation!r}, {self.descent!r}) do not support it (supports_vectorized)"
+        elif _overrides(self.perturbation, "perturbing") and not _overrides(self.perturbation, "perturbing_groups"):
+            reason = (f"the rule {self.perturbation!r} perturbs in `perturbing` and has no `perturbing_groups` for one "
+                      "pass over all micro-batches")
         elif decomposable is False:
             reason = "the batch's loss is not the weighted sum of its micro-batches' losses"
         elif decomposable is None and self.vectorize == "auto":
@@ -581,6 +590,7 @@ class MicroBatchSAM:
         c = [1.0 if c_j is None else c_j for c_j in weights]
         explicit, clean_pass = self.descent.explicit, self.perturbation.needs_gradient
         functional = self.descent.through_outputs  # Functional-SAM: ∇_F L of the batch's loss, rows of B_j = c_j·∇_F L_j
+        groups = functools.partial(self.perturbation.perturbing_groups, self.model, self._step)
         if self.path != "vectorized":
             logger.info("mSAM step: vectorized (%d micro-batches share each forward and backward).", k)
         # 1. every g_j at w, `.grad` untouched.
@@ -606,9 +616,10 @@ class MicroBatchSAM:
             if sync is not None:
                 g = self._union_group_gradients(g, sync)
         else:
-            if not self._verified:  # Momentum-SAM (no clean pass): check once, with a forward at w, that the routed
-                try:                # layers see every use of the weights; nothing is accumulated or perturbed yet
-                    with self._no_sync(), vec.capture(layout) as capture:
+            if not self._verified:  # Momentum-SAM, Flat-LoRA (no clean pass): check once, with a forward, that the
+                try:                # routed layers see every use of the weights, and that the layers a rule perturbs
+                    #                 per group (Flat-LoRA's base layers) take the layout; nothing is accumulated yet
+                    with self._no_sync(), vec.capture(layout) as capture, groups(layout):
                         capture.verify(loss_fn(batch, MicroBatch(0, 1, 1.0, "clean", False)))
                     self._verified = True
                 except NotVectorizable as err:
@@ -619,19 +630,25 @@ class MicroBatchSAM:
             d = [self.descent.reuse([t[j] for t in g]) for j in range(k)]
             self._accumulate_stacked(d, params, c)
             return clean_loss.detach()
-        # 2. e_j from g_j, micro-batch by micro-batch (F-SAM's EMA runs over j in order), into one stacked buffer.
-        e = [torch.empty((k, *p.shape), dtype=p.dtype, device=p.device) for p in params] if g is None or explicit else g
+        # 2. e_j from g_j, micro-batch by micro-batch (F-SAM's EMA runs over j in order), into one stacked buffer,
+        #    made at the first e_j that is not None: a rule that never moves the trainable weights (Flat-LoRA) has none.
+        e = None if g is None or explicit else g
         for j in range(k):
             g_j = None if g is None else [t[j].clone() if explicit else t[j] for t in g]
             e_j, grad_norm, ok = self.perturbation.perturb(params, g_j, rho)
-            slices = [t[j] for t in e]
-            if e_j is None:
-                torch._foreach_zero_(slices)
-            elif e_j[0] is not slices[0]:
-                torch._foreach_copy_(slices, e_j)
+            if e is None and e_j is not None:
+                e = [torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) for p in params]
+            if e is not None:
+                slices = [t[j] for t in e]
+                if e_j is None:
+                    torch._foreach_zero_(slices)
+                elif e_j[0] is not slices[0]:
+                    torch._foreach_copy_(slices, e_j)
             self._count(grad_norm, ok)
-        # 3. micro-batch j's rows at w + e_j, in one forward; 4. its backward adds Σ_j c_j·g_p,j to `.grad`.
-        with vec.perturbed(layout, e):
+        # 3. micro-batch j's rows at w + e_j, in one forward; 4. its backward adds Σ_j c_j·g_p,j to `.grad`. The rule's
+        #    own per-group perturbation (Flat-LoRA: noise ε_j on the LoRA base weights for group j's rows) is entered
+        #    around both, as `perturbing` is around each micro-batch's pass on the sequential path.
+        with vec.perturbed(layout, e) if e is not None else contextlib.nullcontext(), groups(layout):
             if explicit:
                 with vec.capture(layout) as capture:
                     perturbed_loss = loss_fn(batch, MicroBatch(0, 1, 1.0, "perturbed", not clean_pass))

@@ -71,6 +71,15 @@ class PerturbationRule:
         bitwise as it found it when the context exits, also on an exception. Default: nothing."""
         return contextlib.nullcontext()
 
+    def perturbing_groups(self, model: Any, step: Any, layout: Any) -> contextlib.AbstractContextManager:
+        """`perturbing` for the vectorized step: entered around its one perturbed pass (forward and backward), in which
+        micro-batch j's positions are group j of `layout` (a `hf_msam.vectorized.GroupLayout`; `layout.positions(device)`
+        arranges a layer's input by group, see `Positions`). A rule whose `perturbing` does something makes group j's
+        positions see what micro-batch j would see there (Flat-LoRA: its own noise on each LoRA base weight), under the
+        same rules; a layer input that does not carry the batch raises `hf_msam.vectorized.NotVectorizable`. The engine
+        refuses the vectorized path for a rule that overrides `perturbing` but not this. Default: nothing."""
+        return contextlib.nullcontext()
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
