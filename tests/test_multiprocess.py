@@ -187,7 +187,7 @@ def flat_lora_reference(ranks):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("vectorize, path", [("off", "sequential")])
+@pytest.mark.parametrize("vectorize, path", [("off", "sequential"), ("auto", "vectorized")])
 def test_two_process_ddp_flat_lora_matches_per_rank_noise_reference(tmp_path, vectorize, path):
     pytest.importorskip("peft")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
