@@ -54,6 +54,7 @@ import math
 import multiprocessing
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -686,9 +687,11 @@ def check_sweep_targets(rows: list[dict], param_bytes: int) -> dict:
     row = {r["key"]: r for r in rows}
     memory = {}
     for r in rows:
-        if r["micro_batch_size"] and "msam_sam" in row:
-            k = int(r["key"].split("_")[0][1:])
-            bound = (row["msam_sam"]["peak_memory_bytes"] + k * param_bytes) * SWEEP_TARGETS["memory_over_sam_plus_k_copies"]
+        found = re.fullmatch(r"(flat_)?k(\d+)_(seq|vec)", r["key"])
+        base = "msam_flat_lora" if found and found.group(1) else "msam_sam"  # Flat-LoRA's rows: over its whole-batch row
+        if found and base in row:
+            k = int(found.group(2))
+            bound = (row[base]["peak_memory_bytes"] + k * param_bytes) * SWEEP_TARGETS["memory_over_sam_plus_k_copies"]
             memory[r["key"]] = r["peak_memory_bytes"] <= bound
     return {
         "k8_vectorized_at_most_1.3x_sam": row["k8_vec"]["vs_sam"] <= SWEEP_TARGETS["k8_vectorized_vs_sam"] if "k8_vec" in row else None,
