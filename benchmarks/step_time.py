@@ -321,6 +321,8 @@ def run_trainer(config: Config, opts: argparse.Namespace, device: torch.device, 
         disable_tqdm=True,
         use_cpu=device.type == "cpu",
         seed=0,
+        bf16=opts.bf16,
+        activation_checkpointing=opts.activation_checkpointing,
     )
     if config.runner == "trainer":
         trainer_cls, args = Trainer, TrainingArguments(**settings)
@@ -741,6 +743,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in every worker")
     parser.add_argument("--json", help="also write the JSON result to this path")
     parser.add_argument("--rows", nargs="+", help="only these configuration keys (e.g. trainer msam_sam msam_gsam loop_gsam)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 mixed precision (autocast) in the Trainer rows (the hand-written floors stay float32)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="activation checkpointing (transformers' non-reentrant default) in the Trainer rows")
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps (other flags still apply): a smoke test")
     opts = parser.parse_args(argv)
     if opts.quick:

@@ -605,8 +605,9 @@ class MicroBatchSAM:
                     if not self._verified:
                         capture.verify(clean_loss)
                         self._verified = True
-                grad_outputs = self._output_gradient(clean_loss, outputs) if functional else None  # before the graph goes
-                parts = self._group_gradients(capture, clean_loss)
+                    # the backwards run inside the capture: activation checkpointing recomputes routed layers there
+                    grad_outputs = self._output_gradient(clean_loss, outputs) if functional else None  # before the graph goes
+                    parts = self._group_gradients(capture, clean_loss)
             except NotVectorizable as err:  # nothing was accumulated or perturbed: the step can start again
                 self._take_sequential(str(err))
                 raise _FellBack from err
@@ -652,7 +653,7 @@ class MicroBatchSAM:
             if explicit:
                 with vec.capture(layout) as capture:
                     perturbed_loss = loss_fn(batch, MicroBatch(0, 1, 1.0, "perturbed", not clean_pass))
-                g_p = self._per_micro_batch(self._group_gradients(capture, perturbed_loss), c)
+                    g_p = self._per_micro_batch(self._group_gradients(capture, perturbed_loss), c)
             else:
                 with model_outputs(self.model, functional) as outputs:
                     perturbed_loss = loss_fn(batch, MicroBatch(0, 1, 1.0, "perturbed", not clean_pass))

@@ -208,7 +208,7 @@ class MSAMMixin:
                 f"--optim {self.args.optim.value} fuses the optimizer step into backward, which mSAM needs to run "
                 "twice per step. Choose another optimizer (e.g. adamw_torch) or set --msam_rho 0."
             )
-        if self.args.gradient_checkpointing and (self.args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+        if self.args.activation_checkpointing and (self.args.activation_checkpointing_kwargs or {}).get("use_reentrant"):
             raise ValueError(
                 "mSAM computes its ascent gradient with torch.autograd.grad, which reentrant gradient checkpointing "
                 "does not support. Drop use_reentrant=True from --gradient_checkpointing_kwargs (the default, "

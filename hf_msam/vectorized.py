@@ -49,15 +49,20 @@ back to one pass per group. An input of shape [1, ...] where rows are expected (
 taken as broadcast over the batch: it and the layer's output are expanded to the batch (views), so that each row's
 copy gets its own output gradient and its own group's perturbation.
 
+**Activation checkpointing** (torch.utils.checkpoint, non-reentrant: transformers' default) recomputes a region's
+forward in the backward to get its saved tensors back. The backwards therefore run inside the contexts, so that the
+recomputation takes the routed forwards again and saves the same tensors; it records nothing (`_recomputing`).
+Inside a region the capture does not keep the layer's input and output edge (that would keep the activations
+checkpointing frees): the layer runs at w + z_j with probes z as in the fallback, and ∂L/∂z_j is g_j, computed in
+the backward as it goes. Reentrant checkpointing runs its forward without autograd and refuses autograd.grad:
+`why_not` refuses transformers' reentrant flag and `verify` finds a reentrant region.
+
 **What it cannot see.** Rows must not meet inside the model: `why_not` refuses BatchNorm in train mode, but other
 cross-row computations (a mixture-of-experts' load-balancing term, in-batch negatives) would make "group j's part"
 differ from group j's own gradient. (Inside a module the fallback runs, rows meet within their group only, as in
 the sequential step, but a short group's padding copies would take part.) A weight read outside its layer's call
 (PEFT DoRA, `F.linear(x, child.weight)` in a parent, a penalty on the weights) is invisible to the routed
-forwards: `Capture.verify` finds such reads in the autograd graph. Activation checkpointing recomputes layers in
-the backward, outside the pass that routed them: `why_not` refuses transformers' `gradient_checkpointing` flag, a
-routed layer called inside torch.utils.checkpoint's non-reentrant region raises `NotVectorizable`, and `verify`
-finds a reentrant one. A `torch.compile`d model (or a module compiled in place) is refused by `why_not`: the routed
+forwards: `Capture.verify` finds such reads in the autograd graph. A `torch.compile`d model (or a module compiled in place) is refused by `why_not`: the routed
 forwards are swapped in around every pass, which compiled code is not checked to follow (with the eager backend
 dynamo recompiles and the result is right; inductor is untested). `why_not` reads these states of the modules each time it is called. `group_gradients` holds every recorded output's gradient at once (about the size of the
 activations) and returns k copies of the parameters' shapes.
@@ -360,12 +365,25 @@ class _PerturbedMatmul(torch.autograd.Function):
         dx = dw = de = None
         if ctx.needs_input_grad[0]:
             dx = torch.bmm(dy, _perturbed_weight(w, e, ctx.transposed, ctx.dtype).transpose(1, 2))
-        if ctx.needs_input_grad[1]:
+        if _engine_uses(ctx, 1):  # not in a capture, whose autograd.grad asks for the groups' parts only
             dy_flat, x_flat = dy.flatten(0, 1), x.flatten(0, 1)  # padding slots have dy = 0: they add nothing
             dw = (x_flat.t().mm(dy_flat) if ctx.transposed else dy_flat.t().mm(x_flat)).to(w.dtype)
-        if ctx.needs_input_grad[2]:  # e requiring grad: its gradient is each group's own
+        if _engine_uses(ctx, 2):  # e requiring grad: its gradient is each group's own
             de = (torch.bmm(x.transpose(1, 2), dy) if ctx.transposed else torch.bmm(dy.transpose(1, 2), x)).to(e.dtype)
         return dx, dw, de, None, None
+
+
+def _engine_uses(ctx, i: int) -> bool:
+    """Whether the backward now running will use the gradient of input i of this Function (autograd.grad with
+    `inputs` skips the rest of the graph; `needs_input_grad` only says the input requires grad). Where torch cannot
+    say, it is computed."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    try:
+        node = ctx.next_functions[i][0]
+        return node is None or torch._C._will_engine_execute_node(node)
+    except (AttributeError, RuntimeError):
+        return True
 
 
 def _perturbed_matmul(x, w, b, e_w, e_b, pos: Positions, transposed: bool) -> torch.Tensor:
@@ -524,10 +542,12 @@ def _module_problem(module: nn.Module) -> str | None:
         )
     if isinstance(module, nn.modules.batchnorm._NormBase) and module.training and module.track_running_stats:
         return f"{name} in train mode with running statistics (they must update once per micro-batch)"
-    if getattr(module, "gradient_checkpointing", False) is True:  # transformers' flag on the layers it recomputes
+    checkpoint = getattr(module, "_gradient_checkpointing_func", None)  # transformers' checkpointing of this layer
+    if getattr(module, "gradient_checkpointing", False) is True and getattr(checkpoint, "keywords", {}).get("use_reentrant"):
         return (
-            "gradient checkpointing is on (the backward recomputes the layers outside the pass that routed them, so "
-            "the recomputed activations would not be the grouped ones)"
+            "reentrant gradient checkpointing (its forward runs without autograd, so no layer call inside is seen, and "
+            "torch refuses autograd.grad through it): use gradient_checkpointing_kwargs={'use_reentrant': False}, "
+            "transformers' default"
         )
     if getattr(module, "_orig_mod", None) is not None or getattr(module, "_compiled_call_impl", None) is not None:
         return (
@@ -548,24 +568,37 @@ def _has_forward(module: nn.Module) -> bool:
 _TENSOR = object()  # marks where a fallback's output had a tensor
 
 
-def _refuse_checkpointing(unit: _Unit) -> None:
-    """Raise NotVectorizable when this call runs inside torch.utils.checkpoint's non-reentrant region (its
-    saved-tensor hooks are on top): the backward would recompute the layer outside the context that routes it.
-    (Reentrant checkpointing is found by `Capture.verify`, from its node in the graph.) Reads a private torch
-    function; where it is missing, the check is skipped."""
+class _Bare(nn.Module):
+    """Holds `module` and calls `forward` (its forward as it was before routing) with `module`'s parameters swapped
+    by `functional_call`: the module's own forward hooks and pre-hooks run once, around the routed call, as for
+    a layer with a rule (inside vmap, a hook such as transformers' `requires_grad_` on the input embeddings fails)."""
+
+    def __init__(self, module: nn.Module, forward: Callable):
+        super().__init__()
+        self.module, self._forward = module, forward
+
+    def forward(self, *args, **kwargs):
+        return self._forward(*args, **kwargs)
+
+
+def _recomputing() -> bool:
+    """True while autograd runs a backward node: a forward called now is activation checkpointing's recomputation
+    of a region (its saved tensors), not a new pass, so it records nothing."""
+    return torch._C._current_autograd_node() is not None
+
+
+def _in_checkpoint() -> bool:
+    """True inside torch.utils.checkpoint's non-reentrant region (its saved-tensor hooks are on top of the stack) or
+    in its recomputation. Reads a private torch function; where it is missing, False."""
+    if _recomputing():
+        return True
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if top is None:
-        return
     try:
-        hooks = top(True)
+        hooks = top(True) if top is not None else None
     except TypeError:
-        return
+        return False
     pack = hooks[0] if hooks else None
-    if pack is not None and "_checkpoint_hook" in getattr(pack, "__qualname__", ""):
-        raise NotVectorizable(
-            f"{unit.where} runs inside torch.utils.checkpoint (activation checkpointing): the backward recomputes it "
-            "outside the pass that routes it per group"
-        )
+    return pack is not None and "_checkpoint_hook" in getattr(pack, "__qualname__", "")
 
 
 def _no_autocast(device_type: str):
@@ -735,14 +768,23 @@ class Vectorizer:
     def _rule_forward(self, unit: _Unit, inner: Callable, *args, **kwargs):
         if self._suspended:
             return inner(*args, **kwargs)
-        _refuse_checkpointing(unit)
         x = args[0] if args else next(iter(kwargs.values()))
         pos = self._layout.positions(x.device)
         broadcast = pos.broadcasts(x)
         if broadcast:  # [1, ...] broadcast over the batch (position ids): every row uses it, one copy per row (views)
             x = x.expand(pos.extent, *x.shape[1:])
         pos.check(x, unit.where)
+        capture = self._capture if torch.is_grad_enabled() else None
         e = None if self._e is None else {name: self._e[i] for name, i in unit.wanted.items()}
+        # Inside activation checkpointing, the capture does not keep x and the output's edge (that would keep the
+        # activations checkpointing frees): the layer runs at w + z_j, z a zero [k, ...] tensor autograd
+        # differentiates, as the fallback does, and ∂L/∂z_j is group j's gradient. The recomputation in the backward
+        # takes the same path (same saved tensors) and records nothing.
+        probed = capture is not None and _in_checkpoint()
+        if probed:
+            z = {name: torch.zeros((pos.k, *self.params[i].shape), dtype=self.params[i].dtype,
+                                   device=self.params[i].device, requires_grad=True) for name, i in unit.wanted.items()}
+            e = z if e is None else {name: e[name] + z[name] for name in e}
         out = None
         if e is not None and unit.rule.forward_at is not None:
             out = unit.rule.forward_at(unit.module, x, e, pos)
@@ -752,8 +794,12 @@ class Vectorizer:
                 out = out.expand(pos.extent, *out.shape[1:])
             if e is not None:
                 out = out + unit.rule.delta(unit.module, x, out, e, pos)
-        if self._capture is not None and torch.is_grad_enabled() and out.requires_grad:
-            self._capture._record(unit, x, out)
+        if capture is not None and out.requires_grad and not _recomputing():
+            if probed:
+                capture._probes.extend((i, z[name]) for name, i in unit.wanted.items())
+                capture._regions.append(([out.grad_fn], {x.grad_fn}))
+            else:
+                capture._record(unit, x, out)
         return out
 
     # -- a layer without one: torch.func ----------------------------------------------------------
@@ -761,7 +807,7 @@ class Vectorizer:
         capture = self._capture if torch.is_grad_enabled() else None
         if self._suspended or (self._e is None and capture is None):
             return inner(*args, **kwargs)
-        _refuse_checkpointing(unit)
+        recomputing = _recomputing()  # activation checkpointing's recomputation: the same computation, no records
         leaves, spec = pytree.tree_flatten((args, kwargs))
         some = next(iter(unit.wanted.values()))
         pos = self._layout.positions(self.params[some].device)
@@ -780,7 +826,8 @@ class Vectorizer:
             if capture is not None:
                 p = self.params[i]
                 z = torch.zeros((pos.k, *p.shape), dtype=p.dtype, device=p.device, requires_grad=True)
-                capture._probes.append((i, z))
+                if not recomputing:
+                    capture._probes.append((i, z))
                 t = z if t is None else t + z
             ts.append(t)
         grouped = [pos.grouped(leaves[i]) for i in batched]  # [k, r, ...]; padding repeats a real position
@@ -792,14 +839,15 @@ class Vectorizer:
             for i, g in zip(batched, grouped):
                 values[i] = g
             group_args, group_kwargs = pytree.tree_unflatten(values, spec)
-            weights = {name: self.params[i] + t for name, i, t in zip(names, indices, ts)}
-            result = torch.func.functional_call(unit.module, weights, group_args, group_kwargs)
+            weights = {f"module.{name}": self.params[i] + t for name, i, t in zip(names, indices, ts)}
+            result = torch.func.functional_call(bare, weights, group_args, group_kwargs)
             # vmap returns tensors only: the output's structure and its other leaves (None, ints) are kept aside
             values, shape["spec"] = pytree.tree_flatten(result)
             shape["others"] = [_TENSOR if isinstance(v, torch.Tensor) else v for v in values]
             return [v for v in values if isinstance(v, torch.Tensor)]
 
         shape: dict = {}
+        bare = _Bare(unit.module, inner)  # the module's own forward: its hooks run once, around this call, not per group
         self._suspended += 1  # our routed forwards in the subtree, and this one itself, stand aside
         try:
             tensors = torch.func.vmap(one_group, randomness="different")(ts, grouped)
@@ -812,7 +860,7 @@ class Vectorizer:
             self._suspended -= 1
         back = iter([self._back_to_positions(y, pos, unit) for y in tensors])
         out = pytree.tree_unflatten([next(back) if v is _TENSOR else v for v in shape["others"]], shape["spec"])
-        if capture is not None:
+        if capture is not None and not recomputing:
             outputs = [y.grad_fn for y in pytree.tree_leaves(out) if isinstance(y, torch.Tensor)]
             capture._regions.append((outputs, {v.grad_fn for v in leaves if isinstance(v, torch.Tensor)}))
         return out

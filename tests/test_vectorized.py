@@ -535,12 +535,14 @@ def test_why_not_without_fallback_names_the_layer():
     assert "batch_first=False" in Vectorizer(encoder, list(encoder.parameters())).why_not()
 
 
-def test_why_not_names_dora_and_gradient_checkpointing():
+def test_why_not_names_dora_and_reentrant_gradient_checkpointing():
     from peft import LoraConfig, get_peft_model
 
     case = llama([2, 2], "sdpa", tie=False)
-    case.model.activation_checkpointing_enable()
-    assert "gradient checkpointing" in Vectorizer(case.model, case.params).why_not()
+    case.model.activation_checkpointing_enable()  # non-reentrant, transformers' default: vectorizes
+    assert Vectorizer(case.model, case.params).why_not() is None
+    case.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    assert "reentrant gradient checkpointing" in Vectorizer(case.model, case.params).why_not()
     case.model.activation_checkpointing_disable()
     model = get_peft_model(case.model, LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     assert "DoRA" in Vectorizer(model, [p for p in model.parameters() if p.requires_grad]).why_not()

@@ -254,6 +254,18 @@ def _dpo_pairs(n, dtype):
     return Setup(model, batch, loss, size_fn=pair_count, split_fn=split_pairs, layout="pairs")
 
 
+def _checkpointed(arch: str) -> Callable[[int, torch.dtype], Setup]:
+    """The architecture with transformers' activation checkpointing (non-reentrant, its default): the backward
+    recomputes every layer, and with it the routed layers and, for Llama, the RMSNorms the fallback runs."""
+
+    def setup(n, dtype):
+        made = ARCHS[arch](n, dtype)
+        made.model.activation_checkpointing_enable()
+        return made
+
+    return setup
+
+
 ARCHS: dict[str, Callable[[int, torch.dtype], Setup]] = {
     "bert-padded": _bert,
     "roberta": _roberta,
@@ -267,6 +279,8 @@ ARCHS: dict[str, Callable[[int, torch.dtype], Setup]] = {
     "llama-packed": _packed,
     "llama-dpo-pairs": _dpo_pairs,
 }
+ARCHS.update({f"{arch}-checkpointing": _checkpointed(arch)
+              for arch in ("bert-padded", "gpt2-tied-sft", "llama-sdpa-sft", "lora-llama-sft", "llama-packed")})
 
 
 def build(arch: str, n: int, dtype: torch.dtype) -> Setup:
@@ -491,9 +505,9 @@ def _compiled_net():
     return torch.compile(Net(), backend="eager")
 
 
-def _llama_checkpointing():
+def _llama_reentrant_checkpointing():
     model = _decoder()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     return model
 
 
@@ -522,8 +536,6 @@ REFUSED = {
     "embedding-scale-grad-by-freq": (
         lambda: Net(embedding=torch.nn.Embedding(VOCAB, 8, scale_grad_by_freq=True)), "scale_grad_by_freq"),
     "dora": (_dora_net, "DoRA"),
-    "transformers-gradient-checkpointing": (_llama_checkpointing, "gradient checkpointing is on"),
-    "torch-checkpoint": (lambda: Net(Checkpointed(reentrant=False)), "runs inside torch.utils.checkpoint"),
     "torch-compile": (_compiled_net, "torch.compile"),
     "weight-read-outside-its-layer": (lambda: Net(DirectRead()), r"parameter \d+ \[8, 8\] \(read by"),
     "input-reshaped": (lambda: Net(Flattening()), "leading dims are not the batch"),
@@ -557,8 +569,6 @@ def _refused_setup(name: str):
     torch.manual_seed(0)
     model = REFUSED[name][0]().double()
     model.train()
-    if name == "transformers-gradient-checkpointing":
-        return model, _sft_batch(4), _token_mean, label_token_count
     ids = torch.randint(0, VOCAB, (4, 5), generator=torch.Generator().manual_seed(0))
     return model, {"input_ids": ids, "labels": torch.arange(4) % 3}, lambda m, mb: m(**mb)["loss"], None
 
@@ -591,6 +601,34 @@ def test_auto_falls_back_with_the_reason_and_on_raises_it(name, caplog):
         sam.backward(batch, lambda mb: loss(third, mb), size_fn=size_fn)
     assert all(p.grad is None for p in third.parameters())
     assert all(torch.equal(v, third.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_torch_checkpoint_region_in_a_users_model_vectorizes():
+    """torch.utils.checkpoint (non-reentrant) around a Linear, in a model of one's own: the vectorized step runs,
+    its gradient is the sequential one's, with uneven micro-batches, to 1e-12 (float64)."""
+    torch.manual_seed(0)
+    model = Net(Checkpointed(reentrant=False)).double()
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, VOCAB, (5, 4), generator=torch.Generator().manual_seed(0))
+    setup = Setup(model, {"input_ids": ids, "labels": torch.arange(5) % 3}, lambda m, mb: m(**mb)["loss"])
+    want = msam_grads(setup, twin, "off", 2, rho=0.1)
+    got = msam_grads(setup, model, "on", 2, rho=0.1)
+    assert max(relative_errors(got, want)) <= 1e-12
+
+
+def test_transformers_reentrant_checkpointing_is_refused_before_the_step():
+    """transformers' reentrant checkpointing is refused by `why_not`, before any forward: `on` raises with what to
+    set. (The sequential step cannot run it either: torch refuses autograd.grad through reentrant checkpoints and
+    says to set use_reentrant=False.)"""
+    from hf_msam.vectorized import Vectorizer
+
+    torch.manual_seed(0)
+    model = _llama_reentrant_checkpointing().double().train()
+    assert "use_reentrant': False" in Vectorizer(model, list(model.parameters())).why_not()
+    sam = MicroBatchSAM(model, rho=0.1, micro_batch_size=2, vectorize="on")
+    with pytest.raises(ValueError, match="reentrant gradient checkpointing"):
+        sam.backward(_sft_batch(4), lambda mb: _token_mean(model, mb), size_fn=label_token_count)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_verify_finds_reentrant_checkpointing():

@@ -165,3 +165,51 @@ def test_lora_adapters_only(tmp_path):
     assert vectorized._msam.path == "vectorized"
     for a, b in zip(trainable(on), trainable(off)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("method", [*METHODS, dict(msam_method="functional")],
+                         ids=lambda m: "-".join(str(v) for v in m.values()))
+def test_gradient_checkpointing_every_method_matches_the_sequential_step(tmp_path, monkeypatch, method):
+    """`--gradient_checkpointing` (transformers' non-reentrant default): the backward recomputes each decoder layer,
+    its routed Linears and the RMSNorms the fallback runs included. `auto` takes the vectorized step, and the update
+    after two steps with uneven micro-batches is the sequential one's to 1e-10 (float64, casts patched out as above)."""
+    without_float32_casts(monkeypatch)
+    data = llama_data(14)
+    on, off = tiny_llama(), tiny_llama()
+    for model in (on, off):
+        model.loss_function = causal_lm_loss_in_logits_dtype
+    vectorized = train(on, data, tmp_path, "auto", activation_checkpointing=True, **method)
+    train(off, data, tmp_path, "off", activation_checkpointing=True, **method)
+    assert on.is_gradient_checkpointing and vectorized._msam.path == "vectorized", vectorized._msam.path_reason
+    assert any(not torch.equal(a, b) for a, b in zip(trainable(on), trainable(tiny_llama())))
+    for a, b in zip(trainable(on), trainable(off)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_gradient_checkpointing_capture_keeps_no_activations_of_the_checkpointed_layers(monkeypatch):
+    """Under checkpointing the capture takes the groups' gradients from probes on the routed layers (zeros that
+    autograd differentiates) instead of keeping each layer's input and output edge: nothing inside the
+    checkpointed decoder layers is recorded, so the activations checkpointing frees stay freed. The per-group
+    gradients are the same as without checkpointing (to 1e-12, float64, casts patched out)."""
+    from hf_msam.vectorized import GroupLayout, Vectorizer
+
+    def per_group(checkpointing: bool):
+        torch.manual_seed(0)
+        model = tiny_llama().double().train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        vec = Vectorizer(model, [p for p in model.parameters() if p.requires_grad])
+        ids = torch.randint(3, model.config.vocab_size, (4, 6), generator=torch.Generator().manual_seed(1))
+        with vec.capture(GroupLayout.rows([3, 1])) as cap:
+            loss = model(input_ids=ids, labels=ids).loss
+            recorded = [call.unit.name for call in cap._calls]
+            g = cap.group_gradients(loss)
+        return recorded, g
+
+    without_float32_casts(monkeypatch)
+    plain_calls, plain = per_group(False)
+    calls, probed = per_group(True)
+    assert any(".layers." in name for name in plain_calls)
+    assert calls and not any(".layers." in name for name in calls), calls  # embeddings, the final norm's input, lm_head
+    for a, b in zip(probed, plain):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
