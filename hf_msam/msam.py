@@ -622,6 +622,7 @@ class MicroBatchSAM:
                     #                 per group (Flat-LoRA's base layers) take the layout; nothing is accumulated yet
                     with self._no_sync(), vec.capture(layout) as capture, groups(layout):
                         capture.verify(loss_fn(batch, MicroBatch(0, 1, 1.0, "clean", False)))
+                    del capture  # its records hold that forward's graph: freed before the perturbed pass
                     self._verified = True
                 except NotVectorizable as err:
                     self._take_sequential(str(err))

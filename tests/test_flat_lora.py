@@ -264,6 +264,33 @@ def test_vectorized_pass_keeps_no_noisy_weight_for_the_backward():
     assert not stacked & set(saved)
 
 
+def test_the_first_vectorized_steps_checking_forward_is_freed_before_the_perturbed_pass():
+    """Without a clean pass, the first vectorized step makes one forward to check the model; its graph (the whole
+    batch's activations) must be gone when the perturbed pass runs, or the first step's peak holds two of them."""
+    import gc
+    import weakref
+
+    class Marked(torch.Tensor):  # an input whose product with the first layer's weights the graph keeps
+        pass
+
+    model = tiny_lora()
+    sam = MicroBatchSAM(model, micro_batch_size=2, perturbation=FlatLoRAPerturbation(0.3, "constant"), vectorize="on")
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    checking, alive = [], []
+
+    def loss_fn(mb, info):
+        if info.point == "clean":
+            h = (mb["x"] * 1.0).as_subclass(Marked)
+            checking.append(weakref.ref(h))
+            return model(h, mb["y"]).as_subclass(torch.Tensor)
+        gc.collect()
+        alive.append(checking[0]() is not None)
+        return model(**mb)
+
+    sam.backward({"x": x, "y": y}, loss_fn, step=1)
+    assert sam.path == "vectorized" and len(checking) == 1 and alive == [False]
+
+
 def test_a_rule_perturbing_without_perturbing_groups_takes_the_sequential_path():
     class Sequential(FlatLoRAPerturbation):
         perturbing_groups = PerturbationRule.perturbing_groups  # only the sequential hook of its own
@@ -404,15 +431,20 @@ def functional_reference_steps(model, data, steps, sigma, seed, T, micro_batch_s
     return model
 
 
-@pytest.mark.parametrize("vectorize, path", [("off", "sequential"), ("auto", "vectorized")])
-def test_trainer_on_lora_bert_equals_reference(tmp_path, vectorize, path):
+@pytest.mark.parametrize("vectorize, path, checkpointing", [
+    ("off", "sequential", False), ("auto", "vectorized", False),
+    ("auto", "vectorized", True),  # the backward recomputes the base layers: the same noise, from the same seeds
+])
+def test_trainer_on_lora_bert_equals_reference(tmp_path, vectorize, path, checkpointing):
     model, data = lora_bert(), bert_data(4)
     expected = functional_reference_steps(model, data, steps=3, sigma=0.2, seed=3, T=3, micro_batch_size=2)
     plain = functional_reference_steps(model, data, steps=3, sigma=0.0, seed=3, T=3)
-    args = flat_args(tmp_path, msam_micro_batch_size=2, msam_vectorize=vectorize)
+    args = flat_args(tmp_path, msam_micro_batch_size=2, msam_vectorize=vectorize,
+                     activation_checkpointing=checkpointing)
     trainer = MSAMTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
-    assert trainer.msam_perturbation.max_steps == 3 and trainer._msam.path == path
+    assert trainer.msam_perturbation.max_steps == 3 and trainer._msam.path == path, trainer._msam.path_reason
+    assert model.is_activation_checkpointing == checkpointing
     gaps = []
     for a, b, c in zip(adapters(model), adapters(expected), adapters(plain)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
@@ -458,7 +490,8 @@ def test_gradient_accumulation_vectorized_equals_sequential_and_noise_matters(tm
             settings["msam_flat_lora_sigma"] = 0.0
         trainer = MSAMTrainer(model=model, args=flat_args(tmp_path / vectorize, **settings), train_dataset=data)
         trainer.train()
-        assert trainer._msam.path == ("vectorized" if vectorize == "on" else "sequential")
+        if vectorize != "plain":  # sigma 0: plain Trainer steps, no engine
+            assert trainer._msam.path == ("vectorized" if vectorize == "on" else "sequential")
         runs[vectorize] = [p.detach().clone() for p in adapters(model)]
     assert relative_error(runs["on"], [t.double() for t in runs["off"]]) <= 1e-10
     start = [p.detach().clone() for p in adapters(lora_bert())]
