@@ -314,6 +314,8 @@ class MicroBatchSAM:
         self._check_mesh()
         self.stats = MSAMStats()
         self._step: Any = object()  # the optimizer step `backward` last worked on
+        self._taken = 0  # micro-batches this device has taken in that step, over its accumulation calls
+        self._first = 0  # the number, within the step, of the current call's first micro-batch
         self._mode = "perturbed"
         self.vectorize = vectorize
         self._vectorizer: Vectorizer | None = None
@@ -401,8 +403,11 @@ class MicroBatchSAM:
             micro_batches = (split_fn or split_batch)(batch, self.micro_batch_size)
             weights = [None] if len(micro_batches) == 1 else micro_batch_weights(micro_batches, size_fn)
             if step is None or step != self._step:  # a new optimizer step: perturbed, or (LookSAM) reuse
-                self._step, self._mode = step, self.descent.begin_step()
+                self._step, self._mode, self._taken = step, self.descent.begin_step(), 0
                 self.stats.steps += self._mode == "perturbed"
+            # micro-batch j of this call is micro-batch first + j of the step (a rule that draws per micro-batch, as
+            # Flat-LoRA does, then draws anew in every accumulation call)
+            self._first, self._taken = self._taken, self._taken + len(micro_batches)
             group_layout = self._vectorized_layout(micro_batches, layout, decomposable)
             if group_layout is not None:
                 sync = None  # synchronized scope: what each micro-batch weighs in the union (see sync_weight)
@@ -421,14 +426,15 @@ class MicroBatchSAM:
         """When a pass raises, put the rules' state (F-SAM's EMA, LookSAM's g_v and counter), the step bookkeeping
         and the statistics back as they were before this call (the step restores the weights itself). Snapshots keep
         tensors by reference: nothing is copied on the normal path."""
-        saved = self.perturbation.snapshot(), self.descent.snapshot(), self._step, self._mode, dict(vars(self.stats))
+        saved = (self.perturbation.snapshot(), self.descent.snapshot(), (self._step, self._mode, self._taken),
+                 dict(vars(self.stats)))
         try:
             yield
         except BaseException:
             self.perturbation.restore(saved[0])
             self.descent.restore(saved[1])
-            self._step, self._mode = saved[2], saved[3]
-            vars(self.stats).update(saved[4])  # in place: the trainer shares this object
+            self._step, self._mode, self._taken = saved[2]
+            vars(self.stats).update(saved[3])  # in place: the trainer shares this object
             raise
 
     def _perturbed_step(self, micro_batches, weights, loss_fn, size_fn, rho, sync_weight) -> torch.Tensor:
@@ -471,7 +477,7 @@ class MicroBatchSAM:
                     # forward below would silently run at the stale, unperturbed w.
                     torch.clear_autocast_cache()
                 with (contextlib.nullcontext() if last else self._no_sync(), _running_stats_frozen(frozen_stats),
-                      self.perturbation.perturbing(self.model, self._step, j, k)):  # Flat-LoRA: the base weights' noise
+                      self.perturbation.perturbing(self.model, self._step, self._first + j, k)):  # Flat-LoRA: its noise
                     with model_outputs(self.model, functional) as outputs:
                         perturbed_loss = loss_fn(mb, MicroBatch(j, k, c, "perturbed", not clean_pass))
                     if explicit:
@@ -590,7 +596,7 @@ class MicroBatchSAM:
         c = [1.0 if c_j is None else c_j for c_j in weights]
         explicit, clean_pass = self.descent.explicit, self.perturbation.needs_gradient
         functional = self.descent.through_outputs  # Functional-SAM: ∇_F L of the batch's loss, rows of B_j = c_j·∇_F L_j
-        groups = functools.partial(self.perturbation.perturbing_groups, self.model, self._step)
+        groups = functools.partial(self.perturbation.perturbing_groups, self.model, self._step, first=self._first)
         if self.path != "vectorized":
             logger.info("mSAM step: vectorized (%d micro-batches share each forward and backward).", k)
         # 1. every g_j at w, `.grad` untouched.

@@ -193,15 +193,16 @@ def test_step_gradient_equals_hand_written_merged_weight_reference(micro_batch_s
         assert torch.equal(a, b)
 
 
-def reference_gradient(model, x, y, sizes, sigma_t, seed, step):
+def reference_gradient(model, x, y, sizes, sigma_t, seed, step, first=0):
     """Σ_j c_j ∇_{A,B} L_j at W + ε_j + s·BA (`hand_loss`), in float64 whatever the model's dtype: ε_j of micro-batch
-    j from the recipe (in the model's dtype, as the rule draws it), the rest of the arithmetic here."""
+    first + j of the step from the recipe (in the model's dtype, as the rule draws it), the rest of the arithmetic
+    here."""
     model = copy.deepcopy(model).double()
     layers = lora_modules(model)
     n, start = x.shape[0], 0
     expected = [torch.zeros_like(p) for p in adapters(model)]
     for j, size in enumerate(sizes):
-        eps = [eps_ref(m, sigma_t, seed, step, j, i).double() for i, m in enumerate(layers)]
+        eps = [eps_ref(m, sigma_t, seed, step, first + j, i).double() for i, m in enumerate(layers)]
         loss_j = hand_loss(model, eps, x[start : start + size].double(), y[start : start + size].double())
         for e, g_j in zip(expected, torch.autograd.grad(loss_j, adapters(model))):
             e.add_(g_j, alpha=size / n)
@@ -242,6 +243,38 @@ def test_vectorized_step_equals_reference_and_sequential_step(dtype, tolerance, 
     # The noise mattered, by far more than the tolerance: without it the gradient is another one.
     clean = reference_gradient(tiny_lora(dtype=dtype), x, y, sizes, 0.0, seed, step)
     assert relative_error(expected, clean) > 1e-3
+
+
+@pytest.mark.parametrize("vectorize", ["off", "on"])
+def test_accumulation_calls_of_one_step_draw_their_own_noise(vectorize):
+    """Two accumulation calls of optimizer step 3 (micro-batches of 2: sizes 2, 2, 1, then 2, 2) are micro-batches
+    0-2 and 3-4 of the step, each with its own ε; a call that raised before them used up no number."""
+    g = torch.Generator().manual_seed(9)
+    x1, y1 = torch.randn(5, 5, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    x2, y2 = torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
+    model = tiny_lora()
+    sam = MicroBatchSAM(model, micro_batch_size=2, perturbation=FlatLoRAPerturbation(0.3, "constant", seed=2),
+                        vectorize=vectorize)
+
+    def failing(mb, info):
+        if info.point == "perturbed":
+            raise RuntimeError("boom in a perturbed pass")
+        return model(**mb)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        sam.backward({"x": x1, "y": y1}, failing, step=3)
+    assert all(p.grad is None for p in adapters(model))
+    sam.backward({"x": x1, "y": y1}, lambda mb: model(**mb), step=3)
+    sam.backward({"x": x2, "y": y2}, lambda mb: model(**mb), step=3)
+    assert sam.path == {"off": "sequential", "on": "vectorized"}[vectorize]
+    start = tiny_lora()
+    first = reference_gradient(start, x1, y1, [2, 2, 1], 0.3, 2, 3)
+    second = reference_gradient(start, x2, y2, [2, 2], 0.3, 2, 3, first=3)
+    expected = [a + b for a, b in zip(first, second)]
+    assert relative_error([p.grad for p in adapters(model)], expected) <= 1e-10
+    # Numbering each call from 0 again (the same ε in both calls) is another gradient, by far.
+    again = reference_gradient(start, x2, y2, [2, 2], 0.3, 2, 3, first=0)
+    assert relative_error([a + b for a, b in zip(first, again)], expected) > 1e-4
 
 
 def test_vectorized_pass_keeps_no_noisy_weight_for_the_backward():

@@ -11,7 +11,8 @@ scaling s, the pass of micro-batch j at optimizer step t runs at the merged weig
 
 so the gradient reaches A and B through W + ε + s·BA; the row scale is taken at the current weights and not
 differentiated (as in the paper). ε is never stored: each layer's is drawn from a generator seeded with
-(seed, t, j, rank, layer), in the forward and again in the backward. The base weights are never written (the noisy
+(seed, t, j, rank, layer), j counting the device's micro-batches over the step's accumulation calls (each draws its
+own), in the forward and again in the backward. The base weights are never written (the noisy
 weight is formed per layer, used and freed), so they are bitwise what they were after every pass, also when it raises.
 
 On the vectorized path (one forward and one backward for all k micro-batches, `--msam_vectorize`), Flat-LoRA has no
@@ -304,14 +305,14 @@ class FlatLoRAPerturbation(PerturbationRule):
             return contextlib.nullcontext()
         return self._forwards(model, lambda i, layer: _noisy_forward(layer, sigma_t, self.layer_seed(step, index, i)))
 
-    def perturbing_groups(self, model: nn.Module, step: Any, layout: Any):
-        """The vectorized pass: group j of `layout` (micro-batch j) sees W + ε_j in every base layer, ε_j from the seed
-        micro-batch j's pass would use (see the module docstring). At σ_t = 0 the base layers only check that their
+    def perturbing_groups(self, model: nn.Module, step: Any, layout: Any, first: int = 0):
+        """The vectorized pass: group j of `layout` (micro-batch first + j of the step) sees W + ε_j in every base
+        layer, ε_j from the seed that micro-batch's own pass would use (see the module docstring). At σ_t = 0 the base layers only check that their
         inputs carry the batch (so that the engine's first, checking forward finds a layout they cannot take)."""
         self._check_step(step)
         sigma_t = self.sigma_at(step)
         return self._forwards(model, lambda i, layer: _grouped_noisy_forward(
-            layer, sigma_t, tuple(self.layer_seed(step, j, i) for j in range(layout.k)), layout))
+            layer, sigma_t, tuple(self.layer_seed(step, first + j, i) for j in range(layout.k)), layout))
 
 
 def _noisy_forward(layer: nn.Module, sigma_t: float, seed: int):
