@@ -214,8 +214,9 @@ def lora_layers(model: nn.Module) -> list[nn.Module]:
 class FlatLoRAPerturbation(PerturbationRule):
     """Flat-LoRA: each perturbed pass runs every LoRA layer at W + ε + s·BA, ε drawn per row with std
     σ_t·‖(W + s·BA)_i‖/√n from a seed (see the module docstring). The trainable parameters are not moved: `perturb`
-    returns no e, and the noise is added inside `perturbing`, without writing any weight. One forward and one backward
-    per micro-batch (no clean pass); the loss a step reports is the loss at the noisy weights.
+    returns no e, and the noise is added inside `perturbing` (one pass per micro-batch) or `perturbing_groups` (the
+    vectorized pass of all micro-batches), without writing any weight. One forward and one backward per micro-batch,
+    or per device batch when vectorized (no clean pass); the loss a step reports is the loss at the noisy weights.
 
     `seed` (the run's `--seed`), `max_steps` (the trainer sets it) and `rank` (None: the process's rank) make the noise
     of a micro-batch a function of (seed, step, micro-batch index, rank, layer): a resumed run draws what the
@@ -307,8 +308,9 @@ class FlatLoRAPerturbation(PerturbationRule):
 
     def perturbing_groups(self, model: nn.Module, step: Any, layout: Any, first: int = 0):
         """The vectorized pass: group j of `layout` (micro-batch first + j of the step) sees W + ε_j in every base
-        layer, ε_j from the seed that micro-batch's own pass would use (see the module docstring). At σ_t = 0 the base layers only check that their
-        inputs carry the batch (so that the engine's first, checking forward finds a layout they cannot take)."""
+        layer, ε_j from the seed that micro-batch's own pass would use (see the module docstring). At σ_t = 0 the base
+        layers only check that their inputs carry the batch (so that the engine's first, checking forward finds a
+        layout they cannot take)."""
         self._check_step(step)
         sigma_t = self.sigma_at(step)
         return self._forwards(model, lambda i, layer: _grouped_noisy_forward(
