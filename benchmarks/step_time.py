@@ -14,6 +14,10 @@ One run measures, on a small BERT built from a config and trained on random toke
                                (`HandwrittenMethod`). Targets (METHOD_TARGETS): interval 4 and LookSAM
                                at most 1.3x the plain Trainer (their mean step: they mix step kinds),
                                Momentum-SAM at most 1.1x, GSAM and F-SAM within 5% of SAM.
+    MSAMTrainer Flat-LoRA      with --lora R (the model wrapped with PEFT LoRA of rank R on the attention's query
+                               and value projections; every row then trains the adapters only): Flat-LoRA (constant
+                               sigma, so every step draws noise), next to its floor, a plain LoRA step plus the noise
+                               (`handwritten_flat_lora_backward`); with --counts also with k micro-batches, on both paths.
 
 Every configuration lives in its own worker process, forked from this one once torch, transformers
 and hf_msam are imported (so that each has its own peak memory), and the workers run in lockstep:
@@ -36,6 +40,7 @@ Trainer's peak, in copies of the trainable parameters.
     python benchmarks/step_time.py --threads 1          # on a machine shared with other jobs
     python benchmarks/step_time.py --quick              # tiny model, a few steps: a smoke test
     python benchmarks/step_time.py --rows msam_gsam     # some rows only (with their floors and the Trainer)
+    python benchmarks/step_time.py --lora 8 --counts 8 --rows msam_flat_lora flat_k8_seq flat_k8_vec k8_seq  # Flat-LoRA
 """
 
 from __future__ import annotations
@@ -45,9 +50,11 @@ import contextlib
 import ctypes
 import io
 import json
+import math
 import multiprocessing
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -92,6 +99,11 @@ VIT_IMAGE, VIT_PATCH = 32, 4  # ViT: 64 patches and the class token, 65 position
 # of the trainable parameters, plus 10%.
 SWEEP_TARGETS = {"k8_vectorized_vs_sam": 1.3, "memory_over_sam_plus_k_copies": 1.1}
 METHOD_TARGETS = {"msam_interval4": 1.3, "msam_looksam5": 1.3, "msam_momentum": 1.1, "msam_gsam": 1.05, "msam_fsam": 1.05}
+FLAT_LORA_SIGMA = 0.05
+# Flat-LoRA's rows (with --lora): the constant schedule, so that every step draws noise (the cosine one starts at 0).
+FLAT_LORA_FLAGS = (("msam_method", "flat_lora"), ("msam_flat_lora_sigma", FLAT_LORA_SIGMA),
+                   ("msam_flat_lora_schedule", "constant"))
+LORA_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"], "vit": ["query", "value"]}
 
 
 @dataclass(frozen=True)
@@ -118,9 +130,11 @@ METHOD_ROWS = [
 ]
 
 
-def sweep_configurations(batch_size: int, counts: list[int]) -> list[Config]:
+def sweep_configurations(batch_size: int, counts: list[int], lora: int = 0) -> list[Config]:
     """The paths side by side: the plain Trainer, SAM, and mSAM with k micro-batches per device on the sequential
-    path (one pass per micro-batch) and on the vectorized one (all micro-batches in each pass), for each k."""
+    path (one pass per micro-batch) and on the vectorized one (all micro-batches in each pass), for each k. With
+    `lora`, Flat-LoRA too: the whole batch, and k micro-batches on both paths, each next to the hand-written Flat-LoRA
+    with the same micro-batches."""
     configs = [
         Config("trainer", "Trainer (AdamW)", "trainer", 0.0, None, "loop_adamw"),
         Config("msam_sam", "MSAMTrainer SAM", "msam", RHO, None, "loop_sam"),
@@ -134,10 +148,28 @@ def sweep_configurations(batch_size: int, counts: list[int]) -> list[Config]:
         for path in ("sequential", "vectorized"):
             flags = (("msam_vectorize", "off" if path == "sequential" else "on"),)
             configs.append(Config(f"k{k}_{path[:3]}", f"mSAM k={k} {path}", "msam", RHO, m, "loop_sam", flags))
+    if lora:
+        configs += flat_lora_configurations(None)
+        for k in counts:
+            m = batch_size // k
+            configs.append(Config(f"loop_flat_k{k}", f"hand-written Flat-LoRA k={k}", "loop", RHO, m, f"loop_flat_k{k}",
+                                  FLAT_LORA_FLAGS))
+            for path in ("sequential", "vectorized"):
+                flags = (*FLAT_LORA_FLAGS, ("msam_vectorize", "off" if path == "sequential" else "on"))
+                configs.append(Config(f"flat_k{k}_{path[:3]}", f"Flat-LoRA k={k} {path}", "msam", RHO, m,
+                                      f"loop_flat_k{k}", flags))
     return configs
 
 
-def configurations(micro_batch_sizes: list[int]) -> list[Config]:
+def flat_lora_configurations(micro_batch_size: int | None) -> list[Config]:
+    """Flat-LoRA on the whole batch, and its floor: a plain LoRA step plus the noise of every LoRA layer."""
+    return [
+        Config("msam_flat_lora", "MSAMTrainer Flat-LoRA", "msam", RHO, micro_batch_size, "loop_flat_lora", FLAT_LORA_FLAGS),
+        Config("loop_flat_lora", "hand-written Flat-LoRA", "loop", RHO, micro_batch_size, "loop_flat_lora", FLAT_LORA_FLAGS),
+    ]
+
+
+def configurations(micro_batch_sizes: list[int], lora: int = 0) -> list[Config]:
     configs = [
         Config("trainer", "Trainer (AdamW)", "trainer", 0.0, None, "loop_adamw"),
         Config("msam_rho0", "MSAMTrainer rho=0", "msam", 0.0, None, "loop_adamw"),
@@ -155,6 +187,8 @@ def configurations(micro_batch_sizes: list[int]) -> list[Config]:
         stat = "mean" if key in ("interval4", "looksam5") else "median"
         configs.append(Config(f"msam_{key}", f"MSAMTrainer {label}", "msam", RHO, None, f"loop_{key}", flags, stat))
         configs.append(Config(f"loop_{key}", f"hand-written {label}", "loop", RHO, None, f"loop_{key}", flags, stat))
+    if lora:
+        configs += flat_lora_configurations(None)
     return configs
 
 
@@ -242,6 +276,18 @@ class Lockstep:
 
 
 def build_model(opts: argparse.Namespace, device: torch.device):
+    """The model of --model, built from a config; with --lora R, wrapped with PEFT LoRA of rank R (alpha 2R, no
+    dropout) on the attention's query and value projections, so that only the adapters train."""
+    model = build_base_model(opts, device)
+    if not opts.lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=opts.lora, lora_alpha=2 * opts.lora, lora_dropout=0.0, target_modules=LORA_TARGETS[opts.model])
+    return get_peft_model(model, config)
+
+
+def build_base_model(opts: argparse.Namespace, device: torch.device):
     torch.manual_seed(0)
     if opts.model == "llama":
         config = LlamaConfig(
@@ -343,6 +389,33 @@ def handwritten_msam_backward(model, params, batch, rho: float, micro_batch_size
             torch._foreach_copy_(params, w)
 
 
+def lora_layers(model) -> list:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def handwritten_flat_lora_backward(model, layers, batch, sigma: float, micro_batch_size: int | None, generator) -> None:
+    """Accumulate the Flat-LoRA gradient of `batch` into .grad, bare: per micro-batch, every LoRA layer's base weight
+    W += ε (ε_i ~ N(0, σ²‖(W + s·BA)_i‖²/n), one draw per layer), forward and backward, W back by copy."""
+    n = next(iter(batch.values())).shape[0]
+    size = micro_batch_size or n
+    bases = [layer.base_layer.weight for layer in layers]
+    w = [b.detach().clone() for b in bases]
+    for start in range(0, n, size):
+        micro_batch = {k: v[start : start + size] for k, v in batch.items()}
+        with torch.no_grad():
+            for layer, base in zip(layers, bases):
+                merged = torch.addmm(base, layer.lora_B["default"].weight, layer.lora_A["default"].weight,
+                                     alpha=layer.scaling["default"])
+                std = torch.linalg.vector_norm(merged, dim=1) * (sigma / math.sqrt(base.shape[1]))
+                base.add_(torch.randn(base.shape, generator=generator, device=base.device) * std[:, None])
+        loss = model(**micro_batch).loss
+        (loss if size >= n else loss * (next(iter(micro_batch.values())).shape[0] / n)).backward()
+        with torch.no_grad():
+            torch._foreach_copy_(bases, w)
+
+
 def _grad(loss, params):
     return list(torch.autograd.grad(loss, params))
 
@@ -365,6 +438,10 @@ class HandwrittenMethod:
         self.flags, self.model, self.params, self.optimizer = dict(config.flags), model, params, optimizer
         self.rho, self.t = config.rho, 0
         self.m = self.g_v = None
+        self.micro_batch_size = config.micro_batch_size
+        if self.flags.get("msam_method") == "flat_lora":
+            self.layers = lora_layers(model)
+            self.generator = torch.Generator(device=params[0].device).manual_seed(0)
 
     def perturbed_grad(self, batch, e):
         with torch.no_grad():
@@ -381,6 +458,10 @@ class HandwrittenMethod:
     def step(self, batch) -> None:
         self.t += 1
         method = self.flags.get("msam_method", "sam")
+        if method == "flat_lora":  # no ascent: the base weights' noise, drawn per micro-batch
+            sigma = self.flags["msam_flat_lora_sigma"]
+            handwritten_flat_lora_backward(self.model, self.layers, batch, sigma, self.micro_batch_size, self.generator)
+            return
         if "msam_interval" in self.flags:
             if (self.t - 1) % self.flags["msam_interval"]:
                 self.model(**batch).loss.backward()
@@ -552,7 +633,10 @@ def run_in_lockstep(
 
 def measure(opts: argparse.Namespace) -> dict:
     load_before = os.getloadavg()
-    configs = sweep_configurations(opts.batch_size, opts.counts) if opts.counts else configurations(opts.micro_batch_sizes)
+    if opts.counts:
+        configs = sweep_configurations(opts.batch_size, opts.counts, opts.lora)
+    else:
+        configs = configurations(opts.micro_batch_sizes, opts.lora)
     if opts.rows:
         unknown = set(opts.rows) - {c.key for c in configs}
         if unknown:
@@ -647,9 +731,11 @@ def check_sweep_targets(rows: list[dict], param_bytes: int) -> dict:
     row = {r["key"]: r for r in rows}
     memory = {}
     for r in rows:
-        if r["micro_batch_size"] and "msam_sam" in row:
-            k = int(r["key"].split("_")[0][1:])
-            bound = (row["msam_sam"]["peak_memory_bytes"] + k * param_bytes) * SWEEP_TARGETS["memory_over_sam_plus_k_copies"]
+        found = re.fullmatch(r"(flat_)?k(\d+)_(seq|vec)", r["key"])
+        base = "msam_flat_lora" if found and found.group(1) else "msam_sam"  # Flat-LoRA's rows: over its whole-batch row
+        if found and base in row:
+            k = int(found.group(2))
+            bound = (row[base]["peak_memory_bytes"] + k * param_bytes) * SWEEP_TARGETS["memory_over_sam_plus_k_copies"]
             memory[r["key"]] = r["peak_memory_bytes"] <= bound
     return {
         "k8_vectorized_at_most_1.3x_sam": row["k8_vec"]["vs_sam"] <= SWEEP_TARGETS["k8_vectorized_vs_sam"] if "k8_vec" in row else None,
@@ -690,6 +776,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--model", choices=["bert", "llama", "vit"], default="bert",
                         help="BertForSequenceClassification, LlamaForCausalLM (tied embeddings) or ViTForImageClassification")
+    parser.add_argument("--lora", type=int, default=0, metavar="R",
+                        help="wrap the model with PEFT LoRA of rank R on the attention's query and value projections "
+                        "(only the adapters train), and add Flat-LoRA's rows; 0 (default): the full model")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)

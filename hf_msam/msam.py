@@ -24,6 +24,7 @@ come from tensors (token counts) stay tensors.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import logging
@@ -184,6 +185,11 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
+def _overrides(rule: Any, name: str) -> bool:
+    """True when `rule`'s class defines its own `name` (PerturbationRule's default does nothing)."""
+    return getattr(type(rule), name) is not getattr(PerturbationRule, name)
+
+
 def _modules_with_running_stats(model: nn.Module) -> list[nn.Module]:
     return [
         m
@@ -325,6 +331,8 @@ class MicroBatchSAM:
         self._check_mesh()
         self.stats = MSAMStats()
         self._step: Any = object()  # the optimizer step `backward` last worked on
+        self._taken = 0  # micro-batches this device has taken in that step, over its accumulation calls
+        self._first = 0  # the number, within the step, of the current call's first micro-batch
         self._mode = "perturbed"
         self.vectorize = vectorize
         self._vectorizer: Vectorizer | None = None
@@ -412,8 +420,11 @@ class MicroBatchSAM:
             micro_batches = (split_fn or split_batch)(batch, self.micro_batch_size)
             weights = [None] if len(micro_batches) == 1 else micro_batch_weights(micro_batches, size_fn)
             if step is None or step != self._step:  # a new optimizer step: perturbed, or (LookSAM) reuse
-                self._step, self._mode = step, self.descent.begin_step()
+                self._step, self._mode, self._taken = step, self.descent.begin_step(), 0
                 self.stats.steps += self._mode == "perturbed"
+            # micro-batch j of this call is micro-batch first + j of the step (a rule that draws per micro-batch, as
+            # Flat-LoRA does, then draws anew in every accumulation call)
+            self._first, self._taken = self._taken, self._taken + len(micro_batches)
             group_layout = self._vectorized_layout(micro_batches, layout, decomposable)
             if group_layout is not None:
                 sync = None  # synchronized scope: what each micro-batch weighs in the union (see sync_weight)
@@ -432,14 +443,15 @@ class MicroBatchSAM:
         """When a pass raises, put the rules' state (F-SAM's EMA, LookSAM's g_v and counter), the step bookkeeping
         and the statistics back as they were before this call (the step restores the weights itself). Snapshots keep
         tensors by reference: nothing is copied on the normal path."""
-        saved = self.perturbation.snapshot(), self.descent.snapshot(), self._step, self._mode, dict(vars(self.stats))
+        saved = (self.perturbation.snapshot(), self.descent.snapshot(), (self._step, self._mode, self._taken),
+                 dict(vars(self.stats)))
         try:
             yield
         except BaseException:
             self.perturbation.restore(saved[0])
             self.descent.restore(saved[1])
-            self._step, self._mode = saved[2], saved[3]
-            vars(self.stats).update(saved[4])  # in place: the trainer shares this object
+            self._step, self._mode, self._taken = saved[2]
+            vars(self.stats).update(saved[3])  # in place: the trainer shares this object
             raise
 
     def _perturbed_step(self, micro_batches, weights, loss_fn, size_fn, rho, sync_weight) -> torch.Tensor:
@@ -482,7 +494,7 @@ class MicroBatchSAM:
                     # forward below would silently run at the stale, unperturbed w.
                     torch.clear_autocast_cache()
                 with (contextlib.nullcontext() if last else self._no_sync(), _running_stats_frozen(frozen_stats),
-                      self.perturbation.perturbing(self.model, self._step, j, k)):  # Flat-LoRA: the base weights' noise
+                      self.perturbation.perturbing(self.model, self._step, self._first + j, k)):  # Flat-LoRA: its noise
                     with model_outputs(self.model, functional) as outputs:
                         perturbed_loss = loss_fn(mb, MicroBatch(j, k, c, "perturbed", not clean_pass))
                     if explicit:
@@ -539,6 +551,9 @@ class MicroBatchSAM:
             reason = "FSDP2 shards the weights the vectorized path would read whole"
         elif not Capabilities.of(self.perturbation, self.descent).vectorized:
             reason = f"the method's rules ({self.perturbation!r}, {self.descent!r}) do not support it (supports_vectorized)"
+        elif _overrides(self.perturbation, "perturbing") and not _overrides(self.perturbation, "perturbing_groups"):
+            reason = (f"the rule {self.perturbation!r} perturbs in `perturbing` and has no `perturbing_groups` for one "
+                      "pass over all micro-batches")
         elif decomposable is False:
             reason = "the batch's loss is not the weighted sum of its micro-batches' losses"
         elif decomposable is None and self.vectorize == "auto":
@@ -598,6 +613,7 @@ class MicroBatchSAM:
         c = [1.0 if c_j is None else c_j for c_j in weights]
         explicit, clean_pass = self.descent.explicit, self.perturbation.needs_gradient
         functional = self.descent.through_outputs  # Functional-SAM: ∇_F L of the batch's loss, rows of B_j = c_j·∇_F L_j
+        groups = functools.partial(self.perturbation.perturbing_groups, self.model, self._step, first=self._first)
         if self.path != "vectorized":
             logger.info("mSAM step: vectorized (%d micro-batches share each forward and backward).", k)
         # 1. every g_j at w, `.grad` untouched.
@@ -624,10 +640,12 @@ class MicroBatchSAM:
             if sync is not None:
                 g = self._union_group_gradients(g, sync)
         else:
-            if not self._verified:  # Momentum-SAM (no clean pass): check once, with a forward at w, that the routed
-                try:                # layers see every use of the weights; nothing is accumulated or perturbed yet
-                    with self._no_sync(), vec.capture(layout) as capture:
+            if not self._verified:  # Momentum-SAM, Flat-LoRA (no clean pass): check once, with a forward, that the
+                try:                # routed layers see every use of the weights, and that the layers a rule perturbs
+                    #                 per group (Flat-LoRA's base layers) take the layout; nothing is accumulated yet
+                    with self._no_sync(), vec.capture(layout) as capture, groups(layout):
                         capture.verify(loss_fn(batch, MicroBatch(0, 1, 1.0, "clean", False)))
+                    del capture  # its records hold that forward's graph: freed before the perturbed pass
                     self._verified = True
                 except NotVectorizable as err:
                     self._take_sequential(str(err))
@@ -637,21 +655,27 @@ class MicroBatchSAM:
             d = [self.descent.reuse([t[j] for t in g]) for j in range(k)]
             self._accumulate_stacked(d, params, c)
             return clean_loss.detach()
-        # 2. e_j from g_j, micro-batch by micro-batch (F-SAM's EMA runs over j in order), into one stacked buffer.
-        e = [torch.empty((k, *p.shape), dtype=p.dtype, device=p.device) for p in params] if g is None or explicit else g
+        # 2. e_j from g_j, micro-batch by micro-batch (F-SAM's EMA runs over j in order), into one stacked buffer,
+        #    made at the first e_j that is not None: a rule that never moves the trainable weights (Flat-LoRA) has none.
+        e = None if g is None or explicit else g
         for j in range(k):
             g_j = None if g is None else [t[j] for t in g]
             if explicit and g_j is not None:
                 g_j = copies(g_j)
             e_j, grad_norm, ok = self.perturbation.perturb(params, g_j, rho)
-            slices = [t[j] for t in e]
-            if e_j is None:
-                torch._foreach_zero_(slices)
-            elif e_j[0] is not slices[0]:
-                torch._foreach_copy_(slices, e_j)
+            if e is None and e_j is not None:
+                e = [torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) for p in params]
+            if e is not None:
+                slices = [t[j] for t in e]
+                if e_j is None:
+                    torch._foreach_zero_(slices)
+                elif e_j[0] is not slices[0]:
+                    torch._foreach_copy_(slices, e_j)
             self._count(grad_norm, ok)
-        # 3. micro-batch j's rows at w + e_j, in one forward; 4. its backward adds Σ_j c_j·g_p,j to `.grad`.
-        with vec.perturbed(layout, e):
+        # 3. micro-batch j's rows at w + e_j, in one forward; 4. its backward adds Σ_j c_j·g_p,j to `.grad`. The rule's
+        #    own per-group perturbation (Flat-LoRA: noise ε_j on the LoRA base weights for group j's rows) is entered
+        #    around both, as `perturbing` is around each micro-batch's pass on the sequential path.
+        with vec.perturbed(layout, e) if e is not None else contextlib.nullcontext(), groups(layout):
             if explicit:
                 with vec.capture(layout) as capture:
                     perturbed_loss = loss_fn(batch, MicroBatch(0, 1, 1.0, "perturbed", not clean_pass))

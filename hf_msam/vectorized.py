@@ -28,7 +28,8 @@ x̂ ⊙ e_γ,j + e_β,j). For Linear and Conv1D, Δ = e_j x_i would cost a secon
 output is computed directly as one bmm of the group-major inputs with W + e_j; its backward gives W the sum over
 groups with one matmul, as a plain layer would, and the k perturbed weights are rebuilt in the backward rather than
 kept. Either way, a backward leaves in w.grad Σ_i J_w f(x_i)ᵀ δ_i, δ_i the output gradient of the perturbed
-network: exactly (2). The weights are never written.
+network: exactly (2). The weights are never written. (A rule that perturbs frozen weights, Flat-LoRA, routes those
+layers itself for the pass, from the same `Positions`: see `PerturbationRule.perturbing_groups`.)
 
 **Everything else** holding a trainable parameter directly (Llama's RMSNorm, Conv2d, ViT's embeddings with their
 cls_token, a custom layer), or a known layer type used in an unusual way (a subclass that overrides `forward`), is

@@ -100,7 +100,7 @@ def whole_batch_backward(
     k = len(micro_batches)
     weights = [1.0] if k == 1 else micro_batch_weights(micro_batches, size_fn or batch_size_of)
     if step is None or step != engine._step:
-        engine._step, engine._mode = step, engine.descent.begin_step()
+        engine._step, engine._mode, engine._taken = step, engine.descent.begin_step(), 0
         engine.stats.steps += engine._mode == "perturbed"
     params = engine._trainable_params()
     device = params[0].device

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from hf_msam import MicroBatchSAM, MSAMTrainer, MSAMTrainingArguments
+from hf_msam import MicroBatchSAM, MSAMTrainer, MSAMTrainingArguments, PerturbationRule
 from hf_msam.methods.flat_lora import FlatLoRAPerturbation, flat_lora_seed, flat_lora_sigma
 
 peft = pytest.importorskip("peft")
@@ -193,6 +193,148 @@ def test_step_gradient_equals_hand_written_merged_weight_reference(micro_batch_s
         assert torch.equal(a, b)
 
 
+def reference_gradient(model, x, y, sizes, sigma_t, seed, step, first=0):
+    """Σ_j c_j ∇_{A,B} L_j at W + ε_j + s·BA (`hand_loss`), in float64 whatever the model's dtype: ε_j of micro-batch
+    first + j of the step from the recipe (in the model's dtype, as the rule draws it), the rest of the arithmetic
+    here."""
+    model = copy.deepcopy(model).double()
+    layers = lora_modules(model)
+    n, start = x.shape[0], 0
+    expected = [torch.zeros_like(p) for p in adapters(model)]
+    for j, size in enumerate(sizes):
+        eps = [eps_ref(m, sigma_t, seed, step, first + j, i).double() for i, m in enumerate(layers)]
+        loss_j = hand_loss(model, eps, x[start : start + size].double(), y[start : start + size].double())
+        for e, g_j in zip(expected, torch.autograd.grad(loss_j, adapters(model))):
+            e.add_(g_j, alpha=size / n)
+        start += size
+    return expected
+
+
+def relative_error(got, expected):
+    return max(float((a.double() - b).norm() / b.norm()) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("micro_batch_size, sizes", [(4, [4, 3]), (3, [3, 3, 1])])  # k = 2, 3; the last one short
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_vectorized_step_equals_reference_and_sequential_step(dtype, tolerance, micro_batch_size, sizes, schedule):
+    """One forward and backward for all k micro-batches: micro-batch j's rows at W + ε_j in each base layer, ε_j the
+    sequential step's (the same seeds), so `.grad` is the hand-written reference's, and the sequential step's."""
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(7, 5, generator=g, dtype=dtype), torch.randn(7, 3, generator=g, dtype=dtype)
+    sigma, step, T, seed = 0.3, 4, 10, 7
+    grads, losses = {}, {}
+    for vectorize in ("off", "on"):
+        model = tiny_lora(dtype=dtype)
+        before = [w.detach().clone() for w in bases(model)]
+        rule = FlatLoRAPerturbation(sigma, schedule, seed=seed, max_steps=T)
+        sam = MicroBatchSAM(model, micro_batch_size=micro_batch_size, perturbation=rule, vectorize=vectorize)
+        losses[vectorize] = sam.backward({"x": x, "y": y}, lambda mb: model(**mb), step=step)
+        assert sam.path == {"off": "sequential", "on": "vectorized"}[vectorize]
+        grads[vectorize] = [p.grad.clone() for p in adapters(model)]
+        assert all(torch.equal(a, b) for a, b in zip(bases(model), before))  # the base weights never written
+        assert not any("forward" in vars(m.base_layer) for m in lora_modules(model))
+    sigma_t = sigma_ref(sigma, step, T) if schedule == "cosine" else sigma
+    expected = reference_gradient(tiny_lora(dtype=dtype), x, y, sizes, sigma_t, seed, step)
+    assert relative_error(grads["on"], expected) <= tolerance
+    assert relative_error(grads["off"], expected) <= tolerance
+    assert relative_error(grads["on"], [t.double() for t in grads["off"]]) <= tolerance
+    torch.testing.assert_close(losses["on"], losses["off"], rtol=tolerance, atol=0)  # the loss at the noisy weights
+    # The noise mattered, by far more than the tolerance: without it the gradient is another one.
+    clean = reference_gradient(tiny_lora(dtype=dtype), x, y, sizes, 0.0, seed, step)
+    assert relative_error(expected, clean) > 1e-3
+
+
+@pytest.mark.parametrize("vectorize", ["off", "on"])
+def test_accumulation_calls_of_one_step_draw_their_own_noise(vectorize):
+    """Two accumulation calls of optimizer step 3 (micro-batches of 2: sizes 2, 2, 1, then 2, 2) are micro-batches
+    0-2 and 3-4 of the step, each with its own ε; a call that raised before them used up no number."""
+    g = torch.Generator().manual_seed(9)
+    x1, y1 = torch.randn(5, 5, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    x2, y2 = torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
+    model = tiny_lora()
+    sam = MicroBatchSAM(model, micro_batch_size=2, perturbation=FlatLoRAPerturbation(0.3, "constant", seed=2),
+                        vectorize=vectorize)
+
+    def failing(mb, info):
+        if info.point == "perturbed":
+            raise RuntimeError("boom in a perturbed pass")
+        return model(**mb)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        sam.backward({"x": x1, "y": y1}, failing, step=3)
+    assert all(p.grad is None for p in adapters(model))
+    sam.backward({"x": x1, "y": y1}, lambda mb: model(**mb), step=3)
+    sam.backward({"x": x2, "y": y2}, lambda mb: model(**mb), step=3)
+    assert sam.path == {"off": "sequential", "on": "vectorized"}[vectorize]
+    start = tiny_lora()
+    first = reference_gradient(start, x1, y1, [2, 2, 1], 0.3, 2, 3)
+    second = reference_gradient(start, x2, y2, [2, 2], 0.3, 2, 3, first=3)
+    expected = [a + b for a, b in zip(first, second)]
+    assert relative_error([p.grad for p in adapters(model)], expected) <= 1e-10
+    # Numbering each call from 0 again (the same ε in both calls) is another gradient, by far.
+    again = reference_gradient(start, x2, y2, [2, 2], 0.3, 2, 3, first=0)
+    assert relative_error([a + b for a, b in zip(first, again)], expected) > 1e-4
+
+
+def test_vectorized_pass_keeps_no_noisy_weight_for_the_backward():
+    """The k noisy weights W + ε_j of a layer are formed in its forward and again in its backward: nothing of shape
+    [k, out, in] is saved for the backward."""
+    model = tiny_lora()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    sam = MicroBatchSAM(model, micro_batch_size=2, perturbation=FlatLoRAPerturbation(0.3, "constant", seed=1),
+                        vectorize="on")
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sam.backward({"x": x, "y": y}, lambda mb: model(**mb), step=1)
+    assert sam.path == "vectorized" and saved
+    stacked = {(3, *w.shape) for w in bases(model)}
+    assert not stacked & set(saved)
+
+
+def test_the_first_vectorized_steps_checking_forward_is_freed_before_the_perturbed_pass():
+    """Without a clean pass, the first vectorized step makes one forward to check the model; its graph (the whole
+    batch's activations) must be gone when the perturbed pass runs, or the first step's peak holds two of them."""
+    import gc
+    import weakref
+
+    class Marked(torch.Tensor):  # an input whose product with the first layer's weights the graph keeps
+        pass
+
+    model = tiny_lora()
+    sam = MicroBatchSAM(model, micro_batch_size=2, perturbation=FlatLoRAPerturbation(0.3, "constant"), vectorize="on")
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    checking, alive = [], []
+
+    def loss_fn(mb, info):
+        if info.point == "clean":
+            h = (mb["x"] * 1.0).as_subclass(Marked)
+            checking.append(weakref.ref(h))
+            return model(h, mb["y"]).as_subclass(torch.Tensor)
+        gc.collect()
+        alive.append(checking[0]() is not None)
+        return model(**mb)
+
+    sam.backward({"x": x, "y": y}, loss_fn, step=1)
+    assert sam.path == "vectorized" and len(checking) == 1 and alive == [False]
+
+
+def test_a_rule_perturbing_without_perturbing_groups_takes_the_sequential_path():
+    class Sequential(FlatLoRAPerturbation):
+        perturbing_groups = PerturbationRule.perturbing_groups  # only the sequential hook of its own
+
+    model = tiny_lora()
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    sam = MicroBatchSAM(model, micro_batch_size=2, perturbation=Sequential(0.3, "constant"), vectorize="auto")
+    sam.backward({"x": x, "y": y}, lambda mb: model(**mb), step=1)
+    assert sam.path == "sequential" and "perturbing_groups" in sam.path_reason
+
+
 def test_bf16_base_noise_is_drawn_in_float32_and_added_in_bf16():
     model = tiny_lora(dtype=torch.float32)
     for m in lora_modules(model):
@@ -322,13 +464,20 @@ def functional_reference_steps(model, data, steps, sigma, seed, T, micro_batch_s
     return model
 
 
-def test_trainer_on_lora_bert_equals_reference(tmp_path):
+@pytest.mark.parametrize("vectorize, path, checkpointing", [
+    ("off", "sequential", False), ("auto", "vectorized", False),
+    ("auto", "vectorized", True),  # the backward recomputes the base layers: the same noise, from the same seeds
+])
+def test_trainer_on_lora_bert_equals_reference(tmp_path, vectorize, path, checkpointing):
     model, data = lora_bert(), bert_data(4)
     expected = functional_reference_steps(model, data, steps=3, sigma=0.2, seed=3, T=3, micro_batch_size=2)
     plain = functional_reference_steps(model, data, steps=3, sigma=0.0, seed=3, T=3)
-    trainer = MSAMTrainer(model=model, args=flat_args(tmp_path, msam_micro_batch_size=2), train_dataset=data)
+    args = flat_args(tmp_path, msam_micro_batch_size=2, msam_vectorize=vectorize,
+                     activation_checkpointing=checkpointing)
+    trainer = MSAMTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
-    assert trainer.msam_perturbation.max_steps == 3 and trainer._msam.path == "sequential"
+    assert trainer.msam_perturbation.max_steps == 3 and trainer._msam.path == path, trainer._msam.path_reason
+    assert model.is_activation_checkpointing == checkpointing
     gaps = []
     for a, b, c in zip(adapters(model), adapters(expected), adapters(plain)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
@@ -338,11 +487,14 @@ def test_trainer_on_lora_bert_equals_reference(tmp_path):
         assert torch.equal(m.base_layer.weight, r.base_layer.weight)
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("vectorize, path", [("off", "sequential"), ("auto", "vectorized")])
+def test_resume_equals_uninterrupted_run(tmp_path, vectorize, path):
     data = bert_data(8)
-    common = dict(max_steps=4, msam_micro_batch_size=2, per_device_train_batch_size=4)
+    common = dict(max_steps=4, msam_micro_batch_size=2, per_device_train_batch_size=4, msam_vectorize=vectorize)
     full = lora_bert()
-    MSAMTrainer(model=full, args=flat_args(tmp_path / "full", **common), train_dataset=data).train()
+    trainer = MSAMTrainer(model=full, args=flat_args(tmp_path / "full", **common), train_dataset=data)
+    trainer.train()
+    assert trainer._msam.path == path
 
     first = lora_bert()
     args = flat_args(tmp_path / "resumed", save_strategy="steps", save_steps=2, **common)
@@ -355,6 +507,30 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     noiseless = lora_bert()  # the noise mattered: without it the run ends elsewhere
     MSAMTrainer(model=noiseless, args=flat_args(tmp_path / "plain", msam_flat_lora_sigma=0.0, **common), train_dataset=data).train()
     assert max(float((a - b).detach().abs().max()) for a, b in zip(adapters(full), adapters(noiseless))) > 1e-6
+
+
+def test_gradient_accumulation_vectorized_equals_sequential_and_noise_matters(tmp_path):
+    """2 accumulation steps of 4 examples, micro-batches of 3 (k = 2, the last one short): the vectorized run ends
+    where the sequential one does (the sequential path is checked against the hand-written reference above)."""
+    data = bert_data(16)
+    common = dict(max_steps=2, msam_micro_batch_size=3, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                  msam_flat_lora_schedule="constant")
+    runs = {}
+    for vectorize in ("off", "on", "plain"):
+        model = lora_bert()
+        settings = dict(common, msam_vectorize="off" if vectorize == "plain" else vectorize)
+        if vectorize == "plain":
+            settings["msam_flat_lora_sigma"] = 0.0
+        trainer = MSAMTrainer(model=model, args=flat_args(tmp_path / vectorize, **settings), train_dataset=data)
+        trainer.train()
+        if vectorize != "plain":  # sigma 0: plain Trainer steps, no engine
+            assert trainer._msam.path == ("vectorized" if vectorize == "on" else "sequential")
+        runs[vectorize] = [p.detach().clone() for p in adapters(model)]
+    assert relative_error(runs["on"], [t.double() for t in runs["off"]]) <= 1e-10
+    start = [p.detach().clone() for p in adapters(lora_bert())]
+    moved = [a - b for a, b in zip(runs["off"], start)]
+    assert relative_error([a - b for a, b in zip(runs["on"], start)], moved) <= 1e-10  # of the update, not the weights
+    assert max(float((a - b).abs().max()) for a, b in zip(runs["off"], runs["plain"])) > 1e-6
 
 
 def test_trainer_step_makes_no_host_sync(tmp_path, monkeypatch):
@@ -386,6 +562,7 @@ def test_trainer_step_makes_no_host_sync(tmp_path, monkeypatch):
     trainer = Counting(model=model, args=args, train_dataset=mlp_dataset(18, dtype=torch.float32))
     trainer.train()
     assert trainer._msam_stats.micro_batches == 6  # 3 steps x 2 micro-batches, each with its own noise
+    assert trainer._msam.path == "vectorized"  # --msam_vectorize auto takes Flat-LoRA's one-pass step
     assert calls == []
 
 

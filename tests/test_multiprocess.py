@@ -184,3 +184,94 @@ def test_launch_without_use_cpu_on_a_cpu_machine_warns(tmp_path):
     assert log.count("The launcher started 2 processes (WORLD_SIZE=2") == 1
     assert "do not form one process group" in log and "--use_cpu" in log
     assert "1 process (no data parallelism)" in log
+
+
+# ---------------------------------------------------------------------------------------------
+# Flat-LoRA under DDP: each rank draws its own noise (the rank is part of the seed), the descent is all-reduced
+# ---------------------------------------------------------------------------------------------
+
+
+def flat_lora_reference(ranks):
+    """Three SGD steps of Flat-LoRA on the script's LoRA MLP, in plain PyTorch: for each rank and micro-batch j the
+    loss at W + ε + s·BA per layer (the merged weight written out here), ε regenerated from the documented seed
+    (seed, step, j, rank, layer) with the row scale σ_t·‖(W + s·BA)_i‖/√n computed here; the ranks' size-weighted
+    gradients averaged (DDP), then w -= 0.5·g. Returns the final adapters by parameter name."""
+    import math
+
+    import torch.nn.functional as F
+
+    from hf_msam.methods.flat_lora import flat_lora_seed, noise
+
+    r0 = ranks[0]
+    seed, sigma, steps = r0["seed"], r0["sigma"], r0["steps"]
+    w = {n: t.clone() for n, t in r0["initial"].items()}
+    layers = ["fc1", "fc2"]  # module order: the layer numbers of the seed
+    scaling = 3 / 2  # lora_alpha / r
+
+    def name(layer, part):
+        return f"base_model.model.{layer}.{part}.weight" if part != "bias" else f"base_model.model.{layer}.base_layer.bias"
+
+    trained = [name(layer, part) for layer in layers for part in ("lora_A.default", "lora_B.default")]
+    for t in range(1, steps + 1):
+        sigma_t = sigma * 0.5 * (1 - math.cos(math.pi * (t - 1) / steps))
+        total = {n: torch.zeros_like(w[n]) for n in trained}
+        for r in ranks:
+            batch = r["batches"][t - 1]
+            n_rows = batch["x"].shape[0]
+            for j, start in enumerate(range(0, n_rows, 3)):
+                x, labels = batch["x"][start : start + 3], batch["labels"][start : start + 3]
+                params = {n: w[n].clone().requires_grad_(True) for n in trained}
+                h = x
+                for i, layer in enumerate(layers):
+                    base = w[name(layer, "base_layer")]
+                    a, b = params[name(layer, "lora_A.default")], params[name(layer, "lora_B.default")]
+                    merged = base + scaling * (b @ a)
+                    std = sigma_t * merged.detach().norm(dim=1) / math.sqrt(base.shape[1])
+                    eps = noise(std, flat_lora_seed(seed, t, j, r["rank"], i), base)
+                    h = h @ (merged + eps).T + w[name(layer, "bias")]
+                    if i == 0:
+                        h = torch.tanh(h)
+                loss = F.cross_entropy(h, labels)
+                grads = torch.autograd.grad(loss, [params[n] for n in trained])
+                for n, g in zip(trained, grads):
+                    total[n] += g * (x.shape[0] / n_rows) / len(ranks)
+        for n in trained:
+            w[n] = w[n] - 0.5 * total[n]
+    return {n: w[n] for n in trained}
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("vectorize, path", [("off", "sequential"), ("auto", "vectorized")])
+def test_two_process_ddp_flat_lora_matches_per_rank_noise_reference(tmp_path, vectorize, path):
+    pytest.importorskip("peft")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), str(HERE / "ddp_flat_lora_script.py"), str(tmp_path), vectorize,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["rank"] for r in ranks] == [0, 1]
+    assert ranks[0]["path"] == ranks[1]["path"] == path
+    assert not torch.equal(ranks[0]["batches"][0]["x"], ranks[1]["batches"][0]["x"])  # each its own data
+
+    # The ranks drew different noise and still end bitwise equal: the descent gradient is all-reduced.
+    assert ranks[0]["final"].keys() == ranks[1]["final"].keys()
+    for n in ranks[0]["final"]:
+        assert torch.equal(ranks[0]["final"][n], ranks[1]["final"][n]), n
+
+    expected = flat_lora_reference(ranks)
+    for n, p in expected.items():
+        torch.testing.assert_close(ranks[0]["final"][n], p, rtol=1e-10, atol=1e-13)
+    # The frozen base weights did not move.
+    for n, p in ranks[0]["final"].items():
+        if n not in expected:
+            assert torch.equal(p, ranks[0]["initial"][n]), n
+    # The noise mattered, by far more than the tolerance: the same run without noise ends elsewhere, and so does one
+    # where both ranks draw rank 0's noise.
+    plain = flat_lora_reference([{**r, "sigma": 0.0} for r in ranks])
+    same_rank = flat_lora_reference([{**r, "rank": 0} for r in ranks])
+    for other in (plain, same_rank):
+        assert max(float((expected[n] - other[n]).abs().max()) for n in expected) > 1e-6

@@ -65,10 +65,20 @@ class PerturbationRule:
         return None
 
     def perturbing(self, model: Any, step: Any, index: int, count: int) -> contextlib.AbstractContextManager:
-        """Entered around the perturbed pass (forward and backward at w + e_j) of micro-batch `index` of `count` at
-        optimizer step `step` (the engine's `step`). A rule that perturbs something other than the trainable
+        """Entered around the perturbed pass (forward and backward at w + e_j) of micro-batch `index` of optimizer
+        step `step` (the engine's `step`; `index` counts this device's micro-batches over the step's accumulation
+        calls, from 0), one of the `count` of this call. A rule that perturbs something other than the trainable
         parameters (Flat-LoRA: the frozen base weights of LoRA layers) does it here, and must leave everything
         bitwise as it found it when the context exits, also on an exception. Default: nothing."""
+        return contextlib.nullcontext()
+
+    def perturbing_groups(self, model: Any, step: Any, layout: Any, first: int = 0) -> contextlib.AbstractContextManager:
+        """`perturbing` for the vectorized step: entered around its one perturbed pass (forward and backward), in which
+        micro-batch `first` + j's positions are group j of `layout` (a `hf_msam.vectorized.GroupLayout`; `layout.positions(device)`
+        arranges a layer's input by group, see `Positions`). A rule whose `perturbing` does something makes group j's
+        positions see what micro-batch j would see there (Flat-LoRA: its own noise on each LoRA base weight), under the
+        same rules; a layer input that does not carry the batch raises `hf_msam.vectorized.NotVectorizable`. The engine
+        refuses the vectorized path for a rule that overrides `perturbing` but not this. Default: nothing."""
         return contextlib.nullcontext()
 
     def state_dict(self) -> dict[str, Any]:

@@ -11,8 +11,17 @@ scaling s, the pass of micro-batch j at optimizer step t runs at the merged weig
 
 so the gradient reaches A and B through W + ε + s·BA; the row scale is taken at the current weights and not
 differentiated (as in the paper). ε is never stored: each layer's is drawn from a generator seeded with
-(seed, t, j, rank, layer), in the forward and again in the backward. The base weights are never written (the noisy
+(seed, t, j, rank, layer), j counting the device's micro-batches over the step's accumulation calls (each draws its
+own), in the forward and again in the backward. The base weights are never written (the noisy
 weight is formed per layer, used and freed), so they are bitwise what they were after every pass, also when it raises.
+
+On the vectorized path (one forward and one backward for all k micro-batches, `--msam_vectorize`), Flat-LoRA has no
+ascent and moves no trainable weight, so the step is that one pass with `perturbing_groups` entered around it: each
+LoRA layer's base linear arranges its input by group (micro-batch j's rows or tokens are group j) and computes
+x_j (W + ε_j)ᵀ + b for every group in one bmm, ε_j drawn from the same seed as on the sequential path (so the step's
+gradient is the sequential one, up to rounding in the matmuls), and drawn again in the backward. The adapters A, B take
+their ordinary route, so their gradient sums over all rows. Memory: the k noisy weights W + ε_j of one layer exist
+together, and only while that layer's forward (or backward) runs: k times the largest LoRA base weight, transiently.
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..vectorized import Positions
+from ..vectorized import _compute_dtype as _matmul_dtype
 from . import register_method
 from .base import PerturbationRule
 from .sam import SAMDescent
@@ -110,6 +121,48 @@ class _NoisyLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+def _noisy_weights(weight: torch.Tensor, std: torch.Tensor, seeds: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """W + ε_j for each seed, stacked [k, out, in]: each sum in the weight's dtype (as `_NoisyLinear` forms it), then
+    in `dtype`, the matmul's."""
+    stacked = torch.empty((len(seeds), *weight.shape), dtype=weight.dtype, device=weight.device)
+    for j, seed in enumerate(seeds):
+        torch.add(weight.detach(), noise(std, seed, weight), out=stacked[j])
+    return stacked.to(dtype)
+
+
+class _GroupedNoisyMatmul(torch.autograd.Function):
+    """y_j = x_j (W + ε_j)ᵀ for every group j in one bmm; x: [k, m, in], group-major. The k noisy weights are formed in
+    the forward, freed, and formed again from their seeds in the backward: nothing the size of W is kept between."""
+
+    @staticmethod
+    def forward(ctx, x, weight, std, seeds, dtype):
+        ctx.seeds, ctx.dtype = seeds, dtype
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, std)
+        return torch.bmm(x, _noisy_weights(weight, std, seeds, dtype).transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, std = ctx.saved_tensors
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.bmm(dy, _noisy_weights(weight, std, ctx.seeds, ctx.dtype))
+        if ctx.needs_input_grad[1]:  # the base weight is frozen under LoRA; should it train, Σ_j over all rows
+            dw = dy.flatten(0, 1).t().mm(x.flatten(0, 1).to(dy.dtype)).to(weight.dtype)
+        return dx, dw, None, None, None
+
+
+def _grouped_noisy_linear(x: torch.Tensor, base: nn.Linear, std: torch.Tensor, seeds: tuple[int, ...],
+                          pos: Positions) -> torch.Tensor:
+    """The base layer's output with group j's positions at W + ε_j (seed seeds[j]); padding slots are dropped."""
+    pos.check(x, "a Flat-LoRA base layer")
+    dtype = _matmul_dtype(x)
+    xg = pos.grouped(x).to(dtype)  # [k, r, *mid, in]
+    y = _GroupedNoisyMatmul.apply(xg.flatten(1, -2), base.weight, std, seeds, dtype)
+    if base.bias is not None:
+        y = y + base.bias.to(dtype)
+    return pos.ungrouped(y.reshape(*xg.shape[:-1], y.shape[-1]))
+
+
 def _active(layer: nn.Module) -> list[str]:
     return [name for name in layer.active_adapters if name in layer.lora_A]
 
@@ -161,8 +214,9 @@ def lora_layers(model: nn.Module) -> list[nn.Module]:
 class FlatLoRAPerturbation(PerturbationRule):
     """Flat-LoRA: each perturbed pass runs every LoRA layer at W + ε + s·BA, ε drawn per row with std
     σ_t·‖(W + s·BA)_i‖/√n from a seed (see the module docstring). The trainable parameters are not moved: `perturb`
-    returns no e, and the noise is added inside `perturbing`, without writing any weight. One forward and one backward
-    per micro-batch (no clean pass); the loss a step reports is the loss at the noisy weights.
+    returns no e, and the noise is added inside `perturbing` (one pass per micro-batch) or `perturbing_groups` (the
+    vectorized pass of all micro-batches), without writing any weight. One forward and one backward per micro-batch,
+    or per device batch when vectorized (no clean pass); the loss a step reports is the loss at the noisy weights.
 
     `seed` (the run's `--seed`), `max_steps` (the trainer sets it) and `rank` (None: the process's rank) make the noise
     of a micro-batch a function of (seed, step, micro-batch index, rank, layer): a resumed run draws what the
@@ -171,7 +225,7 @@ class FlatLoRAPerturbation(PerturbationRule):
     needs_gradient = False
     supports_sync = False  # each device draws its own noise; the same noise on every device is not implemented
     supports_fsdp2 = False  # FSDP2's sharded base weights: not tried
-    supports_vectorized = False  # micro-batch j's rows would need their own noisy weights in one pass
+    supports_vectorized = True  # `perturbing_groups`: group j's rows see W + ε_j in each base layer
     capability_notes = {
         "sync_perturbation": "each device draws its own noise (the rank is part of its seed); the same noise on every "
         "device is not implemented",
@@ -223,32 +277,65 @@ class FlatLoRAPerturbation(PerturbationRule):
         device = params[0].device
         return None, torch.zeros((), device=device), torch.ones((), dtype=torch.bool, device=device)
 
-    @contextlib.contextmanager
-    def perturbing(self, model: nn.Module, step: Any, index: int, count: int):
+    @staticmethod
+    def _check_step(step: Any) -> None:
         if isinstance(step, bool) or not isinstance(step, int):
             raise ValueError(
                 f"--msam_method flat_lora draws its noise from the optimizer step, and the step is {step!r}: pass "
                 "step=<int> (the 1-based optimizer step) to MicroBatchSAM.backward."
             )
-        layers = self.layers_of(model)
-        sigma_t = self.sigma_at(step)
+
+    @contextlib.contextmanager
+    def _forwards(self, model: nn.Module, make):
+        """Each LoRA layer's base forward replaced by make(layer number, layer) inside; the class's outside."""
         installed = []
         try:
-            if sigma_t != 0:
-                for i, layer in enumerate(layers):
-                    base = layer.base_layer
-                    base.forward = _noisy_forward(base, layer, sigma_t, self.layer_seed(step, index, i))
-                    installed.append(base)
+            for i, layer in enumerate(self.layers_of(model)):
+                base = layer.base_layer
+                base.forward = make(i, layer)
+                installed.append(base)
             yield
         finally:
             for base in installed:
                 del base.forward  # the class's forward again
 
+    def perturbing(self, model: nn.Module, step: Any, index: int, count: int):
+        self._check_step(step)
+        sigma_t = self.sigma_at(step)
+        if sigma_t == 0:
+            return contextlib.nullcontext()
+        return self._forwards(model, lambda i, layer: _noisy_forward(layer, sigma_t, self.layer_seed(step, index, i)))
 
-def _noisy_forward(base: nn.Linear, layer: nn.Module, sigma_t: float, seed: int):
+    def perturbing_groups(self, model: nn.Module, step: Any, layout: Any, first: int = 0):
+        """The vectorized pass: group j of `layout` (micro-batch first + j of the step) sees W + ε_j in every base
+        layer, ε_j from the seed that micro-batch's own pass would use (see the module docstring). At σ_t = 0 the base
+        layers only check that their inputs carry the batch (so that the engine's first, checking forward finds a
+        layout they cannot take)."""
+        self._check_step(step)
+        sigma_t = self.sigma_at(step)
+        return self._forwards(model, lambda i, layer: _grouped_noisy_forward(
+            layer, sigma_t, tuple(self.layer_seed(step, first + j, i) for j in range(layout.k)), layout))
+
+
+def _noisy_forward(layer: nn.Module, sigma_t: float, seed: int):
+    base = layer.base_layer
+
     def forward(x: torch.Tensor) -> torch.Tensor:
         std = row_std(layer, sigma_t)  # at the weights as they are now (the same in the backward: nothing moves)
         return _NoisyLinear.apply(x, base.weight, base.bias, std, seed)
+
+    return forward
+
+
+def _grouped_noisy_forward(layer: nn.Module, sigma_t: float, seeds: tuple[int, ...], layout: Any):
+    base = layer.base_layer
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        pos = layout.positions(x.device)
+        if sigma_t == 0:  # no noise: the plain layer, once its input is known to carry the batch
+            pos.check(x, "a Flat-LoRA base layer")
+            return F.linear(x, base.weight, base.bias)
+        return _grouped_noisy_linear(x, base, row_std(layer, sigma_t), seeds, pos)
 
     return forward
 
