@@ -80,7 +80,9 @@ from torch.utils import _pytree as pytree
 
 from .ops import unaliased
 
-__all__ = ["Capture", "GroupLayout", "NotVectorizable", "Positions", "Rule", "Vectorizer", "register_rule"]
+__all__ = [
+    "Capture", "GroupLayout", "NotVectorizable", "Positions", "Rule", "Vectorizer", "register_forward_rule", "register_rule",
+]
 
 
 class NotVectorizable(RuntimeError):
@@ -469,6 +471,25 @@ def _norm_delta(module, x, out, e, pos):
     return d
 
 
+def _llama_rms_normalized(module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x̂ bitwise as transformers' Llama-style RMSNorm forms it (the same ops in the same order, so the same
+    roundings): normalized in float32, cast back to the input's dtype; then in `dtype`, the dtype of the module's
+    product `self.weight * x̂` (the promotion of the weight's and the input's: autocast leaves `*` alone)."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+    return h.to(x.dtype).to(dtype)
+
+
+def _llama_rms_group_grad(module, x, delta, pos, wanted):
+    # autograd's gradient of `weight * x̂` for the weight: δ ⊙ x̂ in the product's dtype (δ's), summed over positions
+    return {"weight": pos.group_sum(delta * _llama_rms_normalized(module, x, delta.dtype), 1)}
+
+
+def _llama_rms_delta(module, x, out, e, pos):
+    g = pos.group_ids(x.dim() - 1)  # e[g]: each position's e_j, over the last dim
+    return _llama_rms_normalized(module, x, out.dtype) * e["weight"].to(out.dtype)[g]
+
+
 RULES.update(
     {
         nn.Linear: Rule(("weight", "bias"), _linear_group_grad, _linear_delta, forward_at=_linear_forward_at),
@@ -485,13 +506,87 @@ else:
     RULES[Conv1D] = Rule(("weight", "bias"), _conv1d_group_grad, _conv1d_delta, forward_at=_conv1d_forward_at)
 
 
+# Rules chosen by what a module's forward is rather than by its type: (predicate on the module, rule), tried in order
+# for modules whose type has no rule in RULES.
+FORWARD_RULES: list[tuple[Callable[[nn.Module], bool], Rule]] = []
+
+
+def register_forward_rule(matches: Callable[[nn.Module], bool], rule: Rule) -> None:
+    """Use `rule` for modules that `matches` accepts (and whose type, through its MRO, is not in RULES). The
+    predicate must accept only modules whose forward is known to compute what the rule assumes."""
+    FORWARD_RULES.append((matches, rule))
+
+
+def _code_key(function) -> tuple | None:
+    """What makes two plain functions compute the same, given the same globals: bytecode, constants, names. None for
+    anything else (a wrapped or compiled forward, a closure)."""
+    code = getattr(function, "__code__", None)
+    if code is None or getattr(function, "__closure__", None) is not None:
+        return None
+    return code.co_code, code.co_consts, code.co_names, code.co_varnames, code.co_argcount, code.co_kwonlyargcount
+
+
+_LLAMA_RMS_FORWARD: list[tuple] = []  # the reference's code key, once read
+
+
+def _llama_rms_forward_key() -> tuple | None:
+    """The code of transformers' LlamaRMSNorm.forward, as transformers ships it; None without transformers.
+
+    Read on first use, and only from the function defined in modeling_llama.py itself: a forward patched onto the
+    class by a test or a library (defined elsewhere) is not taken as the reference, and is not remembered either,
+    so the reference is read again once the patch is gone."""
+    if _LLAMA_RMS_FORWARD:
+        return _LLAMA_RMS_FORWARD[0]
+    try:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    except ImportError:
+        return None
+    forward = LlamaRMSNorm.__dict__.get("forward")
+    code = getattr(forward, "__code__", None)
+    if code is None or not code.co_filename.endswith("modeling_llama.py") or code.co_qualname != "LlamaRMSNorm.forward":
+        return None
+    key = _code_key(forward)
+    if key is not None:
+        _LLAMA_RMS_FORWARD.append(key)
+    return key
+
+
+def _computes_like_llama_rms_norm(module: nn.Module) -> bool:
+    """True for a module whose forward is, bytecode for bytecode, transformers' LlamaRMSNorm.forward (h = x in
+    float32; h · rsqrt(mean(h²) + variance_epsilon); weight · h in x's dtype), with `torch` resolving to torch, a
+    vector `weight` and a number `variance_epsilon`.
+
+    Matched by code, not by name: transformers generates Qwen2RMSNorm, MistralRMSNorm, Qwen3RMSNorm and many more
+    from Llama's code ("Copied from" / modular), so their forwards are the same bytecode in another file, while a
+    class that computes something else (Gemma's (1 + weight), a forward patched onto the class, or overridden in a
+    subclass, or set on the instance as kernels' `kernelize` does) is not matched and takes the torch.func fallback.
+    The constants, names and variable names are compared along with the bytecode, so `keepdim`, the -1 dim and the
+    attribute names are the same too."""
+    forward = getattr(type(module), "forward", None)
+    reference = _llama_rms_forward_key()
+    if reference is None or _code_key(forward) != reference or forward.__globals__.get("torch") is not torch:
+        return False
+    if "forward" in module.__dict__:  # the instance computes with another forward
+        return False
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    # A weight of another shape would broadcast differently from what the rule's sums over the last dim assume.
+    return isinstance(weight, nn.Parameter) and weight.dim() == 1 and isinstance(eps, (int, float))
+
+
 def _rule_for(module: nn.Module) -> Rule | None:
-    """The rule for this module, if it is exactly of a known type (a subclass might compute something else)."""
+    """The rule for this module: from RULES if it is exactly of a known type (a subclass might compute something
+    else), else the first of FORWARD_RULES whose predicate accepts it."""
     for cls in type(module).__mro__:
         rule = RULES.get(cls)
         if rule is not None:
             return rule if type(module).forward is cls.forward else None
+    for matches, rule in FORWARD_RULES:
+        if matches(module):
+            return rule
     return None
+
+
+register_forward_rule(_computes_like_llama_rms_norm, Rule(("weight",), _llama_rms_group_grad, _llama_rms_delta))
 
 
 # ---------------------------------------------------------------------------------------------
