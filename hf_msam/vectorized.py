@@ -81,7 +81,8 @@ from torch.utils import _pytree as pytree
 from .ops import unaliased
 
 __all__ = [
-    "Capture", "GroupLayout", "NotVectorizable", "Positions", "Rule", "Vectorizer", "register_forward_rule", "register_rule",
+    "Capture", "GroupLayout", "NotVectorizable", "Positions", "Rule", "Vectorizer", "llama_rms_norm_rule", "register_forward_rule",
+    "register_rule",
 ]
 
 
@@ -471,23 +472,35 @@ def _norm_delta(module, x, out, e, pos):
     return d
 
 
-def _llama_rms_normalized(module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _llama_rms_normalized(module, x: torch.Tensor, dtype: torch.dtype, norm_dtype: torch.dtype | None) -> torch.Tensor:
     """x̂ bitwise as transformers' Llama-style RMSNorm forms it (the same ops in the same order, so the same
-    roundings): normalized in float32, cast back to the input's dtype; then in `dtype`, the dtype of the module's
-    product `self.weight * x̂` (the promotion of the weight's and the input's: autocast leaves `*` alone)."""
-    h = x.to(torch.float32)
+    roundings): normalized in `norm_dtype` (float32 in transformers; None: x's own), cast back to x's dtype; then
+    in `dtype`, the dtype of the module's product `self.weight * x̂` (the promotion of the weight's and x's dtypes:
+    autocast leaves `*`, `pow`, `mean` and `rsqrt` alone, and they run in float32 either way)."""
+    h = x if norm_dtype is None else x.to(norm_dtype)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
     return h.to(x.dtype).to(dtype)
 
 
-def _llama_rms_group_grad(module, x, delta, pos, wanted):
+def _llama_rms_group_grad(module, x, delta, pos, wanted, norm_dtype=torch.float32):
     # autograd's gradient of `weight * x̂` for the weight: δ ⊙ x̂ in the product's dtype (δ's), summed over positions
-    return {"weight": pos.group_sum(delta * _llama_rms_normalized(module, x, delta.dtype), 1)}
+    return {"weight": pos.group_sum(delta * _llama_rms_normalized(module, x, delta.dtype, norm_dtype), 1)}
 
 
-def _llama_rms_delta(module, x, out, e, pos):
+def _llama_rms_delta(module, x, out, e, pos, norm_dtype=torch.float32):
     g = pos.group_ids(x.dim() - 1)  # e[g]: each position's e_j, over the last dim
-    return _llama_rms_normalized(module, x, out.dtype) * e["weight"].to(out.dtype)[g]
+    return _llama_rms_normalized(module, x, out.dtype, norm_dtype) * e["weight"].to(out.dtype)[g]
+
+
+def llama_rms_norm_rule(norm_dtype: torch.dtype | None = torch.float32) -> Rule:
+    """The rule for y = weight ⊙ (x̂ in x's dtype), x̂ = x · rsqrt(mean(x²) + variance_epsilon) computed in
+    `norm_dtype` (None: x's dtype). transformers' Llama-style norms normalize in float32; the other value is for a
+    forward without the float32 round trip (the float64 tests patch one in)."""
+    return Rule(
+        ("weight",),
+        functools.partial(_llama_rms_group_grad, norm_dtype=norm_dtype),
+        functools.partial(_llama_rms_delta, norm_dtype=norm_dtype),
+    )
 
 
 RULES.update(
@@ -586,7 +599,7 @@ def _rule_for(module: nn.Module) -> Rule | None:
     return None
 
 
-register_forward_rule(_computes_like_llama_rms_norm, Rule(("weight",), _llama_rms_group_grad, _llama_rms_delta))
+register_forward_rule(_computes_like_llama_rms_norm, llama_rms_norm_rule())
 
 
 # ---------------------------------------------------------------------------------------------
