@@ -20,17 +20,24 @@ gives g_j. So `Vectorizer.capture` records each layer call's input and the autog
     nn.Embedding     y = W[id]        g_W,j[v] = Σ_{i∈B_j, id_i = v} δ_i (index_add into k·V rows)
     nn.LayerNorm     y = x̂ ⊙ γ + β    g_γ,j = Σ_{i∈B_j} δ_i ⊙ x̂_i,  g_β,j = Σ_{i∈B_j} δ_i  (x̂ recomputed)
     nn.RMSNorm       y = x̂ ⊙ γ        g_γ,j = Σ_{i∈B_j} δ_i ⊙ x̂_i
+    Llama's RMSNorm  y = γ ⊙ x̂        g_γ,j = Σ_{i∈B_j} δ_i ⊙ x̂_i  (x̂ normalized in float32, cast to x's dtype)
+
+The last is transformers' LlamaRMSNorm and every class whose forward is the same bytecode (Qwen2RMSNorm,
+MistralRMSNorm, Qwen3RMSNorm and the many others transformers generates from Llama's code): it is chosen by what
+the class's forward is, not by its name or type (`register_forward_rule`, `_computes_like_llama_rms_norm`), and
+recomputes x̂ with the module's own operations, so bitwise the x̂ the module multiplies by. Gemma's RMSNorm
+(x̂ ⊙ (1 + γ), rounded to x's dtype after the product) computes another formula and has no rule.
 
 **Perturbed pass (2).** `Vectorizer.perturbed` routes each covered layer's forward so that group j's positions
 see w + e_j. All the layers above are affine in their parameters, f(x; w + e) = f(x; w) + Δ(x; e), with Δ
-independent of w: for Embedding, LayerNorm and RMSNorm the layer runs as usual and Δ_{j(i)} is added (a row of e_j,
-x̂ ⊙ e_γ,j + e_β,j). For Linear and Conv1D, Δ = e_j x_i would cost a second matmul forward and backward, so the
+independent of w: for Embedding, LayerNorm and the RMSNorms the layer runs as usual and Δ_{j(i)} is added (a row
+of e_j, x̂ ⊙ e_γ,j + e_β,j). For Linear and Conv1D, Δ = e_j x_i would cost a second matmul forward and backward, so the
 output is computed directly as one bmm of the group-major inputs with W + e_j; its backward gives W the sum over
 groups with one matmul, as a plain layer would, and the k perturbed weights are rebuilt in the backward rather than
 kept. Either way, a backward leaves in w.grad Σ_i J_w f(x_i)ᵀ δ_i, δ_i the output gradient of the perturbed
 network: exactly (2). The weights are never written.
 
-**Everything else** holding a trainable parameter directly (Llama's RMSNorm, Conv2d, ViT's embeddings with their
+**Everything else** holding a trainable parameter directly (Gemma's RMSNorm, Conv2d, ViT's embeddings with their
 cls_token, a custom layer), or a known layer type used in an unusual way (a subclass that overrides `forward`), is
 run by a `torch.func` fallback for that module alone, its whole subtree included: its inputs are arranged by group,
 `vmap` runs the module once per group through `functional_call` with parameters w + t_j, and the outputs go back to
@@ -81,8 +88,8 @@ from torch.utils import _pytree as pytree
 from .ops import unaliased
 
 __all__ = [
-    "Capture", "GroupLayout", "NotVectorizable", "Positions", "Rule", "Vectorizer", "llama_rms_norm_rule", "register_forward_rule",
-    "register_rule",
+    "Capture", "GroupLayout", "NotVectorizable", "Positions", "Rule", "Vectorizer", "llama_rms_norm_rule",
+    "register_forward_rule", "register_rule",
 ]
 
 
