@@ -30,8 +30,9 @@ recomputes x̂ with the module's own operations, so bitwise the x̂ the module m
 
 **Perturbed pass (2).** `Vectorizer.perturbed` routes each covered layer's forward so that group j's positions
 see w + e_j. All the layers above are affine in their parameters, f(x; w + e) = f(x; w) + Δ(x; e), with Δ
-independent of w: for Embedding, LayerNorm and the RMSNorms the layer runs as usual and Δ_{j(i)} is added (a row
-of e_j, x̂ ⊙ e_γ,j + e_β,j). For Linear and Conv1D, Δ = e_j x_i would cost a second matmul forward and backward, so the
+independent of w: for Embedding, LayerNorm and nn.RMSNorm the layer runs as usual and Δ_{j(i)} is added (a row of
+e_j, x̂ ⊙ e_γ,j + e_β,j). Llama's RMSNorm is computed directly as (γ + e_γ,j) ⊙ x̂, so that its input gradient
+passes its float32 round trip as one product, rounded as in a pass at w + e_j. For Linear and Conv1D, Δ = e_j x_i would cost a second matmul forward and backward, so the
 output is computed directly as one bmm of the group-major inputs with W + e_j; its backward gives W the sum over
 groups with one matmul, as a plain layer would, and the k perturbed weights are rebuilt in the backward rather than
 kept. Either way, a backward leaves in w.grad Σ_i J_w f(x_i)ᵀ δ_i, δ_i the output gradient of the perturbed
@@ -499,14 +500,27 @@ def _llama_rms_delta(module, x, out, e, pos, norm_dtype=torch.float32):
     return _llama_rms_normalized(module, x, out.dtype, norm_dtype) * e["weight"].to(out.dtype)[g]
 
 
+def _llama_rms_forward_at(module, x, e, pos, norm_dtype=torch.float32):
+    """The output at w + e_j as one product (w + e_j) ⊙ x̂, as the module computes it with w + e_j written into its
+    weight (in the weight's dtype). The output gradient then reaches x̂, and through the module's float32 round trip
+    x, as one product δ ⊙ (w + e_j), rounded to float32 once, as in a pass at w + e_j; the module's output plus Δ
+    would round δ ⊙ w and δ ⊙ e_j separately (in a float64 model that left the input gradients 1e-7 apart from
+    such a pass). It also forms x̂ once instead of twice."""
+    g = pos.group_ids(x.dim() - 1)
+    weight = module.weight + e["weight"].to(module.weight.dtype)  # [k, d]
+    return weight[g] * _llama_rms_normalized(module, x, x.dtype, norm_dtype)
+
+
 def llama_rms_norm_rule(norm_dtype: torch.dtype | None = torch.float32) -> Rule:
     """The rule for y = weight ⊙ (x̂ in x's dtype), x̂ = x · rsqrt(mean(x²) + variance_epsilon) computed in
     `norm_dtype` (None: x's dtype). transformers' Llama-style norms normalize in float32; the other value is for a
-    forward without the float32 round trip (the float64 tests patch one in)."""
+    forward without the float32 round trip (the float64 tests patch one in). The perturbed pass runs `forward_at`;
+    `delta` (the module's output plus Δ, which `Rule` requires) is there for a caller that drops it."""
     return Rule(
         ("weight",),
         functools.partial(_llama_rms_group_grad, norm_dtype=norm_dtype),
         functools.partial(_llama_rms_delta, norm_dtype=norm_dtype),
+        forward_at=functools.partial(_llama_rms_forward_at, norm_dtype=norm_dtype),
     )
 
 
