@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 import test_vectorized_arch as arch
 from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from hf_msam import vectorized
 from hf_msam.vectorized import GroupLayout, Vectorizer
@@ -72,7 +73,7 @@ def test_rule_is_chosen_for_the_llama_family_norms(family):
     assert {u.name for u in vec._units if u.rule is rule} == {name for name, _ in norms}
 
 
-class OverridingForward(__import__("transformers").models.llama.modeling_llama.LlamaRMSNorm):
+class OverridingForward(LlamaRMSNorm):
     """A subclass that computes something else in its own forward."""
 
     def forward(self, hidden_states):
@@ -91,16 +92,13 @@ class SameFormulaOtherCode(nn.Module):
         return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
 
 
-class InheritingForward(__import__("transformers").models.llama.modeling_llama.LlamaRMSNorm):
+class InheritingForward(LlamaRMSNorm):
     """A subclass that keeps LlamaRMSNorm's forward: it computes the same, so it takes the rule."""
 
 
 def _not_matched_cases():
-    from transformers import GemmaConfig
-    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm  # output * (1 + weight): another formula
 
-    assert GemmaConfig  # Gemma's norm: output * (1 + weight) in float32, another formula
     on_instance = LlamaRMSNorm(WIDTH)
     on_instance.forward = lambda hidden_states: hidden_states  # as kernels' kernelize sets a forward per instance
     matrix = LlamaRMSNorm(WIDTH)
@@ -161,8 +159,6 @@ def _take(t: torch.Tensor, layout: GroupLayout, index: torch.Tensor) -> torch.Te
 
 
 def _norm_and_batch(key: str, dtype=torch.float64):
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
     make_layout, shape = LAYOUTS[key]
     torch.manual_seed(0)
     norm = LlamaRMSNorm(WIDTH, eps=1e-5).to(dtype)
@@ -228,8 +224,6 @@ def test_perturbed_pass_of_one_norm_matches_a_loop_over_groups(key, path, monkey
 
 def _bf16_model(weights_dtype: torch.dtype) -> nn.Module:
     """Linear -> LlamaRMSNorm -> Linear: under autocast the norm gets a bf16 input (a Linear's output)."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(WIDTH, WIDTH), LlamaRMSNorm(WIDTH), nn.Linear(WIDTH, 4)).to(weights_dtype)
     with torch.no_grad():
