@@ -20,18 +20,26 @@ gives g_j. So `Vectorizer.capture` records each layer call's input and the autog
     nn.Embedding     y = W[id]        g_W,j[v] = Σ_{i∈B_j, id_i = v} δ_i (index_add into k·V rows)
     nn.LayerNorm     y = x̂ ⊙ γ + β    g_γ,j = Σ_{i∈B_j} δ_i ⊙ x̂_i,  g_β,j = Σ_{i∈B_j} δ_i  (x̂ recomputed)
     nn.RMSNorm       y = x̂ ⊙ γ        g_γ,j = Σ_{i∈B_j} δ_i ⊙ x̂_i
+    Llama's RMSNorm  y = γ ⊙ x̂        g_γ,j = Σ_{i∈B_j} δ_i ⊙ x̂_i  (x̂ normalized in float32, cast to x's dtype)
+
+The last is transformers' LlamaRMSNorm and every class whose forward is the same bytecode (Qwen2RMSNorm,
+MistralRMSNorm, Qwen3RMSNorm and the many others transformers generates from Llama's code): it is chosen by what
+the class's forward is, not by its name or type (`register_forward_rule`, `_computes_like_llama_rms_norm`), and
+recomputes x̂ with the module's own operations, so bitwise the x̂ the module multiplies by. Gemma's RMSNorm
+(x̂ ⊙ (1 + γ), rounded to x's dtype after the product) computes another formula and has no rule.
 
 **Perturbed pass (2).** `Vectorizer.perturbed` routes each covered layer's forward so that group j's positions
 see w + e_j. All the layers above are affine in their parameters, f(x; w + e) = f(x; w) + Δ(x; e), with Δ
-independent of w: for Embedding, LayerNorm and RMSNorm the layer runs as usual and Δ_{j(i)} is added (a row of e_j,
-x̂ ⊙ e_γ,j + e_β,j). For Linear and Conv1D, Δ = e_j x_i would cost a second matmul forward and backward, so the
+independent of w: for Embedding, LayerNorm and nn.RMSNorm the layer runs as usual and Δ_{j(i)} is added (a row of
+e_j, x̂ ⊙ e_γ,j + e_β,j). Llama's RMSNorm is computed directly as (γ + e_γ,j) ⊙ x̂, so that its input gradient
+passes its float32 round trip as one product, rounded as in a pass at w + e_j. For Linear and Conv1D, Δ = e_j x_i would cost a second matmul forward and backward, so the
 output is computed directly as one bmm of the group-major inputs with W + e_j; its backward gives W the sum over
 groups with one matmul, as a plain layer would, and the k perturbed weights are rebuilt in the backward rather than
 kept. Either way, a backward leaves in w.grad Σ_i J_w f(x_i)ᵀ δ_i, δ_i the output gradient of the perturbed
 network: exactly (2). The weights are never written. (A rule that perturbs frozen weights, Flat-LoRA, routes those
 layers itself for the pass, from the same `Positions`: see `PerturbationRule.perturbing_groups`.)
 
-**Everything else** holding a trainable parameter directly (Llama's RMSNorm, Conv2d, ViT's embeddings with their
+**Everything else** holding a trainable parameter directly (Gemma's RMSNorm, Conv2d, ViT's embeddings with their
 cls_token, a custom layer), or a known layer type used in an unusual way (a subclass that overrides `forward`), is
 run by a `torch.func` fallback for that module alone, its whole subtree included: its inputs are arranged by group,
 `vmap` runs the module once per group through `functional_call` with parameters w + t_j, and the outputs go back to
@@ -89,7 +97,10 @@ from torch.utils import _pytree as pytree
 
 from .ops import unaliased
 
-__all__ = ["Capture", "GroupLayout", "NotVectorizable", "Positions", "Rule", "Vectorizer", "register_rule"]
+__all__ = [
+    "Capture", "GroupLayout", "NotVectorizable", "Positions", "Rule", "Vectorizer", "llama_rms_norm_rule",
+    "register_forward_rule", "register_rule",
+]
 
 
 class NotVectorizable(RuntimeError):
@@ -491,6 +502,50 @@ def _norm_delta(module, x, out, e, pos):
     return d
 
 
+def _llama_rms_normalized(module, x: torch.Tensor, dtype: torch.dtype, norm_dtype: torch.dtype | None) -> torch.Tensor:
+    """x̂ bitwise as transformers' Llama-style RMSNorm forms it (the same ops in the same order, so the same
+    roundings): normalized in `norm_dtype` (float32 in transformers; None: x's own), cast back to x's dtype; then
+    in `dtype`, the dtype of the module's product `self.weight * x̂` (the promotion of the weight's and x's dtypes:
+    autocast leaves `*`, `pow`, `mean` and `rsqrt` alone, and they run in float32 either way)."""
+    h = x if norm_dtype is None else x.to(norm_dtype)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+    return h.to(x.dtype).to(dtype)
+
+
+def _llama_rms_group_grad(module, x, delta, pos, wanted, norm_dtype=torch.float32):
+    # autograd's gradient of `weight * x̂` for the weight: δ ⊙ x̂ in the product's dtype (δ's), summed over positions
+    return {"weight": pos.group_sum(delta * _llama_rms_normalized(module, x, delta.dtype, norm_dtype), 1)}
+
+
+def _llama_rms_delta(module, x, out, e, pos, norm_dtype=torch.float32):
+    g = pos.group_ids(x.dim() - 1)  # e[g]: each position's e_j, over the last dim
+    return _llama_rms_normalized(module, x, out.dtype, norm_dtype) * e["weight"].to(out.dtype)[g]
+
+
+def _llama_rms_forward_at(module, x, e, pos, norm_dtype=torch.float32):
+    """The output at w + e_j as one product (w + e_j) ⊙ x̂, as the module computes it with w + e_j written into its
+    weight (in the weight's dtype). The output gradient then reaches x̂, and through the module's float32 round trip
+    x, as one product δ ⊙ (w + e_j), rounded to float32 once, as in a pass at w + e_j; the module's output plus Δ
+    would round δ ⊙ w and δ ⊙ e_j separately (in a float64 model that left the input gradients 1e-7 apart from
+    such a pass). It also forms x̂ once instead of twice."""
+    g = pos.group_ids(x.dim() - 1)
+    weight = module.weight + e["weight"].to(module.weight.dtype)  # [k, d]
+    return weight[g] * _llama_rms_normalized(module, x, x.dtype, norm_dtype)
+
+
+def llama_rms_norm_rule(norm_dtype: torch.dtype | None = torch.float32) -> Rule:
+    """The rule for y = weight ⊙ (x̂ in x's dtype), x̂ = x · rsqrt(mean(x²) + variance_epsilon) computed in
+    `norm_dtype` (None: x's dtype). transformers' Llama-style norms normalize in float32; the other value is for a
+    forward without the float32 round trip (the float64 tests patch one in). The perturbed pass runs `forward_at`;
+    `delta` (the module's output plus Δ, which `Rule` requires) is there for a caller that drops it."""
+    return Rule(
+        ("weight",),
+        functools.partial(_llama_rms_group_grad, norm_dtype=norm_dtype),
+        functools.partial(_llama_rms_delta, norm_dtype=norm_dtype),
+        forward_at=functools.partial(_llama_rms_forward_at, norm_dtype=norm_dtype),
+    )
+
+
 RULES.update(
     {
         nn.Linear: Rule(("weight", "bias"), _linear_group_grad, _linear_delta, forward_at=_linear_forward_at),
@@ -507,13 +562,87 @@ else:
     RULES[Conv1D] = Rule(("weight", "bias"), _conv1d_group_grad, _conv1d_delta, forward_at=_conv1d_forward_at)
 
 
+# Rules chosen by what a module's forward is rather than by its type: (predicate on the module, rule), tried in order
+# for modules whose type has no rule in RULES.
+FORWARD_RULES: list[tuple[Callable[[nn.Module], bool], Rule]] = []
+
+
+def register_forward_rule(matches: Callable[[nn.Module], bool], rule: Rule) -> None:
+    """Use `rule` for modules that `matches` accepts (and whose type, through its MRO, is not in RULES). The
+    predicate must accept only modules whose forward is known to compute what the rule assumes."""
+    FORWARD_RULES.append((matches, rule))
+
+
+def _code_key(function) -> tuple | None:
+    """What makes two plain functions compute the same, given the same globals: bytecode, constants, names. None for
+    anything else (a wrapped or compiled forward, a closure)."""
+    code = getattr(function, "__code__", None)
+    if code is None or getattr(function, "__closure__", None) is not None:
+        return None
+    return code.co_code, code.co_consts, code.co_names, code.co_varnames, code.co_argcount, code.co_kwonlyargcount
+
+
+_LLAMA_RMS_FORWARD: list[tuple] = []  # the reference's code key, once read
+
+
+def _llama_rms_forward_key() -> tuple | None:
+    """The code of transformers' LlamaRMSNorm.forward, as transformers ships it; None without transformers.
+
+    Read on first use, and only from the function defined in modeling_llama.py itself: a forward patched onto the
+    class by a test or a library (defined elsewhere) is not taken as the reference, and is not remembered either,
+    so the reference is read again once the patch is gone."""
+    if _LLAMA_RMS_FORWARD:
+        return _LLAMA_RMS_FORWARD[0]
+    try:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    except ImportError:
+        return None
+    forward = LlamaRMSNorm.__dict__.get("forward")
+    code = getattr(forward, "__code__", None)
+    if code is None or not code.co_filename.endswith("modeling_llama.py") or code.co_qualname != "LlamaRMSNorm.forward":
+        return None
+    key = _code_key(forward)
+    if key is not None:
+        _LLAMA_RMS_FORWARD.append(key)
+    return key
+
+
+def _computes_like_llama_rms_norm(module: nn.Module) -> bool:
+    """True for a module whose forward is, bytecode for bytecode, transformers' LlamaRMSNorm.forward (h = x in
+    float32; h · rsqrt(mean(h²) + variance_epsilon); weight · h in x's dtype), with `torch` resolving to torch, a
+    vector `weight` and a number `variance_epsilon`.
+
+    Matched by code, not by name: transformers generates Qwen2RMSNorm, MistralRMSNorm, Qwen3RMSNorm and many more
+    from Llama's code ("Copied from" / modular), so their forwards are the same bytecode in another file, while a
+    class that computes something else (Gemma's (1 + weight), a forward patched onto the class, or overridden in a
+    subclass, or set on the instance as kernels' `kernelize` does) is not matched and takes the torch.func fallback.
+    The constants, names and variable names are compared along with the bytecode, so `keepdim`, the -1 dim and the
+    attribute names are the same too."""
+    forward = getattr(type(module), "forward", None)
+    reference = _llama_rms_forward_key()
+    if reference is None or _code_key(forward) != reference or forward.__globals__.get("torch") is not torch:
+        return False
+    if "forward" in module.__dict__:  # the instance computes with another forward
+        return False
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    # A weight of another shape would broadcast differently from what the rule's sums over the last dim assume.
+    return isinstance(weight, nn.Parameter) and weight.dim() == 1 and isinstance(eps, (int, float))
+
+
 def _rule_for(module: nn.Module) -> Rule | None:
-    """The rule for this module, if it is exactly of a known type (a subclass might compute something else)."""
+    """The rule for this module: from RULES if it is exactly of a known type (a subclass might compute something
+    else), else the first of FORWARD_RULES whose predicate accepts it."""
     for cls in type(module).__mro__:
         rule = RULES.get(cls)
         if rule is not None:
             return rule if type(module).forward is cls.forward else None
+    for matches, rule in FORWARD_RULES:
+        if matches(module):
+            return rule
     return None
+
+
+register_forward_rule(_computes_like_llama_rms_norm, llama_rms_norm_rule())
 
 
 # ---------------------------------------------------------------------------------------------
