@@ -12,7 +12,7 @@
 # are installed into /tmp/site first and put on the path. GPU_CHECKS_PARTS picks parts (default: all):
 #     GPU_CHECKS_PARTS="versions fsdp" bash benchmarks/gpu_checks.sh
 set -u
-PARTS=" ${GPU_CHECKS_PARTS:-versions precision fsdp steptime} "
+PARTS=" ${GPU_CHECKS_PARTS:-versions precision fsdp steptime} "  # also: sweep (the vectorized step, issues 20 and 21)
 OUT=${OUT:-$PWD/gpu_checks_out}
 mkdir -p "$OUT"
 TOTAL=${GPU_CHECKS_SECONDS:-380}  # the methods rows of step_time only run if they fit in this
@@ -63,6 +63,26 @@ for method in sam msam; do
     part "fsdp2-$method-compare" 60 python3 benchmarks/gpu_checks.py fsdp-compare "$WORK/fsdp_$method.pt" \
         "$WORK/plain_$method.pt" --json "$OUT/fsdp2_$method.json"
 done
+
+# 5 (before 4, which may exit early). The vectorized step on the GPU, bf16: mSAM with k = 2, 4, 8, 16 micro-batches on
+# both paths against SAM, for a small BERT, BERT-base (batch 32, seq 128; target mSAM(8)/SAM <= 1.25), ViT-B/16 and a
+# ~110M Llama with LoRA (Flat-LoRA rows included); then the methods' kernels per step against their floors.
+#     GPU_CHECKS_PARTS="versions sweep" bash benchmarks/gpu_checks.sh      # about 10 minutes on an H200
+if [[ $PARTS == *" sweep "* ]]; then
+    SWEEP=(python3 benchmarks/step_time.py --device cuda --counts 2 4 8 16 --steps 10 --warmup 3 --bf16)
+    part sweep-bert-small 100 "${SWEEP[@]}" --model bert --hidden-size 128 --layers 2 --heads 2 --json "$OUT/sweep_bert_small.json"
+    part sweep-bert-base 150 "${SWEEP[@]}" --model bert --hidden-size 768 --layers 12 --heads 12 --vocab-size 30522 \
+        --json "$OUT/sweep_bert_base.json"
+    part sweep-vit-b16 150 "${SWEEP[@]}" --model vit --hidden-size 768 --layers 12 --heads 12 --image-size 224 \
+        --patch-size 16 --json "$OUT/sweep_vit_b16.json"
+    part sweep-llama-lora 150 "${SWEEP[@]}" --model llama --hidden-size 768 --layers 12 --heads 12 --vocab-size 32000 \
+        --seq-len 256 --lora 16 --json "$OUT/sweep_llama_lora.json"
+    part kernels 60 python3 benchmarks/step_time.py --device cuda --count-kernels --steps 5 --warmup 2 \
+        --rows msam_sam msam_gsam msam_fsam msam_looksam5 msam_momentum --json "$OUT/kernels.json"
+    for f in sweep_bert_small sweep_bert_base sweep_vit_b16 sweep_llama_lora kernels; do
+        [ -f "$OUT/$f.json" ] && echo "PASS $f: $OUT/$f.json" >>"$RESULTS"
+    done
+fi
 
 # 4. step time on CUDA: the main rows, then the methods rows if they fit
 [[ $PARTS == *" steptime "* ]] || { echo "=== summary (after $((SECONDS - START))s)"; cat "$RESULTS"; ! grep -q '^FAIL ' "$RESULTS"; exit; }

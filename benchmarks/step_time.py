@@ -298,7 +298,7 @@ def build_base_model(opts: argparse.Namespace, device: torch.device):
         return LlamaForCausalLM(config).to(device)
     if opts.model == "vit":
         config = ViTConfig(
-            image_size=VIT_IMAGE, patch_size=VIT_PATCH, num_channels=3, hidden_size=opts.hidden_size,
+            image_size=opts.image_size, patch_size=opts.patch_size, num_channels=3, hidden_size=opts.hidden_size,
             num_hidden_layers=opts.layers, num_attention_heads=opts.heads, intermediate_size=4 * opts.hidden_size,
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=10,
         )
@@ -321,7 +321,7 @@ def synthetic_examples(opts: argparse.Namespace) -> list[dict[str, torch.Tensor]
     generator = torch.Generator().manual_seed(1)
     n = (opts.warmup + opts.steps) * opts.batch_size
     if opts.model == "vit":
-        pixels = torch.randn(n, 3, VIT_IMAGE, VIT_IMAGE, generator=generator)
+        pixels = torch.randn(n, 3, opts.image_size, opts.image_size, generator=generator)
         labels = torch.randint(0, 10, (n,), generator=generator)
         return [{"pixel_values": pixels[i], "labels": labels[i]} for i in range(n)]
     if opts.model == "llama":
@@ -795,6 +795,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="bf16 mixed precision (autocast) in the Trainer rows (the hand-written floors stay float32)")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="activation checkpointing (transformers' non-reentrant default) in the Trainer rows")
+    parser.add_argument("--image-size", type=int, default=VIT_IMAGE, help="ViT: image side in pixels (224 for ViT-B/16)")
+    parser.add_argument("--patch-size", type=int, default=VIT_PATCH, help="ViT: patch side in pixels (16 for ViT-B/16)")
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps (other flags still apply): a smoke test")
     opts = parser.parse_args(argv)
     if opts.quick:
