@@ -226,6 +226,7 @@ class Positions:
         self.real = None if all(real) else _to_device(torch.tensor(real), device)
         self.slot = None if prefix else _to_device(torch.tensor(slot), device)
         self.group = _to_device(torch.tensor(group), device)
+        self.buckets, self.unbucket = _buckets(layout, device) if self.real is not None else (None, None)
 
     # -- shapes ----------------------------------------------------------------------------------
     def carries_batch(self, x: torch.Tensor) -> bool:
@@ -281,6 +282,66 @@ class Positions:
         g = self.grouped(t, zero_pad=True)
         mid = tuple(range(1, g.dim() - feature_ndim))
         return g.sum(mid) if mid else g
+
+    # -- buckets of equal groups (uneven layouts only) -----------------------------------------------
+    def bucketed(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[extent, *rest] (or [1, extent, *rest]) -> one [n_b, s_b, *rest] per bucket: the positions of the bucket's
+        groups, group-major, without padding."""
+        if self.axis == 1:
+            x = x[0]
+        return [_take(x, b.positions).unflatten(0, (b.n, b.size)) for b in self.buckets]
+
+    def unbucketed(self, ys: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The inverse of `bucketed`: one [n_b, s_b, *rest] per bucket -> [extent, *rest] (or [1, extent, *rest])."""
+        flat = torch.cat([y.flatten(0, 1) for y in ys])  # the buckets' positions, one after another
+        if self.unbucket is not None:
+            flat = flat.index_select(0, self.unbucket)
+        return flat.unsqueeze(0) if self.axis == 1 else flat
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """The groups of an uneven layout that have one same size: the fallback runs them together, unpadded.
+
+    `groups` picks their rows of a [k, ...] tensor (a perturbation, a probe) and `positions` their positions along
+    the batch axis, group after group; each is a slice where the indices are consecutive (a view, no copy), else
+    an index tensor on the device."""
+
+    n: int  # groups in the bucket
+    size: int  # positions in each of them
+    groups: slice | torch.Tensor
+    positions: slice | torch.Tensor
+
+
+def _take(x: torch.Tensor, index: slice | torch.Tensor) -> torch.Tensor:
+    """x's rows at `index` (dim 0): a view for a slice, a copy for an index tensor (no host sync either way)."""
+    return x[index] if isinstance(index, slice) else x.index_select(0, index)
+
+
+def _index(values: list[int], device: torch.device) -> slice | torch.Tensor:
+    """A slice when `values` are consecutive, else an index tensor on `device`."""
+    if values == list(range(values[0], values[0] + len(values))):
+        return slice(values[0], values[0] + len(values))
+    return _to_device(torch.tensor(values), device)
+
+
+def _buckets(layout: GroupLayout, device: torch.device) -> tuple[tuple[Bucket, ...], torch.Tensor | None]:
+    """The layout's buckets (groups by size, in the order of each size's first group), and the permutation that
+    takes their concatenated positions back to batch order (None when they are in batch order already: contiguous
+    rows whose groups of one size come together, as when only the last group is short)."""
+    by_size: dict[int, list[int]] = {}
+    for j, m in enumerate(layout.members):
+        by_size.setdefault(len(m), []).append(j)
+    buckets, order = [], []
+    for size, groups in by_size.items():
+        positions = [q for j in groups for q in layout.members[j]]
+        order += positions
+        buckets.append(Bucket(len(groups), size, _index(groups, device), _index(positions, device)))
+    inverse = [0] * len(order)
+    for row, q in enumerate(order):
+        inverse[q] = row
+    unbucket = None if order == list(range(len(order))) else _to_device(torch.tensor(inverse), device)
+    return tuple(buckets), unbucket
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -975,9 +1036,6 @@ class Vectorizer:
                     capture._probes.append((i, z))
                 t = z if t is None else t + z
             ts.append(t)
-        grouped = [pos.grouped(leaves[i]) for i in batched]  # [k, r, ...]; padding repeats a real position
-        if pos.axis == 1:
-            grouped = [g.unsqueeze(1) for g in grouped]  # each group is a one-row batch [1, r, ...]
 
         def one_group(ts: list[torch.Tensor], grouped: list[torch.Tensor]):
             values = list(leaves)
@@ -991,19 +1049,40 @@ class Vectorizer:
             shape["others"] = [_TENSOR if isinstance(v, torch.Tensor) else v for v in values]
             return [v for v in values if isinstance(v, torch.Tensor)]
 
+        def run(ts: list[torch.Tensor], grouped: list[torch.Tensor]) -> list[torch.Tensor]:
+            """vmap of one_group over the leading dim of ts and grouped ([n, s, ...]: n groups of s positions)."""
+            if pos.axis == 1:
+                grouped = [g.unsqueeze(1) for g in grouped]  # each group is a one-row batch [1, s, ...]
+            self._suspended += 1  # our routed forwards in the subtree, and this one itself, stand aside
+            try:
+                return torch.func.vmap(one_group, randomness="different")(ts, grouped)
+            except NotVectorizable:
+                raise
+            except Exception as err:
+                failure = f"{type(err).__name__}: {err}"
+                raise NotVectorizable(f"the torch.func fallback for {unit.where} failed: {failure}") from err
+            finally:
+                self._suspended -= 1
+
         shape: dict = {}
         bare = _Bare(unit.module, inner)  # the module's own forward: its hooks run once, around this call, not per group
-        self._suspended += 1  # our routed forwards in the subtree, and this one itself, stand aside
-        try:
-            tensors = torch.func.vmap(one_group, randomness="different")(ts, grouped)
-        except NotVectorizable:
-            raise
-        except Exception as err:
-            failure = f"{type(err).__name__}: {err}"
-            raise NotVectorizable(f"the torch.func fallback for {unit.where} failed: {failure}") from err
-        finally:
-            self._suspended -= 1
-        back = iter([self._back_to_positions(y, pos, unit) for y in tensors])
+        if pos.buckets is None:  # equal groups: all of them in one vmap, [k, r, ...]
+            tensors = run(ts, [pos.grouped(leaves[i]) for i in batched])
+            tensors = [self._back_to_positions(y, pos, unit, pos.k, pos.r) for y in tensors]
+        else:
+            # Groups of different sizes: padding a short group to r positions would let its copies of a position
+            # enter whatever the module computes across positions (a mean over rows, attention), so each bucket of
+            # equal groups runs in a vmap of its own, unpadded. ts[i][b.groups] is each group's own t_j: the
+            # gradient of z reaches row j from group j's bucket only.
+            per_bucket, structure = [], None
+            for b, inputs in zip(pos.buckets, zip(*[pos.bucketed(leaves[i]) for i in batched])):
+                ys = run([_take(t, b.groups) for t in ts], list(inputs))
+                if structure is not None and structure != (shape["spec"], shape["others"]):
+                    raise NotVectorizable(f"{unit.where}: its output's structure depends on the number of positions")
+                structure = (shape["spec"], shape["others"])
+                per_bucket.append([self._back_to_positions(y, pos, unit, b.n, b.size, keep_groups=True) for y in ys])
+            tensors = [self._from_buckets(ys, pos, unit) for ys in zip(*per_bucket)]
+        back = iter(tensors)
         out = pytree.tree_unflatten([next(back) if v is _TENSOR else v for v in shape["others"]], shape["spec"])
         if capture is not None and not recomputing:
             outputs = [y.grad_fn for y in pytree.tree_leaves(out) if isinstance(y, torch.Tensor)]
@@ -1011,13 +1090,24 @@ class Vectorizer:
         return out
 
     @staticmethod
-    def _back_to_positions(y: torch.Tensor, pos: Positions, unit: _Unit) -> torch.Tensor:
-        expect = (pos.k, pos.r) if pos.axis == 0 else (pos.k, 1, pos.r)
+    def _back_to_positions(y: torch.Tensor, pos: Positions, unit: _Unit, n: int, size: int, keep_groups: bool = False):
+        """One output of a vmap over n groups of `size` positions, back at the batch's positions ([n, size, ...]
+        with `keep_groups`, for `_from_buckets`)."""
+        expect = (n, size) if pos.axis == 0 else (n, 1, size)
         if tuple(y.shape[: len(expect)]) != expect:
             raise NotVectorizable(
                 f"{unit.where}: an output of shape {list(y.shape[1:])} per group does not carry the group's positions"
             )
-        return pos.ungrouped(y if pos.axis == 0 else y[:, 0])
+        y = y if pos.axis == 0 else y[:, 0]
+        return y if keep_groups else pos.ungrouped(y)
+
+    @staticmethod
+    def _from_buckets(ys: Sequence[torch.Tensor], pos: Positions, unit: _Unit) -> torch.Tensor:
+        """One output, from each bucket's [n_b, s_b, *rest], back at the batch's positions."""
+        if len({tuple(y.shape[2:]) for y in ys}) > 1 or len({y.dtype for y in ys}) > 1:
+            shapes = [list(y.shape[1:]) for y in ys]
+            raise NotVectorizable(f"{unit.where}: outputs of shapes {shapes} per group do not line up across positions")
+        return pos.unbucketed(ys)
 
 
 @dataclass(eq=False)
