@@ -50,8 +50,15 @@ that holds the parameters.
 
 **Positions and padding.** A `GroupLayout` says which positions of the batch form group j: contiguous rows (dim 0),
 preference pairs (rows a..b-1 with n+a..n+b-1), or token ranges of a packed one-row batch (dim 1). Groups are
-arranged group-major as [k, r, ...], r the largest group; a smaller group is padded with copies of its first
-position (always finite inputs), and the output gradients of padding slots are zero, so padding adds nothing.
+arranged group-major as [k, r, ...], r the largest group. For the rules, a smaller group is padded with copies of
+its first position (always finite inputs), and the output gradients of padding slots are zero, so padding adds
+nothing: a rule computes position by position. The fallback runs a whole module, which may compute across the
+positions of its call, so it never pads: with equal groups it runs one vmap over [k, r, ...]; with groups of
+different sizes, one vmap per distinct size (a `Bucket` of the groups of that size, [n_b, s_b, ...], each with its
+own rows t_j), whose outputs are put back at their positions. A layout with s distinct sizes costs s vmapped calls
+of such a module instead of one (2 when only the last group is short; up to k for a packed batch, whose groups
+rarely hold equal token counts); the buckets' indices are slices where consecutive, else index tensors built with
+the layout's other ones, once per device.
 A layer whose input does not carry the batch in its leading dims raises `NotVectorizable`: the caller then falls
 back to one pass per group. An input of shape [1, ...] where rows are expected (BERT's and GPT-2's position ids) is
 taken as broadcast over the batch: it and the layer's output are expanded to the batch (views), so that each row's
@@ -70,12 +77,14 @@ each routed layer, the code between them stays compiled, and nothing is recompil
 
 **What it cannot see.** Rows must not meet inside the model: `why_not` refuses BatchNorm in train mode, but other
 cross-row computations (a mixture-of-experts' load-balancing term, in-batch negatives) would make "group j's part"
-differ from group j's own gradient. (Inside a module the fallback runs, rows meet within their group only, as in
-the sequential step, but a short group's padding copies would take part.) A weight read outside its layer's call
-(PEFT DoRA, `F.linear(x, child.weight)` in a parent, a penalty on the weights) is invisible to the routed
-forwards: `Capture.verify` finds such reads in the autograd graph. `why_not` reads the modules' states (train mode,
-checkpointing) each time it is called. `group_gradients` holds every recorded output's gradient at once (about the size of the
-activations) and returns k copies of the parameters' shapes.
+differ from group j's own gradient. (Inside a module the fallback runs, positions meet within their group only,
+exactly as in the sequential step's micro-batch, whatever the group sizes: a norm over the rows, or attention
+across the rows or across the tokens of a packed row, inside such a module gives each group its own gradient.)
+A weight read outside its layer's call (PEFT DoRA, `F.linear(x, child.weight)` in a parent, a penalty on the
+weights) is invisible to the routed forwards: `Capture.verify` finds such reads in the autograd graph. `why_not`
+reads the modules' states (train mode, checkpointing) each time it is called. `group_gradients` holds every
+recorded output's gradient at once (about the size of the activations) and returns k copies of the parameters'
+shapes.
 
 Nothing here synchronizes with the host: layouts are Python ints, their index tensors are built once per device.
 Rules compute in the dtype of the layer's output (bf16 under autocast, like autograd would).

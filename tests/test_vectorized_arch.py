@@ -711,15 +711,16 @@ def test_verify_finds_reentrant_checkpointing():
         cap.verify(loss)
 
 
-def test_rows_mixed_inside_a_fallback_module_mix_per_micro_batch():
+@pytest.mark.parametrize("n", [6, 7, 8], ids=lambda n: f"batch{n}")
+def test_rows_mixed_inside_a_fallback_module_mix_per_micro_batch(n):
     """The fallback runs a module once per group, as a batch of its own: rows mixed inside it mix within each
-    micro-batch, as in the sequential step, when the groups are even. (A short group is padded with copies of its
-    first row, which would enter such a mix: see the module docstring of hf_msam.vectorized.)"""
+    micro-batch, as in the sequential step, with even micro-batches (6 rows: 3 + 3) and uneven ones (7: 3 + 3 + 1;
+    8: 3 + 3 + 2), whose groups of each size run unpadded (more cases in tests/test_vectorized_uneven.py)."""
     torch.manual_seed(0)
     model = Net(RowMixer()).double()
     twin = copy.deepcopy(model)
-    ids = torch.randint(0, VOCAB, (6, 4), generator=torch.Generator().manual_seed(0))
-    setup = Setup(model, {"input_ids": ids, "labels": torch.arange(6) % 3}, lambda m, mb: m(**mb)["loss"])
+    ids = torch.randint(0, VOCAB, (n, 4), generator=torch.Generator().manual_seed(0))
+    setup = Setup(model, {"input_ids": ids, "labels": torch.arange(n) % 3}, lambda m, mb: m(**mb)["loss"])
     want = msam_grads(setup, twin, "off", 3, rho=0.1)
     got = msam_grads(setup, model, "on", 3, rho=0.1)
     assert max(relative_errors(got, want)) <= 1e-10
