@@ -103,6 +103,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils import _pytree as pytree
+from torch.utils import checkpoint as torch_checkpoint
 
 from .ops import unaliased
 
@@ -764,6 +765,11 @@ def _has_forward(module: nn.Module) -> bool:
 
 
 _TENSOR = object()  # marks where a fallback's output had a tensor
+# torch.utils.checkpoint ends a recomputation early (once it has every tensor it saved) by raising this through the
+# forward it is re-running: control flow, not a failure of the fallback, so it passes through unchanged.
+_CHECKPOINT_STOP: tuple[type, ...] = tuple(
+    e for e in [getattr(torch_checkpoint, "_StopRecomputationError", None)] if isinstance(e, type)
+)
 
 
 class _Bare(nn.Module):
@@ -1065,7 +1071,7 @@ class Vectorizer:
             self._suspended += 1  # our routed forwards in the subtree, and this one itself, stand aside
             try:
                 return torch.func.vmap(one_group, randomness="different")(ts, grouped)
-            except NotVectorizable:
+            except (NotVectorizable, *_CHECKPOINT_STOP):
                 raise
             except Exception as err:
                 failure = f"{type(err).__name__}: {err}"

@@ -73,12 +73,18 @@ MIXERS = {"centered": Centered, "attention": Attention}
 class Model(nn.Module):
     """Linear -> mixer -> tanh -> Linear: the Linears take their rules, the mixer the fallback."""
 
-    def __init__(self, mixer: str, axis: int):
+    def __init__(self, mixer: str, axis: int, checkpointed: bool = False):
         super().__init__()
         self.inp, self.mix, self.out = nn.Linear(D_IN, D), MIXERS[mixer](axis), nn.Linear(D, CLASSES)
+        self.checkpointed = checkpointed
 
     def forward(self, x):
-        return self.out(torch.tanh(self.mix(self.inp(x))))
+        h = self.inp(x)
+        if self.checkpointed:  # non-reentrant activation checkpointing: the backward runs the mixer again
+            h = torch.utils.checkpoint.checkpoint(self.mix, h, use_reentrant=False)
+        else:
+            h = self.mix(h)
+        return self.out(torch.tanh(h))
 
 
 def model_for(mixer: str, axis: int = 0) -> Model:
@@ -293,23 +299,27 @@ def test_no_host_sync_with_uneven_groups():
 
 
 class Classifier(nn.Module):
-    def __init__(self, mixer: str):
+    def __init__(self, mixer: str, checkpointed: bool = False):
         super().__init__()
-        self.net = Model(mixer, axis=0)
+        self.net = Model(mixer, axis=0, checkpointed=checkpointed)
 
     def forward(self, x, labels):
         return {"loss": F.cross_entropy(self.net(x), labels)}
 
 
+@pytest.mark.parametrize("n", [7, 6], ids=lambda n: f"batch{n}")
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])
 @pytest.mark.parametrize("mixer", list(MIXERS))
 @pytest.mark.parametrize("method", [dict(rho=0.1), dict(rho=0.5, adaptive=True)], ids=["sam", "asam"])
-def test_msam_step_with_uneven_micro_batches(mixer, method):
-    """Batch 7, micro-batch size 3 (micro-batches 3, 3, 1): `vectorize="on"` leaves the `.grad` of
-    `vectorize="off"` (one pass per micro-batch, the weights written), to 1e-12 relative."""
+def test_msam_step_with_uneven_micro_batches(mixer, method, checkpointed, n):
+    """Batch 7, micro-batch size 3 (micro-batches 3, 3, 1; batch 6 for the even case): `vectorize="on"` leaves the
+    `.grad` of `vectorize="off"` (one pass per micro-batch, the weights written), to 1e-12 relative; also with the
+    mixer inside torch.utils.checkpoint (non-reentrant), whose recomputation in the backward runs the fallback again
+    and stops early by raising through it."""
     torch.manual_seed(0)
-    on = Classifier(mixer).double()
+    on = Classifier(mixer, checkpointed).double()
     off = copy.deepcopy(on)
-    batch = {"x": inputs(7), "labels": torch.arange(7) % CLASSES}
+    batch = {"x": inputs(n), "labels": torch.arange(n) % CLASSES}
     grads = {}
     for vectorize, model in (("on", on), ("off", off)):
         sam = MicroBatchSAM(model, micro_batch_size=3, vectorize=vectorize, **method)
