@@ -785,6 +785,13 @@ class _Bare(nn.Module):
         return self._forward(*args, **kwargs)
 
 
+def _probe(p: torch.Tensor, k: int) -> torch.Tensor:
+    """z = 0 of shape [k, *p.shape] whose gradient autograd.grad can ask for: a zero-strided view of one zero that
+    requires grad, so that no k copies of the parameter are allocated (the gradient with respect to the view is
+    materialized, [k, *p.shape], and is each group's own)."""
+    return torch.zeros((), dtype=p.dtype, device=p.device, requires_grad=True).expand(k, *p.shape)
+
+
 def _recomputing() -> bool:
     """True while autograd runs a backward node: a forward called now is activation checkpointing's recomputation
     of a region (its saved tensors), not a new pass, so it records nothing."""
@@ -1003,8 +1010,7 @@ class Vectorizer:
         # takes the same path (same saved tensors) and records nothing.
         probed = capture is not None and _in_checkpoint()
         if probed:
-            z = {name: torch.zeros((pos.k, *self.params[i].shape), dtype=self.params[i].dtype,
-                                   device=self.params[i].device, requires_grad=True) for name, i in unit.wanted.items()}
+            z = {name: _probe(self.params[i], pos.k) for name, i in unit.wanted.items()}
             e = z if e is None else {name: e[name] + z[name] for name in e}
         out = None
         if e is not None and unit.rule.forward_at is not None:
@@ -1046,7 +1052,7 @@ class Vectorizer:
             t = self._e[i] if self._e is not None else None
             if capture is not None:
                 p = self.params[i]
-                z = torch.zeros((pos.k, *p.shape), dtype=p.dtype, device=p.device, requires_grad=True)
+                z = _probe(p, pos.k)
                 if not recomputing:
                     capture._probes.append((i, z))
                 t = z if t is None else t + z
