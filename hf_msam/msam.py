@@ -338,6 +338,10 @@ class MicroBatchSAM:
         self._vectorizer: Vectorizer | None = None
         self._memory_verdicts: dict[int, str | None] = {}  # "auto" on a GPU: whether k stacked copies fit, per k
         self._verified = False  # the first vectorized pass checks the loss reaches the weights only through the layers
+        self._refusal: str | None = None  # why a forward found the model unfit for the vectorized step (kept)
+        # Called when the vectorized step gives up after a pass whose loss `loss_fn` computed (the step then starts
+        # again with one pass per micro-batch): a trainer undoes that pass's side effects there (TRL's metrics).
+        self.on_discard: Callable[[], None] | None = None
         self.path: str | None = None  # "vectorized" or "sequential": what the last `backward` took
         self.path_reason: str | None = None  # why the last `backward` did not take the vectorized path
 
@@ -432,8 +436,9 @@ class MicroBatchSAM:
                     sync = [(size_fn or batch_size_of)(mb) for mb in micro_batches] if sync_weight == "size" else weights
                 try:
                     return self._vectorized_step(batch, group_layout, weights, loss_fn, rho, sync)
-                except _FellBack:
-                    pass  # the vectorized ascent could not run this model: one pass per micro-batch, from the start
+                except _FellBack:  # the vectorized ascent could not run this model: one pass per micro-batch, from
+                    if self.on_discard is not None:  # the start; the caller undoes what its discarded pass recorded
+                        self.on_discard()
             if self._mode == "reuse":
                 return self._reuse_step(micro_batches, weights, loss_fn)
             return self._perturbed_step(micro_batches, weights, loss_fn, size_fn, rho, sync_weight)
@@ -566,8 +571,9 @@ class MicroBatchSAM:
         if reason is None:
             params = self._trainable_params()
             if self._vectorizer is None or not _same(self._vectorizer.params, params):
-                self._vectorizer, self._verified = Vectorizer(self.model, params), False
-            reason = self._vectorizer.why_not() or self._memory_problem(params, len(micro_batches))
+                self._vectorizer, self._verified, self._refusal = Vectorizer(self.model, params), False, None
+            # a model found not to fit at a forward is not tried again (each try costs a pass)
+            reason = self._refusal or self._vectorizer.why_not() or self._memory_problem(params, len(micro_batches))
         if reason is not None:
             return self._take_sequential(reason)
         if layout == "rows":
@@ -632,7 +638,8 @@ class MicroBatchSAM:
                     grad_outputs = self._output_gradient(clean_loss, outputs) if functional else None  # before the graph goes
                     parts = self._group_gradients(capture, clean_loss)
             except NotVectorizable as err:  # nothing was accumulated or perturbed: the step can start again
-                self._take_sequential(str(err))
+                self._refusal = str(err)
+                self._take_sequential(self._refusal)
                 raise _FellBack from err
             self.path, self.path_reason = "vectorized", None
             g = self._per_micro_batch(parts, c)
@@ -648,7 +655,8 @@ class MicroBatchSAM:
                     del capture  # its records hold that forward's graph: freed before the perturbed pass
                     self._verified = True
                 except NotVectorizable as err:
-                    self._take_sequential(str(err))
+                    self._refusal = str(err)
+                    self._take_sequential(self._refusal)
                     raise _FellBack from err
             self.path, self.path_reason = "vectorized", None
         if self._mode == "reuse":  # LookSAM between its SAM steps: descend from g_j alone

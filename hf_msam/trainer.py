@@ -357,6 +357,7 @@ class MSAMMixin:
         # each micro-batch's loss is its share of that sum, so devices weigh by that share; otherwise (mean losses)
         # by their micro-batch's size.
         shares = size_fn == self._item_count and self._msam_loss_uses_num_items(num_items_in_batch)
+        self._msam.on_discard = getattr(self, "_msam_on_discard", None)  # hf_msam.trl: drop a discarded pass's metrics
         return self._msam.backward(
             inputs, loss_fn, size_fn=size_fn, split_fn=cut.split, step=t, rho=self._msam_rho_now(),
             sync_weight="share" if shares else "size", layout=cut.layout,

@@ -171,8 +171,23 @@ class _TRLStep:
         t = self.state.global_step + 1
         if not (self.msam_perturbation.enabled and self.msam_schedule.perturbs(t, self.state.max_steps)):
             return super().training_step(*args, **kwargs)  # a plain step: TRL's own, which enters the context itself
-        with getattr(self, "maybe_activation_offload_context", None) or contextlib.nullcontext():
-            return super().training_step(*args, **kwargs)
+        # A vectorized step that gives up after its first pass (a model found not to fit at its first forward) starts
+        # again with one pass per micro-batch: that pass's metrics are then dropped, or they would count twice.
+        metrics = self._metrics["train"]
+        saved = ({key: list(values) for key, values in metrics.items()}, getattr(self, "_total_train_tokens", None))
+
+        def discard() -> None:
+            metrics.clear()
+            metrics.update({key: list(values) for key, values in saved[0].items()})
+            if saved[1] is not None:
+                self._total_train_tokens = saved[1]
+
+        self._msam_on_discard = discard  # handed to the engine by MSAMMixin.training_step
+        try:
+            with getattr(self, "maybe_activation_offload_context", None) or contextlib.nullcontext():
+                return super().training_step(*args, **kwargs)
+        finally:
+            self._msam_on_discard = None
 
 
 @dataclass

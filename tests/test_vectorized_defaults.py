@@ -2,6 +2,7 @@
 the same, one pass per micro-batch otherwise (SAM, a loss written by the user, too little GPU memory), with the
 update the sequential step's either way."""
 
+import copy
 import types
 
 import pytest
@@ -133,3 +134,40 @@ def test_preference_losses_across_pairs_are_not_vectorized(loss_type, expected):
     trainer.args = types.SimpleNamespace(loss_type=loss_type)
     cut = types.SimpleNamespace(layout="pairs")
     assert trainer._msam_decomposable({}, cut, None, False) is expected
+
+
+def test_a_model_found_unfit_at_a_forward_is_not_tried_again_and_its_pass_is_discarded():
+    """A weight read outside its layer is found in the graph of the first vectorized pass: the step then starts again
+    with one pass per micro-batch and calls `on_discard` once (a trainer drops that pass's metrics there; TRL's fused
+    LM head is such a model). Later steps take one pass per micro-batch at once, with the same reason: no pass is
+    spent on the vectorized path again. The gradient of every step is the `off` one's."""
+    from test_vectorized_arch import VOCAB, DirectRead, Net
+
+    torch.manual_seed(0)
+    model = Net(DirectRead()).double()
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, VOCAB, (4, 5), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": torch.arange(4) % 3}
+    calls, discards = [], []
+
+    def loss_of(m):
+        def loss(mb, info=None):
+            calls.append(info.point if info is not None else None)
+            return m(**mb)["loss"]
+        return loss
+
+    sam = MicroBatchSAM(model, rho=0.1, micro_batch_size=2, vectorize="auto")
+    sam.on_discard = lambda: discards.append(len(calls))
+    off = MicroBatchSAM(twin, rho=0.1, micro_batch_size=2, vectorize="off")
+    for step in range(2):
+        calls.clear()
+        model.zero_grad(set_to_none=True)
+        twin.zero_grad(set_to_none=True)
+        sam.backward(batch, loss_of(model))
+        off.backward(batch, lambda mb: twin(**mb)["loss"])
+        assert sam.path == "sequential" and "outside the layer calls" in sam.path_reason
+        # step 1: the discarded vectorized pass, then 2 micro-batches x (clean, perturbed); step 2: those 4 only
+        assert len(calls) == (5 if step == 0 else 4), calls
+        for a, b in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(a.grad, b.grad)
+    assert discards == [1]
