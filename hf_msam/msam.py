@@ -743,7 +743,10 @@ class MicroBatchSAM:
         for d_j, c_j in zip(d, c):
             d_j = [t if t.dtype == p.dtype else t.to(p.dtype) for t, p in zip(d_j, params)]
             term = torch._foreach_mul(d_j, c_j.to(d_j[0].dtype) if isinstance(c_j, torch.Tensor) else c_j)
-            total = term if total is None else torch._foreach_add(total, term)
+            if total is None:
+                total = term  # fresh tensors: the later terms are added into them
+            else:
+                torch._foreach_add_(total, term)
         self._accumulate(total, params, None)
 
     # -- gradients without touching `.grad` -------------------------------------------------------

@@ -19,18 +19,36 @@ def free_port():
         return s.getsockname()[1]
 
 
+def script_env() -> dict:
+    """The environment of a launched test script: tests/ importable, one thread per process."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+
+
+def torchrun_ranks(tmp_path, script: str, *args: str) -> list[dict]:
+    """Run tests/`script` in 2 gloo processes through torchrun; what each rank saved (rank0.pt, rank1.pt)."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), str(HERE / script), str(tmp_path), *args,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+
+def mlp_at(weights) -> MLP:
+    """The float64 MLP of tests/reference.py with the given weights (a rank's `initial`)."""
+    model = MLP().double()
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), weights):
+            p.copy_(w)
+    return model
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("vectorize, path", [("off", "sequential"), ("on", "vectorized")])
 def test_two_process_ddp_matches_per_device_reference(tmp_path, vectorize, path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), str(HERE / "ddp_script.py"), str(tmp_path), vectorize,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = torchrun_ranks(tmp_path, "ddp_script.py", vectorize)
     assert ranks[0]["world_size"] == 2
     assert ranks[0]["path"] == ranks[1]["path"] == path
     assert ranks[0]["perturbations_per_step"] == 2 * 1 * 2  # devices x accumulation x ceil(4 / 3)
@@ -41,10 +59,7 @@ def test_two_process_ddp_matches_per_device_reference(tmp_path, vectorize, path)
         assert torch.equal(a, b)
 
     # Reference: each device perturbs with its own micro-batches; DDP averages the descent gradients.
-    model = MLP().double()
-    with torch.no_grad():
-        for p, w in zip(model.parameters(), ranks[0]["initial"]):
-            p.copy_(w)
+    model = mlp_at(ranks[0]["initial"])
     for step in range(2):
         grads = [msam_gradient(model, r["batches"][step], 3, 0.2) for r in ranks]
         with torch.no_grad():
@@ -72,14 +87,7 @@ def test_two_process_functional_sam_matches_the_union_reference(tmp_path, vector
     the all-reduced gradients of the earlier steps (the plain gradient before the first)."""
     from test_functional_sam import adam_inverse_by_hand, functional_reference
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), str(HERE / "ddp_script.py"), str(tmp_path), vectorize, "functional", precondition,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = torchrun_ranks(tmp_path, "ddp_script.py", vectorize, "functional", precondition)
     steps = 3 if precondition == "adam" else 2
     assert ranks[0]["world_size"] == 2 and len(ranks[0]["batches"]) == steps
     assert ranks[0]["path"] == ranks[1]["path"] == path
@@ -87,10 +95,7 @@ def test_two_process_functional_sam_matches_the_union_reference(tmp_path, vector
     for a, b in zip(ranks[0]["final"], ranks[1]["final"]):
         assert torch.equal(a, b)
 
-    model = MLP().double()
-    with torch.no_grad():
-        for p, w in zip(model.parameters(), ranks[0]["initial"]):
-            p.copy_(w)
+    model = mlp_at(ranks[0]["initial"])
     params = list(model.parameters())
     optimizer = (
         torch.optim.AdamW(params, lr=0.05, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -133,12 +138,11 @@ def readme_cpu_command():
 
 
 def launch(tmp_path, launcher_args, script_args):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", *launcher_args, "--main_process_port", str(free_port()),
         str(HERE / "readme_ddp_script.py"), *script_args, "--output_dir", str(tmp_path), *README_SCRIPT_ARGS,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, [torch.load(f) for f in sorted(tmp_path.glob("rank*.pt"))]
 
@@ -159,10 +163,7 @@ def test_readme_cpu_command_trains_two_processes_in_one_group(tmp_path):
         assert torch.equal(a, b)
     assert not torch.equal(ranks[0]["batches"][0]["x"], ranks[1]["batches"][0]["x"])  # each its own data
     # Reference: per device, micro-batches of 8 of its 16 examples, rho 0.05; DDP averages the two descents.
-    model = MLP().double()
-    with torch.no_grad():
-        for p, w in zip(model.parameters(), ranks[0]["initial"]):
-            p.copy_(w)
+    model = mlp_at(ranks[0]["initial"])
     for step in range(2):
         grads = [msam_gradient(model, r["batches"][step], 8, 0.05) for r in ranks]
         with torch.no_grad():
@@ -245,14 +246,7 @@ def flat_lora_reference(ranks):
 @pytest.mark.parametrize("vectorize, path", [("off", "sequential"), ("auto", "vectorized")])
 def test_two_process_ddp_flat_lora_matches_per_rank_noise_reference(tmp_path, vectorize, path):
     pytest.importorskip("peft")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), str(HERE / "ddp_flat_lora_script.py"), str(tmp_path), vectorize,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = torchrun_ranks(tmp_path, "ddp_flat_lora_script.py", vectorize)
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["rank"] for r in ranks] == [0, 1]
     assert ranks[0]["path"] == ranks[1]["path"] == path
     assert not torch.equal(ranks[0]["batches"][0]["x"], ranks[1]["batches"][0]["x"])  # each its own data

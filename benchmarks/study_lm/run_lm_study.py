@@ -163,6 +163,12 @@ def train_one(model, train_ds, val_ds, out: Path, seed: int, steps: int, lr: flo
     }
 
 
+def print_run(task: str, method: str, seed: int, r: dict, t_start: float) -> None:
+    """One finished run, as a JSON line on stdout (progress of a long study)."""
+    print(json.dumps({"task": task, "method": method, "seed": seed, "val_loss": r["val_loss"],
+                      "wall_s": round(r["wall_s"], 1), "elapsed_s": round(time.perf_counter() - t_start)}), flush=True)
+
+
 def run_cached(path: Path, settings: dict, fn) -> dict:
     if path.exists():
         old = json.loads(path.read_text())
@@ -284,9 +290,7 @@ def main(argv=None) -> dict:
 
                 r = run_cached(rdir / "run.json", key, go)
                 res[name][s] = r
-                print(json.dumps({"task": "lm", "method": name, "seed": s, "val_loss": r["val_loss"],
-                                  "wall_s": round(r["wall_s"], 1), "elapsed_s": round(time.perf_counter() - t_start)}),
-                      flush=True)
+                print_run("lm", name, s, r, t_start)
         out["tasks"]["lm"] = {"runs": {m: {str(s): r for s, r in v.items()} for m, v in res.items()},
                               "summary": summarize(res, a.seeds)}
 
@@ -321,9 +325,7 @@ def main(argv=None) -> dict:
 
                 r = run_cached(rdir / "run.json", key, go)
                 res[name][s] = r
-                print(json.dumps({"task": "lora", "method": name, "seed": s, "val_loss": r["val_loss"],
-                                  "wall_s": round(r["wall_s"], 1), "elapsed_s": round(time.perf_counter() - t_start)}),
-                      flush=True)
+                print_run("lora", name, s, r, t_start)
         # the base model before fine-tuning, on the LoRA validation split
         from hf_msam import MSAMTrainer, MSAMTrainingArguments
 
