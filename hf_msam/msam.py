@@ -691,6 +691,7 @@ class MicroBatchSAM:
             else:
                 with model_outputs(self.model, functional) as outputs:
                     perturbed_loss = loss_fn(batch, MicroBatch(0, 1, 1.0, "perturbed", not clean_pass))
+                vec.check_routing()  # before the backward: a layer that ran unrouted saw no e_j
                 # Functional-SAM: Σ_j c_j·J_F(w + e_j)ᵀ∇_F L_j(w), each row's F at its own w + e_j
                 self._backward(self.descent.surrogate(outputs, grad_outputs) if functional else perturbed_loss)
                 del outputs

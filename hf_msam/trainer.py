@@ -19,6 +19,7 @@ from transformers.training_args import OptimizerNames
 
 from .batches import SequenceBoundsRecorder, batch_size_of, splitter_for, trl_bases
 from .flatness import check_flatness_supported, evaluate_flatness
+from .integrations.patching import set_on_instance
 from .methods import DescentRule, PerturbationRule, build_method, check_compatible
 from .methods.sam import SAMPerturbation
 from .msam import DEEPSPEED_REFUSAL, MicroBatch, MicroBatchSAM, MSAMStats, Schedule, check_trainable
@@ -330,6 +331,9 @@ class MSAMMixin:
         t = self.state.global_step + 1  # the optimizer step this call contributes to (1-based)
         if not self.msam_perturbation.enabled or not self.msam_schedule.perturbs(t, self.state.max_steps):
             return super().training_step(model, inputs, num_items_in_batch)  # a plain step, the base trainer's own
+        # Trainer.training_step's first act, done before the engine routes any forward: a transformers model that
+        # uses hub kernels re-kernelizes (replaces its layers' forwards) when its mode changes (integrations.hub_kernels).
+        model.train()
         if self._msam is None or self._msam.model is not model:
             self._msam = self._msam_engine(model)
         inputs = self._prepare_inputs(inputs)
@@ -392,21 +396,16 @@ class MSAMMixin:
         backward held back (mSAM decides where and how often to backpropagate). Subclasses' `training_step`
         overrides are not run here: they wrap the whole mSAM step, once."""
         held: list[torch.Tensor] = []
-        accelerator = self.accelerator
-        own = accelerator.__dict__.get("backward")  # an instance attribute of someone else's, to put back
 
         def hold(loss: torch.Tensor, **kwargs: Any) -> None:
             held.append(loss)
 
-        accelerator.backward = hold
+        restore = set_on_instance(self.accelerator, "backward", hold)  # accelerate's own, or another's, after
         try:
             # compute_loss may pop "labels": give it a copy, the micro-batch is used twice.
             Trainer.training_step(self, model, copy.copy(inputs), num_items_in_batch)
         finally:
-            if own is None:
-                del accelerator.backward
-            else:
-                accelerator.backward = own
+            restore()
         return held[0]
 
     def _msam_loss_uses_num_items(self, num_items_in_batch: Any) -> bool:

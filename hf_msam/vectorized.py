@@ -105,6 +105,9 @@ from torch.autograd.graph import get_gradient_edge
 from torch.utils import _pytree as pytree
 from torch.utils import checkpoint as torch_checkpoint
 
+from .integrations import hub_kernels
+from .integrations.hub_kernels import hub_kernel_forward
+from .integrations.patching import set_on_instance
 from .ops import unaliased
 
 __all__ = [
@@ -686,15 +689,17 @@ def _computes_like_llama_rms_norm(module: nn.Module) -> bool:
     Matched by code, not by name: transformers generates Qwen2RMSNorm, MistralRMSNorm, Qwen3RMSNorm and many more
     from Llama's code ("Copied from" / modular), so their forwards are the same bytecode in another file, while a
     class that computes something else (Gemma's (1 + weight), a forward patched onto the class, or overridden in a
-    subclass, or set on the instance as kernels' `kernelize` does) is not matched and takes the torch.func fallback.
+    subclass, or set on the instance by someone) is not matched and takes the torch.func fallback. A hub kernel that
+transformers' `kernelize` set on the instance for training is taken to compute the same (see
+`hf_msam.integrations.hub_kernels`): the rule applies, and the capture's forward runs the kernel.
     The constants, names and variable names are compared along with the bytecode, so `keepdim`, the -1 dim and the
     attribute names are the same too."""
     forward = getattr(type(module), "forward", None)
     reference = _llama_rms_forward_key()
     if reference is None or _code_key(forward) != reference or forward.__globals__.get("torch") is not torch:
         return False
-    if "forward" in module.__dict__:  # the instance computes with another forward
-        return False
+    if "forward" in module.__dict__ and not (hub_kernel_forward(module) and module.training):
+        return False  # the instance computes with another forward (a hub kernel for this layer computes the same)
     weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
     # A weight of another shape would broadcast differently from what the rule's sums over the last dim assume.
     return isinstance(weight, nn.Parameter) and weight.dim() == 1 and isinstance(eps, (int, float))
@@ -861,7 +866,7 @@ class Vectorizer:
         self._e: list[torch.Tensor] | None = None
         self._capture: Capture | None = None
         self._suspended = 0  # > 0 inside a fallback's functional call: its subtree is its business
-        self._undo: list[Callable[[], None]] = []
+        self._undo: list[tuple[_Unit, Callable, Callable[[], bool]]] = []  # (unit, its routed forward, the undo)
 
     # -- what is covered --------------------------------------------------------------------------
     def _scan(self) -> tuple[list[_Unit], list[str]]:
@@ -961,40 +966,50 @@ class Vectorizer:
             if first:
                 self._install()
             yield
+            if first:
+                self.check_routing()  # what ran unrouted computed no group's part: never a silent wrong answer
         finally:
             if first:
                 self._uninstall()
             self._layout, self._e, self._capture = saved
 
     def _install(self) -> None:
+        hub_kernels.settle(self.model)  # a kernelization the pass's model.train() would run: now, before routing
         for unit in self._units:
-            self._undo.append(self._patch_forward(unit, self._rule_forward if unit.rule is not None else self._fallback_forward))
+            routed = _routed(unit, self._rule_forward if unit.rule is not None else self._fallback_forward,
+                             unit.module.__dict__.get("forward"))
+            self._undo.append((unit, routed, set_on_instance(unit.module, "forward", routed)))
 
     def _uninstall(self) -> None:
+        """Every unit's forward back as it was found, or as someone who replaced ours in between left it. Never
+        raises (it runs in `finally`); a routed forward left inside someone else's wrapper calls through."""
         while self._undo:
-            self._undo.pop()()
+            self._undo.pop()[2]()
 
-    @staticmethod
-    def _patch_forward(unit: _Unit, forward: Callable) -> Callable[[], None]:
-        """Route the module's forward through `forward(unit, inner, ...)` (on the instance); return what undoes it.
+    def routing_problem(self) -> str | None:
+        """None while every routed forward is still in place; else which modules' forwards someone else replaced or
+        removed since the context began (the layer then ran unrouted: its perturbation or its gradient is missing)."""
+        changed = []
+        for unit, routed, _ in self._undo:
+            now = unit.module.__dict__.get("forward")
+            if now is not routed:
+                what = "removed" if now is None else f"replaced by {getattr(now, '__qualname__', type(now).__name__)}"
+                changed.append(f"{unit.where}: its forward was {what}")
+        if not changed:
+            return None
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        return ("the routed forwards changed during the pass (" + "; ".join(changed[:3]) + more + ")"
+                + hub_kernels.explain_changed_forward(self.model))
 
-        Replacing the forward, rather than hooking its output, lets a layer at w + e_j be computed at the cost of the
-        layer itself; forward hooks and pre-hooks of others still run around it."""
-        module = unit.module
-        own = module.__dict__.get("forward")  # set by someone else (accelerate's hooks, say): wrap it, keep it
-        module.forward = _routed(unit, forward, own)
-
-        def restore() -> None:
-            if own is None:
-                del module.forward
-            else:
-                module.forward = own
-
-        return restore
+    def check_routing(self) -> None:
+        """Raise NotVectorizable if a routed forward was replaced or removed since the context began."""
+        problem = self.routing_problem()
+        if problem:
+            raise NotVectorizable(problem)
 
     # -- a layer with a rule ----------------------------------------------------------------------
     def _rule_forward(self, unit: _Unit, inner: Callable, *args, **kwargs):
-        if self._suspended:
+        if self._suspended or self._layout is None:  # inactive: left inside someone's wrapper after the context
             return inner(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()))
         pos = self._layout.positions(x.device)
@@ -1032,7 +1047,7 @@ class Vectorizer:
     # -- a layer without one: torch.func ----------------------------------------------------------
     def _fallback_forward(self, unit: _Unit, inner: Callable, *args, **kwargs):
         capture = self._capture if torch.is_grad_enabled() else None
-        if self._suspended or (self._e is None and capture is None):
+        if self._suspended or self._layout is None or (self._e is None and capture is None):
             return inner(*args, **kwargs)
         recomputing = _recomputing()  # activation checkpointing's recomputation: the same computation, no records
         leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -1160,6 +1175,7 @@ class Capture:
         (with a loss that sums each group's own loss, group j's own gradient). One backward, to the recorded layer
         outputs only: `.grad` is untouched and the full weight gradients are never formed. `retain_graph` as for
         `torch.autograd.grad` (keep it to call `loss.backward()` afterwards)."""
+        self.vectorizer.check_routing()  # at every step, not only the verified first: a layer run unrouted has no part
         params = self.vectorizer.params
         calls, probes = self._calls, self._probes
         inputs = [c.edge for c in calls] + [z for _, z in probes]
@@ -1199,6 +1215,7 @@ class Capture:
         a weight read directly by other code (DoRA's norm, a parent module's F.linear(x, child.weight), a
         penalty on the weights), which neither the rules nor the perturbation would see. Walks the whole graph
         in Python: meant for a first step, before `group_gradients` (which frees the graph)."""
+        self.vectorizer.check_routing()  # a layer whose routing someone took off: the clearer reason of the two
         index = self.vectorizer._index
         inside: set = set()
         roots: set = set()

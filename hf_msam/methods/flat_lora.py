@@ -36,11 +36,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..integrations.patching import set_on_instance
 from ..vectorized import Positions
 from ..vectorized import _compute_dtype as _matmul_dtype
 from . import register_method
 from .base import PerturbationRule
 from .sam import SAMDescent
+
 
 SCHEDULES = ("cosine", "constant")
 
@@ -288,16 +290,14 @@ class FlatLoRAPerturbation(PerturbationRule):
     @contextlib.contextmanager
     def _forwards(self, model: nn.Module, make):
         """Each LoRA layer's base forward replaced by make(layer number, layer) inside; the class's outside."""
-        installed = []
+        undo = []
         try:
             for i, layer in enumerate(self.layers_of(model)):
-                base = layer.base_layer
-                base.forward = make(i, layer)
-                installed.append(base)
+                undo.append(set_on_instance(layer.base_layer, "forward", make(i, layer)))
             yield
         finally:
-            for base in installed:
-                del base.forward  # the class's forward again
+            for restore in reversed(undo):
+                restore()  # the forward found, unless someone replaced ours in between
 
     def perturbing(self, model: nn.Module, step: Any, index: int, count: int):
         self._check_step(step)
