@@ -12,7 +12,7 @@ from .methods.gsam import GSAMDescent
 from .methods.looksam import LookSAMDescent
 from .methods.momentum import MomentumPerturbation
 from .methods.sam import SAMDescent, SAMPerturbation
-from .msam import MicroBatch, MicroBatchSAM, MSAMStats, Schedule
+from .engine import MicroBatch, MicroBatchSAM, MSAMStats, Schedule
 from .trainer import MSAMMixin, MSAMTrainer
 from .training_args import MSAMArguments, MSAMTrainingArguments
 

@@ -156,7 +156,7 @@ class _Sharding:
 
 
 def _sharding(model: nn.Module, params: list[nn.Parameter], data: list[tuple[Mapping[str, Any], int]]) -> _Sharding | None:
-    from .msam import _is_fsdp2  # the engine's test (hf_msam.msam imports much more than this module needs)
+    from .integrations.torch_internals import is_fsdp2 as _is_fsdp2
 
     if not _is_fsdp2(model):
         return None
@@ -629,7 +629,7 @@ def loss_landscape(
         raise ValueError(f"span must be a finite number > 0, got {span!r}.")
     params = _trainable_parameters(model)
     data = _materialize(batches, params[0].device, size_fn)
-    from .msam import _is_fsdp2
+    from .integrations.torch_internals import is_fsdp2 as _is_fsdp2
 
     if _is_fsdp2(model):
         raise NotImplementedError(
@@ -767,7 +767,7 @@ def evaluate_flatness(trainer: Any, eval_dataset: Any = None, metric_key_prefix:
             hessian_trace(model, batches, samples=msam_setting(args, "msam_flatness_iters"), **common),
             sharpness(model, batches, rho=msam_setting(args, "msam_flatness_rho"), **common),
         ]
-        from .msam import _is_fsdp2
+        from .integrations.torch_internals import is_fsdp2 as _is_fsdp2
 
         if trainer.accelerator.num_processes > 1 and not _is_fsdp2(model):  # FSDP2: already over all ranks' batches
             values = trainer.accelerator.reduce(torch.tensor(values, device=args.device), reduction="mean").tolist()

@@ -22,7 +22,7 @@ from .flatness import check_flatness_supported, evaluate_flatness
 from .integrations.patching import set_on_instance
 from .methods import DescentRule, PerturbationRule, build_method, check_compatible
 from .methods.sam import SAMPerturbation
-from .msam import DEEPSPEED_REFUSAL, MicroBatch, MicroBatchSAM, MSAMStats, Schedule, check_trainable
+from .engine import DEEPSPEED_REFUSAL, MicroBatch, MicroBatchSAM, MSAMStats, Schedule, check_trainable
 from .st import check_losses, loss_parameters, whole_batch_loss, whole_batch_step
 from .training_args import MSAMArguments, check_msam_settings, msam_setting
 

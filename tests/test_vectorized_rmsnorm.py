@@ -197,7 +197,7 @@ def test_perturbed_pass_of_one_norm_matches_a_loop_over_groups(key, path, monkey
     the input gradient is then only float32-close (it left test_vectorized.py's float64 Llama 1e-7 off)."""
     if path == "delta":
         without = dataclasses.replace(_norm_rule(), forward_at=None)
-        monkeypatch.setattr(vectorized, "FORWARD_RULES", [(vectorized._computes_like_llama_rms_norm, without)])
+        monkeypatch.setattr(vectorized.registry, "FORWARD_RULES", [(vectorized._computes_like_llama_rms_norm, without)])
     norm, x, weights, layout = _norm_and_batch(key)
     e = torch.randn(layout.k, WIDTH, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 0.1
     vec = Vectorizer(norm, [norm.weight])
@@ -254,7 +254,7 @@ def test_bf16_matches_the_fallback(weights_dtype, autocast, monkeypatch):
          for p in model.parameters()]
     got = _group_grads_and_grad(model, x, layout, e, autocast)
     assert got[2].fallback_modules() == []
-    monkeypatch.setattr(vectorized, "FORWARD_RULES", [])  # no rule for the norm: the fallback runs it
+    monkeypatch.setattr(vectorized.registry, "FORWARD_RULES", [])  # no rule for the norm: the fallback runs it
     want = _group_grads_and_grad(twin, x, layout, e, autocast)
     assert want[2].fallback_modules() == ["1 (LlamaRMSNorm)"]
     for a, b in zip(got[0] + got[1], want[0] + want[1]):
@@ -285,7 +285,7 @@ def float64_rule_without_float32(monkeypatch):
     def patched(module):
         return type(module).forward is arch._rms_norm_in_input_dtype and module.weight.dim() == 1
 
-    monkeypatch.setattr(vectorized, "FORWARD_RULES", [(patched, vectorized.llama_rms_norm_rule(None))])
+    monkeypatch.setattr(vectorized.registry, "FORWARD_RULES", [(patched, vectorized.llama_rms_norm_rule(None))])
 
 
 def _compare(family: str, method: str, k: int, dtype: torch.dtype) -> float:

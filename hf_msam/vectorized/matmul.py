@@ -1,0 +1,101 @@
+"""The grouped matmuls of Linear-like layers: per-group gradients Σ_{i∈B_j} δ_i x_iᵀ, the extra output e_j x_i, and
+the perturbed matmul y_j = x_j (W + e_j)ᵀ for every group in one bmm, at the cost of the plain layer (its backward
+rebuilds W + e_j instead of keeping k copies). Flat-LoRA's per-group noisy base layers use the same matmul."""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import Positions
+
+__all__ = ["compute_dtype", "perturbed_matmul"]
+
+
+def _matmul_group_grad(x: torch.Tensor, delta: torch.Tensor, pos: Positions, transposed: bool) -> torch.Tensor:
+    """Σ_{i∈B_j} δ_i x_iᵀ for every j ([k, out, in]), or its transpose ([k, in, out], GPT-2's Conv1D)."""
+    a = pos.grouped(x.to(delta.dtype)).flatten(1, -2)  # [k, m, in], m = r · (positions per row)
+    d = pos.grouped(delta, zero_pad=True).flatten(1, -2)  # [k, m, out]; padding slots are zero
+    return torch.bmm(a.transpose(1, 2), d) if transposed else torch.bmm(d.transpose(1, 2), a)
+
+
+def _matmul_delta(x: torch.Tensor, out: torch.Tensor, e_w, e_b, pos: Positions, transposed: bool) -> torch.Tensor:
+    """Δ_i = e_W,j x_i + e_b,j for position i of group j (e_W stored [k, in, out] when `transposed`)."""
+    xg = pos.grouped(x.to(out.dtype))  # [k, r, *mid, in]
+    a = xg.flatten(1, -2)  # [k, m, in]
+    d = a.new_zeros(()).expand(*a.shape[:2], out.shape[-1])
+    if e_w is not None:
+        e_w = e_w.to(out.dtype)
+        d = torch.bmm(a, e_w if transposed else e_w.transpose(1, 2))  # [k, m, out]
+    if e_b is not None:
+        d = d + e_b.to(out.dtype).unsqueeze(1)
+    return pos.ungrouped(d.reshape(*xg.shape[:-1], out.shape[-1]))
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul with input x runs in: autocast's, for the inputs autocast casts (not float64)."""
+    device = x.device.type
+    if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _perturbed_weight(w: torch.Tensor, e: torch.Tensor, transposed: bool, dtype: torch.dtype) -> torch.Tensor:
+    """W + e_j for every j, as [k, in, out] (the right operand of x_j @ ·), in the compute dtype."""
+    w_e = (w + e).to(dtype)
+    return w_e if transposed else w_e.transpose(1, 2)
+
+
+class _PerturbedMatmul(torch.autograd.Function):
+    """y_j = x_j (W + e_j)ᵀ for all groups j in one bmm; x: [k, m, in], W: [out, in] ([in, out] when `transposed`).
+
+    Autograd would keep the k perturbed copies W + e_j alive until the backward; this keeps W and e and adds them
+    again there. The gradient for W is Σ_j y_jᵀ-gradient · x_j over all groups: one matmul, as for a plain layer.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, e, transposed, dtype):
+        ctx.save_for_backward(x, w, e)
+        ctx.transposed, ctx.dtype = transposed, dtype
+        return torch.bmm(x, _perturbed_weight(w, e, transposed, dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, e = ctx.saved_tensors
+        dx = dw = de = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.bmm(dy, _perturbed_weight(w, e, ctx.transposed, ctx.dtype).transpose(1, 2))
+        if _engine_uses(ctx, 1):  # not in a capture, whose autograd.grad asks for the groups' parts only
+            dy_flat, x_flat = dy.flatten(0, 1), x.flatten(0, 1)  # padding slots have dy = 0: they add nothing
+            dw = (x_flat.t().mm(dy_flat) if ctx.transposed else dy_flat.t().mm(x_flat)).to(w.dtype)
+        if _engine_uses(ctx, 2):  # e requiring grad: its gradient is each group's own
+            de = (torch.bmm(x.transpose(1, 2), dy) if ctx.transposed else torch.bmm(dy.transpose(1, 2), x)).to(e.dtype)
+        return dx, dw, de, None, None
+
+
+def _engine_uses(ctx, i: int) -> bool:
+    """Whether the backward now running will use the gradient of input i of this Function (autograd.grad with
+    `inputs` skips the rest of the graph; `needs_input_grad` only says the input requires grad). Where torch cannot
+    say, it is computed."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    try:
+        node = ctx.next_functions[i][0]
+        return node is None or torch._C._will_engine_execute_node(node)
+    except (AttributeError, RuntimeError):
+        return True
+
+
+def _perturbed_matmul(x, w, b, e_w, e_b, pos: Positions, transposed: bool) -> torch.Tensor:
+    """The output at w + e_j of a Linear (or Conv1D): (W + e_j) x_i + b + e_b,j for position i of group j, at the cost
+    of the plain layer (Δ = e_j x_i alone would cost as much as the layer again, forward and backward)."""
+    dtype = _compute_dtype(x)
+    xg = pos.grouped(x).to(dtype)  # [k, r, *mid, in]; padding repeats a real position, its output is dropped
+    y = _PerturbedMatmul.apply(xg.flatten(1, -2), w, e_w, transposed, dtype)  # [k, m, out]
+    if b is not None:
+        bias = b if e_b is None else b + e_b  # [out], or [k, out]
+        y = y + bias.to(dtype).unsqueeze(-2)
+    return pos.ungrouped(y.reshape(*xg.shape[:-1], y.shape[-1]))
+
+
+compute_dtype = _compute_dtype
+perturbed_matmul = _perturbed_matmul
