@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import functools
 import glob
 import logging
@@ -19,7 +17,7 @@ from transformers.training_args import OptimizerNames
 
 from .batches import SequenceBoundsRecorder, batch_size_of, splitter_for, trl_bases
 from .flatness import check_flatness_supported, evaluate_flatness
-from .integrations.patching import set_on_instance
+from .integrations import transformers as transformers_adapter
 from .methods import DescentRule, PerturbationRule, build_method, check_compatible
 from .methods.sam import SAMPerturbation
 from .engine import DEEPSPEED_REFUSAL, MicroBatch, MicroBatchSAM, MSAMStats, Schedule, check_trainable
@@ -336,7 +334,7 @@ class MSAMMixin:
         model.train()
         if self._msam is None or self._msam.model is not model:
             self._msam = self._msam_engine(model)
-        inputs = self._prepare_inputs(inputs)
+        inputs = transformers_adapter.prepare_inputs(self, inputs)
         whole_batch = whole_batch_loss(self, inputs)  # sentence-transformers: a loss comparing a batch's examples
         if whole_batch is not None and self.msam_micro_batch_size and batch_size_of(inputs) > self.msam_micro_batch_size:
             return whole_batch_step(self, model, whole_batch, inputs, num_items_in_batch, cut.split, t, self._msam_rho_now())
@@ -391,28 +389,12 @@ class MSAMMixin:
         return isinstance(labels, torch.Tensor) and (labels.dim() == 1 or labels.is_floating_point())
 
     def _msam_step_loss(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
-        """The loss `Trainer.training_step` would backpropagate for `inputs`: its `compute_loss`, its normalization
-        for gradient accumulation and DataParallel, its cache clearing, taken from the Trainer's own step with the
-        backward held back (mSAM decides where and how often to backpropagate). Subclasses' `training_step`
-        overrides are not run here: they wrap the whole mSAM step, once."""
-        held: list[torch.Tensor] = []
-
-        def hold(loss: torch.Tensor, **kwargs: Any) -> None:
-            held.append(loss)
-
-        restore = set_on_instance(self.accelerator, "backward", hold)  # accelerate's own, or another's, after
-        try:
-            # compute_loss may pop "labels": give it a copy, the micro-batch is used twice.
-            Trainer.training_step(self, model, copy.copy(inputs), num_items_in_batch)
-        finally:
-            restore()
-        return held[0]
+        """The loss `Trainer.training_step` would backpropagate for `inputs` (see the transformers adapter)."""
+        return transformers_adapter.loss_of_training_step(self, model, inputs, num_items_in_batch)
 
     def _msam_loss_uses_num_items(self, num_items_in_batch: Any) -> bool:
         """Whether the loss is normalized by `num_items_in_batch` (`Trainer.training_step`'s own rule)."""
-        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
-            return self.loss_is_scaled_for_ga
-        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        return transformers_adapter.loss_is_normalized_by_num_items(self, num_items_in_batch)
 
     def _msam_engine(self, model: nn.Module) -> MicroBatchSAM:
         """The engine for `model`, built at the first perturbed step (the optimizer exists by then)."""

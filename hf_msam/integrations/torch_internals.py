@@ -19,6 +19,20 @@ from torch import nn
 TESTED = {"torch": ("2.13.0", "2.14.1")}
 
 
+def missing_upstream_names() -> list[str]:
+    """The private names of torch this adapter relies on that the installed torch no longer has."""
+    missing = []
+    if not hasattr(torch.amp.GradScaler, "_get_scale_async"):
+        missing.append("torch.amp.GradScaler._get_scale_async")
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return [*missing, "torch.distributed.fsdp.FSDPModule"]
+    if not hasattr(FSDPModule, "_get_fsdp_state"):
+        missing.append("torch.distributed.fsdp.FSDPModule._get_fsdp_state")
+    return missing
+
+
 def scale_of(scaler: Any) -> torch.Tensor:
     """The GradScaler's current scale as a tensor on its device, without a host sync."""
     return scaler._get_scale_async()
