@@ -536,7 +536,7 @@ REFUSED = {
     "embedding-scale-grad-by-freq": (
         lambda: Net(embedding=torch.nn.Embedding(VOCAB, 8, scale_grad_by_freq=True)), "scale_grad_by_freq"),
     "dora": (_dora_net, "DoRA"),
-    "weight-read-outside-its-layer": (lambda: Net(DirectRead()), r"parameter \d+ \[8, 8\] \(read by"),
+    "weight-read-outside-its-layer": (lambda: Net(DirectRead()), r"middle\.lin\.weight \(parameter \d+\) \[8, 8\] \(read by"),
     "input-reshaped": (lambda: Net(Flattening()), "leading dims are not the batch"),
     "fallback-fails-in-vmap": (lambda: Net(DataDependent()), "torch.func fallback for middle .DataDependent. failed"),
     "fallback-output-without-rows": (lambda: Net(PlusSummary()), "does not carry the group's positions"),

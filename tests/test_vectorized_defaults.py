@@ -171,3 +171,29 @@ def test_a_model_found_unfit_at_a_forward_is_not_tried_again_and_its_pass_is_dis
         for a, b in zip(model.parameters(), twin.parameters()):
             assert torch.equal(a.grad, b.grad)
     assert discards == [1]
+
+
+def test_the_path_line_is_logged_under_off_too_and_names_a_parameter_by_its_name(caplog):
+    """`--msam_vectorize off` logs its path line once; a refusal at a forward names the parameter's module path."""
+    import logging
+
+    from reference import MLP, mlp_dataset
+    from test_trainer_reference import stack
+
+    from hf_msam import MicroBatchSAM
+
+    batch = stack(mlp_dataset(4))
+    model = MLP().double()
+    sam = MicroBatchSAM(model, micro_batch_size=2, vectorize="off")
+    with caplog.at_level(logging.INFO, logger="hf_msam"):
+        sam.backward(batch, lambda mb: model(**mb)["loss"])
+        sam.backward(batch, lambda mb: model(**mb)["loss"])
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("mSAM step:")]
+    assert lines == ["mSAM step: one pass per micro-batch (sequential), because vectorize='off' (--msam_vectorize off)."]
+
+    def reads_outside(mb):  # the loss reads fc2's weight outside fc2's call
+        return model(**mb)["loss"] + 1e-3 * model.fc2.weight.square().sum()
+
+    sam = MicroBatchSAM(model, micro_batch_size=2, vectorize="auto")
+    sam.backward(batch, reads_outside)
+    assert sam.path == "sequential" and "fc2.weight (parameter 2) [3, 8] (read by" in sam.path_reason

@@ -279,11 +279,12 @@ class MicroBatchSAM:
         self._first, self._taken = self._taken, self._taken + k
 
     def take_sequential(self, reason: str) -> None:
-        """This call runs one pass per micro-batch, because of `reason`: refused under vectorize="on", logged when
-        the reason changes under "auto"."""
+        """This call runs one pass per micro-batch, because of `reason`: refused under vectorize="on"; logged when
+        the path becomes sequential under "auto", and at the first step under "off"."""
         if self.vectorize == "on":
             raise ValueError(f"The vectorized mSAM step cannot run here: {reason}. Set --msam_vectorize auto or off.")
-        if self.vectorize == "auto" and reason != self.path_reason and self.path != "sequential":
+        changed = reason != self.path_reason and self.path != "sequential"
+        if (self.vectorize == "auto" and changed) or (self.vectorize == "off" and self.path is None):
             self.log_path(f"one pass per micro-batch (sequential), because {reason}")
         self.path, self.path_reason = "sequential", reason
 

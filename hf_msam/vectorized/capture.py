@@ -115,7 +115,8 @@ class Capture:
                 if node not in inside:
                     variable = getattr(child, "variable", None)
                     if variable is not None and id(variable) in index:
-                        bad.append(f"parameter {index[id(variable)]} {list(variable.shape)} (read by {node.name()})")
+                        where = self.vectorizer.parameter_name(index[id(variable)])
+                        bad.append(f"{where} {list(variable.shape)} (read by {node.name()})")
                     elif child in inside and child not in roots:
                         bad.append(f"an intermediate result of a layer (read by {node.name()})")
                 stack.append(child)

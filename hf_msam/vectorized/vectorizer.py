@@ -203,6 +203,12 @@ class Vectorizer:
                 problems.append(f"{name or '<model>'} ({type(module).__name__}): {problem}")
         return "; ".join(problems) if problems else None
 
+    def parameter_name(self, i: int) -> str:
+        """params[i] by its name in the model, for messages: "lm_head.weight (parameter 20)"."""
+        p = self.params[i]
+        name = next((n for n, q in self.model.named_parameters(remove_duplicate=False) if q is p), None)
+        return f"parameter {i}" if name is None else f"{name} (parameter {i})"
+
     def fallback_modules(self) -> list[str]:
         """The modules run through the torch.func fallback (outermost ones, by name), for logs."""
         fallbacks = [u for u in self._units if u.rule is None]
