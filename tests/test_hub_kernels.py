@@ -121,7 +121,7 @@ def test_train_in_the_same_mode_leaves_instance_forwards_alone(llama_dir):
     touch the forwards routed on the instances."""
     model = load(llama_dir)
     model.train()
-    hub_kernels.settle(model)
+    hub_kernels.settle(hub_kernels.transformers_models(model))
     placed = _sentinels(model)
     model.train()  # what Trainer.training_step does inside each of our passes
     gone = [type(m).__name__ for m, f in placed.items() if m.__dict__.get("forward") is not f]
@@ -141,7 +141,7 @@ def test_settle_runs_the_kernelization_a_mode_change_would(llama_dir):
     model = load(llama_dir)
     torch.nn.Module.train(model)  # the training flags only, as a parent module's train() would set them
     placed = _sentinels(model)
-    hub_kernels.settle(model)
+    hub_kernels.settle(hub_kernels.transformers_models(model))
     gone = {type(m).__name__ for m, f in placed.items() if m.__dict__.get("forward") is not f}
     assert "LlamaRMSNorm" in gone, (
         "hf_msam.integrations.hub_kernels.settle no longer re-kernelizes a loaded model whose `kernels_mode` lags its "

@@ -18,7 +18,7 @@ What upstream does (read in transformers' `integrations/hub_kernels.py` and `mod
   a loaded model, that call, made inside the mSAM step, re-kernelized the model and took off the forwards the
   vectorized step had routed (the CI failure of transformers 5.25.0).
 
-What we do: `settle(model)` runs that re-kernelization before the vectorized step routes any forward (as the next
+What we do: `settle(transformers_models(model))` runs that re-kernelization before the vectorized step routes any forward (as the next
 `model.train()` would, for the mode the model is in now), and `hub_kernel_forward(module)` recognises a forward set by
 kernelize, so that a rule that knows the layer's function (Llama's RMSNorm) applies to the hub kernel computing it.
 """
@@ -45,15 +45,18 @@ def uses_hub_kernels(model: nn.Module) -> bool:
     return any(getattr(m, "use_kernels", False) is True for m in model.modules() if _is_transformers_model(m))
 
 
-def settle(model: nn.Module) -> None:
-    """Kernelize now for the mode each transformers model inside `model` is in, where its kernels were chosen for
-    the other one: what its next `train()` call with the same mode would do (transformers >= 5.25, which keeps
+def transformers_models(model: nn.Module) -> list[nn.Module]:
+    """The transformers models inside `model` (itself included): what `settle` looks at, found once per model."""
+    return [m for m in model.modules() if _is_transformers_model(m)]
+
+
+def settle(models: list[nn.Module]) -> None:
+    """Kernelize now for the mode each of `models` (see `transformers_models`) is in, where its kernels were chosen
+    for the other one: what its next `train()` call with the same mode would do (transformers >= 5.25, which keeps
     `kernels_mode`; earlier releases re-kernelize only when the training flag changes). Training flags are not
     touched. A no-op without kernels."""
-    for m in model.modules():
-        if not _is_transformers_model(m) or getattr(m, "use_kernels", False) is not True:
-            continue
-        if not hasattr(type(m), "kernels_mode"):
+    for m in models:
+        if getattr(m, "use_kernels", False) is not True or not hasattr(type(m), "kernels_mode"):
             continue
         try:
             from kernels import Mode

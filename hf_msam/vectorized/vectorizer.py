@@ -143,6 +143,7 @@ class Vectorizer:
                 raise ValueError(f"parameter {i} is listed twice (it is parameter {self._index[id(p)]})")
             self._index[id(p)] = i
         self._units, self._problems = self._scan()
+        self._transformers_models = hub_kernels.transformers_models(model)  # whose hub kernels `settle` aligns
         # What the routed forwards read, set by the contexts:
         self._layout: GroupLayout | None = None
         self._e: list[torch.Tensor] | None = None
@@ -262,7 +263,7 @@ class Vectorizer:
             self._layout, self._e, self._capture = saved
 
     def _install(self) -> None:
-        hub_kernels.settle(self.model)  # a kernelization the pass's model.train() would run: now, before routing
+        hub_kernels.settle(self._transformers_models)  # a kernelization the pass's model.train() would run: now
         for unit in self._units:
             routed = _routed(unit, self._rule_forward if unit.rule is not None else self._fallback_forward,
                              unit.module.__dict__.get("forward"))
