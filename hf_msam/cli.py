@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -25,9 +26,18 @@ examples:
       --msam_micro_batch_size 8 --output_dir out
   accelerate launch --multi_gpu --num_processes 2 -m hf_msam run train.py --msam_rho 0.1 --output_dir out
       (without GPUs, add the Trainer's --use_cpu: the 2 processes then train together over gloo)
-  hf-msam run -m trl.scripts.sft --model_name_or_path MODEL_DIR --dataset_name DATA_DIR --output_dir out \
+  hf-msam run -m trl.scripts.sft --model_name_or_path MODEL_DIR --dataset_name DATA_DIR --output_dir out \\
       --msam_rho 0.05 --msam_micro_batch_size 2
+
+An invalid --msam_* value stops the command before the script runs, with one line and exit status 2
+(HF_MSAM_TRACEBACK=1 shows the traceback). See docs/troubleshooting.md.
 """
+
+RUN_USAGE = (
+    "usage: hf-msam run SCRIPT.py [ARGS...] | hf-msam run -m MODULE [ARGS...]: train a transformers.Trainer script "
+    "with mSAM, e.g. `hf-msam run train.py --output_dir out --msam_rho 0.05 --msam_micro_batch_size 8` "
+    "(`hf-msam run --help` for more)"
+)
 
 
 def _compare(argv: list[str]) -> int:
@@ -80,20 +90,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _compare(argv[1:])
     if argv[:1] == ["demo"]:  # so does demo
         return _demo(argv[1:])
+    if argv[:1] != ["run"]:
+        parser.parse_args(argv)  # help, errors, or a command without its arguments
+        return 2
+    rest = argv[1:]
+    if not rest:
+        print(f"hf-msam run: {RUN_USAGE}", file=sys.stderr)
+        return 2
+    if rest[0] in ("-h", "--help"):
+        run_parser.print_help()
+        return 0
     module = None
-    if argv[:2] == ["run", "-m"]:  # run -m MODULE ARGS...: everything after MODULE is the module's
-        if len(argv) < 3:
-            run_parser.error("-m needs a module name: hf-msam run -m MODULE [ARGS...]")
-        module, script, script_args = argv[2], None, argv[3:]
+    if rest[0] == "-m":  # run -m MODULE ARGS...: everything after MODULE is the module's
+        if len(rest) < 2:
+            print(f"hf-msam run: error: -m needs a module name. {RUN_USAGE}", file=sys.stderr)
+            return 2
+        module, script, script_args = rest[1], None, rest[2:]
+    elif rest[0].startswith("-"):
+        print(f"hf-msam run: error: the script comes first, before its arguments and the --msam_* flags (got {rest[0]!r}). "
+              f"{RUN_USAGE}", file=sys.stderr)  # fmt: skip
+        return 2
     else:
-        args = parser.parse_args(argv)
-        script, script_args = args.script, args.script_args
+        script, script_args = rest[0], rest[1:]
 
-    from .launcher import LauncherError, run
+    from .launcher import FlagError, LauncherError, run
 
     try:
         run(script, script_args, module=module)
+    except FlagError as err:
+        return flag_error(err, "hf-msam run")
     except LauncherError as err:
         print(f"hf-msam: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def flag_error(err: BaseException, prog: str) -> int:
+    """An invalid --msam_* value: one line on stderr and status 2; with HF_MSAM_TRACEBACK=1, the traceback."""
+    if os.environ.get("HF_MSAM_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off"):
+        raise err
+    print(f"{prog}: error: {err} (HF_MSAM_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+    return 2
+
+
+def reject_msam_flags(argv: Sequence[str], prog: str, why: str) -> int | None:
+    """For the commands that take no --msam_* flags (`demo`, `compare`): None when `argv` has none; otherwise one line
+    and status 2: what is wrong with an invalid value (as `hf-msam run` says it), or that the command does not take
+    them."""
+    if not any(arg.startswith(("--msam_", "--msam-")) for arg in argv):
+        return None
+    from .launcher import FlagError, check_msam_flags, format_msam_flags, parse_msam_flags
+
+    try:
+        given, _ = parse_msam_flags(argv)
+        check_msam_flags(given)
+        raise FlagError(f"{prog} takes no --msam_* flags (got {' '.join(format_msam_flags(given))}): {why}")
+    except FlagError as err:
+        return flag_error(err, prog)

@@ -356,6 +356,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise", type=float, default=FULL.noise, help="fraction of training labels flipped "
                         f"(default: {FULL.noise})")
     parser.add_argument("--seed", type=int, default=FULL.seed, help=f"seed of everything (default: {FULL.seed})")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from .cli import reject_msam_flags
+
+    status = reject_msam_flags(
+        argv, "hf-msam demo", "it trains its three fixed runs (plain, SAM and mSAM with rho 0.1). To train with your own "
+        "mSAM settings, run your script with `hf-msam run SCRIPT.py --msam_rho ...`."
+    )
+    if status is not None:
+        return status
     args = parser.parse_args(argv)
     try:
         settings = replace(QUICK if args.quick else FULL, noise=args.noise, seed=args.seed)

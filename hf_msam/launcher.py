@@ -43,14 +43,35 @@ from transformers import (
     TrainingArguments,
 )
 
+from .methods import REGISTRY
 from .trainer import MSAMMixin, MSAMTrainer
-from .training_args import MSAMArguments, MSAMTrainingArguments, command_line_overrides, msam_setting
+from .training_args import (
+    MSAMArguments,
+    MSAMTrainingArguments,
+    check_msam_settings,
+    command_line_overrides,
+    msam_default,
+    msam_setting,
+)
 
-__all__ = ["LauncherError", "MSAMScriptTrainer", "MSAMScriptTrainingArguments", "patched_transformers", "run"]
+__all__ = [
+    "FlagError",
+    "LauncherError",
+    "MSAMScriptTrainer",
+    "MSAMScriptTrainingArguments",
+    "check_msam_flags",
+    "patched_transformers",
+    "run",
+]
 
 
 class LauncherError(RuntimeError):
     """The script cannot be trained with mSAM as it is."""
+
+
+class FlagError(LauncherError):
+    """A `--msam_*` value given on the command line that cannot train: the command prints it as one line and exits
+    with status 2 (with `HF_MSAM_TRACEBACK=1`, with its traceback)."""
 
 
 # The --msam_* flags given on the command line (only those given): every MSAMArguments applies them.
@@ -158,8 +179,18 @@ class _ScriptTrainer:
             )
 
     def training_step(self, *args: Any, **kwargs: Any):
+        # `transformers.Trainer` names the swapped class while the script runs, so code that calls the base step as
+        # `transformers.Trainer.training_step(trainer, ...)` reaches this method: from inside a running mSAM step (the
+        # engine computing a micro-batch's loss), or on a trainer that is not one of the swapped classes (an
+        # MSAMTrainer the script built), it means transformers' own step.
+        if not isinstance(self, _ScriptTrainer) or getattr(self, "_msam_script_in_step", False):
+            return Trainer.training_step(self, *args, **kwargs)
         self._msam_script_step_reached = True
-        return super().training_step(*args, **kwargs)
+        self._msam_script_in_step = True
+        try:
+            return super().training_step(*args, **kwargs)
+        finally:
+            self._msam_script_in_step = False
 
 
 class MSAMScriptTrainer(_ScriptTrainer, MSAMTrainer):
@@ -178,6 +209,16 @@ _SWAPS = {
 }
 
 _TRL_CLASSES = ("SFTTrainer", "SFTConfig", "DPOTrainer", "DPOConfig", "RewardTrainer", "RewardConfig")
+
+
+class _SwappedConfigType(type):
+    """The type of a swapped TRL config: TRL's trainers check `isinstance(args, SFTConfig)` against the name in their
+    module (swapped here), and convert other arguments through `to_dict()`, which masks every `*_token` field. Any
+    instance of TRL's own config (hf_msam.trl's MSAM*Config, built by the script itself, included) passes."""
+
+    def __instancecheck__(cls, instance: Any) -> bool:
+        original = cls.__dict__.get("_msam_original")
+        return super().__instancecheck__(instance) or (original is not None and isinstance(instance, original))
 
 
 def _trl_swaps() -> dict[type, type]:
@@ -201,7 +242,8 @@ def _trl_swaps() -> dict[type, type]:
             ours = getattr(msam_trl, f"MSAM{name}")
             namespace = {"__module__": __name__, "__qualname__": swapped_name}
             if name.endswith("Config"):
-                swapped = dataclasses.dataclass(type(swapped_name, (ours,), namespace))
+                namespace["_msam_original"] = original
+                swapped = dataclasses.dataclass(_SwappedConfigType(swapped_name, (ours,), namespace))
             else:
                 swapped = type(swapped_name, (_ScriptTrainer, ours), namespace)
             globals()[swapped_name] = swapped
@@ -247,8 +289,86 @@ def parse_msam_flags(args: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     parser = HfArgumentParser(flags, prog="hf-msam run", add_help=False, allow_abbrev=False)
     for action in parser._actions:
         action.default = argparse.SUPPRESS  # keep only the flags given
+
+    def error(message: str) -> typing.NoReturn:  # argparse's own would print the whole usage of every flag
+        raise FlagError(_argparse_message(parser, message))
+
+    parser.error = error
     given, rest = parser.parse_known_args(list(args))
     return vars(given), rest
+
+
+def _argparse_message(parser: argparse.ArgumentParser, message: str) -> str:
+    """argparse's complaint about an --msam_* value, on one line, with what the flag takes."""
+    match = re.match(r"argument (--[\w-]+)(?:/--[\w-]+)*: (.*)", message)
+    if match is None:
+        return f"{message}. See `hf-msam run --help` and README \"Flags\"."
+    flag, problem = match.groups()
+    action = next((a for a in parser._actions if flag in a.option_strings), None)
+    takes = ""
+    if action is not None and action.help:
+        takes = " " + flag + ": " + action.help.split(". ")[0].rstrip(".") + "."
+    return f"{flag}: {problem}. Give a valid value or drop the flag.{takes}"
+
+
+# Methods that a script may register when it runs (hf_msam.register_method) are unknown before it runs: the name
+# is checked when the script builds its arguments instead, if the script (or a .py file beside it) registers one.
+def _may_register_methods(origin: str | None) -> bool:
+    if origin is None:
+        return False
+    path = Path(origin)
+    candidates = [path, *sorted(path.parent.glob("*.py"))[:200]]
+    for candidate in candidates:
+        try:
+            if "register_method" in candidate.read_text(encoding="utf-8", errors="replace"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def check_msam_flags(flag_values: dict[str, Any], *, origin: str | None = None) -> None:
+    """Check the `--msam_*` flags given (name -> value) as `MSAMArguments` would, over the defaults, before anything
+    runs: raise `FlagError` (one line: the flag, the value, what to do) for a value out of range, an unknown method
+    or a combination that cannot train. A method that the script at `origin` may register itself is checked when the
+    script builds its arguments."""
+    values = {name: msam_default(name) for name in _msam_field_names()}
+    values.update(flag_values)
+    method = values["msam_method"]
+    if method not in REGISTRY and _may_register_methods(origin):
+        # Check everything else now, under the default method; the rest when the script has registered its own.
+        values.update(msam_method="sam", msam_precondition="none", msam_adaptive=False, msam_sync_perturbation=False)
+    try:
+        check_msam_settings(types.SimpleNamespace(**values))
+    except ValueError as error:
+        raise FlagError(_flag_message(error, flag_values)) from error
+
+
+def _msam_field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(MSAMArguments)]
+
+
+def _flag_message(error: BaseException, flag_values: dict[str, Any]) -> str:
+    """`error`'s message on one line, followed by the --msam_* flags that were given."""
+    message = " ".join(str(error).split())
+    given = " ".join(format_msam_flags(flag_values))
+    return f"{message} (command line: {given})" if given else message
+
+
+def _names_a_given_flag(error: BaseException, flag_values: dict[str, Any]) -> bool:
+    """Whether `error` is the mSAM settings check refusing one of the --msam_* flags given (the check that runs when
+    arguments are built, after the script registered its methods, or on the script's own settings combined with them)."""
+    if not isinstance(error, ValueError) or not flag_values:
+        return False
+    frames = []
+    tb = error.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    if "check_msam_settings" not in frames:
+        return False
+    message = str(error)
+    return any(f"--{name}" in message for name in flag_values)
 
 
 @contextlib.contextmanager
@@ -281,6 +401,83 @@ def patched_transformers(flag_values: dict[str, Any] | None = None) -> Iterator[
                 setattr(module, attr, value)
 
 
+# The MSAMArguments built while a script runs under `hf-msam run`, with the values the script (or its JSON config)
+# gave the --msam_* fields that the command line replaced: [(arguments, {name: the script's value})].
+_script_values: list[tuple[Any, dict[str, Any]]] = []
+
+
+@contextlib.contextmanager
+def _watching_msam_classes() -> Iterator[None]:
+    """While inside, note every mSAM trainer the script builds (`MSAMTrainer` and its subclasses, TRL's `MSAM*`
+    trainers, any `MSAMMixin` trainer, as well as the swapped classes) and what the --msam_* flags replaced in each
+    `MSAMArguments` it builds."""
+    post_init, init = MSAMArguments.__post_init__, MSAMMixin.__init__
+
+    def recording_post_init(self, *args: Any, **kwargs: Any):
+        before = {name: getattr(self, name, msam_default(name)) for name in command_line_overrides}
+        _script_values.append((self, before))
+        return post_init(self, *args, **kwargs)
+
+    def noting_init(self, *args: Any, **kwargs: Any):
+        global _trainers_created
+        init(self, *args, **kwargs)
+        if not isinstance(self, _ScriptTrainer):  # the swapped classes count and announce themselves
+            _trainers_created += 1
+            if self.is_world_process_zero():
+                _say(_script_trainer_line(self))
+
+    MSAMArguments.__post_init__, MSAMMixin.__init__ = recording_post_init, noting_init
+    try:
+        yield
+    finally:
+        MSAMArguments.__post_init__, MSAMMixin.__init__ = post_init, init
+        _script_values.clear()
+
+
+def _replaced_settings(args: Any) -> list[tuple[str, Any, Any]]:
+    """(name, the script's value, the flag's value) for each --msam_* flag that changed what the script set in
+    `args` (or, if `args` was copied after it was built, in the MSAMArguments the script built)."""
+    records = [before for built, before in _script_values if built is args] or [before for _, before in _script_values]
+    replaced = []
+    for name, value in command_line_overrides.items():
+        for before in records:
+            if name in before and before[name] != value:
+                replaced.append((name, before[name], value))
+                break
+    return replaced
+
+
+def _script_trainer_line(trainer: Any) -> str:
+    """What `hf-msam run` says about an mSAM trainer the script built itself: its settings, and which of them the
+    --msam_* flags replaced."""
+    name = type(trainer).__qualname__
+    ours = next((k for k in type(trainer).__mro__ if k.__module__.split(".")[0] == "hf_msam"), MSAMMixin)
+    kind = f"hf_msam.{ours.__qualname__}" if ours.__module__ in ("hf_msam.trainer", "hf_msam") else (
+        f"{ours.__module__}.{ours.__qualname__}"
+    )
+    shown = ["msam_rho", "msam_micro_batch_size", "msam_method", "msam_adaptive"]
+    shown += [flag for flag in command_line_overrides if flag not in shown]
+    settings = ", ".join(f"{flag}={msam_setting(trainer.args, flag)}" for flag in shown)
+    if trainer.msam_perturbation.enabled:
+        how = (
+            f"trains with mSAM ({settings}): {trainer.msam_perturbations_per_step} perturbations per optimizer step "
+            f"({trainer.msam_count('process(es)')}){trainer.msam_count_caveat}"
+        )
+    else:
+        how = f"msam_rho=0: plain optimizer steps, the baseline ({settings})"
+    line = f"the script built {name} (a {kind}): it {how}."
+    replaced = _replaced_settings(trainer.args)
+    if replaced:
+        changes = ", ".join(f"{flag}={old!r} -> {new!r}" for flag, old, new in replaced)
+        line += f" The --msam_* flags replaced the script's settings: {changes}."
+    elif command_line_overrides:
+        given = ", ".join(f"{flag}={value!r}" for flag, value in command_line_overrides.items())
+        line += f" The --msam_* flags given ({given}) equal the script's settings."
+    else:
+        line += " No --msam_* flags were given: these are the script's own settings."
+    return line
+
+
 # TRL's `trl` command lives here; it starts its training scripts in new processes (see _relaunch_with_msam).
 _TRL_CLI_MODULES = ("trl", "trl.cli", "trl.cli.main")
 
@@ -307,6 +504,7 @@ def run(script: str | None, args: Sequence[str], module: str | None = None) -> N
             raise LauncherError(f"{script}: no such file. Usage: hf-msam run SCRIPT.py [ARGS...]")
         origin, target, name = str(path), path.name, path.name
     flag_values, script_args = parse_msam_flags(args)
+    check_msam_flags(flag_values, origin=origin)  # before the script runs: one line and status 2 for a bad value
     if _uses_trl(origin, module):
         # Import TRL's trainers on the original transformers classes, then swap them for hf_msam.trl's (whose
         # steps also keep TRL's metrics to the clean passes); see _trl_swaps.
@@ -318,7 +516,11 @@ def run(script: str | None, args: Sequence[str], module: str | None = None) -> N
     _trainers_created = 0
     relaunched = False
     try:
-        with patched_transformers(flag_values) as swaps, _trl_cli_patched(module, flag_values) as relaunched:
+        with (
+            patched_transformers(flag_values) as swaps,
+            _trl_cli_patched(module, flag_values) as relaunched,
+            _watching_msam_classes(),
+        ):
             swapped = ", ".join(f"{original} -> hf_msam.launcher.{new}" for original, new in swaps.items())
             given = ", ".join(f"{name}={value}" for name, value in flag_values.items()) or "none, mSAM defaults"
             if relaunched:  # the processes TRL's command starts say what they swap, once
@@ -329,16 +531,22 @@ def run(script: str | None, args: Sequence[str], module: str | None = None) -> N
                     f"running {target} with mSAM. Swapped: {swapped} (subclasses of MSAMTrainer and "
                     f"MSAMTrainingArguments). --msam_* flags given: {given}."
                 )
-            if module is None:
-                runpy.run_path(origin, run_name="__main__")
-            else:
-                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            try:
+                if module is None:
+                    runpy.run_path(origin, run_name="__main__")
+                else:
+                    runpy.run_module(module, run_name="__main__", alter_sys=True)
+            except ValueError as error:
+                if _names_a_given_flag(error, flag_values):  # found when the script built its arguments
+                    raise FlagError(_flag_message(error, flag_values)) from error
+                raise
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
     if _trainers_created == 0 and not relaunched:
         _say(
-            f"{name} finished without creating a transformers.Trainer: mSAM was not used. `hf-msam run` only "
-            "reaches scripts that build their trainer from transformers.Trainer (or a subclass of it) in this process."
+            f"{name} finished without creating a transformers.Trainer or an hf_msam trainer: mSAM was not used. "
+            "`hf-msam run` only reaches scripts that build their trainer from transformers.Trainer (or a subclass of "
+            "it), TRL's SFT/DPO/Reward trainers or hf_msam's trainers, in this process."
         )
 
 
@@ -352,7 +560,9 @@ def _uses_trl(origin: str, module: str | None) -> bool:
         source = Path(origin).read_text(encoding="utf-8", errors="replace")
     except OSError:
         return False
-    return re.search(r"^\s*(from\s+trl[\s.]|import\s+trl\b)", source, flags=re.MULTILINE) is not None
+    # TRL itself, or hf_msam's TRL classes (which must be built on TRL's own classes, before the swap).
+    pattern = r"^\s*(from\s+trl[\s.]|import\s+trl\b|from\s+hf_msam\.trl\s|import\s+hf_msam\.trl\b|from\s+hf_msam\s+import\s.*\btrl\b)"
+    return re.search(pattern, source, flags=re.MULTILINE) is not None
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ import torch
 
 from hf_msam import MSAMTrainer, MSAMTrainingArguments, cli
 from hf_msam.launcher import parse_msam_flags, patched_transformers
+from hf_msam.methods import REGISTRY
 
 # A script that knows nothing of mSAM: its own subclasses of Trainer and TrainingArguments, HfArgumentParser.
 HF_PARSER_SCRIPT = '''
@@ -240,7 +241,7 @@ def test_run_warns_when_the_script_creates_no_trainer(tmp_path, capsys):
     assert cli.main(["run", str(script), "a", "--msam_rho", "0.1", "b"]) == 0
     captured = capsys.readouterr()
     assert "args ['a', 'b']" in captured.out
-    assert "finished without creating a transformers.Trainer: mSAM was not used" in captured.err
+    assert "finished without creating a transformers.Trainer or an hf_msam trainer: mSAM was not used" in captured.err
 
 
 def test_compare_dispatches_lazily(monkeypatch):
@@ -320,3 +321,167 @@ def test_run_applies_the_flags_to_msam_arguments_built_by_the_script(tmp_path, c
     seen = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert seen == {"rho": 0.5, "mbs": 2, "method": "gsam"}
     assert MSAMTrainingArguments(output_dir=str(tmp_path / "o"), report_to="none").msam_micro_batch_size is None
+
+
+# A script that builds hf_msam's MSAMTrainer (a subclass of it) with settings of its own.
+OWN_MSAM_TRAINER_SCRIPT = """
+import json, sys
+import torch
+from torch import nn
+from hf_msam import MSAMTrainer, MSAMTrainingArguments
+
+
+class Regressor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 1)
+
+    def forward(self, x, labels=None):
+        out = self.linear(x).squeeze(-1)
+        return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
+
+
+class MyMSAMTrainer(MSAMTrainer):
+    pass
+
+
+args = MSAMTrainingArguments(
+    output_dir=sys.argv[1], max_steps=2, per_device_train_batch_size=8, logging_steps=1, save_strategy="no",
+    use_cpu=True, report_to="none", disable_tqdm=True, msam_rho=0.5, msam_micro_batch_size=8,
+)
+torch.manual_seed(0)
+x = torch.randn(16, 4)
+trainer = MyMSAMTrainer(model=Regressor(), args=args, train_dataset=[{"x": a, "labels": b} for a, b in zip(x, x.sum(-1))])
+trainer.train()
+trainer.save_state()
+"""
+
+
+def test_run_recognises_an_msam_trainer_built_by_the_script(tmp_path, capsys):
+    script = write(tmp_path / "own_trainer.py", OWN_MSAM_TRAINER_SCRIPT)
+    out = tmp_path / "out"
+
+    assert cli.main(["run", str(script), str(out), "--msam_micro_batch_size", "2", "--msam_rho", "0.5"]) == 0
+
+    err = capsys.readouterr().err
+    assert "mSAM was not used" not in err
+    assert err.count("the script built MyMSAMTrainer (a hf_msam.MSAMTrainer): it trains with mSAM (msam_rho=0.5, "
+                     "msam_micro_batch_size=2, msam_method=sam, msam_adaptive=False): 4 perturbations per optimizer "
+                     "step") == 1
+    # Only the micro-batch size changed: the flag's rho equals the script's.
+    assert "The --msam_* flags replaced the script's settings: msam_micro_batch_size=8 -> 2." in err
+    train_logs = [entry for entry in log_history(out) if "loss" in entry]
+    assert len(train_logs) == 2 and all(entry["msam/micro_batches_per_step"] == 4 for entry in train_logs)
+
+
+def test_run_reports_the_script_settings_when_no_flag_is_given(tmp_path, capsys):
+    script = write(tmp_path / "own_trainer.py", OWN_MSAM_TRAINER_SCRIPT)
+    assert cli.main(["run", str(script), str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "mSAM was not used" not in err
+    assert "(msam_rho=0.5, msam_micro_batch_size=8, msam_method=sam, msam_adaptive=False): 1 perturbations" in err
+    assert "No --msam_* flags were given: these are the script's own settings." in err
+
+
+def test_run_with_no_arguments_prints_the_usage(capsys):
+    assert cli.main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the following arguments are required" not in err
+    assert "usage: hf-msam run SCRIPT.py [ARGS...] | hf-msam run -m MODULE [ARGS...]" in err
+
+
+def test_run_help_examples_are_one_per_line(capsys):
+    assert cli.main(["run", "--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    trl = [i for i, line in enumerate(lines) if "hf-msam run -m trl.scripts.sft" in line]
+    assert len(trl) == 1 and lines[trl[0]].rstrip().endswith("\\")
+    assert lines[trl[0] + 1].strip() == "--msam_rho 0.05 --msam_micro_batch_size 2"
+
+
+# Scripts must not run when a flag is invalid: this one would write a file.
+SIDE_EFFECT_SCRIPT = "import pathlib, sys\npathlib.Path(sys.argv[1]).write_text('ran')\n"
+
+
+@pytest.mark.parametrize(
+    "flags, names",
+    [
+        (["--msam_method", "bogus"], ["--msam_method", "'bogus'", "registered methods"]),
+        (["--msam_micro_batch_size", "-2"], ["--msam_micro_batch_size", "-2", "whole number >= 1"]),
+        (["--msam_micro_batch_size", "two"], ["--msam_micro_batch_size", "'two'", "invalid int value"]),
+        (["--msam_method", "gsam", "--msam_sync_perturbation"], ["--msam_sync_perturbation", "gsam", "Drop"]),
+        (["--msam_precondition", "adam", "--msam_adaptive"], ["--msam_precondition adam", "--msam_adaptive", "Choose"]),
+        (["--msam_vectorize", "maybe"], ["--msam_vectorize", "'maybe'", "choose from"]),
+    ],
+)
+def test_run_refuses_an_invalid_flag_in_one_line_before_the_script_runs(tmp_path, capsys, monkeypatch, flags, names):
+    monkeypatch.delenv("HF_MSAM_TRACEBACK", raising=False)
+    script = write(tmp_path / "side_effect.py", SIDE_EFFECT_SCRIPT)
+    marker = tmp_path / "ran.txt"
+    assert cli.main(["run", str(script), str(marker), *flags]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists()  # found before the script ran
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hf-msam run: error: "), err
+    assert "Traceback" not in err and all(name in lines[0] for name in names), err
+
+
+def test_invalid_flag_in_a_fresh_process_exits_2_without_traceback_unless_asked(tmp_path):
+    script = write(tmp_path / "side_effect.py", SIDE_EFFECT_SCRIPT)
+    cmd = [sys.executable, "-m", "hf_msam", "run", str(script), str(tmp_path / "ran.txt"), "--msam_micro_batch_size", "-1"]
+    env = {k: v for k, v in os.environ.items() if k != "HF_MSAM_TRACEBACK"}
+    quiet = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert quiet.returncode == 2 and len(quiet.stderr.splitlines()) == 1 and "Traceback" not in quiet.stderr
+    loud = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env, "HF_MSAM_TRACEBACK": "1"})
+    assert loud.returncode != 0 and "Traceback" in loud.stderr and "FlagError" in loud.stderr
+    assert not (tmp_path / "ran.txt").exists()
+
+
+def test_python_api_keeps_raising_value_error(tmp_path):
+    with pytest.raises(ValueError, match="--msam_micro_batch_size must be a whole number"):
+        MSAMTrainingArguments(output_dir=str(tmp_path), msam_micro_batch_size=-1, report_to="none")
+    with pytest.raises(ValueError, match="--msam_method must be one of the registered methods"):
+        MSAMTrainingArguments(output_dir=str(tmp_path), msam_method="bogus", report_to="none")
+
+
+REGISTERING_SCRIPT = """
+import json, sys
+from hf_msam import SAMDescent, SAMPerturbation, register_method, MSAMTrainingArguments
+
+@register_method("halfrho_launcher_test", paper="SAM at half the radius", flags=("msam_rho",), replace=True)
+def build(args):
+    return SAMPerturbation(rho=args.msam_rho / 2), SAMDescent()
+
+args = MSAMTrainingArguments(output_dir=sys.argv[1], report_to="none", msam_sync_perturbation=True)
+print(json.dumps({"method": args.msam_method}))
+"""
+
+
+def test_a_method_the_script_registers_is_accepted_and_a_bad_combination_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HF_MSAM_TRACEBACK", raising=False)
+    script = write(tmp_path / "variant.py", REGISTERING_SCRIPT)
+    saved = dict(REGISTRY)
+    try:
+        assert cli.main(["run", str(script), str(tmp_path / "o"), "--msam_method", "halfrho_launcher_test"]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"method": "halfrho_launcher_test"}
+        # The script's own msam_sync_perturbation=True with --msam_method gsam: found when it builds its arguments.
+        assert cli.main(["run", str(script), str(tmp_path / "o"), "--msam_method", "gsam"]) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "error" in line]
+        assert "Traceback" not in err and len(errors) == 1 and errors[0].startswith("hf-msam run: error: ")
+        assert "--msam_sync_perturbation does not combine with --msam_method gsam" in errors[0]
+    finally:
+        REGISTRY.clear()
+        REGISTRY.update(saved)
+
+
+@pytest.mark.parametrize("command", ["demo", "compare"])
+def test_demo_and_compare_refuse_msam_flags_in_one_line(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.delenv("HF_MSAM_TRACEBACK", raising=False)
+    extra = [str(tmp_path)] if command == "compare" else ["--output", str(tmp_path / "demo")]
+    assert cli.main([command, *extra, "--msam_micro_batch_size", "0"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"hf-msam {command}: error: --msam_micro_batch_size must be a whole")
+    assert cli.main([command, *extra, "--msam_rho", "0.1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and f"hf-msam {command} takes no --msam_* flags (got --msam_rho 0.1)" in err[0]
+    assert not (tmp_path / "demo").exists()

@@ -259,3 +259,39 @@ def test_accelerate_launch_two_processes_sft(tmp_path, llama_dir):
     assert not torch.equal(rank0["lm_head.weight"], initial.lm_head.weight)
     logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
     assert len(logs) == 2 and all("msam/sharpness" in h for h in logs)
+
+
+# A script that builds hf_msam.trl's MSAMSFTTrainer itself, with settings of its own.
+OWN_MSAM_SFT_SCRIPT = '''
+import sys
+
+import torch
+from datasets import load_dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from hf_msam.trl import MSAMSFTConfig, MSAMSFTTrainer
+
+model_dir, data_file, out = sys.argv[1:4]
+config = MSAMSFTConfig(
+    out, per_device_train_batch_size=5, max_steps=1, bf16=False, use_cpu=True, report_to="none", save_strategy="no",
+    logging_steps=1, disable_tqdm=True, msam_rho=0.3, msam_micro_batch_size=5, msam_method="gsam",
+)
+trainer = MSAMSFTTrainer(
+    model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64), args=config,
+    train_dataset=load_dataset("json", data_files=data_file, split="train"),
+    processing_class=AutoTokenizer.from_pretrained(model_dir),
+)
+trainer.train()
+'''
+
+
+def test_run_recognises_the_trl_msam_trainer_built_by_the_script(tmp_path, llama_dir, data_dir, capsys):
+    script = tmp_path / "own_sft.py"
+    script.write_text(OWN_MSAM_SFT_SCRIPT, encoding="utf-8")
+    argv = ["run", str(script), str(llama_dir), str(data_dir / "train.jsonl"), str(tmp_path / "out"),
+            "--msam_micro_batch_size", "2", "--msam_method", "gsam"]  # fmt: skip
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "mSAM was not used" not in err
+    assert ("the script built MSAMSFTTrainer (a hf_msam.trl.MSAMSFTTrainer): it trains with mSAM (msam_rho=0.3, "
+            "msam_micro_batch_size=2, msam_method=gsam, msam_adaptive=False): 3 perturbations per optimizer step") in err
+    assert "The --msam_* flags replaced the script's settings: msam_micro_batch_size=5 -> 2." in err
