@@ -58,6 +58,8 @@ __all__ = [
     "hessian_trace",
     "loss_landscape",
     "plot_loss_landscape",
+    "quantization_sensitivity",
+    "quantize_rows",
     "sharpness",
 ]
 
@@ -696,6 +698,127 @@ def plot_loss_landscape(landscape: LossLandscape, path: str | os.PathLike, title
 
 
 # ---------------------------------------------------------------------------------------------
+# Quantization sensitivity
+# ---------------------------------------------------------------------------------------------
+
+
+def _quantizable_weights(model: nn.Module) -> list[tuple[str, torch.Tensor, int]]:
+    """(name, weight, dim of its output rows) of every nn.Linear and Conv1D, the LM head included; each tensor once
+    (a head tied to the input embeddings is quantized as the head, and so is that embedding)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is a dependency; without it, only nn.Linear
+        Conv1D = ()  # noqa: N806
+    seen, found = set(), []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or id(weight) in seen:
+            continue
+        if isinstance(module, nn.Linear):
+            found.append((f"{name}.weight", weight, 0))  # [out, in]: a row per output
+        elif Conv1D and isinstance(module, Conv1D):
+            found.append((f"{name}.weight", weight, 1))  # GPT-2's Conv1D stores [in, out]: a column per output
+        else:
+            continue
+        seen.add(id(weight))
+    return found
+
+
+def quantize_rows(w: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
+    """w rounded to `bits` bits, symmetric, one scale per output row (along `dim`): s = max|w_row| / (2^(b−1) − 1),
+    q = clamp(round(w/s), −(2^(b−1) − 1), 2^(b−1) − 1)·s; a row of zeros stays zero. Computed in float32 or wider."""
+    if not isinstance(bits, int) or bits < 2:
+        raise ValueError(f"bits must be an integer >= 2, got {bits!r}.")
+    levels = 2 ** (bits - 1) - 1
+    x = w.to(_accumulation_dtype(w))
+    reduce = [d for d in range(x.dim()) if d != dim % x.dim()]
+    s = x.abs().amax(dim=reduce, keepdim=True) / levels
+    q = torch.where(s > 0, torch.clamp(torch.round(x / torch.where(s > 0, s, 1)), -levels, levels) * s, 0)
+    return q.to(w.dtype)
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    """A decoder-only language model (its labels are the inputs, shifted by one inside the loss): one that can
+    generate and is not an encoder-decoder (whose decoder's logits line up with its labels)."""
+    config = getattr(model, "config", None)
+    can_generate = getattr(model, "can_generate", None)
+    return callable(can_generate) and bool(can_generate()) and not getattr(config, "is_encoder_decoder", False)
+
+
+def _loss_and_accuracy(model: nn.Module, data: list[tuple[Mapping[str, Any], int]]) -> tuple[float, float | None]:
+    """The size-weighted mean loss, and the accuracy of the argmax over the labels that are not -100 (shifted by one
+    for a causal LM's per-token labels), or None where the outputs have no logits matching the labels."""
+    total = sum(n for _, n in data)
+    loss, right, counted = 0.0, 0, 0
+    accuracy_known = True
+    for batch, n in data:
+        output = model(**batch)
+        value = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+        if value is None:
+            raise ValueError(f"{type(model).__name__} returned no `loss`: include the labels in each batch.")
+        loss += n * value.double().item()
+        logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+        labels = batch.get("labels")
+        if not (isinstance(logits, torch.Tensor) and isinstance(labels, torch.Tensor) and not labels.is_floating_point()
+                and logits.shape[:-1] == labels.shape):  # fmt: skip
+            accuracy_known = False
+            continue
+        if labels.dim() >= 2 and _is_causal_lm(model):  # position t predicts token t + 1
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        mask = labels != -100
+        right += int((logits.argmax(-1).eq(labels) & mask).sum())
+        counted += int(mask.sum())
+    accuracy = right / counted if accuracy_known and counted else None
+    return loss / total, accuracy
+
+
+def quantization_sensitivity(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    bits: Iterable[int] = (8, 4, 3),
+    *,
+    size_fn: SizeFn | None = None,
+) -> dict[int, dict[str, float | None]]:
+    """How much the model's loss and accuracy change when its weights are rounded to few bits: {b: {"loss": Δloss,
+    "accuracy": Δaccuracy or None}} for each b of `bits`, Δ = quantized − full precision.
+
+    Every nn.Linear and Conv1D weight (the LM head included; embeddings, norms and biases excluded) is rounded with
+    `quantize_rows` (symmetric, one scale per output row), as weight-only post-training quantization does; the
+    model runs in eval mode on `batches` (see the module docstring for the mean loss) and is restored bitwise
+    afterwards, in the train/eval mode each module was in. Accuracy is the argmax's over labels that are not -100
+    (None for outputs without logits of the labels' shape). Flatter minima are expected to lose less
+    (sharpness-aware pretraining, arXiv 2605.02105). Simulated quantization in the weights' own dtype: no
+    quantized kernels are run. Not under FSDP2."""
+    from .integrations.torch_internals import is_fsdp2
+
+    if is_fsdp2(model):
+        raise NotImplementedError("quantization_sensitivity does not support FSDP2: measure the unsharded model.")
+    bits = list(bits)
+    weights = _quantizable_weights(model)
+    if not weights:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D weight to quantize.")
+    device = weights[0][1].device
+    data = _materialize(batches, device, size_fn)
+    saved = [w.detach().clone() for _, w, _ in weights]
+    result: dict[int, dict[str, float | None]] = {}
+    with _measuring(model), torch.no_grad():
+        base_loss, base_accuracy = _loss_and_accuracy(model, data)
+        try:
+            for b in bits:
+                for (_, w, dim), original in zip(weights, saved):
+                    w.copy_(quantize_rows(original, b, dim))
+                loss, accuracy = _loss_and_accuracy(model, data)
+                result[b] = {
+                    "loss": loss - base_loss,
+                    "accuracy": None if accuracy is None or base_accuracy is None else accuracy - base_accuracy,
+                }
+        finally:
+            for (_, w, _), original in zip(weights, saved):
+                w.copy_(original)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
 # In the Trainer
 # ---------------------------------------------------------------------------------------------
 
@@ -731,7 +854,9 @@ def check_flatness_supported(trainer: Any) -> None:
         )
 
 
-def evaluate_flatness(trainer: Any, eval_dataset: Any = None, metric_key_prefix: str = "eval") -> dict[str, float]:
+def evaluate_flatness(
+    trainer: Any, eval_dataset: Any = None, metric_key_prefix: str = "eval", quantization: bool = False
+) -> dict[str, float]:
     """What [`MSAMTrainer.evaluate`] adds to an evaluation, per the trainer's `msam_eval_*` flags.
 
     With `msam_eval_flatness`, returns `{prefix}_hessian_top_eigenvalue`, `{prefix}_hessian_trace` and
@@ -740,7 +865,8 @@ def evaluate_flatness(trainer: Any, eval_dataset: Any = None, metric_key_prefix:
     and Hutchinson probes. The sharpness is the SAM one at radius `msam_flatness_rho`, each batch one
     micro-batch, whatever the run trained with: runs compare on equal footing. With
     `msam_eval_landscape`, writes `loss_landscape.json` and `loss_landscape.png` (1-D) to `output_dir`,
-    overwriting those of the previous evaluation.
+    overwriting those of the previous evaluation. With `quantization`, adds `{prefix}_int{b}_loss_delta` (and
+    `{prefix}_int{b}_accuracy_delta` where the accuracy is known) for b = 8, 4, 3 (`quantization_sensitivity`).
 
     With several processes, every process measures its own shard's first batches, with no collective
     inside (the model is unwrapped); the three numbers are then averaged across processes, which all
@@ -750,7 +876,7 @@ def evaluate_flatness(trainer: Any, eval_dataset: Any = None, metric_key_prefix:
     """
     args = trainer.args
     with_flatness, with_landscape = msam_setting(args, "msam_eval_flatness"), msam_setting(args, "msam_eval_landscape")
-    if not (with_flatness or with_landscape):
+    if not (with_flatness or with_landscape or quantization):
         return {}
     check_flatness_supported(trainer)
     batches = _first_batches(trainer.get_eval_dataloader(eval_dataset), msam_setting(args, "msam_flatness_batches"))
@@ -773,6 +899,14 @@ def evaluate_flatness(trainer: Any, eval_dataset: Any = None, metric_key_prefix:
             values = trainer.accelerator.reduce(torch.tensor(values, device=args.device), reduction="mean").tolist()
         names = ("hessian_top_eigenvalue", "hessian_trace", "sharpness")
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in zip(names, values)}
+    if quantization:
+        deltas = quantization_sensitivity(model, batches, **{k: v for k, v in common.items() if k == "size_fn"})
+        names = [f"{metric_key_prefix}_int{b}_{what}_delta" for b in deltas for what in ("loss", "accuracy")
+                 if deltas[b][what] is not None]  # fmt: skip
+        values = [deltas[b][what] for b in deltas for what in ("loss", "accuracy") if deltas[b][what] is not None]
+        if trainer.accelerator.num_processes > 1:  # each process measured its own batches: their mean
+            values = trainer.accelerator.reduce(torch.tensor(values, device=args.device), reduction="mean").tolist()
+        metrics.update(zip(names, values))
     if with_landscape and trainer.is_world_process_zero():
         landscape = loss_landscape(model, batches, **common)
         os.makedirs(args.output_dir, exist_ok=True)
