@@ -1,14 +1,21 @@
-"""`MSAMTrainingArguments`: `TrainingArguments` plus the `--msam_*` flags."""
+"""`MSAMTrainingArguments`: `TrainingArguments` plus the `--msam_*` flags.
+
+The field defaults are `hf_msam.defaults`' (a method's own setting's flag takes the setting's default), and what the
+help and the docstring say about the methods is written from the method registry when it is read: methods registered
+before the arguments are parsed appear in it."""
 
 from __future__ import annotations
 
-import math
+import textwrap
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from transformers import TrainingArguments
 
-from .methods import REGISTRY, build_method, check_compatible, get_method
+from .defaults import MSAM_DEFAULTS
+from .methods import REGISTRY, build_method, check_compatible, get_method, method_names, parse_method_args
+from .methods.registry import describe_all_settings, describe_methods, is_finite, is_whole
 
 __all__ = ["MSAMArguments", "MSAMTrainingArguments", "check_msam_settings", "msam_default", "msam_setting"]
 
@@ -19,9 +26,81 @@ __all__ = ["MSAMArguments", "MSAMTrainingArguments", "check_msam_settings", "msa
 command_line_overrides: dict[str, Any] = {}
 
 
+def _setting_default(method: str, name: str) -> Any:
+    """The default of a built-in method's setting, which its dedicated flag (`--msam_gsam_alpha`) shares."""
+    return REGISTRY[method].setting(name).default
+
+
+def _precondition_takers() -> str:
+    return ", ".join(name for name, m in REGISTRY.items() if "msam_precondition" in m.flags) or "none registered"
+
+
+def _sync_methods() -> list[str]:
+    return method_names(lambda c: c.sync_perturbation)
+
+
+# What the help and the docstring say about the registered methods, written when it is read.
+_METHODS_TEXT: dict[str, Callable[[], str]] = {
+    "msam_method": lambda: (
+        f"The registered methods (a pass is one forward and one backward): {describe_methods()}; or any method "
+        "registered with hf_msam.register_method before the arguments are parsed (see README \"Your own variant\")."
+    ),
+    "msam_method_args": lambda: (
+        f"Each method's settings (type, default; the flag that also sets it): {describe_all_settings()}."
+    ),
+    "msam_precondition": lambda: f"For msam_method {_precondition_takers()}.",
+    "msam_sync_perturbation": lambda: (
+        f"Works with msam_method {', '.join(_sync_methods()) or 'none registered'}; not with "
+        f"{', '.join(n for n in method_names() if n not in _sync_methods()) or 'none'}."
+    ),
+}
+
+
+class _FromRegistry(Mapping):
+    """A field's `metadata={"help": ...}` whose help has `{field}` marks, each replaced by that field's text in
+    `_METHODS_TEXT` when it is read (a parser is built, `--help` shown). argparse %-formats help strings, so a "%" that
+    a registration brings is doubled."""
+
+    def __init__(self, metadata: dict[str, Any]):
+        self._metadata = metadata
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._metadata[key]
+        if key == "help":
+            for name, text in _METHODS_TEXT.items():
+                if "{" + name + "}" in value:
+                    value = value.replace("{" + name + "}", text().replace("%", "%%"))
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._metadata)
+
+    def __len__(self) -> int:
+        return len(self._metadata)
+
+
+class _Docstring:
+    """A class docstring with `{field}` marks, each replaced (wrapped, indented as the mark) by that field's text in
+    `_METHODS_TEXT` when the docstring is read: a class's `__doc__` that is a descriptor is read through `__get__`."""
+
+    def __init__(self, template: str):
+        self.template = template
+
+    def __get__(self, obj: Any, owner: Any = None) -> str:
+        lines = []
+        for line in self.template.split("\n"):
+            mark = line.strip()
+            if mark.startswith("{") and mark.endswith("}") and mark[1:-1] in _METHODS_TEXT:
+                indent = line[: len(line) - len(line.lstrip())]
+                text = _METHODS_TEXT[mark[1:-1]]()
+                line = textwrap.fill(text, 116, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False)
+            lines.append(line)
+        return "\n".join(lines)
+
+
 @dataclass
 class MSAMArguments:
-    r"""
+    __doc__ = _Docstring(r"""
     The micro-batch sharpness-aware minimization (mSAM) settings, as a dataclass mixin that goes in front of any
     `TrainingArguments` subclass: `MSAMTrainingArguments(MSAMArguments, TrainingArguments)`, or a TRL config,
     `MSAMSFTConfig(MSAMArguments, SFTConfig)`. With `HfArgumentParser`, each appears on the command line as
@@ -39,13 +118,19 @@ class MSAMArguments:
         msam_eps (`float`, *optional*, defaults to `1e-12`):
             Added to the gradient norm in the denominator of the perturbation.
         msam_method (`str`, *optional*, defaults to `"sam"`):
-            `sam` (with `msam_adaptive`: ASAM), `gsam`, `fsam` (Friendly-SAM), `looksam`, `momentum` (Momentum-SAM),
-            `functional` (Functional-SAM), `flat_lora` (Flat-LoRA), or
-            any method registered with `hf_msam.register_method`. See README "Methods and schedules".
+            The sharpness-aware method. See README "Methods and schedules".
+            {msam_method}
+        msam_method_args (`dict` or `str`, *optional*, defaults to `None`):
+            The settings of `msam_method`: a dict, or comma-separated `key=value` pairs (`"alpha=0.2,k=3"`, as
+            `optim_args`), each converted to the setting's type. A built-in setting's own flag (`msam_gsam_alpha`)
+            still sets it when the key is not given; the key with the flag at another value than its default, a key
+            the method does not have, or a value of the wrong type is a ValueError.
+            {msam_method_args}
         msam_precondition (`str`, *optional*, defaults to `"none"`):
             `adam`: the perturbation along AdamW's preconditioned gradient, e = rho * P g / ||P g||,
-            P = diag(1 / (sqrt(v_hat) + eps)) (Singh et al. 2025), for `msam_method` sam and functional. Needs an
-            Adam-type optimizer. `none`: the plain gradient.
+            P = diag(1 / (sqrt(v_hat) + eps)) (Singh et al. 2025). Needs an Adam-type optimizer. `none`: the plain
+            gradient.
+            {msam_precondition}
         msam_start (`float`, *optional*, defaults to `0.0`):
             Optimizer steps t <= msam_start * max_steps are plain steps (late-phase SAM). In [0, 1).
         msam_interval (`int`, *optional*, defaults to `1`):
@@ -73,7 +158,8 @@ class MSAMArguments:
             Synchronized perturbations: micro-batch j's perturbation comes from the gradient of the union over all
             devices of their j-th micro-batches, the same on every device (one extra all-reduce of the trainable
             gradients per micro-batch). Default: each device perturbs with its own micro-batches. Always on under
-            FSDP2. Not with `msam_method` gsam or looksam. See README "Multi-device".
+            FSDP2. See README "Multi-device".
+            {msam_sync_perturbation}
         msam_vectorize (`str`, *optional*, defaults to `"auto"`):
             `on`: all micro-batches of a device in one forward and one backward per pass (the vectorized step);
             `auto`: vectorized where it applies, else one pass per micro-batch (the log says why); `off`: one pass
@@ -89,17 +175,17 @@ class MSAMArguments:
             Power iterations for the top eigenvalue and Hutchinson probes for the trace.
         msam_eval_landscape (`bool`, *optional*, defaults to `False`):
             Every evaluation writes `loss_landscape.json` and `loss_landscape.png` to `output_dir`; the last stays.
-    """
+    """)
 
     msam_rho: float = field(
-        default=0.05,
+        default=MSAM_DEFAULTS["msam_rho"],
         metadata={
             "help": "Perturbation radius rho of (m)SAM. 0 turns it off: each step is then exactly the plain "
             "Trainer step (one forward and backward, bitwise-identical weights)."
         },
     )
     msam_micro_batch_size: int | None = field(
-        default=None,
+        default=MSAM_DEFAULTS["msam_micro_batch_size"],
         metadata={
             "help": "Examples per perturbation on each device (the mSAM micro-batch). None: the whole "
             "per-device batch is one micro-batch, which is SAM on each device. A batch that does not divide "
@@ -107,55 +193,60 @@ class MSAMArguments:
         },
     )
     msam_adaptive: bool = field(
-        default=False,
+        default=MSAM_DEFAULTS["msam_adaptive"],
         metadata={"help": "Use ASAM (Kwon et al. 2021): e = rho * T^2 g / ||T g|| with T = |w| + eta elementwise."},
     )
     msam_adaptive_eta: float = field(
-        default=0.01,
+        default=MSAM_DEFAULTS["msam_adaptive_eta"],
         metadata={"help": "eta of ASAM in T = |w| + eta. Used only with --msam_adaptive."},
     )
     msam_eps: float = field(
-        default=1e-12,
+        default=MSAM_DEFAULTS["msam_eps"],
         metadata={"help": "Added to the gradient norm in the denominator of the perturbation, for stability."},
     )
     msam_method: str = field(
-        default="sam",
-        metadata={
-            "help": "The sharpness-aware method: sam (SAM/mSAM; with --msam_adaptive, ASAM), gsam (GSAM, Zhuang et al. "
-            "2022), fsam (Friendly-SAM, Li et al. 2024), looksam (LookSAM, Liu et al. 2022) or momentum "
-            "(Momentum-SAM, Becker et al. 2024: one pass per step, needs an optimizer with momentum), functional "
-            "(Functional-SAM, Singh et al. 2025: the clean loss's gradient with respect to the logits, back-propagated "
-            "through the perturbed network), flat_lora (Flat-LoRA, Li et al. 2025: PEFT LoRA models, random noise on "
-            "the merged weights, one pass per step), or the name of "
-            "a method registered with hf_msam.register_method (see README \"Your own variant\").",
-        },
+        default=MSAM_DEFAULTS["msam_method"],
+        metadata=_FromRegistry({
+            "help": "The sharpness-aware method (--msam_adaptive makes SAM's ascent ASAM's). {msam_method} Its own "
+            "settings go in --msam_method_args.",
+        }),
+    )
+    msam_method_args: dict[str, Any] | str | None = field(
+        default=MSAM_DEFAULTS["msam_method_args"],
+        metadata=_FromRegistry({
+            "help": "The settings of --msam_method, as comma-separated key=value pairs like --optim_args (e.g. "
+            "\"alpha=0.2\"; a JSON object, or a dict in Python, also works), each converted to the setting's type. A "
+            "built-in setting's own flag (--msam_gsam_alpha) still sets it when the key is not given. {msam_method_args} "
+            "A key the method does not have, a value of the wrong type, or a key whose own flag is set to another "
+            "value than its default too is refused.",
+        }),
     )
     msam_precondition: str = field(
-        default="none",
-        metadata={
+        default=MSAM_DEFAULTS["msam_precondition"],
+        metadata=_FromRegistry({
             "help": "adam: perturb along AdamW's preconditioned gradient, e = rho * P g / ||P g|| with "
             "P = diag(1 / (sqrt(v_hat) + eps)) from the optimizer's bias-corrected second moment (Singh et al. 2025; "
-            "before the first optimizer step, the plain gradient), for --msam_method sam and functional; needs an "
-            "Adam-type optimizer. none: the plain gradient.",
+            "before the first optimizer step, the plain gradient); needs an Adam-type optimizer. none: the plain "
+            "gradient. {msam_precondition}",
             "choices": ["none", "adam"],
-        },
+        }),
     )
     msam_start: float = field(
-        default=0.0,
+        default=MSAM_DEFAULTS["msam_start"],
         metadata={
             "help": "Late-phase SAM: optimizer steps t <= msam_start * max_steps are plain steps (one forward and "
             "backward). A number in [0, 1); 0 perturbs from the first step."
         },
     )
     msam_interval: int = field(
-        default=1,
+        default=MSAM_DEFAULTS["msam_interval"],
         metadata={
             "help": "Perturb every k-th optimizer step only: step t (1-based) is perturbed when (t - 1) mod k == 0 and "
             "plain in between. With --msam_start too, a step is perturbed only when both allow it."
         },
     )
     msam_rho_schedule: str = field(
-        default="constant",
+        default=MSAM_DEFAULTS["msam_rho_schedule"],
         metadata={
             "help": "constant: rho at every step. lr: rho_t = rho * lr_t / lr_max, rho following the learning-rate "
             "schedule (warmup and decay), as GSAM does.",
@@ -163,32 +254,32 @@ class MSAMArguments:
         },
     )
     msam_gsam_alpha: float = field(
-        default=0.1,
+        default=_setting_default("gsam", "alpha"),
         metadata={
             "help": "alpha of GSAM (--msam_method gsam): each micro-batch descends along g_p - alpha * g_perp, g_perp "
             "the part of its clean gradient orthogonal to its perturbed gradient g_p. 0 is SAM."
         },
     )
     msam_fsam_lambda: float = field(
-        default=0.95,
+        default=_setting_default("fsam", "lambda"),
         metadata={
             "help": "lambda of Friendly-SAM (--msam_method fsam): the EMA m <- lambda * m + (1 - lambda) * g_j of "
             "past micro-batch gradients, in [0, 1)."
         },
     )
     msam_fsam_sigma: float = field(
-        default=1.0,
+        default=_setting_default("fsam", "sigma"),
         metadata={"help": "sigma of Friendly-SAM (--msam_method fsam): the ascent direction is g_j - sigma * m."},
     )
     msam_looksam_k: int = field(
-        default=5,
+        default=_setting_default("looksam", "k"),
         metadata={
             "help": "LookSAM (--msam_method looksam): a full SAM step every k optimizer steps; the k - 1 steps between "
             "take one pass and reuse the stored direction g_v. 1 is SAM."
         },
     )
     msam_looksam_alpha: float = field(
-        default=0.7,
+        default=_setting_default("looksam", "alpha"),
         metadata={
             "help": "alpha of LookSAM (--msam_method looksam): reuse steps descend along g + alpha * (||g|| / ||g_v||) "
             "* g_v. 0.7 is the paper's; with AdamW, alpha >= 0.2 stalled training in our measurements and 0.1 trained "
@@ -196,7 +287,7 @@ class MSAMArguments:
         },
     )
     msam_flat_lora_sigma: float = field(
-        default=0.05,
+        default=_setting_default("flat_lora", "sigma"),
         metadata={
             "help": "sigma of Flat-LoRA (--msam_method flat_lora, PEFT LoRA models): each pass runs every LoRA layer at "
             "W + s*BA + noise, row i of the noise N(0, sigma_t^2 ||(W + s*BA)_i||^2 / n), n the input dimension, drawn "
@@ -204,7 +295,7 @@ class MSAMArguments:
         },
     )
     msam_flat_lora_schedule: str = field(
-        default="cosine",
+        default=_setting_default("flat_lora", "schedule"),
         metadata={
             "help": "How Flat-LoRA's sigma changes over training. cosine: sigma_t = sigma * (1 - cos(pi (t - 1) / "
             "max_steps)) / 2, rising from 0 at the first step to sigma (the paper's). constant: sigma at every step.",
@@ -212,18 +303,18 @@ class MSAMArguments:
         },
     )
     msam_sync_perturbation: bool = field(
-        default=False,
-        metadata={
+        default=MSAM_DEFAULTS["msam_sync_perturbation"],
+        metadata=_FromRegistry({
             "help": "Synchronize the perturbations across devices: micro-batch j's perturbation comes from the gradient "
             "of the union of all devices' j-th micro-batches (weighted by their sizes or label-token counts), so every "
             "device applies the same one and a step has accumulation steps x micro-batches per device perturbations, "
             "whatever the number of devices (SAM proper on the global batch when --msam_micro_batch_size is unset). "
             "Costs one all-reduce of the trainable gradients per micro-batch. Off: each device perturbs with its own "
-            "micro-batches. Always on under FSDP2. Works with --msam_method sam, fsam and momentum."
-        },
+            "micro-batches. Always on under FSDP2. {msam_sync_perturbation}",
+        }),
     )
     msam_vectorize: str = field(
-        default="auto",
+        default=MSAM_DEFAULTS["msam_vectorize"],
         metadata={
             "help": "How a device's micro-batches are computed. on: all of them in one forward and one backward per "
             "pass (the vectorized step: every micro-batch's own gradient from per-layer rules, each micro-batch's rows "
@@ -234,7 +325,7 @@ class MSAMArguments:
         },
     )
     msam_eval_flatness: bool = field(
-        default=False,
+        default=MSAM_DEFAULTS["msam_eval_flatness"],
         metadata={
             "help": "At every evaluation, also report eval_hessian_top_eigenvalue, eval_hessian_trace and "
             "eval_sharpness (hf_msam.flatness), measured on the first --msam_flatness_batches evaluation batches. "
@@ -244,25 +335,25 @@ class MSAMArguments:
         },
     )
     msam_flatness_batches: int = field(
-        default=8,
+        default=MSAM_DEFAULTS["msam_flatness_batches"],
         metadata={"help": "Evaluation batches the flatness metrics and the loss landscape are measured on."},
     )
     msam_flatness_rho: float = field(
-        default=0.05,
+        default=MSAM_DEFAULTS["msam_flatness_rho"],
         metadata={
             "help": "Radius at which eval_sharpness is measured (SAM perturbation, each evaluation batch one "
             "micro-batch). The same for every run whatever its training rho, so runs compare on equal footing."
         },
     )
     msam_flatness_iters: int = field(
-        default=100,
+        default=MSAM_DEFAULTS["msam_flatness_iters"],
         metadata={
             "help": "Power iterations for eval_hessian_top_eigenvalue and Hutchinson probes for eval_hessian_trace "
             "(each one Hessian-vector product, i.e. a double backward, per flatness batch). Lower it on large models."
         },
     )
     msam_eval_landscape: bool = field(
-        default=False,
+        default=MSAM_DEFAULTS["msam_eval_landscape"],
         metadata={
             "help": "At every evaluation, write loss_landscape.json and loss_landscape.png to output_dir: the loss "
             "along a filter-normalized random direction (Li et al. 2018) on the first --msam_flatness_batches "
@@ -290,19 +381,6 @@ _SWITCHES = ("msam_adaptive", "msam_sync_perturbation", "msam_eval_flatness", "m
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
 
-def _finite(value: Any, low: float | None = None, high: float | None = None, low_open: bool = False) -> bool:
-    """A real number (not a bool), finite, in [low, high) (or (low, high) with `low_open`)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return False
-    if low is not None and (value <= low if low_open else value < low):
-        return False
-    return high is None or value < high
-
-
-def _whole(value: Any, low: int = 1) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int) and value >= low
-
-
 def check_msam_settings(args: Any) -> None:
     """Raise ValueError naming the flag when an mSAM setting of `args` is out of range or of the wrong type, or when
     the method does not combine with the others. Run when the arguments are built and again when a trainer starts
@@ -314,14 +392,16 @@ def check_msam_settings(args: Any) -> None:
             setattr(args, name, value.strip().lower() in _TRUE)
         elif not isinstance(value, bool):
             raise ValueError(f"--{name} must be True or False, got {value!r}.")
+    if isinstance(getattr(args, "msam_method_args", None), str):  # "alpha=0.2,k=3" or JSON: a dict, as given
+        args.msam_method_args = parse_method_args(args.msam_method_args)
     rho = msam_setting(args, "msam_rho")
-    if not _finite(rho, 0.0):
+    if not is_finite(rho, 0.0):
         raise ValueError(
             f"--msam_rho must be a finite number >= 0 (0 turns mSAM off), got {rho!r}. "
             "Typical values are 0.01 to 0.5 (SAM) or 0.5 to 2.0 (ASAM)."
         )
     micro_batch_size = msam_setting(args, "msam_micro_batch_size")
-    if micro_batch_size is not None and not _whole(micro_batch_size):
+    if micro_batch_size is not None and not is_whole(micro_batch_size):
         raise ValueError(
             f"--msam_micro_batch_size must be a whole number >= 1, or None for one micro-batch per device; "
             f"got {micro_batch_size!r}."
@@ -337,7 +417,7 @@ def check_msam_settings(args: Any) -> None:
         "msam_flat_lora_sigma": (0.0, None, "a finite number >= 0 (0.05 is the paper's; 0 turns Flat-LoRA off)"),
     }
     for name, (low, high, what) in ranges.items():
-        if not _finite(msam_setting(args, name), low, high):
+        if not is_finite(msam_setting(args, name), low, high):
             raise ValueError(f"--{name} must be {what}, got {msam_setting(args, name)!r}.")
     for name, what in (
         ("msam_interval", "a whole number >= 1 (1: every step is perturbed)"),
@@ -345,9 +425,9 @@ def check_msam_settings(args: Any) -> None:
         ("msam_flatness_batches", "a whole number >= 1"),
         ("msam_flatness_iters", "a whole number >= 1"),
     ):
-        if not _whole(msam_setting(args, name)):
+        if not is_whole(msam_setting(args, name)):
             raise ValueError(f"--{name} must be {what}, got {msam_setting(args, name)!r}.")
-    if not _finite(msam_setting(args, "msam_flatness_rho"), 0.0, low_open=True):
+    if not is_finite(msam_setting(args, "msam_flatness_rho"), 0.0, low_open=True):
         raise ValueError(f"--msam_flatness_rho must be a finite number > 0, got {msam_setting(args, 'msam_flatness_rho')!r}.")
     if msam_setting(args, "msam_vectorize") not in ("auto", "on", "off"):
         raise ValueError(f"--msam_vectorize must be 'auto', 'on' or 'off', got {msam_setting(args, 'msam_vectorize')!r}.")

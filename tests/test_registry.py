@@ -39,7 +39,7 @@ def registered():
 def test_builtin_methods_are_registered_with_paper_and_flags():
     assert hf_msam.method_names()[:5] == ["sam", "gsam", "fsam", "looksam", "momentum"]
     for name in ("sam", "gsam", "fsam", "looksam", "momentum"):
-        assert REGISTRY[name].paper and "msam_rho" in REGISTRY[name].flags
+        assert REGISTRY[name].paper and REGISTRY[name].cost and "msam_rho" in REGISTRY[name].flags
     assert "msam_gsam_alpha" in REGISTRY["gsam"].flags and "msam_looksam_k" in REGISTRY["looksam"].flags
 
 

@@ -1,6 +1,7 @@
 """The two halves of every method: a `PerturbationRule` (the ascent, g_j → e_j) and a `DescentRule` (what micro-batch
 j adds to the gradient, from g_j and g_p,j). Each rule also says what it can be combined with (its capabilities);
-`check_compatible` turns those into the one set of errors the arguments, the trainer and the engine raise."""
+`registry.check_compatible` turns those into the one set of errors the arguments, the trainer and the engine raise.
+This module imports nothing else of hf_msam."""
 
 from __future__ import annotations
 
@@ -168,76 +169,3 @@ class Capabilities:
             interval=descent.supports_interval,
             needs_optimizer_state=perturbation.needs_optimizer_state,
         )
-
-
-def check_compatible(
-    perturbation: PerturbationRule,
-    descent: DescentRule,
-    *,
-    method: str | None = None,
-    adaptive: bool | None = None,
-    sync_perturbation: bool = False,
-    fsdp2: bool = False,
-    interval: int = 1,
-) -> None:
-    """Raise ValueError, naming the flags, when the method cannot be combined with the set-up asked for.
-
-    `method` is the registered name (None: rules given directly); `adaptive` whether ASAM was asked for (None:
-    not known here); `sync_perturbation` whether perturbations are synchronized (always under FSDP2)."""
-    caps = Capabilities.of(perturbation, descent)
-    who = f"--msam_method {method}" if method else f"the rules {perturbation!r} and {descent!r}"
-    if getattr(descent, "through_outputs", False) and not perturbation.needs_gradient:
-        raise ValueError(
-            f"{who}: a descent through the outputs (Functional-SAM) needs ∇_F L at w from a clean pass, and the "
-            f"perturbation {perturbation!r} makes none (needs_gradient False)."
-        )
-    if adaptive and not caps.adaptive:
-        raise ValueError(
-            f"--msam_adaptive (ASAM) does not combine with {who}: its perturbation is not adaptive. Drop "
-            f"--msam_adaptive, or use a method that takes it ({_names_where(lambda c: c.adaptive, msam_adaptive=True)})."
-        )
-    if interval != 1 and not caps.interval:
-        raise ValueError(
-            f"--msam_interval does not combine with {who}, which has its own interval (--msam_looksam_k for looksam): "
-            "leave --msam_interval at 1."
-        )
-    if fsdp2 and not caps.fsdp2:
-        why = _why(perturbation, descent, "fsdp2", _NONLINEAR + ", which FSDP2's sharded gradients do not give")
-        raise ValueError(
-            f"{who} is not supported under FSDP2: {why}. Use --msam_method "
-            f"{_names_where(lambda c: c.fsdp2)} under FSDP2, or plain DDP."
-        )
-    if sync_perturbation and not caps.sync_perturbation:
-        why = _why(perturbation, descent, "sync_perturbation", _NONLINEAR + ", which synchronizing the ascent does not make the union's")
-        raise ValueError(
-            f"--msam_sync_perturbation does not combine with {who}: {why}. Drop "
-            "--msam_sync_perturbation (sync_perturbation=True in MicroBatchSAM) for device-local perturbations, or "
-            f"use --msam_method {_names_where(lambda c: c.sync_perturbation)}."
-        )
-
-
-_NONLINEAR = "its descent is a nonlinear function of each device's own perturbed gradient"
-
-
-def _why(perturbation: PerturbationRule, descent: DescentRule, capability: str, default: str) -> str:
-    """Why `capability` does not hold: a rule's own note (`capability_notes[capability]`) where it has one, else
-    `default`."""
-    for rule in (perturbation, descent):
-        note = getattr(rule, "capability_notes", {}).get(capability)
-        if note:
-            return note
-    return default
-
-
-def _names_where(predicate, **settings: Any) -> str:
-    """The registered methods whose capabilities (built with their defaults and `settings`) satisfy `predicate`."""
-    from . import REGISTRY, build_method
-
-    names = []
-    for name in REGISTRY:
-        try:
-            if predicate(Capabilities.of(*build_method(name, **settings))):
-                names.append(name)
-        except Exception:  # a user's method that cannot be built with these settings: not a suggestion
-            continue
-    return ", ".join(names) if names else "none registered"

@@ -39,7 +39,7 @@ from torch import nn
 from ..integrations.patching import set_on_instance
 from ..vectorized import Positions
 from ..vectorized import _compute_dtype as _matmul_dtype
-from . import register_method
+from .registry import is_finite, register_method, require
 from .base import PerturbationRule
 from .sam import SAMDescent
 
@@ -343,16 +343,19 @@ def _grouped_noisy_forward(layer: nn.Module, sigma_t: float, seeds: tuple[int, .
 @register_method(
     "flat_lora",
     paper="Flat-LoRA, Li et al., ICML 2025",
-    flags=("msam_flat_lora_sigma", "msam_flat_lora_schedule"),
+    cost="1 pass per micro-batch, no clean pass",
+    dedicated_flags={"sigma": "msam_flat_lora_sigma", "schedule": "msam_flat_lora_schedule"},
 )
-def build(args):
+def build(args, sigma: float = 0.05, schedule: str = "cosine"):
     if getattr(args, "msam_rho_schedule", "constant") != "constant":
         raise ValueError(
             "--msam_rho_schedule does not apply to --msam_method flat_lora, whose noise has its own schedule: set "
             "--msam_flat_lora_schedule (cosine or constant) and leave --msam_rho_schedule constant."
         )
+    require(is_finite(sigma, 0.0), "flat_lora", "sigma", sigma, "a finite number >= 0 (0.05 is the paper's; 0: off)")
+    require(schedule in SCHEDULES, "flat_lora", "schedule", schedule, f"one of {', '.join(SCHEDULES)}")
     try:
         seed = args.seed
     except AttributeError:
         seed = 0
-    return FlatLoRAPerturbation(args.msam_flat_lora_sigma, args.msam_flat_lora_schedule, int(seed)), SAMDescent()
+    return FlatLoRAPerturbation(sigma, schedule, int(seed)), SAMDescent()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import blend, global_norm, like, scale_to_radius, usable
-from . import register_method
+from .registry import is_finite, register_method, require
 from .sam import SAMDescent, SAMPerturbation
 
 
@@ -74,7 +74,10 @@ class FriendlyPerturbation(SAMPerturbation):
             self.started = state["started"].clone() if "started" in state else torch.ones((), dtype=torch.bool)
 
 
-@register_method("fsam", paper="Friendly-SAM, Li et al., CVPR 2024",
-                 flags=("msam_rho", "msam_fsam_sigma", "msam_fsam_lambda", "msam_eps"))
-def build(args):
-    return FriendlyPerturbation(args.msam_rho, args.msam_fsam_sigma, args.msam_fsam_lambda, args.msam_eps), SAMDescent()
+@register_method("fsam", paper="Friendly-SAM, Li et al., CVPR 2024", cost="2 passes per micro-batch",
+                 flags=("msam_rho", "msam_eps"),
+                 dedicated_flags={"lambda": "msam_fsam_lambda", "sigma": "msam_fsam_sigma"})
+def build(args, lambda_: float = 0.95, sigma: float = 1.0):
+    require(is_finite(lambda_, 0.0, 1.0), "fsam", "lambda", lambda_, "a number in [0, 1)")
+    require(is_finite(sigma, 0.0), "fsam", "sigma", sigma, "a finite number >= 0")
+    return FriendlyPerturbation(args.msam_rho, sigma, lambda_, args.msam_eps), SAMDescent()

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from . import register_method
+from .registry import register_method
 from .base import DescentRule
 from .precondition import sam_ascent
 
@@ -117,7 +117,8 @@ def check_outputs(outputs: list[torch.Tensor]) -> None:
         )
 
 
-@register_method("functional", paper="Functional-SAM, Singh et al., ICML 2025 (arXiv 2502.02407)",
+@register_method("functional", paper="Functional-SAM, Singh et al., ICML 2025, arXiv 2502.02407",
+                 cost="2 passes per micro-batch",
                  flags=("msam_rho", "msam_adaptive", "msam_adaptive_eta", "msam_eps", "msam_precondition"))
 def build(args):
     return sam_ascent(args), FunctionalDescent()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import dot
-from . import register_method
+from .registry import is_finite, register_method, require
 from .base import DescentRule
 from .sam import SAMPerturbation
 
@@ -41,7 +41,9 @@ class GSAMDescent(DescentRule):
         return g_p
 
 
-@register_method("gsam", paper="GSAM, Zhuang et al., ICLR 2022",
-                 flags=("msam_rho", "msam_gsam_alpha", "msam_adaptive", "msam_adaptive_eta", "msam_eps"))
-def build(args):
-    return SAMPerturbation(args.msam_rho, args.msam_adaptive, args.msam_adaptive_eta, args.msam_eps), GSAMDescent(args.msam_gsam_alpha)
+@register_method("gsam", paper="GSAM, Zhuang et al., ICLR 2022", cost="2 passes per micro-batch",
+                 flags=("msam_rho", "msam_adaptive", "msam_adaptive_eta", "msam_eps"),
+                 dedicated_flags={"alpha": "msam_gsam_alpha"})
+def build(args, alpha: float = 0.1):
+    require(is_finite(alpha, 0.0), "gsam", "alpha", alpha, "a finite number >= 0 (0 is SAM)")
+    return SAMPerturbation(args.msam_rho, args.msam_adaptive, args.msam_adaptive_eta, args.msam_eps), GSAMDescent(alpha)

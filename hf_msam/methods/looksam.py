@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import dot, global_norm, like
-from . import register_method
+from .registry import is_finite, is_whole, register_method, require
 from .base import DescentRule
 from .sam import SAMPerturbation
 
@@ -87,7 +87,11 @@ class LookSAMDescent(DescentRule):
 
 
 @register_method("looksam", paper="LookSAM, Liu et al., CVPR 2022",
-                 flags=("msam_rho", "msam_looksam_k", "msam_looksam_alpha", "msam_adaptive", "msam_adaptive_eta", "msam_eps"))
-def build(args):
+                 cost="2 passes per micro-batch every k-th step, 1 on the steps between",
+                 flags=("msam_rho", "msam_adaptive", "msam_adaptive_eta", "msam_eps"),
+                 dedicated_flags={"k": "msam_looksam_k", "alpha": "msam_looksam_alpha"})
+def build(args, k: int = 5, alpha: float = 0.7):
+    require(is_whole(k), "looksam", "k", k, "a whole number >= 1 (1 is SAM)")
+    require(is_finite(alpha, 0.0), "looksam", "alpha", alpha, "a finite number >= 0")
     perturbation = SAMPerturbation(args.msam_rho, args.msam_adaptive, args.msam_adaptive_eta, args.msam_eps)
-    return perturbation, LookSAMDescent(args.msam_looksam_k, args.msam_looksam_alpha)
+    return perturbation, LookSAMDescent(k, alpha)

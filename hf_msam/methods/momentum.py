@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..ops import SHARDED_PARAMS, global_norm, local, scale_to_radius, usable
-from . import register_method
+from .registry import register_method
 from .base import PerturbationRule
 from .sam import SAMDescent
 
@@ -85,6 +85,7 @@ def _name(optimizer: Any) -> str:
     return type(getattr(optimizer, "optimizer", optimizer)).__name__
 
 
-@register_method("momentum", paper="Momentum-SAM, Becker et al. 2024", flags=("msam_rho", "msam_eps"))
+@register_method("momentum", paper="Momentum-SAM, Becker et al. 2024", flags=("msam_rho", "msam_eps"),
+                 cost="1 pass per micro-batch, no clean pass")
 def build(args):
     return MomentumPerturbation(args.msam_rho, args.msam_eps), SAMDescent()

@@ -4,7 +4,8 @@
                                             `max_exp_avg_sq` with amsgrad), β₂ and ε of the parameter's group
     e_j = ρ · P g_j / ‖P g_j‖                the ascent in the geometry the optimizer descends in
 
-Before the optimizer's first step there is no v: e_j is SAM's, ρ · g_j / ‖g_j‖. Used by `sam` and `functional`.
+Before the optimizer's first step there is no v: e_j is SAM's, ρ · g_j / ‖g_j‖. Used by `sam` (registered here: its
+ascent is SAM's, ASAM's or this) and `functional`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 import torch
 
 from ..ops import global_norm, scale_to_radius, usable, weight_dtype
-from .sam import SAMPerturbation
+from .registry import register_method
+from .sam import SAMDescent, SAMPerturbation
 
 
 class AdamPreconditionedPerturbation(SAMPerturbation):
@@ -91,3 +93,9 @@ def sam_ascent(args) -> SAMPerturbation:
     if args.msam_precondition == "adam":
         return AdamPreconditionedPerturbation(args.msam_rho, args.msam_eps)
     return SAMPerturbation(args.msam_rho, args.msam_adaptive, args.msam_adaptive_eta, args.msam_eps)
+
+
+@register_method("sam", paper="SAM, Foret et al. 2021; ASAM, Kwon et al. 2021", cost="2 passes per micro-batch",
+                 flags=("msam_rho", "msam_adaptive", "msam_adaptive_eta", "msam_eps", "msam_precondition"))
+def build(args):
+    return sam_ascent(args), SAMDescent()  # SAM, ASAM, or with --msam_precondition adam preconditioned SAM

@@ -4,13 +4,13 @@
     e_j = ρ · T² g_j / ‖T g_j‖,  T = |w| + η      ASAM: the same in the scale-invariant geometry of T
     ∇  += c_j · ∇L_{B_j}(w + e_j)                 the descent along the perturbed gradient
 
-With one micro-batch this is SAM; with k it is mSAM (Behdin et al. 2023).
+With one micro-batch this is SAM; with k it is mSAM (Behdin et al. 2023). The `sam` method (these rules, or with
+`--msam_precondition adam` preconditioned SAM's ascent, which builds on them) is registered in `precondition.py`.
 """
 
 from __future__ import annotations
 
 from ..ops import global_norm, scale_to_radius, usable
-from . import register_method
 from .base import DescentRule, PerturbationRule
 
 
@@ -48,11 +48,3 @@ class SAMDescent(DescentRule):
 
     def __repr__(self) -> str:
         return "SAMDescent()"
-
-
-@register_method("sam", paper="SAM, Foret et al. 2021; ASAM, Kwon et al. 2021",
-                 flags=("msam_rho", "msam_adaptive", "msam_adaptive_eta", "msam_eps", "msam_precondition"))
-def build(args):
-    from .precondition import sam_ascent  # SAM, ASAM, or with --msam_precondition adam preconditioned SAM
-
-    return sam_ascent(args), SAMDescent()
