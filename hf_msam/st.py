@@ -12,8 +12,12 @@ subclass may change what its `forward` computes):
 - a loss that runs its own backward pass (the Cached* losses, GradCache): refused, since mSAM could neither take
   its ascent gradient nor perturb it; the whole-batch step above already keeps one micro-batch's activations alive
   at a time, so the plain loss with micro-batches takes its place;
+- a wrapper of sentence-transformers around one of the losses above (`MatryoshkaLoss`: the wrapped loss at several
+  truncated embedding sizes, weighted): what the wrapped loss is, when the wrapper computes the same terms at every
+  call (all of its dimensions, `n_dims_per_step` -1); for in-batch negatives the whole-batch step computes every
+  term from the batch's embeddings, truncated and normalized as the wrapper does;
 - any other loss with micro-batches: each micro-batch's loss is computed on its own, which for a loss comparing
-  examples means only within the micro-batch; said once at start-up.
+  examples means only within the micro-batch; said once at start-up, with the reason when it is a wrapper.
 
 Parameters a loss owns (SoftmaxLoss's classifier) are trained by the sentence-transformers trainer; mSAM perturbs
 them too.
@@ -29,7 +33,18 @@ from torch import nn
 
 logger = logging.getLogger("hf_msam")
 
-__all__ = ["is_sentence_transformers_trainer", "loss_kind", "losses_of"]
+__all__ = ["is_sentence_transformers_trainer", "loss_kind", "losses_of", "sentence_transformers_losses", "st_decomposable"]
+
+
+def sentence_transformers_losses():
+    """sentence-transformers' `losses` module: `sentence_transformers.sentence_transformer.losses` (6.3 and later;
+    importing `sentence_transformers.losses` there warns that it is deprecated), `sentence_transformers.losses` in
+    older releases."""
+    try:
+        from sentence_transformers.sentence_transformer import losses
+    except ImportError:
+        from sentence_transformers import losses
+    return losses
 
 # Means over the examples of the batch: Σ_j c_j·L(B_j) with c_j = n_j / n is the batch's loss.
 _MEANS = {
@@ -43,6 +58,31 @@ _WHOLE_BATCH = {
     "OnlineContrastiveLoss", "BatchAllTripletLoss", "BatchHardTripletLoss", "BatchHardSoftMarginTripletLoss",
     "BatchSemiHardTripletLoss",
 }
+
+
+# Losses of sentence-transformers that wrap another loss (`.loss`) and add up its value over variants of the
+# embeddings: what they are follows from the wrapped loss when every call computes the same terms.
+_TRUNCATING_WRAPPERS = {"MatryoshkaLoss"}  # the wrapped loss at truncated, re-normalized sentence embeddings
+_LAYER_WRAPPERS = {"AdaptiveLayerLoss", "Matryoshka2dLoss"}  # the wrapped loss at the outputs of inner layers
+
+
+def _is_st_class(loss: nn.Module, names: set[str]) -> bool:
+    cls = type(loss)
+    return cls.__module__.split(".")[0] == "sentence_transformers" and cls.__name__ in names
+
+
+def _wrapper_problem(loss: nn.Module) -> str | None:
+    """Why hf-msam cannot treat a wrapper loss as its wrapped loss, or None (not a wrapper, or one it can)."""
+    name = type(loss).__name__
+    if _is_st_class(loss, _LAYER_WRAPPERS):
+        return (f"{name} evaluates its loss at the outputs of inner layers, through decorated forwards (and samples "
+                "them at every call unless n_layers_per_step is -1)")
+    if _is_st_class(loss, _TRUNCATING_WRAPPERS):
+        dims, per_step = len(getattr(loss, "matryoshka_dims", ())), getattr(loss, "n_dims_per_step", -1)
+        if 0 < per_step < dims:
+            return (f"{name} samples {per_step} of its {dims} dimensions at every call (n_dims_per_step={per_step}), so "
+                    "each micro-batch's clean and perturbed passes would see other dimensions; use n_dims_per_step=-1")
+    return None
 
 
 def is_sentence_transformers_trainer(trainer: Any) -> bool:
@@ -70,6 +110,11 @@ def loss_kind(loss: nn.Module) -> str:
     cls = type(loss)
     if cls.__module__.split(".")[0] != "sentence_transformers":
         return "unknown"
+    if _is_st_class(loss, _TRUNCATING_WRAPPERS | _LAYER_WRAPPERS):
+        inner = getattr(loss, "loss", None)
+        if _wrapper_problem(loss) is not None or not isinstance(inner, nn.Module):
+            return "unknown"
+        return loss_kind(inner)  # a weighted sum over dimensions of the wrapped loss: a mean, or the whole batch's
     if cls.__name__ == "ContrastiveLoss" and not getattr(loss, "size_average", True):
         return "unknown"  # a sum over the batch: micro-batch losses would still add up, but their weights would not
     if cls.__name__ == "CosineSimilarityLoss" and getattr(getattr(loss, "loss_fct", None), "reduction", "mean") != "mean":
@@ -79,6 +124,60 @@ def loss_kind(loss: nn.Module) -> str:
     if cls.__name__ in _WHOLE_BATCH and hasattr(loss, "compute_loss_from_embeddings"):
         return "whole_batch"
     return "unknown"
+
+
+def _describe(loss: nn.Module) -> str:
+    """The loss's class name, with the wrapped loss's: `MatryoshkaLoss(MultipleNegativesRankingLoss)`."""
+    inner = getattr(loss, "loss", None)
+    if _is_st_class(loss, _TRUNCATING_WRAPPERS | _LAYER_WRAPPERS) and isinstance(inner, nn.Module):
+        return f"{type(loss).__name__}({_describe(inner)})"
+    return type(loss).__name__
+
+
+def _shrink(embedding: torch.Tensor, dim: int) -> torch.Tensor:
+    """What MatryoshkaLoss does to a sentence embedding: the first `dim` features, L2-normalized (in float32 for
+    half precisions)."""
+    part = embedding[..., :dim]
+    dtype = part.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        part = part.float()
+    return nn.functional.normalize(part, p=2, dim=-1).to(dtype)
+
+
+def loss_from_embeddings(loss: nn.Module) -> Any:
+    """`loss.compute_loss_from_embeddings(embeddings, labels)` of a whole-batch loss, for a MatryoshkaLoss around one
+    too: Σ_d w_d · L(embeddings truncated to d and normalized), labels that are embeddings truncated alike."""
+    if not _is_st_class(loss, _TRUNCATING_WRAPPERS):
+        return loss.compute_loss_from_embeddings
+    inner = loss_from_embeddings(loss.loss)
+    model = getattr(loss, "model", None)
+
+    def compute(embeddings: list[torch.Tensor], labels: Any) -> torch.Tensor:
+        total = 0.0
+        width = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") else embeddings[0].shape[-1]
+        for dim, weight in zip(loss.matryoshka_dims, loss.matryoshka_weights):
+            dim_labels = labels
+            if isinstance(labels, torch.Tensor) and labels.ndim in (2, 3) and labels.shape[-1] == width:
+                dim_labels = labels[..., :dim]
+            value = inner([_shrink(e, dim) for e in embeddings], dim_labels)
+            if isinstance(value, dict):
+                value = torch.stack(list(value.values())).sum()
+            total = total + weight * value
+        return total
+
+    return compute
+
+
+def st_decomposable(trainer: Any, inputs: Any) -> bool | None:
+    """Whether this batch's loss is the size-weighted sum of its micro-batches' losses (the vectorized step needs
+    it), from what its loss is: True for a mean over examples (wrappers of one included), False for a loss over the
+    whole batch, None when not known."""
+    loss = trainer.loss
+    if isinstance(loss, dict):
+        loss = loss.get(inputs.get("dataset_name")) if isinstance(inputs, dict) else None
+    if not isinstance(loss, nn.Module):
+        return None
+    return {"mean": True, "whole_batch": False}.get(loss_kind(loss))
 
 
 def loss_parameters(trainer: Any, model: nn.Module) -> list[nn.Parameter] | None:
@@ -102,7 +201,8 @@ def check_losses(trainer: Any, micro_batch_size: int | None) -> None:
     if getattr(trainer, "_msam_losses_checked", False) or not is_sentence_transformers_trainer(trainer):
         return
     trainer._msam_losses_checked = True
-    kinds = {type(loss).__name__: loss_kind(loss) for loss in losses_of(trainer)}
+    kinds = {_describe(loss): loss_kind(loss) for loss in losses_of(trainer)}
+    problems = [problem for loss in losses_of(trainer) if (problem := _wrapper_problem(loss))]
     cached = [name for name, kind in kinds.items() if kind == "own_backward"]
     if cached:
         raise ValueError(
@@ -130,7 +230,8 @@ def check_losses(trainer: Any, micro_batch_size: int | None) -> None:
             "micro-batch's loss is computed on its own, so a loss that compares the examples of a batch (in-batch "
             "negatives) sees only those of its micro-batch, and its value and gradient differ from the whole batch's. "
             "Use one of sentence-transformers' own losses, or --msam_micro_batch_size None (SAM on each device's "
-            "whole batch).", ", ".join(unknown), micro_batch_size,
+            "whole batch).%s", ", ".join(unknown), micro_batch_size,
+            "".join(f" ({problem}.)" for problem in problems),
         )
 
 
@@ -163,8 +264,10 @@ def whole_batch_step(trainer: Any, model: nn.Module, loss: nn.Module, inputs: di
         features, _ = trainer.collect_features(micro_batch)
         return embed_columns(encoder, [dict(f) for f in features])  # copies: the modules write into the dicts
 
+    compute = loss_from_embeddings(loss)
+
     def loss_fn(embeddings: list[torch.Tensor]) -> torch.Tensor:
-        value = loss.compute_loss_from_embeddings(embeddings, labels)
+        value = compute(embeddings, labels)
         if isinstance(value, dict):
             value = torch.stack(list(value.values())).sum()
         return value * scale

@@ -17,7 +17,12 @@ from torch.func import functional_call
 
 pytest.importorskip("sentence_transformers")
 from datasets import Dataset  # noqa: E402
-from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, losses, models  # noqa: E402
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, models  # noqa: E402
+
+try:  # sentence-transformers >= 6.3 (its old path, sentence_transformers.losses, warns there)
+    from sentence_transformers.sentence_transformer import losses
+except ImportError:  # older releases
+    from sentence_transformers import losses
 from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments  # noqa: E402
 from transformers import BertConfig, BertModel, BertTokenizerFast  # noqa: E402
 
@@ -182,3 +187,92 @@ def test_rho_0_is_bitwise_the_plain_trainer(tmp_path, encoder_dir):
     for p, q in zip(model.parameters(), plain.parameters()):
         assert torch.equal(p, q)
     assert not math.isnan(next(model.parameters()).sum().item())
+
+
+def matryoshka_mnrl(anchors, positives, dims=(16, 8)):
+    """MatryoshkaLoss(MultipleNegativesRankingLoss) from its definition: the sum over the dimensions d of the loss of
+    the first d features (cosine similarity: the wrapper's re-normalization does not change it)."""
+    return sum(mnrl(anchors[:, :d], positives[:, :d]) for d in dims)
+
+
+def test_matryoshka_around_in_batch_negatives_keeps_the_whole_batch(tmp_path, encoder_dir, caplog):
+    model = sentence_model(encoder_dir)
+    w0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+    loss = losses.MatryoshkaLoss(model, losses.MultipleNegativesRankingLoss(model), matryoshka_dims=[16, 8])
+    with caplog.at_level("INFO", logger="hf_msam"):
+        trainer = train(tmp_path, model, loss, pairs(), msam_micro_batch_size=4)
+    assert "cannot tell" not in caplog.text and "user's own" not in caplog.text
+    assert "MatryoshkaLoss(MultipleNegativesRankingLoss) compare(s) the examples of a batch" in caplog.text
+    anchors, positives = columns(trainer.batches[0])
+    halves = [slice(0, 4), slice(4, 8)]
+
+    def loss_at(points):
+        a = torch.cat([embed(model, p, rows(anchors, s)) for p, s in zip(points, halves)])
+        b = torch.cat([embed(model, p, rows(positives, s)) for p, s in zip(points, halves)])
+        return matryoshka_mnrl(a, b)
+
+    w = {k: v.clone().requires_grad_() for k, v in w0.items()}
+    clean = loss_at([w, w])
+    e = []
+    for j in range(2):
+        points = [w if i == j else {k: v.detach() for k, v in w.items()} for i in range(2)]
+        part = torch.autograd.grad(loss_at(points), list(w.values()), allow_unused=True, materialize_grads=True)
+        e.append(sam({k: 2 * t for k, t in zip(w, part)}))
+    perturbed = loss_at([{k: w[k] + e[j][k] for k in w} for j in range(2)])
+    descent = torch.autograd.grad(perturbed, list(w.values()), allow_unused=True, materialize_grads=True)
+
+    log = trainer.state.log_history[0]
+    assert log["loss"] == pytest.approx(clean.item(), rel=1e-6)
+    assert log["msam/perturbed_loss"] == pytest.approx(perturbed.item(), rel=1e-6)
+    for (k, p), d in zip(model.named_parameters(), descent):
+        torch.testing.assert_close(p.detach(), w0[k] - LR * d, rtol=1e-9, atol=1e-12)
+
+
+def test_matryoshka_around_a_mean_loss_is_plain_msam(tmp_path, encoder_dir, caplog):
+    model = sentence_model(encoder_dir)
+    w0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+    loss = losses.MatryoshkaLoss(model, losses.CosineSimilarityLoss(model), matryoshka_dims=[16, 8], matryoshka_weights=[1.0, 0.5])
+    data = {**pairs(), "score": [0.1 * i for i in range(8)]}
+    with caplog.at_level("INFO", logger="hf_msam"):
+        trainer = train(tmp_path, model, loss, data, msam_micro_batch_size=4)
+    assert "cannot tell" not in caplog.text and "user's own" not in caplog.text
+    a, b = columns(trainer.batches[0])
+    scores = trainer.batches[0]["label"]  # the collator gives the score column as "label"
+
+    def loss_of(p, s):  # Σ_d w_d · mean over the rows of (cos(u_d, v_d) - score)^2
+        u, v = embed(model, p, rows(a, s)), embed(model, p, rows(b, s))
+        return sum(wd * torch.nn.functional.mse_loss(torch.cosine_similarity(u[:, :d], v[:, :d]), scores[s].double())
+                   for d, wd in ((16, 1.0), (8, 0.5)))
+
+    w = {k: v.clone().requires_grad_() for k, v in w0.items()}
+    total = {k: torch.zeros_like(v) for k, v in w0.items()}
+    for s in (slice(0, 4), slice(4, 8)):  # mSAM: each micro-batch's own loss, weight 1/2
+        e = sam(dict(zip(w, torch.autograd.grad(loss_of(w, s), list(w.values()), allow_unused=True, materialize_grads=True))))
+        g_p = torch.autograd.grad(loss_of({k: w[k] + e[k] for k in w}, s), list(w.values()), allow_unused=True,
+                                  materialize_grads=True)
+        for k, t in zip(w, g_p):
+            total[k] += t / 2
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), w0[k] - LR * total[k], rtol=1e-9, atol=1e-12)
+
+
+def test_matryoshka_sampling_dimensions_is_said_why(tmp_path, encoder_dir, caplog):
+    model = sentence_model(encoder_dir)
+    loss = losses.MatryoshkaLoss(model, losses.CosineSimilarityLoss(model), matryoshka_dims=[16, 8, 4], n_dims_per_step=1)
+    with caplog.at_level("INFO", logger="hf_msam"):
+        train(tmp_path, model, loss, {**pairs(), "score": [0.1 * i for i in range(8)]}, msam_micro_batch_size=4)
+    assert "cannot tell whether MatryoshkaLoss(CosineSimilarityLoss)" in caplog.text
+    assert "samples 1 of its 3 dimensions at every call (n_dims_per_step=1)" in caplog.text
+
+
+def test_the_losses_import_path_does_not_warn():
+    import importlib
+    import warnings
+
+    from hf_msam.st import sentence_transformers_losses
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        module = sentence_transformers_losses()
+    assert module.MatryoshkaLoss is losses.MatryoshkaLoss
+    assert importlib.util.find_spec("sentence_transformers.sentence_transformer.losses") is not None
