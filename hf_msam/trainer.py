@@ -21,7 +21,7 @@ from .integrations import transformers as transformers_adapter
 from .methods import DescentRule, PerturbationRule, build_method, check_compatible
 from .methods.sam import SAMPerturbation
 from .engine import DEEPSPEED_REFUSAL, MicroBatch, MicroBatchSAM, MSAMStats, Schedule, check_trainable
-from .st import check_losses, is_sentence_transformers_trainer, loss_parameters, st_decomposable, whole_batch_loss, whole_batch_step
+from .st import check_losses, loss_parameters, whole_batch_loss, whole_batch_step
 from .training_args import MSAMArguments, check_msam_settings, msam_setting
 
 __all__ = ["MSAMMixin", "MSAMTrainer"]
@@ -129,6 +129,7 @@ class MSAMMixin:
         # Synchronized perturbations: asked for, or forced by FSDP2 (sharded weights take one perturbation).
         self.msam_sync_perturbation = bool(msam_setting(self.args, "msam_sync_perturbation")) or self._msam_fsdp2()
         self._check_supported()
+        self._msam_check_optimizer_class()
         if self.msam_perturbation.enabled:  # sentence-transformers' losses: refused, or how they are perturbed
             check_losses(self, self.msam_micro_batch_size)
         # How batches are cut into micro-batches: dim 0, packed rows at sequence boundaries, or preference pairs.
@@ -156,6 +157,28 @@ class MSAMMixin:
             return True
         pc = getattr(self.accelerator, "parallelism_config", None)
         return bool(pc is not None and getattr(pc, "dp_shard_enabled", False))
+
+    def _msam_check_optimizer_class(self) -> None:
+        """Refuse, when the trainer is built, an optimizer the perturbation cannot read (`--msam_precondition adam` with
+        `--optim sgd`): the one given (`optimizers=`), else the class `--optim` (or `optimizer_cls_and_kwargs`) names.
+        Asked of rules that can tell from the class (`check_optimizer_class`); a custom `create_optimizer`'s optimizer
+        is checked at the first step, as for every rule."""
+        rule = self.msam_perturbation
+        check = getattr(rule, "check_optimizer_class", None)
+        if not rule.enabled or check is None:
+            return
+        if self.optimizer is not None:
+            rule.check_optimizer(self.optimizer)
+            return
+        if type(self).create_optimizer is not Trainer.create_optimizer:
+            return
+        try:
+            named = getattr(self, "optimizer_cls_and_kwargs", None)
+            optimizer_cls, kwargs = named or self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        except Exception:  # an optimizer not to be named here (a package missing, ...): the first step decides
+            return
+        if isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer):  # not a factory
+            check(optimizer_cls, kwargs)
 
     def _check_supported(self) -> None:
         if not self.msam_perturbation.enabled:
@@ -369,8 +392,6 @@ class MSAMMixin:
     def _msam_decomposable(self, inputs: dict[str, Any], cut: Any, size_fn: Any, shares: bool) -> bool | None:
         """Whether the batch's loss is Σ_j c_j·L_j over its micro-batches (the vectorized step needs it): known for
         the losses of transformers, TRL and hf_msam; None (not known) for a `compute_loss` written elsewhere."""
-        if is_sentence_transformers_trainer(self):  # sentence-transformers: what its loss computes (hf_msam.st)
-            return st_decomposable(self, inputs)
         owner = next((c for c in type(self).__mro__ if "compute_loss" in vars(c)), Trainer)
         if owner.__module__.split(".")[0] not in ("transformers", "trl", "hf_msam"):
             return None

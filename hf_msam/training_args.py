@@ -128,8 +128,8 @@ class MSAMArguments:
             {msam_method_args}
         msam_precondition (`str`, *optional*, defaults to `"none"`):
             `adam`: the perturbation along AdamW's preconditioned gradient, e = rho * P g / ||P g||,
-            P = diag(1 / (sqrt(v_hat) + eps)) (Singh et al. 2025). Needs an Adam-type optimizer. `none`: the plain
-            gradient.
+            P = diag(1 / (sqrt(v_hat) + eps)) (Singh et al. 2025). Needs an Adam-type optimizer (refused when the
+            trainer is built otherwise). `none`: the plain gradient.
             {msam_precondition}
         msam_start (`float`, *optional*, defaults to `0.0`):
             Optimizer steps t <= msam_start * max_steps are plain steps (late-phase SAM). In [0, 1).

@@ -1,7 +1,7 @@
 """Methods own their settings: a factory's keyword parameters, set with `--msam_method_args` (command line, Python
 dict, TRL configs, `hf-msam run`) or `build_method(..., method_args=...)`, against plain-PyTorch references; the
-dedicated flags that came before; the help, docstring and table written from the registry; the errors; and the import
-circles the registry no longer makes."""
+dedicated flags that came before; the help, docstring and table written from the registry; the errors; the import
+circles the registry no longer makes; and `--msam_precondition adam` refused when the trainer is built."""
 
 import ast
 import json
@@ -338,6 +338,45 @@ def test_the_launcher_leaves_a_script_methods_settings_to_the_script(tmp_path):
     script = tmp_path / "train.py"
     script.write_text("from hf_msam import register_method\n")
     check_msam_flags({"msam_method": "scaled", "msam_method_args": "factor=0.25"}, origin=str(script))
+
+
+# ---------------------------------------------------------------------------------------------
+# --msam_precondition adam with an optimizer without a second moment: refused when the trainer is built
+# ---------------------------------------------------------------------------------------------
+
+
+def precondition_args(tmp_path, **kwargs):
+    return trainer_args(tmp_path, 4, 1, msam_precondition="adam", **kwargs)
+
+
+@pytest.mark.parametrize("method", ["sam", "functional"])
+def test_precondition_adam_with_optim_sgd_is_refused_when_the_trainer_is_built(tmp_path, method):
+    with pytest.raises(ValueError, match=r"--msam_precondition adam .* and SGD \(--optim\) keeps no second moment: use an "
+                       r"Adam-type optimizer"):  # fmt: skip
+        MSAMTrainer(model=mlp(), args=precondition_args(tmp_path, msam_method=method, optim="sgd"))
+    with pytest.raises(ValueError, match="Adafactor .* keeps no second moment"):
+        MSAMTrainer(model=mlp(), args=precondition_args(tmp_path, msam_method=method, optim="adafactor"))
+    given = torch.optim.SGD(mlp().parameters(), lr=LR)  # the optimizer given decides, not --optim
+    with pytest.raises(ValueError, match="SGD .* keeps no second moment"):
+        MSAMTrainer(model=mlp(), args=precondition_args(tmp_path, optim="adamw_torch"), optimizers=(given, None))
+    model = mlp()
+    adam = torch.optim.Adam(model.parameters())
+    MSAMTrainer(model=model, args=precondition_args(tmp_path, optim="sgd"), optimizers=(adam, None))
+    MSAMTrainer(model=mlp(), args=precondition_args(tmp_path, optim="adamw_torch"))
+    MSAMTrainer(model=mlp(), args=precondition_args(tmp_path, optim="sgd", msam_rho=0.0))  # mSAM off: the plain Trainer
+
+
+def test_precondition_with_a_custom_create_optimizer_is_checked_at_the_first_step(tmp_path):
+    class OwnOptimizer(MSAMTrainer):
+        def create_optimizer(self, model=None):
+            self.optimizer = self.optimizer or torch.optim.SGD(self.model.parameters(), lr=LR)
+            return self.optimizer
+
+    trainer = OwnOptimizer(model=mlp(), args=precondition_args(tmp_path, optim="adamw_torch"), train_dataset=mlp_dataset(4))
+    before = flat(params_of(trainer.model)).detach().clone()
+    with pytest.raises(ValueError, match="SGD .* keeps no second moment"):
+        trainer.train()
+    assert torch.equal(flat(params_of(trainer.model)), before)  # refused before any weight moved
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ ascent is SAM's, ASAM's or this) and `functional`.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -33,13 +34,19 @@ class AdamPreconditionedPerturbation(SAMPerturbation):
         return f"AdamPreconditionedPerturbation(rho={self.rho}, eps={self.eps})"
 
     def check_optimizer(self, optimizer):
-        group = optimizer.param_groups[0]
-        if "betas" not in group:
-            raise ValueError(
-                f"--msam_precondition adam perturbs along AdamW's preconditioned gradient, and {_name(optimizer)} (--optim) "
-                "keeps no second moment: use an Adam-type optimizer (e.g. --optim adamw_torch), or --msam_precondition none."
-            )
+        if "betas" not in optimizer.param_groups[0]:
+            raise _keeps_no_second_moment(_name(optimizer))
         return None
+
+    def check_optimizer_class(self, optimizer_cls: Any, kwargs: dict[str, Any]) -> None:
+        """`check_optimizer` before the optimizer exists, from the class and keyword arguments `--optim` names (the
+        trainer asks when it is built): an Adam-type optimizer takes `betas`, which its parameter groups then hold."""
+        try:
+            takes_betas = "betas" in inspect.signature(optimizer_cls).parameters
+        except (TypeError, ValueError):  # no signature to read: the first step decides
+            return
+        if "betas" not in kwargs and not takes_betas:
+            raise _keeps_no_second_moment(getattr(optimizer_cls, "__name__", repr(optimizer_cls)))
 
     def preconditioner(self, params) -> list[torch.Tensor | None] | None:
         """1/(√v̂ + ε) per parameter (None for one without state yet); None before the optimizer's first step."""
@@ -81,6 +88,13 @@ class AdamPreconditionedPerturbation(SAMPerturbation):
         norm = global_norm(grads)
         ok = usable(norm)
         return scale_to_radius(grads, norm, self.rho if rho is None else rho, self.eps, ok), norm, ok
+
+
+def _keeps_no_second_moment(name: str) -> ValueError:
+    return ValueError(
+        f"--msam_precondition adam perturbs along AdamW's preconditioned gradient, and {name} (--optim) keeps no second "
+        "moment: use an Adam-type optimizer (e.g. --optim adamw_torch), or --msam_precondition none."
+    )
 
 
 def _name(optimizer: Any) -> str:
