@@ -21,7 +21,7 @@ from .integrations import transformers as transformers_adapter
 from .methods import DescentRule, PerturbationRule, build_method, check_compatible
 from .methods.sam import SAMPerturbation
 from .engine import DEEPSPEED_REFUSAL, MicroBatch, MicroBatchSAM, MSAMStats, Schedule, check_trainable
-from .st import check_losses, loss_parameters, whole_batch_loss, whole_batch_step
+from .st import check_losses, is_sentence_transformers_trainer, loss_parameters, st_decomposable, whole_batch_loss, whole_batch_step
 from .training_args import MSAMArguments, check_msam_settings, msam_setting
 
 __all__ = ["MSAMMixin", "MSAMTrainer"]
@@ -392,6 +392,8 @@ class MSAMMixin:
     def _msam_decomposable(self, inputs: dict[str, Any], cut: Any, size_fn: Any, shares: bool) -> bool | None:
         """Whether the batch's loss is Σ_j c_j·L_j over its micro-batches (the vectorized step needs it): known for
         the losses of transformers, TRL and hf_msam; None (not known) for a `compute_loss` written elsewhere."""
+        if is_sentence_transformers_trainer(self):  # sentence-transformers: what its loss computes (hf_msam.st)
+            return st_decomposable(self, inputs)
         owner = next((c for c in type(self).__mro__ if "compute_loss" in vars(c)), Trainer)
         if owner.__module__.split(".")[0] not in ("transformers", "trl", "hf_msam"):
             return None
