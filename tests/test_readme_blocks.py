@@ -77,3 +77,15 @@ def test_readme_trl_block_runs_on_a_cpu(tmp_path):
     history = json.loads((tmp_path / "log_history.json").read_text())
     assert history[-1]["step"] == 4 and history[-1]["train_loss"] > 0  # max_steps=4, trained
     assert "mSAM: 4 distinct perturbations per optimizer step" in output  # batch 8 in micro-batches of 2
+
+
+def test_readme_set_up_installs_the_cpu_build_of_torch_first():
+    """The README's first commands: on a CPU-only machine, torch from PyTorch's CPU wheel index before the install
+    (PyPI's torch is the CUDA build), at the versions CI pins; then the install and test commands CI runs."""
+    first = re.search(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.DOTALL).group(1)
+    commands = [line.split("#")[0].strip() for line in first.splitlines()]
+    ci = (HERE.parent / ".ci" / "run").read_text(encoding="utf-8")
+    pinned = re.search(r"pip install --quiet (torch==\S+ torchvision==\S+)", ci).group(1)
+    cpu = f"pip install {pinned} --index-url https://download.pytorch.org/whl/cpu"
+    assert cpu in commands and commands.index(cpu) < commands.index('pip install -e ".[dev]"')
+    assert "-e \".[dev]\"" in ci and "python -m pytest -q" in commands and "python -m pytest -q" in ci
