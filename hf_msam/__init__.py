@@ -13,6 +13,7 @@ from .methods.looksam import LookSAMDescent
 from .methods.momentum import MomentumPerturbation
 from .methods.sam import SAMDescent, SAMPerturbation
 from .engine import MicroBatch, MicroBatchSAM, MSAMStats, Schedule
+from .integrations import trl_fused_head as _trl_fused_head  # noqa: F401  (TRL's fused LM head, vectorized)
 from .trainer import MSAMMixin, MSAMTrainer
 from .training_args import MSAMArguments, MSAMTrainingArguments
 

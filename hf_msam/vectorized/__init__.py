@@ -97,6 +97,7 @@ perturbed matmuls), `vectorizer` (Vectorizer: routing, the fallback), `capture` 
 from . import rules  # noqa: F401  (registers the built-in rules)
 from .capture import Capture
 from .layout import Bucket, GroupLayout, NotVectorizable, Positions
+from .outside import OutsideCall, active, register_outside_reader
 from .matmul import _compute_dtype, compute_dtype, perturbed_matmul
 from .registry import FORWARD_RULES, RULES, Rule, register_forward_rule, register_rule, rule_for
 from .registry import rule_for as _rule_for
@@ -110,5 +111,5 @@ from .vectorizer import Vectorizer
 
 __all__ = [
     "Capture", "GroupLayout", "NotVectorizable", "Positions", "Rule", "Vectorizer", "llama_rms_norm_rule",
-    "register_forward_rule", "register_rule", "rule_for", "compute_dtype", "perturbed_matmul",
+    "register_forward_rule", "register_rule", "rule_for", "OutsideCall", "active", "register_outside_reader", "compute_dtype", "perturbed_matmul",
 ]

@@ -17,6 +17,7 @@ from torch.utils import checkpoint as torch_checkpoint
 from ..integrations import hub_kernels
 from ..integrations.patching import set_on_instance
 from .layout import GroupLayout, NotVectorizable, Positions, _take
+from .outside import _ACTIVE, READERS, OutsideCall
 from .capture import Capture
 from .registry import rule_for as _rule_for
 from .units import _Unit
@@ -150,6 +151,8 @@ class Vectorizer:
         self._capture: Capture | None = None
         self._suspended = 0  # > 0 inside a fallback's functional call: its subtree is its business
         self._undo: list[tuple[_Unit, Callable, Callable[[], bool]]] = []  # (unit, its routed forward, the undo)
+        self._reader_undo: list[Callable[[], object]] = []  # the integrations' hooks (`outside.READERS`)
+        self._installed = False
 
     # -- what is covered --------------------------------------------------------------------------
     def _scan(self) -> tuple[list[_Unit], list[str]]:
@@ -250,7 +253,8 @@ class Vectorizer:
         self._layout = layout
         self._e = e if e is not None else self._e
         self._capture = capture if capture is not None else self._capture
-        first = not self._undo
+        first = not self._installed
+        token = _ACTIVE.set(self)
         try:
             if first:
                 self._install()
@@ -260,20 +264,50 @@ class Vectorizer:
         finally:
             if first:
                 self._uninstall()
+            _ACTIVE.reset(token)
             self._layout, self._e, self._capture = saved
 
     def _install(self) -> None:
+        self._installed = True
         hub_kernels.settle(self._transformers_models)  # a kernelization the pass's model.train() would run: now
         for unit in self._units:
             routed = _routed(unit, self._rule_forward if unit.rule is not None else self._fallback_forward,
                              unit.module.__dict__.get("forward"))
             self._undo.append((unit, routed, set_on_instance(unit.module, "forward", routed)))
+        self._reader_undo = [install() for install in READERS]  # integrations' hooks (TRL's fused LM head)
 
     def _uninstall(self) -> None:
-        """Every unit's forward back as it was found, or as someone who replaced ours in between left it. Never
-        raises (it runs in `finally`); a routed forward left inside someone else's wrapper calls through."""
+        """Every unit's forward back as it was found, or as someone who replaced ours in between left it; the
+        integrations' hooks off. Never raises (it runs in `finally`); a routed forward left inside someone else's
+        wrapper calls through."""
+        while self._reader_undo:
+            try:
+                self._reader_undo.pop()()
+            except Exception:  # noqa: BLE001 (an undo must not hide the exception on its way, nor stop the others)
+                pass
         while self._undo:
             self._undo.pop()[2]()
+        self._installed = False
+
+    def outside_call(self, tensors: Sequence[torch.Tensor | None]) -> OutsideCall | None:
+        """For code that reads some of `tensors` (covered parameters) outside a routed layer and computes group by
+        group itself: what group j adds to each (see `hf_msam.vectorized.outside`), or None when no context is
+        active, inside a fallback's functional call, or when none of `tensors` is covered."""
+        if self._layout is None or self._suspended:
+            return None
+        found = [None if t is None else self._index.get(id(t)) for t in tensors]
+        if all(i is None for i in found):
+            return None
+        capture = self._capture if torch.is_grad_enabled() and not _recomputing() else None
+        e = [None if i is None or self._e is None else self._e[i] for i in found]
+        probes: list[torch.Tensor | None] = []
+        for i in found:
+            z = None
+            if i is not None and capture is not None:
+                z = _probe(self.params[i], self._layout.k)
+                capture._probes.append((i, z))
+            probes.append(z)
+        return OutsideCall(self._layout, e, probes, capture)
 
     def routing_problem(self) -> str | None:
         """None while every routed forward is still in place; else which modules' forwards someone else replaced or
