@@ -37,8 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..integrations.patching import set_on_instance
-from ..vectorized import Positions
-from ..vectorized import _compute_dtype as _matmul_dtype
+from ..vectorized import Positions, perturbed_matmul
 from .registry import is_finite, register_method, require
 from .base import PerturbationRule
 from .sam import SAMDescent
@@ -123,46 +122,25 @@ class _NoisyLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-def _noisy_weights(weight: torch.Tensor, std: torch.Tensor, seeds: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """W + ε_j for each seed, stacked [k, out, in]: each sum in the weight's dtype (as `_NoisyLinear` forms it), then
-    in `dtype`, the matmul's."""
-    stacked = torch.empty((len(seeds), *weight.shape), dtype=weight.dtype, device=weight.device)
-    for j, seed in enumerate(seeds):
-        torch.add(weight.detach(), noise(std, seed, weight), out=stacked[j])
-    return stacked.to(dtype)
+def _noisy_weights(std: torch.Tensor, seeds: tuple[int, ...]):
+    """The stacked W + ε_j, one per seed, each sum in the weight's dtype (as `_NoisyLinear` forms it): what the
+    grouped perturbed matmul forms in its forward and again in its backward, so no noise is kept between."""
 
+    def form(weight: torch.Tensor) -> torch.Tensor:
+        stacked = torch.empty((len(seeds), *weight.shape), dtype=weight.dtype, device=weight.device)
+        for j, seed in enumerate(seeds):
+            torch.add(weight.detach(), noise(std, seed, weight), out=stacked[j])
+        return stacked
 
-class _GroupedNoisyMatmul(torch.autograd.Function):
-    """y_j = x_j (W + ε_j)ᵀ for every group j in one bmm; x: [k, m, in], group-major. The k noisy weights are formed in
-    the forward, freed, and formed again from their seeds in the backward: nothing the size of W is kept between."""
-
-    @staticmethod
-    def forward(ctx, x, weight, std, seeds, dtype):
-        ctx.seeds, ctx.dtype = seeds, dtype
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, std)
-        return torch.bmm(x, _noisy_weights(weight, std, seeds, dtype).transpose(1, 2))
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, std = ctx.saved_tensors
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.bmm(dy, _noisy_weights(weight, std, ctx.seeds, ctx.dtype))
-        if ctx.needs_input_grad[1]:  # the base weight is frozen under LoRA; should it train, Σ_j over all rows
-            dw = dy.flatten(0, 1).t().mm(x.flatten(0, 1).to(dy.dtype)).to(weight.dtype)
-        return dx, dw, None, None, None
+    return form
 
 
 def _grouped_noisy_linear(x: torch.Tensor, base: nn.Linear, std: torch.Tensor, seeds: tuple[int, ...],
                           pos: Positions) -> torch.Tensor:
-    """The base layer's output with group j's positions at W + ε_j (seed seeds[j]); padding slots are dropped."""
+    """The base layer's output with group j's positions at W + ε_j (seed seeds[j]), by the vectorized step's grouped
+    perturbed matmul; padding slots are dropped."""
     pos.check(x, "a Flat-LoRA base layer")
-    dtype = _matmul_dtype(x)
-    xg = pos.grouped(x).to(dtype)  # [k, r, *mid, in]
-    y = _GroupedNoisyMatmul.apply(xg.flatten(1, -2), base.weight, std, seeds, dtype)
-    if base.bias is not None:
-        y = y + base.bias.to(dtype)
-    return pos.ungrouped(y.reshape(*xg.shape[:-1], y.shape[-1]))
+    return perturbed_matmul(x, base.weight, base.bias, _noisy_weights(std, seeds), None, pos, transposed=False)
 
 
 def _active(layer: nn.Module) -> list[str]:

@@ -39,9 +39,11 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _perturbed_weight(w: torch.Tensor, e: torch.Tensor, transposed: bool, dtype: torch.dtype) -> torch.Tensor:
-    """W + e_j for every j, as [k, in, out] (the right operand of x_j @ ·), in the compute dtype."""
-    w_e = (w + e).to(dtype)
+def _perturbed_weight(w: torch.Tensor, e, transposed: bool, dtype: torch.dtype) -> torch.Tensor:
+    """W + e_j for every j, as [k, in, out] (the right operand of x_j @ ·), in the compute dtype. `e` is the stacked
+    [k, *W.shape] perturbation, or a callable that forms the stacked W + e_j itself in W's dtype (Flat-LoRA's noise,
+    drawn again from its seeds)."""
+    w_e = (w + e if isinstance(e, torch.Tensor) else e(w)).to(dtype)
     return w_e if transposed else w_e.transpose(1, 2)
 
 
@@ -50,17 +52,21 @@ class _PerturbedMatmul(torch.autograd.Function):
 
     Autograd would keep the k perturbed copies W + e_j alive until the backward; this keeps W and e and adds them
     again there. The gradient for W is Σ_j y_jᵀ-gradient · x_j over all groups: one matmul, as for a plain layer.
+    x is kept only when a gradient for W or e will need it (a frozen base layer under LoRA keeps none).
     """
 
     @staticmethod
     def forward(ctx, x, w, e, transposed, dtype):
-        ctx.save_for_backward(x, w, e)
-        ctx.transposed, ctx.dtype = transposed, dtype
+        keep_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        tensor_e = isinstance(e, torch.Tensor)
+        ctx.save_for_backward(x if keep_x else None, w, e if tensor_e else None)
+        ctx.transposed, ctx.dtype, ctx.form = transposed, dtype, None if tensor_e else e
         return torch.bmm(x, _perturbed_weight(w, e, transposed, dtype))
 
     @staticmethod
     def backward(ctx, dy):
         x, w, e = ctx.saved_tensors
+        e = e if ctx.form is None else ctx.form
         dx = dw = de = None
         if ctx.needs_input_grad[0]:
             dx = torch.bmm(dy, _perturbed_weight(w, e, ctx.transposed, ctx.dtype).transpose(1, 2))
