@@ -14,6 +14,7 @@ from .methods.momentum import MomentumPerturbation
 from .methods.sam import SAMDescent, SAMPerturbation
 from .engine import MicroBatch, MicroBatchSAM, MSAMStats, Schedule
 from .integrations import trl_fused_head as _trl_fused_head  # noqa: F401  (TRL's fused LM head, vectorized)
+from . import st as _st  # noqa: F401  (registers the sentence-transformers integration's hooks)
 from .trainer import MSAMMixin, MSAMTrainer
 from .training_args import MSAMArguments, MSAMTrainingArguments
 

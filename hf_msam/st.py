@@ -31,6 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .batches import batch_size_of
+from .integrations.hooks import TrainerIntegration, register_integration
+
 logger = logging.getLogger("hf_msam")
 
 __all__ = ["is_sentence_transformers_trainer", "loss_kind", "losses_of", "sentence_transformers_losses", "st_decomposable"]
@@ -273,3 +276,30 @@ def whole_batch_step(trainer: Any, model: nn.Module, loss: nn.Module, inputs: di
         return value * scale
 
     return trainer._msam.backward_whole_batch(inputs, forward_fn, loss_fn, split_fn=split_fn, step=step, rho=rho)
+
+
+class SentenceTransformersIntegration(TrainerIntegration):
+    """sentence-transformers' trainer with `MSAMMixin` in front: its losses decide the step (see the module)."""
+
+    name = "sentence-transformers"
+
+    def applies(self, trainer: Any) -> bool:
+        return is_sentence_transformers_trainer(trainer)
+
+    def check(self, trainer: Any, micro_batch_size: int | None) -> None:
+        check_losses(trainer, micro_batch_size)
+
+    def extra_parameters(self, trainer: Any, model: nn.Module) -> list[nn.Parameter] | None:
+        return loss_parameters(trainer, model)
+
+    def decomposable(self, trainer: Any, inputs: Any) -> bool | None:
+        return st_decomposable(trainer, inputs)
+
+    def whole_batch_step(self, trainer, model, inputs, num_items_in_batch, split_fn, step, rho):
+        loss = whole_batch_loss(trainer, inputs)
+        if loss is None or not trainer.msam_micro_batch_size or batch_size_of(inputs) <= trainer.msam_micro_batch_size:
+            return None
+        return whole_batch_step(trainer, model, loss, inputs, num_items_in_batch, split_fn, step, rho)
+
+
+register_integration(SentenceTransformersIntegration())

@@ -15,13 +15,13 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.training_args import OptimizerNames
 
-from .batches import SequenceBoundsRecorder, batch_size_of, splitter_for, trl_bases
+from .batches import SequenceBoundsRecorder, splitter_for, trl_bases
 from .flatness import check_flatness_supported, evaluate_flatness
 from .integrations import transformers as transformers_adapter
 from .methods import DescentRule, PerturbationRule, build_method, check_compatible
 from .methods.sam import SAMPerturbation
 from .engine import DEEPSPEED_REFUSAL, MicroBatch, MicroBatchSAM, MSAMStats, Schedule, check_trainable
-from .st import check_losses, is_sentence_transformers_trainer, loss_parameters, st_decomposable, whole_batch_loss, whole_batch_step
+from .integrations.hooks import integrations_for
 from .training_args import MSAMArguments, check_msam_settings, msam_setting
 
 __all__ = ["MSAMMixin", "MSAMTrainer"]
@@ -130,8 +130,12 @@ class MSAMMixin:
         self.msam_sync_perturbation = bool(msam_setting(self.args, "msam_sync_perturbation")) or self._msam_fsdp2()
         self._check_supported()
         self._msam_check_optimizer_class()
-        if self.msam_perturbation.enabled:  # sentence-transformers' losses: refused, or how they are perturbed
-            check_losses(self, self.msam_micro_batch_size)
+        # Integrations that take part in the step (sentence-transformers' losses: refused, or how they are perturbed);
+        # found again at the first step, when a trainer built under `hf-msam run` has set what they read.
+        self._msam_integrations = integrations_for(self)
+        if self.msam_perturbation.enabled:
+            for integration in self._msam_integrations:
+                integration.check(self, self.msam_micro_batch_size)
         # How batches are cut into micro-batches: dim 0, packed rows at sequence boundaries, or preference pairs.
         self._msam_splitter = splitter_for(self, strict=self.msam_perturbation.enabled)
         self._msam: MicroBatchSAM | None = None
@@ -295,7 +299,9 @@ class MSAMMixin:
                 "--msam_rho_schedule constant to perturb with --msam_rho.",
                 self.args.learning_rate,
             )
-        check_losses(self, self.msam_micro_batch_size)  # (a no-op when __init__ could check them)
+        self._msam_integrations = integrations_for(self)
+        for integration in self._msam_integrations:
+            integration.check(self, self.msam_micro_batch_size)  # (a no-op when __init__ could check them)
         if self._msam_fsdp2() and not msam_setting(self.args, "msam_sync_perturbation"):
             logger.info("mSAM under FSDP2: perturbations are synchronized across devices (every rank perturbs its shard of the same e_j).")
         logger.info(
@@ -358,9 +364,10 @@ class MSAMMixin:
         if self._msam is None or self._msam.model is not model:
             self._msam = self._msam_engine(model)
         inputs = transformers_adapter.prepare_inputs(self, inputs)
-        whole_batch = whole_batch_loss(self, inputs)  # sentence-transformers: a loss comparing a batch's examples
-        if whole_batch is not None and self.msam_micro_batch_size and batch_size_of(inputs) > self.msam_micro_batch_size:
-            return whole_batch_step(self, model, whole_batch, inputs, num_items_in_batch, cut.split, t, self._msam_rho_now())
+        for integration in self._msam_integrations:  # a loss comparing a batch's examples: the whole-batch strategy
+            loss = integration.whole_batch_step(self, model, inputs, num_items_in_batch, cut.split, t, self._msam_rho_now())
+            if loss is not None:
+                return loss
 
         # With `num_items_in_batch` the loss is normalized by a count of label tokens: weight the micro-batches by
         # that count, and give each the count that makes its loss a mean over itself.
@@ -392,8 +399,10 @@ class MSAMMixin:
     def _msam_decomposable(self, inputs: dict[str, Any], cut: Any, size_fn: Any, shares: bool) -> bool | None:
         """Whether the batch's loss is Σ_j c_j·L_j over its micro-batches (the vectorized step needs it): known for
         the losses of transformers, TRL and hf_msam; None (not known) for a `compute_loss` written elsewhere."""
-        if is_sentence_transformers_trainer(self):  # sentence-transformers: what its loss computes (hf_msam.st)
-            return st_decomposable(self, inputs)
+        for integration in self._msam_integrations:  # sentence-transformers: what its loss computes (hf_msam.st)
+            known = integration.decomposable(self, inputs)
+            if known is not None:
+                return known
         owner = next((c for c in type(self).__mro__ if "compute_loss" in vars(c)), Trainer)
         if owner.__module__.split(".")[0] not in ("transformers", "trl", "hf_msam"):
             return None
@@ -438,7 +447,8 @@ class MSAMMixin:
             optimizer=self.optimizer,
             sync_perturbation=self.msam_sync_perturbation,
             vectorize=msam_setting(self.args, "msam_vectorize"),
-            params=loss_parameters(self, model),  # with those a loss owns (sentence-transformers' SoftmaxLoss)
+            # with the parameters a loss owns (sentence-transformers' SoftmaxLoss)
+            params=next((p for i in self._msam_integrations if (p := i.extra_parameters(self, model)) is not None), None),
         )
         engine.stats = self._msam_stats
         return engine
