@@ -56,6 +56,7 @@ from .training_args import (
 
 __all__ = [
     "FlagError",
+    "end_process_group",
     "LauncherError",
     "MSAMScriptTrainer",
     "MSAMScriptTrainingArguments",
@@ -63,6 +64,18 @@ __all__ = [
     "patched_transformers",
     "run",
 ]
+
+
+def end_process_group() -> None:
+    """Tear down torch.distributed's default process group, if one is initialized. Call it once a multi-process run
+    has finished (after the last collective): torch 2.14 with gloo sometimes aborts at interpreter exit otherwise
+    ("terminate called without an active exception", SIGABRT; upstream pytorch issue 190489), turning a finished
+    run into a failed job. `hf-msam run` does it after the script returns; a script run with `torchrun script.py`
+    can call it (or `torch.distributed.destroy_process_group()`) as its last line."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class LauncherError(RuntimeError):
@@ -540,6 +553,7 @@ def run(script: str | None, args: Sequence[str], module: str | None = None) -> N
                 if _names_a_given_flag(error, flag_values):  # found when the script built its arguments
                     raise FlagError(_flag_message(error, flag_values)) from error
                 raise
+            end_process_group()  # the script finished: gloo may abort at interpreter exit with its group alive
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
     if _trainers_created == 0 and not relaunched:

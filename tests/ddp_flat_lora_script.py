@@ -45,3 +45,6 @@ def main(out_dir, vectorize="off"):
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    from hf_msam.launcher import end_process_group
+
+    end_process_group()  # gloo (torch 2.14) may abort at interpreter exit with its process group alive

@@ -64,3 +64,6 @@ def main(out_dir, one_process_checkpoint):
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    from hf_msam.launcher import end_process_group
+
+    end_process_group()  # gloo (torch 2.14) may abort at interpreter exit with its process group alive

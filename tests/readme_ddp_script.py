@@ -35,3 +35,6 @@ def main():
 
 if __name__ == "__main__":
     main()
+    from hf_msam.launcher import end_process_group
+
+    end_process_group()  # gloo (torch 2.14) may abort at interpreter exit with its process group alive

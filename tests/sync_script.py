@@ -120,3 +120,6 @@ def engine_with_unequal_batches(rank, rho=0.3):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    from hf_msam.launcher import end_process_group
+
+    end_process_group()  # gloo (torch 2.14) may abort at interpreter exit with its process group alive

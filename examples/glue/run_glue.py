@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from hf_msam import MSAMTrainer
+from hf_msam.launcher import end_process_group
 # What this script shares with the other examples is in examples/examples_common.py, one folder up: that folder goes
 # on the module path, found from this file's own location, so the script runs from any working directory.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -359,3 +360,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    end_process_group()  # under torchrun/accelerate on CPU: gloo may abort at exit with its group alive

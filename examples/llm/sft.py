@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser, get_peft_config
 
+from hf_msam.launcher import end_process_group
 from hf_msam.trl import MSAMSFTConfig, MSAMSFTTrainer
 
 # What sft.py and dpo.py share is in llm_common.py beside them (this folder goes on the path also when the file is
@@ -76,3 +77,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process_group()  # under torchrun/accelerate on CPU: gloo may abort at exit with its group alive

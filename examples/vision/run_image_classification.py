@@ -20,6 +20,7 @@ from datasets import load_dataset
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, set_seed
 
 from hf_msam import MSAMTrainer
+from hf_msam.launcher import end_process_group
 # What this script shares with the other examples is in examples/examples_common.py, one folder up: that folder goes
 # on the module path, found from this file's own location, so the script runs from any working directory.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -232,3 +233,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    end_process_group()  # under torchrun/accelerate on CPU: gloo may abort at exit with its group alive
