@@ -304,7 +304,7 @@ def plot_runs(runs: list[Run], path: Path, metric: str = "eval_loss") -> Any:
     panels = [
         ("loss", "Training loss", "loss"),
         (metric, f"Evaluation: {metric}", metric),
-        ("msam/sharpness", "mSAM sharpness in training (ρ > 0)", "L(w + e) − L(w), per step"),
+        ("msam/sharpness", "mSAM sharpness during training, at each run's own ρ (ρ > 0)", "L(w + e) − L(w), per step"),
     ]
     curves = [run.landscape and _landscape_curve(run.landscape) for run in runs]
     with_landscape = any(curve is not None for curve in curves)

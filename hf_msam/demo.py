@@ -262,12 +262,24 @@ def _negative_eigenvalue_note() -> str:
     )
 
 
+def _smoke_note(settings: DemoSettings) -> str | None:
+    """What a shortened run (--quick) is, said before it starts and after its table: no verdict on SAM."""
+    if settings.epochs >= FULL.epochs:
+        return None
+    return (
+        f"SMOKE RUN (--quick, {settings.epochs} epochs of {FULL.epochs}): it checks that training, evaluation, the "
+        "flatness measures and the report work. That is too short for the plain run to memorize the wrong labels, "
+        "so its numbers say nothing about SAM or mSAM, and no run is better here. For the comparison, run "
+        "`hf-msam demo` without --quick."
+    )
+
+
 def _table(results: dict[str, dict[str, float]]) -> list[str]:
     """The demo's table, one row a method, with the note that explains a † when a row has one."""
     from .compare import NEGATIVE_EIGENVALUE_MARK, eigenvalue_cell
 
     header = ["method", "test acc (clean)", "train acc (noisy labels)", "flipped labels memorized", "λ_max(H)",
-              "sharpness", "train time"]
+              "sharpness at the end (ρ = 0.05)", "train time"]
     rows = []
     for name, m in results.items():
         rows.append([
@@ -300,6 +312,9 @@ def run_demo(output: str | Path, settings: DemoSettings, methods: tuple[str, ...
         f"batch {settings.batch_size}, rho {settings.rho:g}, threads {torch.get_num_threads()}.",
         flush=True,
     )
+    smoke = _smoke_note(settings)
+    if smoke:
+        print(smoke, flush=True)
     results = {}
     started = time.perf_counter()
     for position, name in enumerate(methods, 1):
@@ -314,6 +329,7 @@ def run_demo(output: str | Path, settings: DemoSettings, methods: tuple[str, ...
     intro = [
         "# hf-msam demo: label noise",
         "",
+        *([f"**{smoke}**", ""] if smoke else []),
         f"{len(data['train'])} of scikit-learn's 8x8 digits for training, {flipped} ({settings.noise:.0%}) of them "
         f"with their label flipped to another class at random (seed {settings.seed}); {len(data['test'])} clean digits "
         "for testing. The same tiny ViT initialization and batches for every method. *test acc*: accuracy on the "
@@ -333,9 +349,8 @@ def run_demo(output: str | Path, settings: DemoSettings, methods: tuple[str, ...
     compared = report.read_text(encoding="utf-8").replace("# hf-msam compare", "## hf-msam compare", 1)
     report.write_text("\n".join(intro) + "\n" + compared, encoding="utf-8")
     print("\n" + "\n".join(table) + "\n")
-    if settings.epochs < FULL.epochs:
-        print(f"(With {settings.epochs} epochs the plain run has had little time to memorize the wrong labels: run "
-              f"without --quick, {FULL.epochs} epochs, to see what SAM changes.)")
+    if smoke:
+        print(smoke)
     print(f"hf-msam demo: done in {elapsed / 60:.1f} min. Report: {report.resolve()} (figure: {figure.resolve()})")
     return results
 

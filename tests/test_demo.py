@@ -61,6 +61,13 @@ def test_quick_demo_writes_the_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"Report: {(output / 'report.md').resolve()}" in out
     assert (output / "report.png").stat().st_size > 10_000
+    # A smoke run, said before it trains and after its table, and in the report: no verdict on SAM.
+    smoke = [line for line in out.splitlines() if line.startswith("SMOKE RUN (--quick, 6 epochs of 60)")]
+    assert len(smoke) == 2 and "say nothing about SAM or mSAM" in smoke[0]
+    assert out.index(smoke[0]) < out.index("| method") < out.rindex(smoke[1])
+    assert "**SMOKE RUN (--quick" in (output / "report.md").read_text()
+    # The table's sharpness and the plot's are named as the different measurements they are.
+    assert "sharpness at the end (ρ = 0.05)" in out
 
     # The printed table: one row a method, percentages and a time; a † explained under it.
     rows = [line for line in out.splitlines() if line.startswith("| ") and "%" in line]
