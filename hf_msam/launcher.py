@@ -297,7 +297,7 @@ def parse_msam_flags(args: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     msam_fields = [f for f in dataclasses.fields(MSAMTrainingArguments) if f.name.startswith("msam_")]
     flags = dataclasses.make_dataclass(
         "MSAMFlags",
-        [(f.name, hints[f.name], dataclasses.field(default=f.default, metadata=f.metadata)) for f in msam_fields],
+        [(f.name, hints[f.name], dataclasses.field(default=f.default, metadata=dict(f.metadata))) for f in msam_fields],
     )
     parser = HfArgumentParser(flags, prog="hf-msam run", add_help=False, allow_abbrev=False)
     for action in parser._actions:
