@@ -12,7 +12,7 @@
 # are installed into /tmp/site first and put on the path. GPU_CHECKS_PARTS picks parts (default: all):
 #     GPU_CHECKS_PARTS="versions fsdp" bash benchmarks/gpu_checks.sh
 set -u
-PARTS=" ${GPU_CHECKS_PARTS:-versions precision fsdp steptime} "  # also: sweep (the vectorized step, issues 20 and 21)
+PARTS=" ${GPU_CHECKS_PARTS:-versions precision fsdp steptime} "  # also: sweep (the vectorized step), trl (SFT, DPO)
 OUT=${OUT:-$PWD/gpu_checks_out}
 mkdir -p "$OUT"
 TOTAL=${GPU_CHECKS_SECONDS:-380}  # the methods rows of step_time only run if they fit in this
@@ -82,6 +82,14 @@ if [[ $PARTS == *" sweep "* ]]; then
     for f in sweep_bert_small sweep_bert_base sweep_vit_b16 sweep_llama_lora kernels; do
         [ -f "$OUT/$f.json" ] && echo "PASS $f: $OUT/$f.json" >>"$RESULTS"
     done
+fi
+
+# 6. TRL SFT and DPO (TRL's defaults: the fused LM head) on CUDA: plain, SAM, mSAM(4) sequential and vectorized, with
+#    peak memory. GPU_CHECKS_PARTS="versions trl" bash benchmarks/gpu_checks.sh
+if [[ $PARTS == *" trl "* ]]; then
+    part trl-step-time 150 python3 benchmarks/trl_step_time.py --trainer both --batch 16 --micro_batch 4 --steps 8 \
+        --json "$OUT/trl_step_time.json"
+    [ -f "$OUT/trl_step_time.json" ] && echo "PASS trl-step-time: $OUT/trl_step_time.json" >>"$RESULTS"
 fi
 
 # 4. step time on CUDA: the main rows, then the methods rows if they fit
