@@ -283,6 +283,12 @@ class MSAMMixin:
         return 1 if self.msam_sync_perturbation else self.args.world_size
 
     @property
+    def msam_engine(self) -> MicroBatchSAM | None:
+        """The engine of the mSAM steps (built at the first perturbed step; None before): its `path` ("vectorized" or
+        "sequential") and `path_reason` say how the last step ran, its `stats` what the logs report."""
+        return self._msam
+
+    @property
     def msam_scope(self) -> str:
         """`device-local` (each device perturbs with its own micro-batches) or `synchronized` (one e_j for all)."""
         return "synchronized" if self.msam_sync_perturbation else "device-local"
@@ -399,7 +405,7 @@ class MSAMMixin:
     def _msam_decomposable(self, inputs: dict[str, Any], cut: Any, size_fn: Any, shares: bool) -> bool | None:
         """Whether the batch's loss is Σ_j c_j·L_j over its micro-batches (the vectorized step needs it): known for
         the losses of transformers, TRL and hf_msam; None (not known) for a `compute_loss` written elsewhere."""
-        for integration in self._msam_integrations:  # sentence-transformers: what its loss computes (hf_msam.st)
+        for integration in getattr(self, "_msam_integrations", ()):  # sentence-transformers: what its loss computes
             known = integration.decomposable(self, inputs)
             if known is not None:
                 return known

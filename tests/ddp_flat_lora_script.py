@@ -38,7 +38,7 @@ def main(out_dir, vectorize="off"):
     final = {n: p.detach().clone() for n, p in model.named_parameters()}
     torch.save(
         {"initial": initial, "batches": RecordingTrainer.seen, "final": final, "world_size": trainer.args.world_size,
-         "rank": trainer.args.process_index, "path": trainer._msam.path, "seed": SEED, "sigma": SIGMA, "steps": STEPS},
+         "rank": trainer.args.process_index, "path": trainer.msam_engine.path, "seed": SEED, "sigma": SIGMA, "steps": STEPS},
         f"{out_dir}/rank{trainer.args.process_index}.pt",
     )
 

@@ -41,7 +41,7 @@ def main(out_dir, vectorize="off", method="sam", precondition="none"):
     torch.save(
         {"initial": initial, "batches": RecordingTrainer.seen, "final": final, "world_size": trainer.args.world_size,
          "perturbations_per_step": trainer.msam_perturbations_per_step, "logs": logs,
-         "path": trainer._msam.path},
+         "path": trainer.msam_engine.path},
         f"{out_dir}/rank{rank}.pt",
     )
 

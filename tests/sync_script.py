@@ -80,7 +80,7 @@ def main(out_dir):
         results[name] = {
             "initial": initial, "batches": trainer.seen, "final": [p.detach().clone() for p in model.parameters()],
             "perturbations_per_step": trainer.msam_perturbations_per_step, "log": list(lines.lines),
-            "num_items": trainer.num_items, "path": trainer._msam.path,
+            "num_items": trainer.num_items, "path": trainer.msam_engine.path,
         }
         rank = trainer.args.process_index
     results["engine"] = engine_with_unequal_batches(rank)

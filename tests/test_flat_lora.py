@@ -476,7 +476,7 @@ def test_trainer_on_lora_bert_equals_reference(tmp_path, vectorize, path, checkp
                      activation_checkpointing=checkpointing)
     trainer = MSAMTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
-    assert trainer.msam_perturbation.max_steps == 3 and trainer._msam.path == path, trainer._msam.path_reason
+    assert trainer.msam_perturbation.max_steps == 3 and trainer.msam_engine.path == path, trainer.msam_engine.path_reason
     assert model.is_activation_checkpointing == checkpointing
     gaps = []
     for a, b, c in zip(adapters(model), adapters(expected), adapters(plain)):
@@ -494,7 +494,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, vectorize, path):
     full = lora_bert()
     trainer = MSAMTrainer(model=full, args=flat_args(tmp_path / "full", **common), train_dataset=data)
     trainer.train()
-    assert trainer._msam.path == path
+    assert trainer.msam_engine.path == path
 
     first = lora_bert()
     args = flat_args(tmp_path / "resumed", save_strategy="steps", save_steps=2, **common)
@@ -524,7 +524,7 @@ def test_gradient_accumulation_vectorized_equals_sequential_and_noise_matters(tm
         trainer = MSAMTrainer(model=model, args=flat_args(tmp_path / vectorize, **settings), train_dataset=data)
         trainer.train()
         if vectorize != "plain":  # sigma 0: plain Trainer steps, no engine
-            assert trainer._msam.path == ("vectorized" if vectorize == "on" else "sequential")
+            assert trainer.msam_engine.path == ("vectorized" if vectorize == "on" else "sequential")
         runs[vectorize] = [p.detach().clone() for p in adapters(model)]
     assert relative_error(runs["on"], [t.double() for t in runs["off"]]) <= 1e-10
     start = [p.detach().clone() for p in adapters(lora_bert())]
@@ -562,7 +562,7 @@ def test_trainer_step_makes_no_host_sync(tmp_path, monkeypatch):
     trainer = Counting(model=model, args=args, train_dataset=mlp_dataset(18, dtype=torch.float32))
     trainer.train()
     assert trainer._msam_stats.micro_batches == 6  # 3 steps x 2 micro-batches, each with its own noise
-    assert trainer._msam.path == "vectorized"  # --msam_vectorize auto takes Flat-LoRA's one-pass step
+    assert trainer.msam_engine.path == "vectorized"  # --msam_vectorize auto takes Flat-LoRA's one-pass step
     assert calls == []
 
 

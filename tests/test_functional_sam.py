@@ -277,7 +277,7 @@ def test_trainer_bert_classifier_equals_the_vjp_reference(tmp_path, vectorize):
     trainer = MSAMTrainer(model=model, args=sgd_args(tmp_path, 6, msam_rho=0.1, msam_micro_batch_size=2, msam_vectorize=vectorize),
                           train_dataset=data)
     trainer.train()
-    assert trainer._msam.path == ("vectorized" if vectorize == "on" else "sequential")
+    assert trainer.msam_engine.path == ("vectorized" if vectorize == "on" else "sequential")
     for a, b in zip(params_of(model), expected):
         torch.testing.assert_close(a.detach(), b, **TIGHT)
     # SAM's step is measurably elsewhere
@@ -324,7 +324,7 @@ def test_trainer_causal_lm_token_weighted_with_accumulation_equals_the_vjp_refer
     args = sgd_args(tmp_path, 4, gradient_accumulation_steps=2, msam_rho=0.05, msam_micro_batch_size=2, msam_vectorize=vectorize)
     trainer = MSAMTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
-    assert trainer._msam.path == ("vectorized" if vectorize == "on" else "sequential")
+    assert trainer.msam_engine.path == ("vectorized" if vectorize == "on" else "sequential")
     # The model's loss runs in float32 (it upcasts the logits): float32-level agreement, against updates of ~1e-1.
     for a, b in zip(params_of(model), expected):
         torch.testing.assert_close(a.detach(), b, rtol=0, atol=1e-6)
@@ -645,7 +645,7 @@ def test_trl_dpo_functional_step_equals_the_pairwise_vjp_reference(tmp_path, vec
     pytest.importorskip("trl")
     # DPOConfig checkpoints activations by default: both paths run with it
     trainer, model, policy, frozen, batch, before = run_functional_dpo(tmp_path, vectorize, activation_checkpointing=True)
-    assert trainer._msam.path == ("vectorized" if vectorize == "on" else "sequential")
+    assert trainer.msam_engine.path == ("vectorized" if vectorize == "on" else "sequential")
     n = batch["input_ids"].shape[0] // 2
     assert n == 5
     pairs = [range(0, 2), range(2, 4), range(4, 5)]
@@ -685,7 +685,7 @@ def test_trl_dpo_functional_lora_step_equals_the_vjp_reference(tmp_path, vectori
     trainer, model, policy, frozen, batch, before = run_functional_dpo(
         tmp_path, vectorize, peft=True, activation_checkpointing=True
     )
-    assert trainer._msam.path == ("vectorized" if vectorize == "on" else "sequential")
+    assert trainer.msam_engine.path == ("vectorized" if vectorize == "on" else "sequential")
     n = batch["input_ids"].shape[0] // 2
     pairs = [range(0, 2), range(2, 4), range(4, 5)]
     if vectorize == "on":

@@ -87,10 +87,10 @@ def test_loaded_llama_takes_the_vectorized_step_with_the_norm_rule(llama_dir, tm
         args.max_steps = 2
         runs[vectorize] = MSAMTrainer(model=m, args=args, train_dataset=data)
         runs[vectorize].train()
-    engine = runs["on"]._msam
+    engine = runs["on"].msam_engine
     assert engine.path == "vectorized", engine.path_reason
     rule = next(r for matches, r in vectorized.FORWARD_RULES if matches is vectorized._computes_like_llama_rms_norm)
-    on_rule = {u.module for u in engine._vectorizer._units if u.rule is rule}
+    on_rule = {module for _, module, r in engine.vectorized.vectorizer.covered() if r is rule}
     assert on_rule == set(norms(model)) and len(on_rule) == 5
     assert not any("forward" in m.__dict__ for m in model.modules())  # nothing of ours is left on the modules
     start = trainable(load(llama_dir))

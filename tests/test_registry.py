@@ -244,7 +244,7 @@ def test_step_loss_is_the_plain_trainers(tmp_path, case, registered):
     args = MSAMTrainingArguments(str(tmp_path / "msam"), msam_method="zero", msam_micro_batch_size=4, **common)  # 4 + 2
     msam = MSAMTrainer(model=msam_model, args=args, train_dataset=data, **extra)
     msam.train()
-    assert msam._msam is not None  # the mSAM step ran
+    assert msam.msam_engine is not None  # the mSAM step ran
     moved = [not torch.equal(a, b) for a, b in zip(trainable(plain_model), trainable(make_model()))]
     assert any(moved)
     for a, b in zip(trainable(msam_model), trainable(plain_model)):

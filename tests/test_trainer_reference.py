@@ -197,7 +197,7 @@ def test_bf16_autocast_matches_reference_under_autocast(tmp_path, vectorize):
     args = sgd_args(tmp_path, 8, bf16=True, msam_micro_batch_size=4, msam_vectorize=vectorize)
     trainer = MSAMTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
-    assert trainer._msam.path == ("vectorized" if vectorize == "on" else "sequential")
+    assert trainer.msam_engine.path == ("vectorized" if vectorize == "on" else "sequential")
     if vectorize == "off":
         for a, b in zip(trainable(model), expected):
             # same bf16 kernels in the same order; allow for float32 rounding in the update only

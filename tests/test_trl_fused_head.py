@@ -58,7 +58,7 @@ def test_upstream_names_are_there():
 def test_sft_with_the_fused_head_takes_the_vectorized_step(llama_dir, tmp_path, monkeypatch, method):
     without_float32_casts(monkeypatch)
     on, off = sft(llama_dir, tmp_path, "on", **method), sft(llama_dir, tmp_path, "off", **method)
-    assert on._msam.path == "vectorized" and on.args.use_liger_kernel is False
+    assert on.msam_engine.path == "vectorized" and on.args.use_liger_kernel is False
     start = trainable(load(llama_dir))
     assert max((a - b).abs().max().item() for a, b in zip(trainable(off.model).values(), start.values())) > 1e-3
     for name, a in trainable(on.model).items():
@@ -81,7 +81,7 @@ def test_dpo_with_the_fused_head_takes_the_vectorized_step(llama_dir, tmp_path, 
                                          train_dataset=Dataset.from_list(PREFERENCES),
                                          processing_class=AutoTokenizer.from_pretrained(llama_dir))  # fmt: skip
         runs[vectorize].train()
-    assert runs["on"]._msam.path == "vectorized"
+    assert runs["on"].msam_engine.path == "vectorized"
     for name, a in trainable(runs["on"].model).items():
         torch.testing.assert_close(a, trainable(runs["off"].model)[name], **TIGHT, msg=name)
     keys = ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "msam/sharpness")

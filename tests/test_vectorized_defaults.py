@@ -28,11 +28,11 @@ def test_auto_vectorizes_micro_batches_and_keeps_the_sam_path_for_one(tmp_path):
     auto, off = tiny_bert(), tiny_bert()
     vectorized = run(auto, tmp_path, "auto", steps=2, msam_micro_batch_size=3)
     run(off, tmp_path, "off", steps=2, msam_micro_batch_size=3, msam_vectorize="off")
-    assert vectorized._msam.path == "vectorized"
+    assert vectorized.msam_engine.path == "vectorized"
     for a, b in zip(trainable(auto), trainable(off)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
     sam = run(tiny_bert(), tmp_path, "sam")  # no micro-batch size: one micro-batch, the two-pass SAM step
-    assert sam._msam.path == "sequential" and "one micro-batch" in sam._msam.path_reason
+    assert sam.msam_engine.path == "sequential" and "one micro-batch" in sam.msam_engine.path_reason
 
 
 class OwnLoss(MSAMTrainer):
@@ -49,9 +49,9 @@ class OwnLoss(MSAMTrainer):
 
 def test_a_users_own_loss_is_not_vectorized_by_auto_but_by_on(tmp_path):
     auto = run(tiny_bert(), tmp_path, "auto", OwnLoss, msam_micro_batch_size=3)
-    assert auto._msam.path == "sequential" and "the user's own" in auto._msam.path_reason
+    assert auto.msam_engine.path == "sequential" and "the user's own" in auto.msam_engine.path_reason
     on, off = tiny_bert(), tiny_bert()
-    assert run(on, tmp_path, "on", OwnLoss, msam_micro_batch_size=3, msam_vectorize="on")._msam.path == "vectorized"
+    assert run(on, tmp_path, "on", OwnLoss, msam_micro_batch_size=3, msam_vectorize="on").msam_engine.path == "vectorized"
     run(off, tmp_path, "off", OwnLoss, msam_micro_batch_size=3, msam_vectorize="off")
     for a, b in zip(trainable(on), trainable(off)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
@@ -65,13 +65,13 @@ def test_auto_on_a_gpu_keeps_the_sequential_step_when_k_copies_do_not_fit(monkey
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free["bytes"], 10**9))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 0)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 0)
-    assert sam._memory_problem(params, 2) is None  # 8 kB of stacked copies, 20 kB free
-    reason = sam._memory_problem(params, 4)  # 16 kB
+    assert sam.vectorized.memory_problem(params, 2) is None  # 8 kB of stacked copies, 20 kB free
+    reason = sam.vectorized.memory_problem(params, 4)  # 16 kB
     assert "4 stacked copies" in reason and "half of the free GPU memory" in reason
     free["bytes"] = 10**9
-    assert sam._memory_problem(params, 4) == reason  # decided once per k: the path does not change mid-run
+    assert sam.vectorized.memory_problem(params, 4) == reason  # decided once per k: the path does not change mid-run
     sam.vectorize = "on"
-    assert sam._memory_problem(params, 8) is None  # "on": the user's choice
+    assert sam.vectorized.memory_problem(params, 8) is None  # "on": the user's choice
 
 
 @pytest.mark.parametrize("vectorize", ["auto", "on"])

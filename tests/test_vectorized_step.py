@@ -40,7 +40,7 @@ def test_bert_with_padding_every_method_matches_the_sequential_step(tmp_path, me
     on, off = tiny_bert(), tiny_bert()
     vectorized = train(on, data, tmp_path, "on", **method)
     train(off, data, tmp_path, "off", **method)
-    assert vectorized._msam.path == "vectorized"
+    assert vectorized.msam_engine.path == "vectorized"
     assert any(not torch.equal(a, b) for a, b in zip(trainable(on), trainable(tiny_bert())))
     for a, b in zip(trainable(on), trainable(off)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
@@ -72,7 +72,7 @@ def test_token_weighted_causal_lm_with_accumulation(tmp_path, monkeypatch):
         model.loss_function = causal_lm_loss_in_logits_dtype
     vectorized = train(on, data, tmp_path, "auto", steps=2, batch_size=3, micro_batch_size=2, gradient_accumulation_steps=2)
     train(off, data, tmp_path, "off", steps=2, batch_size=3, micro_batch_size=2, gradient_accumulation_steps=2)
-    assert vectorized._msam.path == "vectorized", vectorized._msam.path_reason
+    assert vectorized.msam_engine.path == "vectorized", vectorized.msam_engine.path_reason
     assert any(not torch.equal(a, b) for a, b in zip(trainable(on), trainable(tiny_llama())))
     for a, b in zip(trainable(on), trainable(off)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
@@ -87,7 +87,7 @@ def test_token_weighted_causal_lm_float32_casts_kept(tmp_path):
     before = trainable(tiny_llama())
     vectorized = train(on, data, tmp_path, "auto", steps=2, batch_size=3, micro_batch_size=2, gradient_accumulation_steps=2)
     train(off, data, tmp_path, "off", steps=2, batch_size=3, micro_batch_size=2, gradient_accumulation_steps=2)
-    assert vectorized._msam.path == "vectorized"
+    assert vectorized.msam_engine.path == "vectorized"
     for a, b, w in zip(trainable(on), trainable(off), before):
         assert (a - b).norm() <= 1e-5 * (b - w).norm()
 
@@ -108,7 +108,7 @@ def test_on_refuses_batchnorm_in_train_mode_naming_it(tmp_path):
 
 def test_auto_falls_back_and_says_why(tmp_path, caplog):
     trainer = train(MLP(batch_norm=True).double(), mlp_dataset(8), tmp_path, "auto", steps=1, batch_size=8, micro_batch_size=4)
-    assert trainer._msam.path == "sequential" and "BatchNorm" in trainer._msam.path_reason
+    assert trainer.msam_engine.path == "sequential" and "BatchNorm" in trainer.msam_engine.path_reason
     assert "one pass per micro-batch (sequential), because BatchNorm" in caplog.text
 
 
@@ -162,7 +162,7 @@ def test_lora_adapters_only(tmp_path):
     data = bert_data(7)
     vectorized = train(on, data, tmp_path, "on", steps=1, msam_rho=0.5)
     train(off, data, tmp_path, "off", steps=1, msam_rho=0.5)
-    assert vectorized._msam.path == "vectorized"
+    assert vectorized.msam_engine.path == "vectorized"
     for a, b in zip(trainable(on), trainable(off)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
 
@@ -180,7 +180,7 @@ def test_gradient_checkpointing_every_method_matches_the_sequential_step(tmp_pat
         model.loss_function = causal_lm_loss_in_logits_dtype
     vectorized = train(on, data, tmp_path, "auto", activation_checkpointing=True, **method)
     train(off, data, tmp_path, "off", activation_checkpointing=True, **method)
-    assert on.is_gradient_checkpointing and vectorized._msam.path == "vectorized", vectorized._msam.path_reason
+    assert on.is_gradient_checkpointing and vectorized.msam_engine.path == "vectorized", vectorized.msam_engine.path_reason
     assert any(not torch.equal(a, b) for a, b in zip(trainable(on), trainable(tiny_llama())))
     for a, b in zip(trainable(on), trainable(off)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
@@ -230,7 +230,7 @@ def test_torch_compile_through_the_trainer_matches_the_sequential_step(tmp_path)
     assert counters["stats"]["unique_graphs"] > 0  # the trainer did compile the model
     torch._dynamo.reset()
     train(off, data, tmp_path, "off")
-    assert vectorized._msam.path == "vectorized", vectorized._msam.path_reason
+    assert vectorized.msam_engine.path == "vectorized", vectorized.msam_engine.path_reason
     assert any(not torch.equal(a, b) for a, b in zip(trainable(on), trainable(tiny_bert())))
     for a, b in zip(trainable(on), trainable(off)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)

@@ -19,6 +19,7 @@ from ..integrations.patching import set_on_instance
 from .layout import GroupLayout, NotVectorizable, Positions, _take
 from .outside import _ACTIVE, READERS, OutsideCall
 from .capture import Capture
+from .registry import Rule
 from .registry import rule_for as _rule_for
 from .units import _Unit
 
@@ -206,6 +207,10 @@ class Vectorizer:
             if problem:
                 problems.append(f"{name or '<model>'} ({type(module).__name__}): {problem}")
         return "; ".join(problems) if problems else None
+
+    def covered(self) -> list[tuple[str, nn.Module, Rule | None]]:
+        """(name, module, its rule, or None for the torch.func fallback) of every module that takes part."""
+        return [(u.name, u.module, u.rule) for u in self._units]
 
     def parameter_name(self, i: int) -> str:
         """params[i] by its name in the model, for messages: "lm_head.weight (parameter 20)"."""

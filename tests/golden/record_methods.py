@@ -68,7 +68,7 @@ def train(case: str, vectorize: str) -> dict[str, list]:
         )  # fmt: skip
         trainer = MSAMTrainer(model=model, args=args, train_dataset=bert_data(BATCH * STEPS))
         trainer.train()
-        path = trainer._msam.path
+        path = trainer.msam_engine.path
     params = {n: fingerprint(p.detach()) for n, p in model.named_parameters() if p.requires_grad}
     return {"path": path, "params": params}
 
