@@ -7,7 +7,8 @@ and two-process test scripts now do.
     python benchmarks/gloo_exit.py --runs 20 --mode no-teardown --json out.json
 
 Each run is `torchrun --nproc_per_node 2` of a tiny `MSAMTrainer` script (2 steps of mSAM on a linear regression,
-`--use_cpu`, gloo); the script ends with `hf_msam.launcher.end_process_group()` unless the mode is `no-teardown`.
+`--use_cpu`, gloo, a checkpoint written at the end); the script ends with `hf_msam.launcher.end_process_group()`
+(a barrier, then `destroy_process_group()`) unless the mode is `no-teardown`.
 Prints one JSON object (exit codes per mode, counts, aborts seen in stderr) and a table.
 """
 
@@ -47,8 +48,8 @@ class Regressor(nn.Module):
 out_dir, teardown = sys.argv[1], sys.argv[2] == "teardown"
 args = MSAMTrainingArguments(
     output_dir=out_dir, max_steps=2, per_device_train_batch_size=4, use_cpu=True, report_to="none",
-    save_strategy="no", disable_tqdm=True, log_level="error", msam_rho=0.05, msam_micro_batch_size=2,
-)
+    save_strategy="steps", save_steps=2, disable_tqdm=True, log_level="error", msam_rho=0.05, msam_micro_batch_size=2,
+)  # a checkpoint at the end, as a user's run writes one
 torch.manual_seed(0)
 x = torch.randn(16, 4)
 MSAMTrainer(model=Regressor(), args=args, train_dataset=[{"x": a, "labels": b} for a, b in zip(x, x.sum(-1))]).train()

@@ -71,10 +71,13 @@ def end_process_group() -> None:
     has finished (after the last collective): torch 2.14 with gloo sometimes aborts at interpreter exit otherwise
     ("terminate called without an active exception", SIGABRT; upstream pytorch issue 190489), turning a finished
     run into a failed job. `hf-msam run` does it after the script returns; a script run with `torchrun script.py`
-    can call it (or `torch.distributed.destroy_process_group()`) as its last line."""
+    can call it (or `torch.distributed.barrier()` and `torch.distributed.destroy_process_group()`) as its last line."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        # Every process reaches this point before any tears its connections down: a process that tore down while
+        # another still read from it aborted in one of 20 measured runs (benchmarks/README.md, gloo_exit.py).
+        dist.barrier()
         dist.destroy_process_group()
 
 
