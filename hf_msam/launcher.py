@@ -353,7 +353,7 @@ def check_msam_flags(flag_values: dict[str, Any], *, origin: str | None = None) 
     method = values["msam_method"]
     if method not in REGISTRY and _may_register_methods(origin):
         # Check everything else now, under the default method; the rest when the script has registered its own.
-        values.update(msam_method="sam", msam_precondition="none", msam_adaptive=False, msam_sync_perturbation=False)
+        values.update(msam_method="sam", msam_method_args=None, msam_precondition="none", msam_adaptive=False, msam_sync_perturbation=False)
     try:
         check_msam_settings(types.SimpleNamespace(**values))
     except ValueError as error:

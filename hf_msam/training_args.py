@@ -78,6 +78,10 @@ class _FromRegistry(Mapping):
     def __len__(self) -> int:
         return len(self._metadata)
 
+    def copy(self) -> dict[str, Any]:
+        """A plain dict with the help as it reads now: parsers (HfArgumentParser, TRL's TrlParser) copy metadata."""
+        return dict(self)
+
 
 class _Docstring:
     """A class docstring with `{field}` marks, each replaced (wrapped, indented as the mark) by that field's text in

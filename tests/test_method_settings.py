@@ -330,8 +330,6 @@ def test_the_launcher_passes_method_args_through(tmp_path):
     assert repr(build_method("gsam", args)[1]) == "GSAMDescent(alpha=0.3)"
 
 
-@pytest.mark.xfail(strict=True, reason="launcher.check_msam_flags checks a method the script registers as sam, keeping "
-                   "msam_method_args: sam has no setting 'factor' (launcher.py is not this change's to edit)")
 def test_the_launcher_leaves_a_script_methods_settings_to_the_script(tmp_path):
     from hf_msam.launcher import check_msam_flags
 

@@ -20,6 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+# transformers' own Trainer, taken when hf_msam is imported: `hf-msam run` later puts a subclass of ours under the name
+# `transformers.Trainer`, and the mSAM step must run transformers' own training_step, not that class's.
+from transformers import Trainer
+
 from .patching import set_on_instance
 
 TESTED = {"transformers": ("5.24.0", "5.25.0"), "accelerate": ("1.16.0",)}
@@ -30,8 +34,6 @@ TRAINER_NAMES = ("_prepare_inputs", "_save_rng_state", "training_step", "compute
 
 def missing_upstream_names() -> list[str]:
     """The names this adapter relies on that the installed transformers no longer has (empty when all are there)."""
-    from transformers import Trainer
-
     return [f"transformers.Trainer.{name}" for name in TRAINER_NAMES if not hasattr(Trainer, name)]
 
 
@@ -44,8 +46,6 @@ def loss_of_training_step(trainer: Any, model: nn.Module, inputs: dict[str, Any]
     """The loss `Trainer.training_step` would backpropagate for `inputs`, with its backward held back: the Trainer's
     own step (not a subclass's `training_step` override, which wraps the whole mSAM step once), run with the
     accelerator's `backward` replaced by one that keeps the loss."""
-    from transformers import Trainer
-
     held: list[torch.Tensor] = []
 
     def hold(loss: torch.Tensor, **kwargs: Any) -> None:
