@@ -282,6 +282,20 @@ class MSAMMixin:
     def _msam_perturbing_devices(self) -> int:
         return 1 if self.msam_sync_perturbation else self.args.world_size
 
+    # -- hooks for trainers that subclass the mixin to integrate a library (hf_msam.trl) ------------------------
+    msam_gathers_once_per_step: bool = False
+    """True when the trainer's `compute_loss` gathers across devices only once per step (hf_msam.trl's trainers):
+    devices may then cut their batches into different numbers of micro-batches. TRL's own gather once per call."""
+
+    @property
+    def msam_pass(self) -> MicroBatch | None:
+        """The pass the mSAM step is computing a loss for (its index, weight, point, whether reported), or None."""
+        return getattr(self, "_msam_pass", None)
+
+    def msam_on_discard(self) -> None:
+        """Called when the vectorized step gives up after a pass whose loss was computed (the step then starts again
+        with one pass per micro-batch): undo what that pass recorded (hf_msam.trl: TRL's metrics). Nothing here."""
+
     @property
     def msam_engine(self) -> MicroBatchSAM | None:
         """The engine of the mSAM steps (built at the first perturbed step; None before): its `path` ("vectorized" or
@@ -395,7 +409,7 @@ class MSAMMixin:
         # each micro-batch's loss is its share of that sum, so devices weigh by that share; otherwise (mean losses)
         # by their micro-batch's size.
         shares = size_fn == self._item_count and self._msam_loss_uses_num_items(num_items_in_batch)
-        self._msam.on_discard = getattr(self, "_msam_on_discard", None)  # hf_msam.trl: drop a discarded pass's metrics
+        self._msam.on_discard = self.msam_on_discard  # hf_msam.trl: drop a discarded pass's metrics
         return self._msam.backward(
             inputs, loss_fn, size_fn=size_fn, split_fn=cut.split, step=t, rho=self._msam_rho_now(),
             sync_weight="share" if shares else "size", layout=cut.layout,
@@ -463,7 +477,7 @@ class MSAMMixin:
     def _msam_loss_has_collectives(self) -> bool:
         """TRL's trainers gather metrics across devices inside `compute_loss`, once per call (the ready classes of
         `hf_msam.trl` make those gathers once per step)."""
-        return bool(trl_bases(self)) and not getattr(self, "_msam_gathers_once_per_step", False)
+        return bool(trl_bases(self)) and not self.msam_gathers_once_per_step
 
     def _msam_rho_now(self) -> float | torch.Tensor | None:
         """ρ_t of `--msam_rho_schedule lr` (ρ·lr_t/lr_max, from the optimizer's first group); None: the rule's own ρ."""

@@ -30,6 +30,7 @@ except ModuleNotFoundError as err:  # pragma: no cover - depends on the environm
         "hf_msam.trl needs TRL: pip install \"hf-msam[trl]\" (or pip install trl).", name="trl"
     ) from err
 
+from .integrations import trl as trl_adapter
 from .trainer import MSAMMixin
 from .training_args import MSAMArguments
 
@@ -139,10 +140,10 @@ class _TRLStep:
       `aux_loss`) is the mean over the micro-batches, as TRL's is over devices.
     """
 
-    _msam_gathers_once_per_step = True  # so devices may cut packed rows into different numbers of micro-batches
+    msam_gathers_once_per_step = True  # so devices may cut packed rows into different numbers of micro-batches
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        current = getattr(self, "_msam_pass", None)  # set by the mSAM step around each pass it computes
+        current = self.msam_pass  # the pass the mSAM step is computing, if any
         if current is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if current.reported and current.index == 0:
@@ -156,38 +157,30 @@ class _TRLStep:
                     return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
             finally:
                 self._msam_reported_gathers = []
-        metrics = self._metrics["train"]
-        saved = ({key: list(values) for key, values in metrics.items()}, getattr(self, "_total_train_tokens", None))
+        saved = trl_adapter.train_metrics(self)
         try:
             with _micro_batch_gathers(self.accelerator, record, None):
                 return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         finally:
-            metrics.clear()
-            metrics.update(saved[0])
-            if saved[1] is not None:
-                self._total_train_tokens = saved[1]
+            trl_adapter.restore_train_metrics(self, saved)
 
     def training_step(self, *args: Any, **kwargs: Any):
         t = self.state.global_step + 1
         if not (self.msam_perturbation.enabled and self.msam_schedule.perturbs(t, self.state.max_steps)):
             return super().training_step(*args, **kwargs)  # a plain step: TRL's own, which enters the context itself
         # A vectorized step that gives up after its first pass (a model found not to fit at its first forward) starts
-        # again with one pass per micro-batch: that pass's metrics are then dropped, or they would count twice.
-        metrics = self._metrics["train"]
-        saved = ({key: list(values) for key, values in metrics.items()}, getattr(self, "_total_train_tokens", None))
-
-        def discard() -> None:
-            metrics.clear()
-            metrics.update({key: list(values) for key, values in saved[0].items()})
-            if saved[1] is not None:
-                self._total_train_tokens = saved[1]
-
-        self._msam_on_discard = discard  # handed to the engine by MSAMMixin.training_step
+        # again with one pass per micro-batch: that pass's metrics are then dropped (`msam_on_discard`).
+        self._trl_step_metrics = trl_adapter.train_metrics(self)
         try:
             with getattr(self, "maybe_activation_offload_context", None) or contextlib.nullcontext():
                 return super().training_step(*args, **kwargs)
         finally:
-            self._msam_on_discard = None
+            self._trl_step_metrics = None
+
+    def msam_on_discard(self) -> None:
+        """The metrics as they were when the step began, or they would count twice."""
+        if getattr(self, "_trl_step_metrics", None) is not None:
+            trl_adapter.restore_train_metrics(self, self._trl_step_metrics)
 
 
 @dataclass
@@ -334,7 +327,7 @@ class MSAMDPOTrainer(_TRLStep, MSAMMixin, DPOTrainer):
             )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.msam_descent.through_outputs and getattr(self, "_msam_pass", None) is not None:
+        if self.msam_descent.through_outputs and self.msam_pass is not None:
             # Functional-SAM: the DPO loss is a nonlinear function of the logits (through the log-softmax); F must be
             # the logits, which the fused head never builds
             model = _FusedHeadFromLogits(model, log_sum_sq_probs=self.use_weighting)

@@ -68,3 +68,25 @@ def test_loss_of_training_step_names_itself_when_upstream_changes(monkeypatch):
 
     with pytest.raises(RuntimeError, match=r"called accelerator.backward 0 times.*hf_msam.integrations.transformers"):
         transformers_adapter.loss_of_training_step(Host(), torch.nn.Linear(2, 1), {}, None)
+
+
+def test_trl_names_hf_msam_trl_relies_on_are_there():
+    pytest.importorskip("trl")
+    from hf_msam.integrations import trl as trl_adapter
+    from hf_msam.integrations import trl_fused_head
+
+    for adapter in (trl_adapter, trl_fused_head):
+        missing = adapter.missing_upstream_names()
+        assert not missing, f"{adapter.__name__} (tested with {adapter.TESTED}) relies on names now gone: {missing}"
+
+
+def test_integrations_take_part_only_where_they_apply(tmp_path):
+    """A plain transformers trainer has no integration: its batches never enter sentence-transformers' code."""
+    from test_trainer_reference import bert_data, sgd_args, tiny_bert
+
+    from hf_msam import MSAMTrainer
+    from hf_msam.integrations.hooks import INTEGRATIONS
+
+    assert any(i.name == "sentence-transformers" for i in INTEGRATIONS)
+    trainer = MSAMTrainer(model=tiny_bert(), args=sgd_args(tmp_path, 4, msam_micro_batch_size=2), train_dataset=bert_data(4))
+    assert trainer._msam_integrations == []
