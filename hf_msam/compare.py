@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="report", help="where to write: OUTPUT.md and OUTPUT.png (default: report)")
     parser.add_argument("--metric", default="eval_loss", help="the evaluation metric to plot (default: eval_loss)")
     argv = list(sys.argv[1:] if argv is None else argv)
-    from .cli import reject_msam_flags
+    from .launcher import reject_msam_flags
 
     status = reject_msam_flags(
         argv, "hf-msam compare", "it reads each run's settings from its training_args.bin. Give the --msam_* flags to "

@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"(default: {FULL.noise})")
     parser.add_argument("--seed", type=int, default=FULL.seed, help=f"seed of everything (default: {FULL.seed})")
     argv = list(sys.argv[1:] if argv is None else argv)
-    from .cli import reject_msam_flags
+    from .launcher import reject_msam_flags
 
     status = reject_msam_flags(
         argv, "hf-msam demo", "it trains its three fixed runs (plain, SAM and mSAM with rho 0.1). To train with your own "

@@ -596,3 +596,25 @@ def _trl_cli_patched(module: str | None, flag_values: dict[str, Any]) -> Iterato
         yield True
     finally:
         launcher_module.launch_training_script = saved
+
+
+def flag_error(err: BaseException, prog: str) -> int:
+    """An invalid --msam_* value: one line on stderr and status 2; with HF_MSAM_TRACEBACK=1, the traceback."""
+    if os.environ.get("HF_MSAM_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off"):
+        raise err
+    print(f"{prog}: error: {err} (HF_MSAM_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+    return 2
+
+
+def reject_msam_flags(argv: Sequence[str], prog: str, why: str) -> int | None:
+    """For the commands that take no --msam_* flags (`demo`, `compare`): None when `argv` has none; otherwise one line
+    and status 2: what is wrong with an invalid value (as `hf-msam run` says it), or that the command does not take
+    them."""
+    if not any(arg.startswith(("--msam_", "--msam-")) for arg in argv):
+        return None
+    try:
+        given, _ = parse_msam_flags(argv)
+        check_msam_flags(given)
+        raise FlagError(f"{prog} takes no --msam_* flags (got {' '.join(format_msam_flags(given))}): {why}")
+    except FlagError as err:
+        return flag_error(err, prog)
