@@ -89,3 +89,56 @@ def test_readme_set_up_installs_the_cpu_build_of_torch_first():
     cpu = f"pip install {pinned} --index-url https://download.pytorch.org/whl/cpu"
     assert cpu in commands and commands.index(cpu) < commands.index('pip install -e ".[dev]"')
     assert "-e \".[dev]\"" in ci and "python -m pytest -q" in commands and "python -m pytest -q" in ci
+
+
+# What the quickstart, the loop and the variant leave to the reader, made here: a tiny BERT from a config and an
+# in-memory data set (64 rows: two steps of 32).
+PREAMBLE = '''
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+torch.manual_seed(0)
+model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=32, num_labels=2))
+g = torch.Generator().manual_seed(0)
+rows = [{"input_ids": torch.randint(1, 50, (8,), generator=g), "labels": torch.randint(0, 2, (), generator=g)}
+        for _ in range(64)]
+train_ds, eval_ds = rows, rows[:16]
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+loader = torch.utils.data.DataLoader(rows, batch_size=32)
+'''
+
+
+def run_with_preamble(name: str, tmp_path: Path, after: str = "") -> str:
+    proc = run_block(PREAMBLE + readme_block(name) + after, tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert not [m for m in BAD_MESSAGES if m in output], output[-4000:]
+    return output
+
+
+def test_readme_quickstart_block_runs_on_a_cpu(tmp_path):
+    output = run_with_preamble("quickstart", tmp_path, after=(
+        "\nassert trainer.state.global_step == 6  # 3 epochs (the default) of 2 steps\n"
+        "print('path:', trainer.msam_engine.path)\n"))  # fmt: skip
+    assert "mSAM: 4 distinct perturbations per optimizer step" in output and "path: " in output
+
+
+def test_readme_loop_block_runs_on_a_cpu(tmp_path):
+    """The hand-written loop: each step changes the weights, and the engine's micro-batches are the block's."""
+    run_with_preamble("loop", tmp_path, after=(
+        "\nassert sam.stats.micro_batches == 8, sam.stats  # 2 batches of 32 in micro-batches of 8\n"
+        "assert isinstance(loss, torch.Tensor) and torch.isfinite(loss)\n"))  # fmt: skip
+
+
+def test_readme_variant_block_trains_with_the_registered_method(tmp_path):
+    output = run_with_preamble("variant", tmp_path, after='''
+from hf_msam import MSAMTrainer, MSAMTrainingArguments
+args = MSAMTrainingArguments(output_dir="out", per_device_train_batch_size=32, msam_method="halfrho", msam_rho=0.1,
+                             report_to="none", use_cpu=True, max_steps=1)
+trainer = MSAMTrainer(model=model, args=args, train_dataset=train_ds)
+assert trainer.msam_perturbation.rho == 0.05
+trainer.train()
+print("halfrho trained")
+''')
+    assert "halfrho trained" in output
