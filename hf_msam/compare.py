@@ -29,6 +29,8 @@ __all__ = ["Run", "RunError", "eigenvalue_cell", "load_run", "main", "plot_runs"
 
 STATE, RESULTS, ARGS = "trainer_state.json", "all_results.json", "training_args.bin"
 FLATNESS = {"eval_hessian_top_eigenvalue": "λ_max(H)", "eval_hessian_trace": "tr(H)", "eval_sharpness": "sharpness"}
+# `--msam_eval_quantization`: the change of the evaluation loss (accuracy) with the weights rounded to b bits
+QUANTIZATION = {f"eval_int{b}_{what}_delta": f"Δ{what} int{b}" for what in ("loss", "accuracy") for b in (8, 4, 3)}
 # Evaluation numbers that say how fast, not how good (also with a dataset's name: eval_test_runtime).
 NOT_METRICS = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")
 # Power iteration finds the Hessian eigenvalue of largest magnitude: the top one at a minimum, a negative one elsewhere.
@@ -242,14 +244,17 @@ def _settings_cells(run: Run) -> list[str]:
 def _eval_metrics(runs: list[Run]) -> list[str]:
     """The final evaluation metrics any run has, eval_loss first."""
     keys = {k for run in runs for k in (*run.results, *(k for log in run.log_history for k in log))}
-    keys = {k for k in keys if k.startswith("eval_") and not k.endswith(NOT_METRICS) and k not in FLATNESS}
+    keys = {k for k in keys if k.startswith("eval_") and not k.endswith(NOT_METRICS) and k not in FLATNESS
+            and k not in QUANTIZATION}
     return sorted(keys, key=lambda k: (k != "eval_loss", k))
 
 
 def write_report(runs: list[Run], skipped: list[tuple[str, str]], path: Path, figure: str | None) -> None:
     """The Markdown report: one row a run, the figure below, then the runs that were skipped."""
     metrics = _eval_metrics(runs)
-    header = ["run", "ρ", "micro-batch", "ASAM", "steps", *metrics, *FLATNESS.values(), "train time"]
+    quantized = [k for k in QUANTIZATION if any(run.final(k) is not None for run in runs)]
+    header = ["run", "ρ", "micro-batch", "ASAM", "steps", *metrics, *FLATNESS.values(),
+              *(QUANTIZATION[k] for k in quantized), "train time"]
     rows = [
         [
             _code(run.name),
@@ -257,6 +262,7 @@ def write_report(runs: list[Run], skipped: list[tuple[str, str]], path: Path, fi
             str(run.global_step),
             *(_number(run.final(k)) for k in metrics),
             *((eigenvalue_cell if k == "eval_hessian_top_eigenvalue" else _number)(run.final(k)) for k in FLATNESS),
+            *(_number(run.final(k)) for k in quantized),
             _duration(run.final("train_runtime")),
         ]
         for run in runs
@@ -268,7 +274,10 @@ def write_report(runs: list[Run], skipped: list[tuple[str, str]], path: Path, fi
         "Hessian of the evaluation loss (its top eigenvalue at a minimum), tr(H) its trace, sharpness the mean rise of "
         "that loss under the SAM perturbation at `--msam_flatness_rho` "
         "(`--msam_eval_flatness`; lower means flatter). ρ, micro-batch and ASAM are the mSAM settings (ρ = 0: plain "
-        "training; ?: no training_args.bin).",
+        "training; ?: no training_args.bin)."
+        + (" Δloss intb (Δaccuracy intb) is the change of the evaluation loss (accuracy) with every linear layer's "
+           "weights rounded to b bits, symmetric per output row (`--msam_eval_quantization`; smaller means more robust "
+           "to quantization)." if quantized else ""),
         "",
         "| " + " | ".join(map(_text, header)) + " |",
         "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",

@@ -28,4 +28,5 @@ MSAM_DEFAULTS: dict[str, Any] = {
     "msam_flatness_rho": 0.05,
     "msam_flatness_iters": 100,
     "msam_eval_landscape": False,
+    "msam_eval_quantization": False,
 }

@@ -669,21 +669,42 @@ class MSAMMixin:
                 )
             if type(rule) not in (SAMPerturbation, type(self._default_perturbation)):
                 lines.append(f"- perturbation rule: `{type(rule).__name__}`")
+        lines += self._msam_flatness_card_lines()
         with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
+
+    def _msam_flatness_card_lines(self) -> list[str]:
+        """A "## Flatness" section: the last evaluation's flatness and quantization measures, where it made any."""
+        names = {
+            "eval_hessian_top_eigenvalue": "Hessian top eigenvalue (λ_max)",
+            "eval_hessian_trace": "Hessian trace",
+            "eval_sharpness": f"SAM sharpness at rho {msam_setting(self.args, 'msam_flatness_rho')}",
+            **{f"eval_int{b}_{what}_delta": f"{what} change with the linear weights rounded to {b} bits"
+               for b in (8, 4, 3) for what in ("loss", "accuracy")},
+        }  # fmt: skip
+        last = {}
+        for log in self.state.log_history:
+            last.update({k: v for k, v in log.items() if k in names})
+        if not last:
+            return []
+        return ["", "## Flatness", "", "Measured on the evaluation set at the last evaluation (`hf_msam.flatness`; lower "
+                "means flatter, or less changed by quantization):", "",
+                *(f"- {names[k]}: {last[k]:.6g}" for k in names if k in last)]  # fmt: skip
 
     # -- flatness ---------------------------------------------------------------------------------
     def evaluate(
         self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
         """[`~transformers.Trainer.evaluate`], plus, with `msam_eval_flatness`, the Hessian top eigenvalue, the Hessian
-        trace and the sharpness, and with `msam_eval_landscape`, the loss landscape files (see
+        trace and the sharpness, with `msam_eval_quantization` the quantization deltas, and with `msam_eval_landscape`,
+        the loss landscape files (see
         [`hf_msam.flatness.evaluate_flatness`]). The flatness metrics are logged right after the evaluation's own
         and returned with them, so `save_metrics` puts them in `all_results.json`."""
         metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         if isinstance(eval_dataset if eval_dataset is not None else self.eval_dataset, dict):
             return metrics  # super() evaluated each dataset through this method, flatness included
-        flatness = evaluate_flatness(self, eval_dataset, metric_key_prefix)
+        quantization = bool(msam_setting(self.args, "msam_eval_quantization"))
+        flatness = evaluate_flatness(self, eval_dataset, metric_key_prefix, quantization=quantization)
         if flatness:
             self.log(flatness)
             metrics.update(flatness)

@@ -179,6 +179,9 @@ class MSAMArguments:
             Power iterations for the top eigenvalue and Hutchinson probes for the trace.
         msam_eval_landscape (`bool`, *optional*, defaults to `False`):
             Every evaluation writes `loss_landscape.json` and `loss_landscape.png` to `output_dir`; the last stays.
+        msam_eval_quantization (`bool`, *optional*, defaults to `False`):
+            Every evaluation also reports `eval_int{b}_loss_delta` (and `eval_int{b}_accuracy_delta`) for b = 8, 4, 3:
+            how much rounding the linear layers' weights to b bits changes them (`quantization_sensitivity`).
     """)
 
     msam_rho: float = field(
@@ -364,6 +367,15 @@ class MSAMArguments:
             "evaluation batches. Each evaluation overwrites them: the last one stays."
         },
     )
+    msam_eval_quantization: bool = field(
+        default=MSAM_DEFAULTS["msam_eval_quantization"],
+        metadata={
+            "help": "At every evaluation, also report eval_int8/int4/int3_loss_delta (and _accuracy_delta where the "
+            "model's logits give one): the change of the loss when every nn.Linear and Conv1D weight, the LM head "
+            "included, is rounded to that many bits, symmetric per output row (weight-only quantization, simulated), "
+            "on the first --msam_flatness_batches evaluation batches. Flatter minima are expected to lose less."
+        },
+    )
 
     def __post_init__(self):
         for name, value in command_line_overrides.items():
@@ -381,7 +393,7 @@ class MSAMTrainingArguments(MSAMArguments, TrainingArguments):
 
 
 _DEFAULTS = {f.name: f.default for f in fields(MSAMArguments)}
-_SWITCHES = ("msam_adaptive", "msam_sync_perturbation", "msam_eval_flatness", "msam_eval_landscape")
+_SWITCHES = ("msam_adaptive", "msam_sync_perturbation", "msam_eval_flatness", "msam_eval_landscape", "msam_eval_quantization")
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
 

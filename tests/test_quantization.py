@@ -118,3 +118,29 @@ def test_evaluate_flatness_reports_the_deltas(tmp_path):
     assert set(metrics) == {f"eval_int{b}_{w}_delta" for b in (8, 4, 3) for w in ("loss", "accuracy")}
     direct = quantization_sensitivity(trainer.model, [stack(data[:4]), stack(data[4:])])
     assert metrics["eval_int3_loss_delta"] == pytest.approx(direct[3]["loss"], rel=1e-9, abs=1e-12)
+
+
+def test_eval_quantization_flag_reaches_the_logs_compare_and_the_model_card(tmp_path):
+    """--msam_eval_quantization: the deltas in the evaluation's metrics (equal to the function's on the same batches),
+    in `hf-msam compare`'s table and in the model card's flatness section."""
+    from hf_msam import MSAMTrainer, MSAMTrainingArguments
+    from hf_msam.compare import load_run, write_report
+
+    out = tmp_path / "run"
+    args = MSAMTrainingArguments(str(out), per_device_train_batch_size=4, per_device_eval_batch_size=4, max_steps=2,
+                                 report_to="none", use_cpu=True, msam_micro_batch_size=2, msam_eval_quantization=True,
+                                 msam_flatness_batches=2, eval_strategy="no", save_strategy="no")  # fmt: skip
+    data = bert_data(8)
+    trainer = MSAMTrainer(model=tiny_bert(seed=3), args=args, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    metrics = trainer.evaluate()
+    direct = quantization_sensitivity(trainer.model, [stack(data[:4]), stack(data[4:])])
+    assert metrics["eval_int4_loss_delta"] == pytest.approx(direct[4]["loss"], rel=1e-9, abs=1e-12)
+    trainer.save_state()
+    trainer.create_model_card()
+    card = (out / "README.md").read_text()
+    assert "## Flatness" in card and "loss change with the linear weights rounded to 3 bits" in card
+    report = tmp_path / "report.md"
+    write_report([load_run(out)], [], report, None)
+    text = report.read_text()
+    assert "Δloss int4" in text and "--msam_eval_quantization" in text
