@@ -3,6 +3,7 @@
 import logging
 
 import pytest
+import internals
 from reference import MLP
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -75,9 +76,9 @@ def test_sharded_setups_are_refused_unless_msam_is_off(tmp_path, flag):
     trainer = MSAMTrainer(model=MLP(), args=MSAMTrainingArguments(str(tmp_path), use_cpu=True, report_to="none"))
     setattr(trainer, flag, True)
     with pytest.raises(NotImplementedError, match="FSDP2"):  # the message names the supported way
-        trainer._check_supported()
+        internals.check_supported(trainer)
     trainer.msam_perturbation.rho = 0.0
-    trainer._check_supported()  # rho = 0 is the plain Trainer: allowed
+    internals.check_supported(trainer)  # rho = 0 is the plain Trainer: allowed
 
 
 def test_model_without_trainable_parameter_is_refused_at_train_start(tmp_path):

@@ -8,6 +8,7 @@ import re
 import types
 
 import pytest
+import internals
 from reference import MLP
 from torch import nn
 from transformers import Trainer
@@ -45,7 +46,7 @@ def test_trainer_refusal_says_what_zero_shards_and_what_to_do(tmp_path):
     trainer = MSAMTrainer(model=MLP(), args=_args(tmp_path))
     trainer.is_deepspeed_enabled = True
     with pytest.raises(NotImplementedError) as error:
-        trainer._check_supported()
+        internals.check_supported(trainer)
     message = " ".join(str(error.value).split())
     assert message.startswith("MSAMTrainer does not support DeepSpeed (any ZeRO stage)")
     # ZeRO-1: optimizer state; ZeRO-2: also gradients; ZeRO-3: also the parameters. Never "ZeRO-2 ... weights".

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import internals
 from accelerate import Accelerator
 from reference import MLP, ScalerAccelerator, flat, mlp_dataset, msam_gradient, unflat
 
@@ -237,7 +238,7 @@ def test_exception_mid_step_rolls_back_fsam_ema_with_the_weights():
     with pytest.raises(RuntimeError, match="perturbed pass failed"):
         sam.backward(batch, ScriptedLoss(model, {5: "raise"}), step=2)  # call 5: micro-batch 3's clean pass
     assert all(torch.equal(a, b) for a, b in zip(ascent.m, m_before)) and bool(ascent.started)
-    assert sam._step == 1 and sam.stats.micro_batches == stats_before["micro_batches"] == 3
+    assert internals.step_state(sam)[0] == 1 and sam.stats.micro_batches == stats_before["micro_batches"] == 3
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
     sam.backward(batch, model_loss(model), step=2)
     for g_j in g:
@@ -270,7 +271,7 @@ def test_exception_mid_step_rolls_back_looksam_state_with_the_weights():
     with pytest.raises(RuntimeError, match="perturbed pass failed"):
         sam.backward(batch, ScriptedLoss(model, {4: "raise"}), step=1)  # the same optimizer step; call 4: micro-batch 2
     assert all(torch.equal(a, b) for a, b in zip(descent.g_v, before))
-    assert descent.reuses_left == 2 and not descent._fresh and sam._mode == "perturbed"
+    assert descent.reuses_left == 2 and not internals.looksam_fresh(descent) and internals.step_state(sam)[1] == "perturbed"
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
     sam.backward(batch, model_loss(model), step=1)  # retried: adds this accumulation step's part to g_v
     torch.testing.assert_close(flat(descent.g_v), 2 * g_v, **TIGHT)

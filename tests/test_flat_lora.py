@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+import internals
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -561,7 +562,7 @@ def test_trainer_step_makes_no_host_sync(tmp_path, monkeypatch):
                      learning_rate=1e-2, optim="adamw_torch")
     trainer = Counting(model=model, args=args, train_dataset=mlp_dataset(18, dtype=torch.float32))
     trainer.train()
-    assert trainer._msam_stats.micro_batches == 6  # 3 steps x 2 micro-batches, each with its own noise
+    assert internals.stats(trainer).micro_batches == 6  # 3 steps x 2 micro-batches, each with its own noise
     assert trainer.msam_engine.path == "vectorized"  # --msam_vectorize auto takes Flat-LoRA's one-pass step
     assert calls == []
 

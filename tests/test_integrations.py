@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import internals
 
 from hf_msam.integrations import torch_internals
 from hf_msam.integrations import transformers as transformers_adapter
@@ -89,4 +90,4 @@ def test_integrations_take_part_only_where_they_apply(tmp_path):
 
     assert any(i.name == "sentence-transformers" for i in INTEGRATIONS)
     trainer = MSAMTrainer(model=tiny_bert(), args=sgd_args(tmp_path, 4, msam_micro_batch_size=2), train_dataset=bert_data(4))
-    assert trainer._msam_integrations == []
+    assert internals.integrations(trainer) == []

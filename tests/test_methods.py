@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+import internals
 from reference import MLP, ScalerAccelerator, flat, mlp_dataset, unflat
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -488,10 +489,10 @@ def test_state_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
-        trainer._save_rng_state(str(checkpoint))
+        internals.save_checkpoint_state(trainer, str(checkpoint))
     assert path.read_bytes() == before and sorted(p.name for p in checkpoint.glob("msam_state*")) == ["msam_state_0.pt"]
     monkeypatch.setattr(torch, "save", real_save)
-    trainer._save_rng_state(str(checkpoint))
+    internals.save_checkpoint_state(trainer, str(checkpoint))
     assert torch.load(path, weights_only=True)["world_size"] == 1
 
 

@@ -3,6 +3,7 @@ a tensor, for every method, with example-weighted and with token-weighted micro-
 
 import pytest
 import torch
+import internals
 from reference import MLP, SYNCING, mlp_dataset
 from torch import nn
 
@@ -107,7 +108,7 @@ def test_example_weighted_step_makes_no_host_sync(tmp_path, monkeypatch, method)
         train_dataset=mlp_dataset(18, dtype=torch.float32),
     )
     trainer.train()
-    assert trainer._msam_stats.micro_batches > 0  # the mSAM step ran
+    assert internals.stats(trainer).micro_batches > 0  # the mSAM step ran
     assert counter.calls == []
 
 
@@ -124,5 +125,5 @@ def test_token_weighted_step_makes_no_host_sync(tmp_path, monkeypatch, method, v
     )
     assert trainer.model_accepts_loss_kwargs  # so num_items_in_batch reaches the step: token weights
     trainer.train()
-    assert trainer._msam_stats.micro_batches > 0
+    assert internals.stats(trainer).micro_batches > 0
     assert counter.calls == []

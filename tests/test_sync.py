@@ -9,6 +9,7 @@ import types
 
 import pytest
 import torch
+import internals
 from reference import MLP, flat, unflat
 from test_fsdp2 import torchrun, union
 from test_methods import LR, TIGHT, Reference
@@ -190,10 +191,10 @@ def test_fsdp2_is_accepted_and_synchronizes(tmp_path, monkeypatch):
     trainer = _trainer(tmp_path, msam_micro_batch_size=2)
     assert trainer.msam_scope == "device-local"
     _fsdp(monkeypatch, trainer, 2)
-    trainer.msam_sync_perturbation = trainer._msam_fsdp2()  # what __init__ decides under FSDP2
-    trainer._check_supported()  # no refusal
+    trainer.msam_sync_perturbation = internals.fsdp2(trainer)  # what __init__ decides under FSDP2
+    internals.check_supported(trainer)  # no refusal
     assert trainer.msam_scope == "synchronized"
-    trainer._announce()
+    internals.announce(trainer)
     trainer.args.output_dir = str(tmp_path)
     monkeypatch.setattr(Trainer, "create_model_card", lambda self, *a, **k: None)  # the base card needs a config
     trainer.create_model_card()
@@ -207,7 +208,7 @@ def test_fsdp2_refuses_methods_it_cannot_make_right(tmp_path, monkeypatch, metho
     _fsdp(monkeypatch, trainer, 2)
     trainer.msam_sync_perturbation = True
     with pytest.raises(ValueError, match=f"--msam_method {method} is not supported under FSDP2"):
-        trainer._check_supported()
+        internals.check_supported(trainer)
 
 
 @pytest.mark.parametrize("method", ["sam", "fsam", "momentum"])
@@ -215,15 +216,15 @@ def test_fsdp2_accepts_the_methods_it_makes_right(tmp_path, monkeypatch, method)
     trainer = _trainer(tmp_path, msam_method=method)
     _fsdp(monkeypatch, trainer, 2)
     trainer.msam_sync_perturbation = True
-    trainer._check_supported()  # no refusal (the engine-level equality is in test_fsdp2.py)
+    internals.check_supported(trainer)  # no refusal (the engine-level equality is in test_fsdp2.py)
 
 
 def test_fsdp1_and_deepspeed_are_refused_naming_fsdp2(tmp_path, monkeypatch):
     trainer = _trainer(tmp_path)
     _fsdp(monkeypatch, trainer, 1)
     with pytest.raises(NotImplementedError, match=r"FSDP1.*fsdp_version: 2"):
-        trainer._check_supported()
+        internals.check_supported(trainer)
     trainer = _trainer(tmp_path)
     trainer.is_deepspeed_enabled = True
     with pytest.raises(NotImplementedError, match=r"DeepSpeed.*FSDP2"):
-        trainer._check_supported()
+        internals.check_supported(trainer)

@@ -7,13 +7,10 @@ import types
 
 import pytest
 import torch
+import internals
 from test_trainer_reference import bert_data, sgd_args, tiny_bert, trainable
 
-from hf_msam import MicroBatchSAM, MSAMTrainer, MSAMTrainingArguments
-
-
-def test_the_default_is_auto():
-    assert MSAMTrainingArguments("out").msam_vectorize == "auto"
+from hf_msam import MicroBatchSAM, MSAMTrainer
 
 
 def run(model, tmp_path, name, trainer_cls=MSAMTrainer, steps=1, **flags):
@@ -25,6 +22,8 @@ def run(model, tmp_path, name, trainer_cls=MSAMTrainer, steps=1, **flags):
 
 
 def test_auto_vectorizes_micro_batches_and_keeps_the_sam_path_for_one(tmp_path):
+    """The default (no --msam_vectorize given: auto) takes the vectorized step with micro-batches, the sequential
+    step's update, and the two-pass SAM step without them."""
     auto, off = tiny_bert(), tiny_bert()
     vectorized = run(auto, tmp_path, "auto", steps=2, msam_micro_batch_size=3)
     run(off, tmp_path, "off", steps=2, msam_micro_batch_size=3, msam_vectorize="off")
@@ -82,7 +81,7 @@ def test_engine_default_stays_off_for_hand_written_loops(vectorize):
     loss_fn = lambda mb: torch.nn.functional.mse_loss(model(mb["x"]), mb["y"])  # noqa: E731
     default = MicroBatchSAM(model, micro_batch_size=2)
     default.backward(batch, loss_fn)
-    assert default.vectorize == "off" and default.path == "sequential"
+    assert default.path == "sequential" and "vectorize='off'" in default.path_reason
     asked = MicroBatchSAM(model, micro_batch_size=2, vectorize=vectorize)
     asked.backward(batch, loss_fn)
     assert asked.path == "vectorized"
@@ -133,7 +132,7 @@ def test_preference_losses_across_pairs_are_not_vectorized(loss_type, expected):
     trainer = PreferenceTrainer.__new__(PreferenceTrainer)
     trainer.args = types.SimpleNamespace(loss_type=loss_type)
     cut = types.SimpleNamespace(layout="pairs")
-    assert trainer._msam_decomposable({}, cut, None, False) is expected
+    assert internals.decomposable(trainer, {}, cut, None, False) is expected
 
 
 def test_a_model_found_unfit_at_a_forward_is_not_tried_again_and_its_pass_is_discarded():

@@ -70,7 +70,7 @@ def test_rule_is_chosen_for_the_llama_family_norms(family):
     assert all(vectorized._rule_for(m) is rule for _, m in norms)
     vec = Vectorizer(model, [p for p in model.parameters() if p.requires_grad])
     assert vec.fallback_modules() == []  # every layer of these models now has a rule
-    assert {u.name for u in vec._units if u.rule is rule} == {name for name, _ in norms}
+    assert {name for name, _, r in vec.covered() if r is rule} == {name for name, _ in norms}
 
 
 class OverridingForward(LlamaRMSNorm):

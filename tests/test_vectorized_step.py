@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import internals
 from reference import MLP, mlp_dataset, msam_gradient
 from test_registry import llama_data, tiny_llama
 from test_vectorized_arch import causal_lm_loss_in_logits_dtype, without_float32_casts
@@ -202,7 +203,7 @@ def test_gradient_checkpointing_capture_keeps_no_activations_of_the_checkpointed
         ids = torch.randint(3, model.config.vocab_size, (4, 6), generator=torch.Generator().manual_seed(1))
         with vec.capture(GroupLayout.rows([3, 1])) as cap:
             loss = model(input_ids=ids, labels=ids).loss
-            recorded = [call.unit.name for call in cap._calls]
+            recorded = internals.recorded_layers(cap)
             g = cap.group_gradients(loss)
         return recorded, g
 
