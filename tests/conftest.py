@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,15 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The tests mirror the package (engine/, vectorized/, methods/, integrations/, trainer/, tools/); the helpers they
+# share (reference.py, trl_helpers.py, internals.py, the two-process scripts) stay here. Every folder is importable
+# from every test, and from the processes the tests launch (TEST_PATHS for their PYTHONPATH).
+TESTS = Path(__file__).resolve().parent
+TEST_PATHS = [str(TESTS), *(str(d) for d in sorted(TESTS.iterdir()) if d.is_dir() and (d / "__init__.py").exists() is False
+                            and any(d.glob("test_*.py")))]  # fmt: skip
+for _path in reversed(TEST_PATHS):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 # A vocabulary small enough for a 2-layer BERT, large enough for the sentences below.
 POSITIVE_WORDS = ["good", "great", "fine", "nice", "happy"]

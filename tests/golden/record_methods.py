@@ -1,7 +1,7 @@
 """Record each built-in method's parameters after a few training steps on a tiny model, as tests/golden/methods.json.
 
 Run once on the code before a change that must not change behaviour (the move into the engine/integration
-layout, issue 30), then `tests/test_golden_methods.py` compares the code after it with these values (rtol 1e-6):
+layout, issue 30), then `tests/engine/test_golden_methods.py` compares the code after it with these values (rtol 1e-6):
 
     OMP_NUM_THREADS=1 python tests/golden/record_methods.py
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path[:0] = [str(HERE.parent), str(HERE.parent / "trainer")]  # tests/ and the trainer tests (tiny_bert, bert_data)
 
 CASES = {
     "sam": dict(msam_method="sam"),

@@ -9,6 +9,7 @@ import logging
 import os
 
 import pytest
+from conftest import TEST_PATHS
 import torch
 import internals
 from reference import MLP, ScalerAccelerator, flat, mlp_dataset, unflat
@@ -538,11 +539,11 @@ def test_two_process_ddp_looksam_matches_per_device_reference(tmp_path):
     import sys
     from pathlib import Path
 
-    here = Path(__file__).parent
+    here = Path(__file__).resolve().parents[1]  # tests/
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*TEST_PATHS, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
         "--master_port", str(port), str(here / "ddp_method_script.py"), str(tmp_path),
@@ -579,11 +580,11 @@ def test_two_process_resume_of_stateful_methods_and_a_changed_process_count(tmp_
 
     one = tmp_path / "one"  # a 1-process F-SAM checkpoint, for the 2-process resume
     train(mlp(), mlp_dataset(8), one, 4, 2, msam_method="fsam", msam_micro_batch_size=3, save_strategy="steps", save_steps=2)
-    here = Path(__file__).parent
+    here = Path(__file__).resolve().parents[1]  # tests/
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*TEST_PATHS, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
         "--master_port", str(port), str(here / "ddp_resume_script.py"), str(tmp_path), str(one / "checkpoint-2"),

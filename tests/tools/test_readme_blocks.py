@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/
 README = HERE.parent / "README.md"
 
 # What a user must never see after a README block ran (the messages issue 33 is about).

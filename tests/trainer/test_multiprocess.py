@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TEST_PATHS
 import torch
 from reference import MLP, flat, msam_gradient, unflat
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # tests/: the scripts and helpers
 
 
 def free_port():
@@ -21,7 +22,7 @@ def free_port():
 
 def script_env() -> dict:
     """The environment of a launched test script: tests/ importable, one thread per process."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([*TEST_PATHS, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
 
 
 def torchrun_ranks(tmp_path, script: str, *args: str) -> list[dict]:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TEST_PATHS
 import torch
 
 pytest.importorskip("trl")
@@ -17,7 +18,7 @@ pytest.importorskip("trl")
 from transformers import AutoModelForCausalLM  # noqa: E402
 from trl_helpers import msam_gradient, sgd_reference, token_nll_sum, write_tiny_llama  # noqa: E402
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # tests/: the scripts and helpers
 
 
 def free_port() -> int:
@@ -38,7 +39,7 @@ def sequences_of(batch):
 @pytest.mark.parametrize("layout", ["packing", "padding_free"])
 def test_packed_rows_with_ddp_and_micro_batches_equal_the_reference(tmp_path, layout):
     model_dir = write_tiny_llama(tmp_path / "tiny-llama")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*TEST_PATHS, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
         "--master_port", str(free_port()), str(HERE / "trl_ddp_packed_script.py"), str(model_dir), str(tmp_path), layout,

@@ -520,7 +520,7 @@ def test_trainer_weighs_causal_lm_batches_by_label_tokens(tmp_path):
 
 
 @pytest.mark.parametrize("version, flag, refused", [
-    (2, "msam_eval_flatness", None),  # FSDP2: finite differences of sharded gradients (tests/test_fsdp2.py)
+    (2, "msam_eval_flatness", None),  # FSDP2: finite differences of sharded gradients (tests/engine/test_fsdp2.py)
     (2, "msam_eval_landscape", "--msam_eval_landscape does not support FSDP2"),
     (1, "msam_eval_flatness", "--msam_eval_flatness need the whole, unsharded trainable weights.*FSDP1"),
 ])

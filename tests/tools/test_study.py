@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 STUDY = REPO_ROOT / "benchmarks" / "study" / "run_study.py"
 
 

@@ -7,7 +7,7 @@ casts some parts of its models to float32 even in a float64 model (Llama's and Q
 softmax, `ForCausalLMLoss`); a float32 rounding turns the paths' 1e-16 differences into 1e-7 ones, so the float64
 cases run with those casts patched out (`exact_float64`, applied to both paths alike) and use their own float64
 losses. The patched RMSNorm forward is not transformers' code, so here those norms run through the torch.func
-fallback; tests/test_vectorized_rmsnorm.py runs the same matrix with them on their rule. float32 to 1e-5 relative: the paths' float32 roundings (~6e-8 per operation) accumulate over the two
+fallback; tests/vectorized/test_vectorized_rmsnorm.py runs the same matrix with them on their rule. float32 to 1e-5 relative: the paths' float32 roundings (~6e-8 per operation) accumulate over the two
 passes and the rule's normalization; measured at most 2e-6 on these models (float64: at most 5e-15).
 
 Every tolerance is per parameter, |Δ| <= rtol·|g| + floor, with floor = 1e-3·rtol·|whole gradient| for parameters
@@ -379,7 +379,7 @@ def test_fallback_modules_per_architecture():
 
     assert fallbacks("bert-padded") == [] and fallbacks("gpt2-tied-sft") == []  # rules cover every layer
     assert fallbacks("vit") == ["vit.embeddings (ViTEmbeddings)"]  # cls_token, position_embeddings; its Conv2d inside
-    # LlamaRMSNorm and Qwen2RMSNorm: the rule for transformers' Llama-style norms (tests/test_vectorized_rmsnorm.py)
+    # LlamaRMSNorm and Qwen2RMSNorm: the rule for transformers' Llama-style norms (tests/vectorized/test_vectorized_rmsnorm.py)
     assert fallbacks("llama-sdpa-sft") == [] and fallbacks("qwen2-sft") == []
     lora = fallbacks("lora-llama-sft")
     assert any("embed_tokens" in name for name in lora)  # LoRA's embedding keeps A and B in ParameterDicts
@@ -715,7 +715,7 @@ def test_verify_finds_reentrant_checkpointing():
 def test_rows_mixed_inside_a_fallback_module_mix_per_micro_batch(n):
     """The fallback runs a module once per group, as a batch of its own: rows mixed inside it mix within each
     micro-batch, as in the sequential step, with even micro-batches (6 rows: 3 + 3) and uneven ones (7: 3 + 3 + 1;
-    8: 3 + 3 + 2), whose groups of each size run unpadded (more cases in tests/test_vectorized_uneven.py)."""
+    8: 3 + 3 + 2), whose groups of each size run unpadded (more cases in tests/vectorized/test_vectorized_uneven.py)."""
     torch.manual_seed(0)
     model = Net(RowMixer()).double()
     twin = copy.deepcopy(model)

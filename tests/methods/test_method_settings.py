@@ -21,7 +21,7 @@ from hf_msam.methods import REGISTRY, methods_table, register_method
 from hf_msam.methods.registry import method_default
 from hf_msam.training_args import MSAMArguments, msam_default
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

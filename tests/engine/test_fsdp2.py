@@ -7,16 +7,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TEST_PATHS
 import torch
 from fsdp2_script import ADAM
 from reference import MLP, flat, unflat
 from test_multiprocess import free_port
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # tests/: the scripts and helpers
 
 
 def torchrun(script, out_dir, *args):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*TEST_PATHS, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
         "--master_port", str(free_port()), str(HERE / script), str(out_dir), *map(str, args),

@@ -14,7 +14,7 @@ pytest.importorskip("peft")
 
 import golden.record_methods as recorder  # noqa: E402
 
-RECORDED = json.loads((Path(__file__).parent / "golden" / "methods.json").read_text())
+RECORDED = json.loads((Path(__file__).resolve().parents[1] / "golden" / "methods.json").read_text())
 
 
 @pytest.mark.slow

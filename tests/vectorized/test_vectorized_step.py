@@ -82,7 +82,7 @@ def test_token_weighted_causal_lm_with_accumulation(tmp_path, monkeypatch):
 def test_token_weighted_causal_lm_float32_casts_kept(tmp_path):
     """The same with transformers' float32 casts left in: the paths then agree as float32 computations do. Compared
     on the updates w_after - w_before, per parameter, to 1e-5 relative (the float32 tolerance of
-    tests/test_vectorized_arch.py; measured 1.6e-7), which the weights themselves (1e-1 and larger) would hide."""
+    tests/vectorized/test_vectorized_arch.py; measured 1.6e-7), which the weights themselves (1e-1 and larger) would hide."""
     data = llama_data(12)
     on, off = tiny_llama(), tiny_llama()
     before = trainable(tiny_llama())
@@ -114,7 +114,7 @@ def test_auto_falls_back_and_says_why(tmp_path, caplog):
 
 
 def test_single_process_synchronized_perturbations_are_the_device_local_step():
-    """One process: the union of the devices' j-th micro-batches is this one's (two processes: tests/test_sync.py)."""
+    """One process: the union of the devices' j-th micro-batches is this one's (two processes: tests/engine/test_sync.py)."""
     batch = stack(mlp_dataset(5))
     grads = []
     for vectorize in ("on", "off"):
