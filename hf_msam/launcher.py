@@ -318,7 +318,7 @@ def _argparse_message(parser: argparse.ArgumentParser, message: str) -> str:
     """argparse's complaint about an --msam_* value, on one line, with what the flag takes."""
     match = re.match(r"argument (--[\w-]+)(?:/--[\w-]+)*: (.*)", message)
     if match is None:
-        return f"{message}. See `hf-msam run --help` and README \"Flags\"."
+        return f"{message}. See `hf-msam run --help` and docs/trainer.md (\"Flags\")."
     flag, problem = match.groups()
     action = next((a for a in parser._actions if flag in a.option_strings), None)
     takes = ""

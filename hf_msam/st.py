@@ -225,7 +225,7 @@ def check_losses(trainer: Any, micro_batch_size: int | None) -> None:
         logger.info(
             "mSAM: %s compare(s) the examples of a batch with each other: the loss, its logged value and the descent "
             "are the whole batch's (all in-batch negatives), with each micro-batch of %d embedded at its own "
-            "perturbation (see README, \"sentence-transformers\").", ", ".join(whole), micro_batch_size,
+            "perturbation (see docs/sentence-transformers.md).", ", ".join(whole), micro_batch_size,
         )
     if unknown:
         logger.warning(

@@ -43,7 +43,7 @@ def _sync_methods() -> list[str]:
 _METHODS_TEXT: dict[str, Callable[[], str]] = {
     "msam_method": lambda: (
         f"The registered methods (a pass is one forward and one backward): {describe_methods()}; or any method "
-        "registered with hf_msam.register_method before the arguments are parsed (see README \"Your own variant\")."
+        "registered with hf_msam.register_method before the arguments are parsed (see docs/trainer.md, \"Your own variant\")."
     ),
     "msam_method_args": lambda: (
         f"Each method's settings (type, default; the flag that also sets it): {describe_all_settings()}."
@@ -122,7 +122,7 @@ class MSAMArguments:
         msam_eps (`float`, *optional*, defaults to `1e-12`):
             Added to the gradient norm in the denominator of the perturbation.
         msam_method (`str`, *optional*, defaults to `"sam"`):
-            The sharpness-aware method. See README "Methods and schedules".
+            The sharpness-aware method. See docs/methods.md.
             {msam_method}
         msam_method_args (`dict` or `str`, *optional*, defaults to `None`):
             The settings of `msam_method`: a dict, or comma-separated `key=value` pairs (`"alpha=0.2,k=3"`, as
@@ -162,12 +162,12 @@ class MSAMArguments:
             Synchronized perturbations: micro-batch j's perturbation comes from the gradient of the union over all
             devices of their j-th micro-batches, the same on every device (one extra all-reduce of the trainable
             gradients per micro-batch). Default: each device perturbs with its own micro-batches. Always on under
-            FSDP2. See README "Multi-device".
+            FSDP2. See docs/multi-device.md.
             {msam_sync_perturbation}
         msam_vectorize (`str`, *optional*, defaults to `"auto"`):
             `on`: all micro-batches of a device in one forward and one backward per pass (the vectorized step);
             `auto`: vectorized where it applies, else one pass per micro-batch (the log says why); `off`: one pass
-            per micro-batch. See README "Performance".
+            per micro-batch. See docs/performance.md.
         msam_eval_flatness (`bool`, *optional*, defaults to `False`):
             Every evaluation also reports `eval_hessian_top_eigenvalue`, `eval_hessian_trace` and `eval_sharpness`
             (see `hf_msam.flatness`), measured on the first `msam_flatness_batches` evaluation batches.

@@ -128,9 +128,9 @@ README_SCRIPT_ARGS = [
 
 
 def readme_cpu_command():
-    """The README's CPU `accelerate launch` line of "Multi-device", split into (launcher arguments, script arguments)."""
-    readme = (HERE.parent / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Multi-device", 1)[1].split("\n## ", 1)[0]
+    """The CPU `accelerate launch` line of docs/multi-device.md, split into (launcher arguments, script arguments)."""
+    readme = (HERE.parent / "docs" / "multi-device.md").read_text(encoding="utf-8")
+    section = readme.split("# Multi-device", 1)[1].split("\n## ", 1)[0]
     (line,) = [x for x in section.splitlines() if x.startswith("accelerate launch") and "--use_cpu" in x]
     words = line.split()
     at = words.index("your_script.py")
