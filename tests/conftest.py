@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import os
 import random
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +26,32 @@ TEST_PATHS = [str(TESTS), *(str(d) for d in sorted(TESTS.iterdir()) if d.is_dir(
 for _path in reversed(TEST_PATHS):
     if _path not in sys.path:
         sys.path.insert(0, _path)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback, for a launched process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def script_env() -> dict:
+    """The environment of a launched test script: every test folder importable, one thread per process."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([*TEST_PATHS, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+
+
+def torchrun_ranks(out_dir, script: str, *args: str, timeout: int = 300) -> list[dict]:
+    """Run tests/`script` in 2 gloo processes through torchrun (its first argument `out_dir`); what each rank saved
+    there (rank0.pt, rank1.pt)."""
+    import torch
+
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), str(TESTS / script), str(out_dir), *args,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
 
 # A vocabulary small enough for a 2-layer BERT, large enough for the sentences below.
 POSITIVE_WORDS = ["good", "great", "fine", "nice", "happy"]

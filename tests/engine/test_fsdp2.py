@@ -11,7 +11,7 @@ from conftest import TEST_PATHS
 import torch
 from fsdp2_script import ADAM
 from reference import MLP, flat, unflat
-from test_multiprocess import free_port
+from conftest import free_port
 
 HERE = Path(__file__).resolve().parents[1]  # tests/: the scripts and helpers
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 import torch
 
 pytest.importorskip("trl")
@@ -224,12 +224,6 @@ def test_trl_command_line(tmp_path, llama_dir, data_dir):
     assert "hf-msam: running -m trl.cli.main: TRL's command starts its training script" in proc.stderr
     expected = reference_weights(llama_dir, data_dir / "train.jsonl", tmp_path, dtype=torch.float32)
     assert_close_to(saved_weights(out), expected, rtol=1e-4, atol=1e-5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

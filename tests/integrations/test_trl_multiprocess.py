@@ -4,13 +4,12 @@ different numbers of micro-batches, and the step equals a plain-PyTorch referenc
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import TEST_PATHS
+from conftest import TEST_PATHS, free_port
 import torch
 
 pytest.importorskip("trl")
@@ -19,12 +18,6 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from trl_helpers import msam_gradient, sgd_reference, token_nll_sum, write_tiny_llama  # noqa: E402
 
 HERE = Path(__file__).resolve().parents[1]  # tests/: the scripts and helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sequences_of(batch):

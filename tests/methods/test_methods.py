@@ -9,7 +9,7 @@ import logging
 import os
 
 import pytest
-from conftest import TEST_PATHS
+from conftest import torchrun_ranks
 import torch
 import internals
 from reference import MLP, ScalerAccelerator, flat, mlp_dataset, unflat
@@ -534,23 +534,7 @@ def test_bad_values_and_combinations_raise_naming_the_flag(tmp_path, kwargs, fla
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_process_ddp_looksam_matches_per_device_reference(tmp_path):
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    here = Path(__file__).resolve().parents[1]  # tests/
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*TEST_PATHS, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(port), str(here / "ddp_method_script.py"), str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = torchrun_ranks(tmp_path, "ddp_method_script.py")
     assert ranks[0]["world_size"] == 2 and len(ranks[0]["batches"]) == 3
     assert not torch.equal(ranks[0]["batches"][0]["x"], ranks[1]["batches"][0]["x"])
     for a, b in zip(ranks[0]["final"], ranks[1]["final"]):
@@ -573,25 +557,9 @@ def test_two_process_resume_of_stateful_methods_and_a_changed_process_count(tmp_
     """F-SAM, LookSAM and Momentum-SAM on 2 processes: each rank saves and restores its own state, so the resumed run
     ends bitwise where the uninterrupted one does, which equals the per-device reference. Resuming with another number
     of processes (1 -> 2, 2 -> 1) warns and restarts the method's state."""
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
     one = tmp_path / "one"  # a 1-process F-SAM checkpoint, for the 2-process resume
     train(mlp(), mlp_dataset(8), one, 4, 2, msam_method="fsam", msam_micro_batch_size=3, save_strategy="steps", save_steps=2)
-    here = Path(__file__).resolve().parents[1]  # tests/
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*TEST_PATHS, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(port), str(here / "ddp_resume_script.py"), str(tmp_path), str(one / "checkpoint-2"),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = torchrun_ranks(tmp_path, "ddp_resume_script.py", str(one / "checkpoint-2"), timeout=600)
     assert ranks[0]["world_size"] == 2
     for method, h in [("fsam", dict(lmbda=0.5, sigma=1.0)), ("looksam", dict(k=3, alpha=0.7)), ("momentum", {})]:
         if method != "momentum":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 import torch
 
 from hf_msam import MSAMTrainer, MSAMTrainingArguments, cli
@@ -148,12 +148,6 @@ def write(path: Path, text: str) -> Path:
 
 def log_history(output_dir: Path) -> list[dict]:
     return json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_parse_msam_flags_takes_only_the_msam_flags():

@@ -1,39 +1,15 @@
 """Two CPU processes (gloo) through torchrun: ranks stay in sync and equal the per-device mSAM reference."""
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import TEST_PATHS
+from conftest import free_port, script_env, torchrun_ranks
 import torch
 from reference import MLP, flat, msam_gradient, unflat
 
 HERE = Path(__file__).resolve().parents[1]  # tests/: the scripts and helpers
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def script_env() -> dict:
-    """The environment of a launched test script: tests/ importable, one thread per process."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([*TEST_PATHS, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-
-
-def torchrun_ranks(tmp_path, script: str, *args: str) -> list[dict]:
-    """Run tests/`script` in 2 gloo processes through torchrun; what each rank saved (rank0.pt, rank1.pt)."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), str(HERE / script), str(tmp_path), *args,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=script_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
 def mlp_at(weights) -> MLP:
