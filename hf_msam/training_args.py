@@ -56,21 +56,56 @@ _METHODS_TEXT: dict[str, Callable[[], str]] = {
 }
 
 
+def _fill(template: str) -> str:
+    """`template` with each `{field}` mark replaced by that field's text in `_METHODS_TEXT`, as the registry reads now
+    ("%" doubled: argparse %-formats help strings)."""
+    for name, text in _METHODS_TEXT.items():
+        if "{" + name + "}" in template:
+            template = template.replace("{" + name + "}", text().replace("%", "%%"))
+    return template
+
+
+class _LiveHelp(str):
+    """A help string that reads the registry each time it is shown, not when the parser is built: `parser.format_help()`
+    (argparse's `help % params`), `str()`, `in` and `strip()` fill the template's `{field}` marks anew, so a method
+    registered after `HfArgumentParser(MSAMTrainingArguments)` was built appears in its `--help`. As a plain string
+    (what `str` methods not overridden here see) it is the text as it read when it was made."""
+
+    def __new__(cls, template: str, suffix: str = "") -> _LiveHelp:
+        self = super().__new__(cls, _fill(template) + suffix)
+        self.template, self.suffix = template, suffix
+        return self
+
+    def __str__(self) -> str:
+        return _fill(self.template) + self.suffix
+
+    def __mod__(self, params: Any) -> str:
+        return str(self) % params
+
+    def __contains__(self, part: object) -> bool:
+        return part in str(self)
+
+    def __add__(self, other: str) -> _LiveHelp:  # ArgumentDefaultsHelpFormatter appends " (default: %(default)s)"
+        return _LiveHelp(self.template, self.suffix + other)
+
+    def strip(self, chars: str | None = None) -> str:
+        return str(self).strip(chars)
+
+    def __reduce__(self) -> tuple:
+        return _LiveHelp, (self.template, self.suffix)
+
+
 class _FromRegistry(Mapping):
     """A field's `metadata={"help": ...}` whose help has `{field}` marks, each replaced by that field's text in
-    `_METHODS_TEXT` when it is read (a parser is built, `--help` shown). argparse %-formats help strings, so a "%" that
-    a registration brings is doubled."""
+    `_METHODS_TEXT` when it is shown: the help is a `_LiveHelp`, which parsers (HfArgumentParser, TRL's TrlParser) copy
+    as it is and argparse formats when `--help` is printed."""
 
     def __init__(self, metadata: dict[str, Any]):
         self._metadata = metadata
 
     def __getitem__(self, key: str) -> Any:
         value = self._metadata[key]
-        if key == "help":
-            for name, text in _METHODS_TEXT.items():
-                if "{" + name + "}" in value:
-                    value = value.replace("{" + name + "}", text().replace("%", "%%"))
-        return value
+        return _LiveHelp(value) if key == "help" else value
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._metadata)
@@ -79,7 +114,7 @@ class _FromRegistry(Mapping):
         return len(self._metadata)
 
     def copy(self) -> dict[str, Any]:
-        """A plain dict with the help as it reads now: parsers (HfArgumentParser, TRL's TrlParser) copy metadata."""
+        """A plain dict (its help a `_LiveHelp`): parsers copy metadata."""
         return dict(self)
 
 

@@ -262,6 +262,27 @@ def test_a_method_registered_before_parsing_is_in_the_help_docstring_and_table(r
     assert all(row.paper and row.cost for name, row in rows.items() if name != "percent")
 
 
+def test_a_method_registered_after_the_parser_is_built_is_in_its_help_and_parses(registered, tmp_path):
+    """The help, the parse and the error read the registry when they run, not when the parser was built."""
+    parser = HfArgumentParser(MSAMTrainingArguments)
+    names = " ".join(parser.format_help().split())
+    assert "scaled" not in names and "flat_lora (" in names
+    register_scaled(registered)  # after the parser is built
+    text = " ".join(parser.format_help().split())
+    assert "scaled (SAM at a fraction of the radius; 2 passes per micro-batch)" in text
+    assert "scaled: factor (float, default 0.5), flip (bool, default False)" in text
+    assert "Works with msam_method sam, fsam, momentum, scaled;" in text
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--msam_method", "scaled", "--msam_method_args", "factor=0.25", "--msam_rho", "0.4"]
+    )
+    assert build_method(args.msam_method, args)[0].rho == pytest.approx(0.1)  # the parsed setting reaches the method
+    registered("latecomer")(lambda args: (SAMPerturbation(), SAMDescent()))
+    with pytest.raises(ValueError, match=r"registered methods \(sam, .*, flat_lora, scaled, latecomer\), got 'nope'"):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--msam_method", "nope"])
+    REGISTRY.pop("latecomer")  # unregistered: the same parser's help forgets it
+    assert "latecomer" not in parser.format_help()
+
+
 def test_no_hand_written_list_of_method_names_is_left():
     """No line of hf_msam/methods or training_args.py names three built-in methods: lists are written from the
     registry (a registration names one; the import of the built-in modules names modules)."""
