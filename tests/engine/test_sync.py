@@ -5,14 +5,16 @@ test_methods) whose micro-batch j is the union of both ranks' j-th micro-batches
 uneven split and gradient accumulation, and with Friendly-SAM (whose EMA then sees the union's gradients); and the
 engine with ranks whose micro-batches differ in size, for mean losses and for shares of a global sum."""
 
+import threading
 import types
 
 import pytest
 import torch
+import torch.distributed as dist
 import internals
-from reference import MLP, flat, unflat
+from reference import MLP, flat, mlp_dataset, msam_gradient, unflat
 from test_fsdp2 import torchrun, union
-from test_methods import LR, TIGHT, Reference
+from test_methods import LR, RHO, TIGHT, Reference, stack
 from transformers import Trainer
 
 from hf_msam import MicroBatchSAM, MSAMTrainer, MSAMTrainingArguments
@@ -161,23 +163,66 @@ def test_sync_flag_is_validated(tmp_path):
 
 
 def test_single_process_sync_is_the_device_local_step(tmp_path):
-    """One process: the union of the devices' j-th micro-batches is micro-batch j itself."""
+    """One process: the union of the devices' j-th micro-batches is micro-batch j itself; both scopes give the
+    plain-PyTorch mSAM gradient."""
     torch.manual_seed(0)
     model = MLP().double()
     batch = {"x": torch.randn(5, 6, dtype=torch.float64), "labels": torch.tensor([0, 1, 2, 0, 1])}
-    grads = []
+    expected = flat(msam_gradient(model, batch, 2, 0.3))
     for sync in (False, True):
         m = MLP().double()
         m.load_state_dict(model.state_dict())
         MicroBatchSAM(m, rho=0.3, micro_batch_size=2, sync_perturbation=sync).backward(batch, lambda mb: m(**mb)["loss"])
-        grads.append([p.grad for p in m.parameters()])
-    for a, b in zip(*grads):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(flat([p.grad for p in m.parameters()]), expected, **TIGHT)
 
 
-def _trainer(tmp_path, **kwargs):
+class SimulatedDevices:
+    """`n` devices in one process: device r runs in thread r, and torch.distributed's all_reduce (a sum, the
+    engine's only collective here) adds what every device passes, in rank order, as a process group would."""
+
+    def __init__(self, monkeypatch, n=2):
+        self.n, self.slots, self.rank = n, [None] * n, threading.local()
+        self.barrier = threading.Barrier(n, timeout=60)
+        world = object()  # a process group stands in for the default one
+        monkeypatch.setattr(dist, "is_available", lambda: True)
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: n)
+        monkeypatch.setattr(dist, "get_rank", lambda group=None: self.rank.value)
+        monkeypatch.setattr(dist, "group", types.SimpleNamespace(WORLD=world))
+        monkeypatch.setattr(dist, "all_reduce", self.all_reduce)
+
+    def all_reduce(self, tensor, op=None, group=None, async_op=False):
+        assert op in (None, dist.ReduceOp.SUM) and not async_op
+        self.slots[self.rank.value] = tensor.clone()
+        self.barrier.wait()
+        total = sum(self.slots[1:], self.slots[0].clone())
+        self.barrier.wait()
+        tensor.copy_(total)
+
+    def run(self, steps):
+        """Run steps[r]() on device r, all at once; re-raise the first failure."""
+        errors = []
+
+        def device(r):
+            self.rank.value = r
+            try:
+                steps[r]()
+            except BaseException as err:  # noqa: BLE001 - reported below, after the other device is released
+                errors.append(err)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=device, args=(r,)) for r in range(self.n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+
+def _trainer(tmp_path, model=None, **kwargs):
     args = MSAMTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=4, **kwargs)
-    return MSAMTrainer(model=MLP(), args=args)
+    return MSAMTrainer(model=model if model is not None else MLP(), args=args)
 
 
 def _fsdp(monkeypatch, trainer, version):
@@ -187,13 +232,71 @@ def _fsdp(monkeypatch, trainer, version):
     trainer.is_fsdp_enabled = True
 
 
-def test_fsdp2_is_accepted_and_synchronizes(tmp_path, monkeypatch):
+def _two_device_step(tmp_path, monkeypatch, method, fsdp2):
+    """One training step of two trainers, one per simulated device, each on its own 4 examples in micro-batches of 2;
+    with `fsdp2`, each takes the scope its __init__ decides under FSDP2 (and must accept `method`). Returns the
+    gradient DDP would step with (the devices' .grad averaged), the devices' batches, the initial weights and the
+    optimizer's momentum (Momentum-SAM's e: SGD's buffer from an earlier step, the same on both devices)."""
+    torch.manual_seed(0)
+    initial = MLP().double()
+    w = flat(list(initial.parameters())).detach()
+    momentum = torch.randn_like(w) if method == "momentum" else None
+    trainers = []
+    for r in range(2):
+        model = MLP().double()
+        model.load_state_dict(initial.state_dict())
+        settings = dict(msam_fsam_lambda=FSAM["lmbda"], msam_fsam_sigma=FSAM["sigma"]) if method == "fsam" else {}
+        trainer = _trainer(tmp_path / f"device{r}", model, msam_micro_batch_size=2, msam_rho=RHO, msam_method=method,
+                           optim="sgd", optim_args="momentum=0.9", **settings)
+        trainer.create_optimizer()
+        trainer.current_gradient_accumulation_steps = 1  # as the training loop sets it
+        if momentum is not None:
+            for p, m in zip(model.parameters(), unflat(momentum, list(model.parameters()))):
+                trainer.optimizer.state[p]["momentum_buffer"] = m.clone()
+        if fsdp2:
+            with monkeypatch.context() as mocked:
+                _fsdp(mocked, trainer, 2)
+                trainer.msam_sync_perturbation = internals.fsdp2(trainer)  # what __init__ decides under FSDP2
+                internals.check_supported(trainer)  # no refusal
+            trainer.is_fsdp_enabled = False  # the step below is a plain data-parallel one, in the scope FSDP2 chose
+        trainers.append(trainer)
+    data = stack(mlp_dataset(8, seed=3))
+    batches = [{k: v[4 * r : 4 * (r + 1)] for k, v in data.items()} for r in range(2)]
+    with monkeypatch.context() as mocked:
+        devices = SimulatedDevices(mocked)
+        devices.run([lambda t=t, b=b: t.training_step(t.model, b) for t, b in zip(trainers, batches)])
+    grads = [flat([p.grad for p in t.model.parameters()]) for t in trainers]
+    return (grads[0] + grads[1]) / 2, batches, w, momentum
+
+
+def _references(method, batches, w, momentum=None):
+    """The plain-PyTorch step gradient of two devices (DDP averaging them): e_j from the union of the devices' j-th
+    micro-batches (synchronized), or from each device's own (device-local)."""
+    h = FSAM if method == "fsam" else {}
+    synchronized = Reference(MLP().double(), method, 4, **h).gradient(w, union(batches, 2), momentum=momentum)
+    local = sum(Reference(MLP().double(), method, 2, **h).gradient(w, b, momentum=momentum) for b in batches) / 2
+    return synchronized, local
+
+
+def test_device_local_scope_by_default_on_two_devices(tmp_path, monkeypatch):
+    """Without FSDP2 or --msam_sync_perturbation, each device perturbs with its own micro-batches."""
+    g, batches, w, _ = _two_device_step(tmp_path, monkeypatch, "sam", fsdp2=False)
+    synchronized, local = _references("sam", batches, w)
+    torch.testing.assert_close(g, local, **TIGHT)
+    assert (synchronized - local).abs().max() > 1e-6  # the scopes give different steps on these batches
+
+
+def test_fsdp2_synchronizes_and_says_so(tmp_path, monkeypatch):
+    """Under FSDP2 the trainer synchronizes e_j over the devices (the union's gradient, on two simulated devices);
+    the log line and the model card say so."""
+    g, batches, w, _ = _two_device_step(tmp_path, monkeypatch, "sam", fsdp2=True)
+    synchronized, local = _references("sam", batches, w)
+    torch.testing.assert_close(g, synchronized, **TIGHT)
+    assert (g - local).abs().max() > 1e-6
     trainer = _trainer(tmp_path, msam_micro_batch_size=2)
-    assert trainer.msam_scope == "device-local"
     _fsdp(monkeypatch, trainer, 2)
-    trainer.msam_sync_perturbation = internals.fsdp2(trainer)  # what __init__ decides under FSDP2
-    internals.check_supported(trainer)  # no refusal
-    assert trainer.msam_scope == "synchronized"
+    trainer.msam_sync_perturbation = internals.fsdp2(trainer)
+    internals.check_supported(trainer)
     internals.announce(trainer)
     trainer.args.output_dir = str(tmp_path)
     monkeypatch.setattr(Trainer, "create_model_card", lambda self, *a, **k: None)  # the base card needs a config
@@ -213,10 +316,13 @@ def test_fsdp2_refuses_methods_it_cannot_make_right(tmp_path, monkeypatch, metho
 
 @pytest.mark.parametrize("method", ["sam", "fsam", "momentum"])
 def test_fsdp2_accepts_the_methods_it_makes_right(tmp_path, monkeypatch, method):
-    trainer = _trainer(tmp_path, msam_method=method)
-    _fsdp(monkeypatch, trainer, 2)
-    trainer.msam_sync_perturbation = True
-    internals.check_supported(trainer)  # no refusal (the engine-level equality is in test_fsdp2.py)
+    """Accepted under FSDP2, and right there: on two simulated devices, the step of the synchronized scope (F-SAM's
+    EMA sees the union's gradients; Momentum-SAM's e = −ρ·m/‖m‖, from the optimizer's momentum)."""
+    g, batches, w, momentum = _two_device_step(tmp_path, monkeypatch, method, fsdp2=True)
+    synchronized, local = _references(method, batches, w, momentum)
+    torch.testing.assert_close(g, synchronized, **TIGHT)
+    if method != "momentum":  # Momentum-SAM's e comes from the optimizer's momentum, the same on every device
+        assert (g - local).abs().max() > 1e-6
 
 
 def test_fsdp1_and_deepspeed_are_refused_naming_fsdp2(tmp_path, monkeypatch):

@@ -205,19 +205,118 @@ def test_plan_shares_runs_across_questions_and_measures_alike(study, tmp_path):
         train_dir = argv[argv.index("--train_dir") + 1]
         assert train_dir.endswith("train" if run.noise == 0 else f"train_noise{round(100 * run.noise)}")
         assert argv[argv.index("--validation_dir") + 1].endswith(os.path.join("image", "validation"))
-    msam = next(t for t in trained.values() if t.method.micro_batch_size == 2)
-    assert msam.argv[msam.argv.index("--msam_micro_batch_size") + 1] == "2"
-    gsam = next(t for t in trained.values() if t.method.name == "gsam")
-    assert gsam.argv[gsam.argv.index("--msam_method") + 1] == "gsam"
-    assert "--msam_micro_batch_size" not in next(t for t in trained.values() if t.method.name == "adamw").argv
-    # The test evaluation measures every method alike: SAM sharpness at rho 0.05, no micro-batches, no ASAM.
+    # The test evaluations read the test split and train nothing; what each run's --msam_* arguments make the Trainer
+    # do is in test_each_training_run_takes_its_methods_steps and test_every_test_run_measures_alike.
     for _, tested in (p for pairs in parts.values() for p in pairs):
-        assert tested.argv[tested.argv.index("--msam_rho") + 1] == "0.05"
-        assert "--msam_micro_batch_size" not in tested.argv and "--msam_adaptive" not in tested.argv
         assert tested.argv[tested.argv.index("--validation_dir") + 1].endswith(os.path.join("image", "test"))
         assert "--do_train" not in tested.argv
     # Training runs never see the test split.
     assert not any("test" in Path(x).parts for t in trained.values() for x in t.argv if x.startswith(str(tmp_path)))
+
+
+# What each of the study's methods is, written from its name and label (not from the flags the study passes): the
+# plain-PyTorch reference's method, its micro-batch size (None: the whole batch) and settings, at the method's rho;
+# None: the plain optimizer. "sam-interval4" perturbs optimizer steps 1, 5, 9, ...: its second step is plain.
+STUDY_METHODS = {
+    "adamw": None, "sam": ("sam", None, {}), "msam-m16": ("sam", 16, {}), "msam-m4": ("sam", 4, {}),
+    "msam-m2": ("sam", 2, {}), "gsam": ("gsam", None, {"alpha": 0.1}), "fsam": ("fsam", None, {"lmbda": 0.95, "sigma": 1.0}),
+    "looksam": ("looksam", None, {"k": 5, "alpha": 0.7}), "looksam-a0.1": ("looksam", None, {"k": 5, "alpha": 0.1}),
+    "momentum": ("momentum", None, {}), "sam-interval4": ("sam", None, {}),
+}  # fmt: skip
+
+
+def _example_arguments(argv):
+    """The MSAMTrainingArguments an example script builds from `argv` (the script's own arguments left aside)."""
+    from transformers import HfArgumentParser
+
+    from hf_msam import MSAMTrainingArguments
+
+    args, _ = HfArgumentParser(MSAMTrainingArguments).parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    return args
+
+
+def test_each_training_run_takes_its_methods_steps(study, tmp_path):
+    """A training run's arguments, given to the Trainer (on a tiny MLP in place of the ViT): its first two steps'
+    gradients are its method's, computed in plain PyTorch (the optimizer's momentum m set, for Momentum-SAM)."""
+    from reference import MLP, flat, mlp_dataset, unflat
+    from test_methods import TIGHT, Reference, grad_at, stack
+
+    from hf_msam import MSAMTrainer
+
+    task = study.full_tasks()["image"]
+    parts = study.plan(task, tmp_path, study.fixed_settings(task))
+    runs = {t.method.name: t for pairs in parts.values() for t, _ in pairs}
+    assert set(runs) == set(STUDY_METHODS)
+    data = stack(mlp_dataset(2 * task.batch, seed=1))
+    batches = [{k: v[i * task.batch : (i + 1) * task.batch] for k, v in data.items()} for i in range(2)]
+    gradients = {}
+    for name, run in runs.items():
+        torch.manual_seed(0)
+        model = MLP().double()
+        w = flat(list(model.parameters())).detach().clone()
+        m = torch.randn(w.shape, dtype=w.dtype, generator=torch.Generator().manual_seed(1))
+        trainer = MSAMTrainer(model=model, args=_example_arguments(run.argv))
+        trainer.create_optimizer()
+        for p, m_p in zip(model.parameters(), unflat(m, list(model.parameters()))):
+            trainer.optimizer.state[p]["exp_avg"] = m_p.clone()
+        trainer.current_gradient_accumulation_steps = 1  # as the training loop sets it
+        kind = STUDY_METHODS[name]
+        reference = Reference(MLP().double(), kind[0], kind[1], **kind[2]) if kind else None
+        for step, batch in enumerate(batches):
+            trainer.state.global_step = step
+            model.zero_grad(set_to_none=True)
+            trainer.training_step(model, batch)
+            got = flat([p.grad for p in model.parameters()])
+            if kind is None or (name == "sam-interval4" and step == 1):
+                expected = grad_at(MLP().double(), w, batch)
+            else:
+                expected = reference.gradient(w, batch, rho=run.method.rho, momentum=m)
+            torch.testing.assert_close(got, expected, **TIGHT, msg=f"{name}, step {step + 1}")
+            gradients[name, step] = got
+    # The methods' steps differ where their settings do (so a setting the run dropped would be noticed).
+    for a, b, step in (("sam", "adamw", 0), ("msam-m2", "sam", 0), ("msam-m4", "msam-m2", 0), ("gsam", "sam", 0),
+                       ("fsam", "sam", 1), ("looksam-a0.1", "looksam", 1), ("momentum", "sam", 0),
+                       ("sam-interval4", "sam", 1)):  # fmt: skip
+        assert (gradients[a, step] - gradients[b, step]).abs().max() > 1e-8, (a, b, step)
+
+
+def test_every_test_run_measures_alike(study, tmp_path, monkeypatch):
+    """A test run's arguments, given to the Trainer (a tiny MLP, a test split of 256 examples): its evaluation's
+    sharpness is SAM's at rho 0.05 on the first test batch, whole, L(w + 0.05 g/||g||) - L(w), whichever method
+    trained the model."""
+    from reference import MLP, flat, mlp_dataset
+    from test_methods import grad_at, params_of, set_flat, stack
+
+    import hf_msam.flatness
+    from hf_msam import MSAMTrainer
+
+    monkeypatch.setattr(hf_msam.flatness, "plot_loss_landscape", lambda *a, **k: None)  # the figure: seconds
+    task = study.full_tasks()["image"]
+    parts = study.plan(task, tmp_path, study.fixed_settings(task))
+    tested = {t.method.name: x for pairs in parts.values() for t, x in pairs}
+    data = mlp_dataset(256, seed=2)
+    first = stack(data[: task.flatness.batch_size])
+    torch.manual_seed(0)
+    model = MLP().double()
+    w = flat(params_of(model)).detach().clone()
+    g = grad_at(model, w, first)
+
+    def loss_at(v):
+        set_flat(model, v)
+        with torch.no_grad():
+            return model(**first)["loss"].item()
+
+    expected = loss_at(w + 0.05 * g / g.norm()) - loss_at(w)
+    micro = [{k: v[s : s + 16] for k, v in first.items()} for s in range(0, len(first["labels"]), 16)]
+    other = sum(loss_at(w + 0.05 * grad_at(model, w, mb) / grad_at(model, w, mb).norm()) for mb in micro)
+    assert abs(expected - (other / len(micro) - loss_at(w))) > 1e-6  # micro-batches would measure another number
+    for name in ("adamw", "msam-m2", "gsam", "looksam-a0.1"):
+        args = _example_arguments(tested[name].argv)
+        trainer = MSAMTrainer(model=MLP().double(), args=args, eval_dataset=data)
+        set_flat(trainer.model, w)
+        metrics = hf_msam.flatness.evaluate_flatness(trainer)
+        assert metrics["eval_sharpness"] == pytest.approx(expected, rel=1e-9, abs=1e-12), name
+        assert (Path(args.output_dir) / "loss_landscape.json").exists()
 
 
 def _run_smoke(work: Path, publish: Path) -> subprocess.CompletedProcess:
