@@ -56,3 +56,38 @@ def looksam_fresh(descent: Any) -> bool:
 def recorded_layers(capture: Any) -> list[str]:
     """The names of the layers a capture recorded calls of, in call order."""
     return [call.unit.name for call in capture._calls]
+
+
+def fsdp_param_groups(state: Any) -> list:
+    """FSDP2's parameter groups of an FSDP state, as the adapter reads them across torch versions."""
+    from hf_msam.integrations.torch_internals import _param_groups
+
+    return _param_groups(state)
+
+
+def llama_rms_forward_key() -> tuple | None:
+    """The key the RMSNorm rule recognizes Llama's RMSNorm forward by (None while that forward is patched)."""
+    from hf_msam.vectorized.rules.rms_norm import _llama_rms_forward_key
+
+    return _llama_rms_forward_key()
+
+
+def computes_like_llama_rms_norm(module: Any) -> bool:
+    """Whether the RMSNorm rule takes `module`'s forward (or its hub kernel) for Llama's RMSNorm computation."""
+    from hf_msam.vectorized.rules.rms_norm import _computes_like_llama_rms_norm
+
+    return _computes_like_llama_rms_norm(module)
+
+
+def demo_table(results: dict) -> str:
+    """The demo's results table (markdown) for `results` (method name -> final metrics), as it prints it."""
+    from hf_msam import demo
+
+    return demo._table(results)
+
+
+def filter_normalized_direction(params: list, generator: Any) -> list:
+    """The loss landscape's random direction, filter-normalized (Li et al. 2018), for `params`."""
+    from hf_msam import flatness
+
+    return flatness._filter_normalized_direction(params, generator)

@@ -102,7 +102,7 @@ def test_param_groups_of_fsdp_state_old_and_new_torch():
     or None. The engine must find the groups in both, or FSDP2 training stops at the first mSAM step."""
     from types import SimpleNamespace
 
-    from hf_msam.integrations.torch_internals import _param_groups
+    from internals import fsdp_param_groups as _param_groups
 
     a, b = object(), object()
     assert _param_groups(SimpleNamespace(_fsdp_param_groups=[a, b])) == [a, b]

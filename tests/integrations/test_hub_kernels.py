@@ -30,6 +30,7 @@ from test_trainer_reference import sgd_args, stack, trainable
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+import internals
 from hf_msam import MicroBatchSAM, MSAMTrainer, vectorized
 from hf_msam.integrations import hub_kernels
 from hf_msam.integrations.patching import set_on_instance
@@ -176,17 +177,17 @@ def test_kernels_marks_the_forwards_it_sets():
 
 
 def hub_kernel_forward_is_recognised(norm):
-    return hub_kernels.hub_kernel_forward(norm) and vectorized._computes_like_llama_rms_norm(norm)
+    return hub_kernels.hub_kernel_forward(norm) and internals.computes_like_llama_rms_norm(norm)
 
 
 def test_the_norm_rule_applies_to_a_hub_kernel_norm_in_training_mode_only():
     norm = LlamaRMSNorm(8)
     norm.forward = types.MethodType(LlamaRMSNorm.forward, norm)  # a kernel computing the layer's function
     norm.__dict__[hub_kernels.KERNEL_MARK] = "some/repo"
-    assert vectorized._computes_like_llama_rms_norm(norm.train())
-    assert not vectorized._computes_like_llama_rms_norm(norm.eval())  # an inference kernel may have no backward
+    assert internals.computes_like_llama_rms_norm(norm.train())
+    assert not internals.computes_like_llama_rms_norm(norm.eval())  # an inference kernel may have no backward
     del norm.__dict__[hub_kernels.KERNEL_MARK]  # a forward of someone else's: the fallback
-    assert not vectorized._computes_like_llama_rms_norm(norm.train())
+    assert not internals.computes_like_llama_rms_norm(norm.train())
 
 
 def test_a_mode_change_inside_a_pass_is_reported(llama_dir):

@@ -8,6 +8,7 @@ import torch
 from sklearn.datasets import load_digits
 from transformers import ViTForImageClassification
 
+import internals
 from hf_msam import demo
 from hf_msam.cli import main
 
@@ -39,12 +40,12 @@ def test_printed_table_explains_a_negative_eigenvalue_under_it():
         return {"eval_test_accuracy": 0.5, "eval_train_accuracy": 0.6, "eval_flipped_accuracy": 0.1,
                 "eval_hessian_top_eigenvalue": eigenvalue, "eval_sharpness": 0.02, "train_wall_time": 3.0}  # fmt: skip
 
-    table = demo._table({"adamw": metrics(12.5), "sam": metrics(-374.6), "msam": metrics(3.0)})
+    table = internals.demo_table({"adamw": metrics(12.5), "sam": metrics(-374.6), "msam": metrics(3.0)})
     rows = [line for line in table if line.startswith("| ") and "%" in line]
     assert [row.split("|")[5].strip() for row in rows] == ["12.5", "-374.6 †", "3"]
     note = table[table.index("") + 1 :]
     assert len(note) == 1 and note[0].startswith("† Negative λ_max(H)") and "not at a minimum" in note[0]
-    assert "" not in demo._table({"adamw": metrics(12.5), "sam": metrics(0.0)})  # nothing marked, no note
+    assert "" not in internals.demo_table({"adamw": metrics(12.5), "sam": metrics(0.0)})  # nothing marked, no note
 
 
 def test_missing_optional_package_names_the_extra(monkeypatch, tmp_path, capsys):

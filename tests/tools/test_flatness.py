@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
+import internals
 from hf_msam import MSAMTrainer, MSAMTrainingArguments
 from hf_msam import flatness
 from hf_msam.flatness import (
@@ -236,7 +237,7 @@ def test_directions_are_filter_normalized():
     bias = torch.randn(4, dtype=torch.float64)
     zero = torch.zeros(5, 2, dtype=torch.float64)
     generator = torch.Generator().manual_seed(0)
-    d_weight, d_bias, d_zero = flatness._filter_normalized_direction([weight, bias, zero], generator)
+    d_weight, d_bias, d_zero = internals.filter_normalized_direction([weight, bias, zero], generator)
     # Each filter (slice along dim 0) of d has the norm of the same filter of w; a 1-D tensor is one filter.
     torch.testing.assert_close(d_weight.flatten(1).norm(dim=1), weight.flatten(1).norm(dim=1))
     torch.testing.assert_close(d_bias.norm(), bias.norm())

@@ -25,8 +25,10 @@ import test_vectorized_arch as arch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+import internals
 from hf_msam import vectorized
 from hf_msam.vectorized import GroupLayout, Vectorizer
+from hf_msam.vectorized.registry import rule_for
 
 WIDTH = 16
 
@@ -67,7 +69,7 @@ def test_rule_is_chosen_for_the_llama_family_norms(family):
     norms = [(name, m) for name, m in model.named_modules() if type(m).__name__ == f"{family}RMSNorm"]
     assert len(norms) >= 5  # 2 layers x 2 (Qwen3: and q_norm, k_norm), and the last
     rule = _norm_rule()
-    assert all(vectorized._rule_for(m) is rule for _, m in norms)
+    assert all(rule_for(m) is rule for _, m in norms)
     vec = Vectorizer(model, [p for p in model.parameters() if p.requires_grad])
     assert vec.fallback_modules() == []  # every layer of these models now has a rule
     assert {name for name, _, r in vec.covered() if r is rule} == {name for name, _ in norms}
@@ -117,18 +119,18 @@ def test_rule_is_not_chosen_for_other_forwards(monkeypatch):
     rule = _norm_rule()
     cases = _not_matched_cases()
     for name, module in cases.items():
-        assert vectorized._rule_for(module) is not rule, name
-    assert vectorized._rule_for(cases["torch-rmsnorm-is-its-own-rule"]) is vectorized.RULES[nn.RMSNorm]
-    assert vectorized._rule_for(InheritingForward(WIDTH)) is rule
+        assert rule_for(module) is not rule, name
+    assert rule_for(cases["torch-rmsnorm-is-its-own-rule"]) is vectorized.RULES[nn.RMSNorm]
+    assert rule_for(InheritingForward(WIDTH)) is rule
     # A forward patched onto the class itself (as test_vectorized_arch.py's float64 fixture does): not the known code
     from transformers.models.llama import modeling_llama
 
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", SameFormulaOtherCode.forward)
     vectorized._LLAMA_RMS_FORWARD.clear()  # read the reference again, now under the patch
-    assert vectorized._llama_rms_forward_key() is None
-    assert vectorized._rule_for(modeling_llama.LlamaRMSNorm(WIDTH)) is None
+    assert internals.llama_rms_forward_key() is None
+    assert rule_for(modeling_llama.LlamaRMSNorm(WIDTH)) is None
     monkeypatch.undo()
-    assert vectorized._rule_for(modeling_llama.LlamaRMSNorm(WIDTH)) is rule  # read again once the patch is gone
+    assert rule_for(modeling_llama.LlamaRMSNorm(WIDTH)) is rule  # read again once the patch is gone
 
 
 def test_fallback_still_runs_the_unmatched_norms():
@@ -172,7 +174,7 @@ def _norm_and_batch(key: str, dtype=torch.float64):
 @pytest.mark.parametrize("key", list(LAYOUTS))
 def test_group_gradients_of_one_norm_match_a_loop_over_groups(key):
     norm, x, weights, layout = _norm_and_batch(key)
-    assert vectorized._rule_for(norm) is _norm_rule()
+    assert rule_for(norm) is _norm_rule()
     vec = Vectorizer(norm, [norm.weight])
     with vec.capture(layout) as cap:
         loss = (norm(x) * weights).sum()
