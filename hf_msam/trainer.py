@@ -85,7 +85,8 @@ class MSAMMixin:
 
     Give it arguments that include [`MSAMArguments`] (plain ones get the mSAM defaults). Everything but the
     gradient of a training step is the base trainer's: optimizer, scheduler, clipping, gradient accumulation,
-    mixed precision, DDP, logging, checkpoints. With `msam_rho=0` the step is the base trainer's own.
+    mixed precision, DDP, logging, checkpoints. With `msam_rho=0` the step is the base trainer's own. All other
+    arguments are those of the base trainer.
 
     Args:
         perturbation (`PerturbationRule`, *optional*):
@@ -94,7 +95,6 @@ class MSAMMixin:
         descent (`DescentRule`, *optional*):
             Replaces the rule that makes the descent contribution from the clean and perturbed gradients.
             Defaults to the one of `--msam_method`.
-        All other arguments are those of the base trainer.
     """
 
     def __init__(
