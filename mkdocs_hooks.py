@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:  # document the checkout being built, whatever hf_msam is installed
+    sys.path.insert(0, str(ROOT))
 METHODS_INDEX = "methods/index.md"
 
 _LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
