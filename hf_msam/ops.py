@@ -48,6 +48,15 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return sum_over_shards(norm.square()).sqrt()  # ‖t‖² is the sum of the shards' ‖t_shard‖²
 
 
+def group_norms(stacked: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[k]: ‖(t_1[j], ..., t_m[j])‖₂ for every j of tensors stacked [k, ...] (one reduction per tensor, not k),
+    accumulated in at least float32. Not for FSDP2 shards (the vectorized step never sees them)."""
+    dtype = functools.reduce(torch.promote_types, {t.dtype for t in stacked}, torch.float32)
+    k = stacked[0].shape[0]
+    per_tensor = [torch.linalg.vector_norm(t.reshape(k, -1), dim=1, dtype=dtype) for t in stacked]
+    return torch.linalg.vector_norm(torch.stack(per_tensor), dim=0)
+
+
 def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
     """⟨a, b⟩ over all tensors (all shards, under FSDP2), accumulated in at least float32."""
     dtype = functools.reduce(torch.promote_types, {t.dtype for t in a}, torch.float32)
@@ -74,6 +83,18 @@ def scale_to_radius(
         # tensor: torch has no fused nan_to_num, and no fused arithmetic turns nan into 0.
         for t in d:
             t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    return d
+
+
+def scale_groups_to_radius(
+    d: list[torch.Tensor], norms: torch.Tensor, rho: float | torch.Tensor, eps: float, ok: torch.Tensor
+) -> list[torch.Tensor]:
+    """`scale_to_radius` for every j of tensors stacked [k, ...] at once: d[j] ← ρ·d[j]/(‖d_j‖ + eps), or 0 where
+    ok[j] is False (norms and ok of shape [k])."""
+    scale = torch.where(ok, rho / (norms + eps), torch.zeros_like(norms))
+    for t in d:
+        t.mul_(scale.to(t.dtype).view(-1, *[1] * (t.dim() - 1)))
+        t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # a skipped d_j may hold inf/nan (see scale_to_radius)
     return d
 
 

@@ -303,6 +303,13 @@ class MSAMMixin:
         return self._msam
 
     @property
+    def msam_path(self) -> str | None:
+        """The latest path line the mSAM step logged: the path its steps take (vectorized, or one pass per
+        micro-batch) and, when not the vectorized one, the module or setting that prevented it and why. None before
+        the first perturbed step."""
+        return None if self._msam is None else self._msam.path_line
+
+    @property
     def msam_scope(self) -> str:
         """`device-local` (each device perturbs with its own micro-batches) or `synchronized` (one e_j for all)."""
         return "synchronized" if self.msam_sync_perturbation else "device-local"

@@ -178,6 +178,7 @@ class MicroBatchSAM:
         self.on_discard: Callable[[], None] | None = None
         self.path: str | None = None  # "vectorized" or "sequential": what the last `backward` took
         self.path_reason: str | None = None  # why the last `backward` did not take the vectorized path
+        self.path_line: str | None = None  # the latest path line logged (None before the first perturbed step)
 
     def _check_mesh(self) -> None:
         if self.fsdp2:
@@ -288,8 +289,10 @@ class MicroBatchSAM:
             self.log_path(f"one pass per micro-batch (sequential), because {reason}")
         self.path, self.path_reason = "sequential", reason
 
-    @staticmethod
-    def log_path(text: str) -> None:
+    def log_path(self, text: str) -> None:
+        """Log the path line (at the first perturbed step and whenever the path or its reason changes) and keep it
+        as `path_line` (the trainer's `msam_path`)."""
+        self.path_line = text
         logger.info("mSAM step: %s.", text)
 
     @contextlib.contextmanager

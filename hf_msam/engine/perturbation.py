@@ -13,11 +13,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..methods.base import PerturbationRule
 from ..ops import SHARD_GROUP, SHARDED_PARAMS, device_scalar, divide_where_positive, scoped
 from .interface import Engine
 
 
-__all__ = ["ascent_gradient_of", "own_gradient", "perturb", "per_micro_batch", "union_gradient", "union_group_gradients"]
+__all__ = ["ascent_gradient_of", "own_gradient", "perturb", "perturb_groups", "per_micro_batch", "union_gradient",
+           "union_group_gradients"]
 
 
 def perturb(engine: Engine, targets: list[torch.Tensor], g: list[torch.Tensor] | None, rho: Any,
@@ -28,6 +30,23 @@ def perturb(engine: Engine, targets: list[torch.Tensor], g: list[torch.Tensor] |
     with scoped(SHARD_GROUP, engine.group(params) if fsdp2 else None), scoped(SHARDED_PARAMS, params if fsdp2 else None):
         e, grad_norm, ok = engine.perturbation.perturb(targets, g, rho)
     engine.stats.count(grad_norm, ok)
+    return e
+
+
+def forms_groups(rule: Any) -> bool:
+    """True when the rule forms all k perturbations at once (`PerturbationRule.perturb_groups`) and that form belongs
+    to its `perturb`: defined by the class that defines `perturb`,
+    or by a subclass of it (a subclass that changes `perturb` alone must not inherit its parent's group rule)."""
+    mro = type(rule).__mro__
+    owner = {name: next(i for i, cls in enumerate(mro) if name in vars(cls)) for name in ("perturb", "perturb_groups")}
+    return owner["perturb_groups"] <= owner["perturb"] and owner["perturb_groups"] < mro.index(PerturbationRule)
+
+
+def perturb_groups(engine: Engine, g: list[torch.Tensor], rho: Any, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """e_j for all k micro-batches at once from g stacked [k, ...], for a rule that `forms_groups`; counted in the
+    statistics. May return e in g's storage."""
+    e, norms, ok = engine.perturbation.perturb_groups(params, g, rho)
+    engine.stats.count_groups(norms, ok)
     return e
 
 

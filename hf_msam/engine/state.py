@@ -63,6 +63,12 @@ class MSAMStats:
         self.micro_batches += 1
         self.skipped = self.skipped + (~ok).to(torch.int64)
 
+    def count_groups(self, grad_norms: torch.Tensor, ok: torch.Tensor) -> None:
+        """`count` for k micro-batches at once (norms and ok of shape [k])."""
+        self.ascent_grad_norm = self.ascent_grad_norm + grad_norms.detach().sum()
+        self.micro_batches += grad_norms.shape[0]
+        self.skipped = self.skipped + (~ok).to(torch.int64).sum()
+
     def add_losses(self, clean: float | torch.Tensor, perturbed: float | torch.Tensor) -> None:
         self.clean_loss = self.clean_loss + clean
         self.perturbed_loss = self.perturbed_loss + perturbed

@@ -22,7 +22,7 @@ from ..integrations.torch_internals import inverse_scale
 from ..methods.functional import model_outputs
 from ..ops import copies
 from ..vectorized import GroupLayout, NotVectorizable, Vectorizer
-from .perturbation import per_micro_batch, perturb, union_group_gradients
+from .perturbation import forms_groups, per_micro_batch, perturb, perturb_groups, union_group_gradients
 from .state import MicroBatch
 from .interface import Engine
 
@@ -132,10 +132,14 @@ class VectorizedStep:
             d = [engine.descent.reuse([t[j] for t in g]) for j in range(k)]
             self._accumulate_stacked(d, params, c)
             return clean_loss.detach()
-        # 2. e_j from g_j, micro-batch by micro-batch (F-SAM's EMA runs over j in order), into one stacked buffer,
-        #    made at the first e_j that is not None: a rule that never moves the trainable weights (Flat-LoRA) has none.
+        # 2. e_j from g_j: for all j at once where the rule has that form (SAM, ASAM, preconditioned: one op per tensor,
+        #    not k), else micro-batch by micro-batch (F-SAM's EMA runs over j in order) into one stacked buffer, made
+        #    at the first e_j that is not None: a rule that never moves the trainable weights (Flat-LoRA) has none.
+        together = g is not None and forms_groups(engine.perturbation)
         e = None if g is None or explicit else g
-        for j in range(k):
+        if together:
+            e = perturb_groups(engine, copies(g) if explicit else g, rho, params)
+        for j in range(0 if together else k):
             g_j = None if g is None else [t[j] for t in g]
             if explicit and g_j is not None:
                 g_j = copies(g_j)

@@ -31,12 +31,29 @@ import torch
 
 from ..batches import batch_size_of, micro_batch_weights, split_batch
 from ..methods.base import PerturbationRule
+from ..methods.registry import REGISTRY, build_method
 from .perturbation import own_gradient, perturb
 from .state import modules_with_running_stats, running_stats_frozen
 from .interface import Engine
 
 
 __all__ = ["whole_batch_step"]
+
+
+def whole_batch_methods() -> list[str]:
+    """The registered methods whose rules this strategy takes (built with their defaults): a descent along the
+    perturbed gradient, and a perturbation of the trainable parameters only."""
+    names = []
+    for name in REGISTRY:
+        try:
+            perturbation, descent = build_method(name)
+        except Exception:  # noqa: BLE001 (a user's method that needs settings to be built: not a suggestion)
+            continue
+        if not (descent.explicit or descent.through_outputs) and (
+            type(perturbation).perturbing is PerturbationRule.perturbing
+        ):
+            names.append(name)
+    return names
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, Any]:
@@ -88,8 +105,8 @@ def whole_batch_step(
     if engine.descent.explicit or engine.descent.through_outputs:
         raise NotImplementedError(
             f"A loss over the whole batch (in-batch negatives) takes the descent of SAM-like methods only, not "
-            f"{engine.descent!r}, which needs each micro-batch's own perturbed gradient: choose --msam_method sam, "
-            "fsam or momentum, or set --msam_micro_batch_size None."
+            f"{engine.descent!r}, which needs each micro-batch's own perturbed gradient: choose --msam_method "
+            f"{' or '.join(whole_batch_methods())}, or set --msam_micro_batch_size None."
         )
     if type(engine.perturbation).perturbing is not PerturbationRule.perturbing:
         raise NotImplementedError(

@@ -45,6 +45,15 @@ class PerturbationRule:
     supports_vectorized: bool = True
     needs_optimizer_state: bool = False
 
+    def perturb_groups(self, params, grads, rho=None):
+        """`perturb` for k micro-batches at once, on gradients stacked [k, *p.shape] (the vectorized step): returns e
+        stacked the same way (it may reuse g's storage) or None, the k norms and the k `ok` flags ([k] tensors).
+        Optional: a rule that does not define it gets `perturb` on each micro-batch's slice in turn. A rule defines it
+        only where it computes exactly what `perturb` does, j by j; the engine uses it only while the class that
+        defines it also defines `perturb` or inherits it unchanged (a subclass that changes `perturb` alone falls
+        back to `perturb`, j by j)."""
+        raise NotImplementedError
+
     def perturb(self, params, grads, rho=None):
         e, grad_norm = self(params, grads)
         return e, grad_norm, torch.full((), e is not None, dtype=torch.bool, device=grad_norm.device)

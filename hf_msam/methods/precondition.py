@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..ops import global_norm, scale_to_radius, usable, weight_dtype
+from ..ops import global_norm, group_norms, scale_groups_to_radius, scale_to_radius, usable, weight_dtype
 from .registry import register_method
 from .sam import SAMDescent, SAMPerturbation
 
@@ -88,6 +88,17 @@ class AdamPreconditionedPerturbation(SAMPerturbation):
         norm = global_norm(grads)
         ok = usable(norm)
         return scale_to_radius(grads, norm, self.rho if rho is None else rho, self.eps, ok), norm, ok
+
+    def perturb_groups(self, params, grads, rho=None):
+        # The same for g stacked [k, ...]: P broadcasts over j.
+        inverse = self.preconditioner(params)
+        if inverse is not None:
+            for g, p_inv in zip(grads, inverse):
+                if p_inv is not None:
+                    g.mul_(p_inv.to(g.dtype))
+        norms = group_norms(grads)
+        ok = usable(norms)
+        return scale_groups_to_radius(grads, norms, self.rho if rho is None else rho, self.eps, ok), norms, ok
 
 
 def _keeps_no_second_moment(name: str) -> ValueError:

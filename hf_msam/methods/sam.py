@@ -10,7 +10,7 @@ With one micro-batch this is SAM; with k it is mSAM (Behdin et al. 2023). The `s
 
 from __future__ import annotations
 
-from ..ops import global_norm, scale_to_radius, usable
+from ..ops import global_norm, group_norms, scale_groups_to_radius, scale_to_radius, usable
 from .base import DescentRule, PerturbationRule
 
 
@@ -41,6 +41,16 @@ class SAMPerturbation(PerturbationRule):
         if self.adaptive:
             self._scale_by_T(params, grads)  # g ← T² g
         return scale_to_radius(grads, grad_norm, self.rho if rho is None else rho, self.eps, ok), grad_norm, ok
+
+    def perturb_groups(self, params, grads, rho=None):
+        # The same rule for all k micro-batches at once, on g stacked [k, ...]: T broadcasts over j.
+        if self.adaptive:
+            self._scale_by_T(params, grads)
+        norms = group_norms(grads)  # ‖g_j‖ (ASAM: ‖T g_j‖) for every j
+        ok = usable(norms)
+        if self.adaptive:
+            self._scale_by_T(params, grads)
+        return scale_groups_to_radius(grads, norms, self.rho if rho is None else rho, self.eps, ok), norms, ok
 
 
 class SAMDescent(DescentRule):

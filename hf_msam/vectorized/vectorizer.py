@@ -55,6 +55,17 @@ def _module_problem(module: nn.Module) -> str | None:
     return None
 
 
+def _may_have_problem(module: nn.Module) -> bool:
+    """Whether `_module_problem` can ever find something in this module (its type and attributes, not its state):
+    `why_not` reads the state of these only, at every step."""
+    return (
+        isinstance(module, nn.modules.batchnorm._NormBase)
+        or hasattr(module, "gradient_checkpointing")
+        or hasattr(module, "batch_first")
+        or type(module).__name__.startswith("Dora")
+    )
+
+
 def _has_forward(module: nn.Module) -> bool:
     return type(module).forward is not nn.Module.forward  # ParameterDict, ParameterList: their parent uses them
 
@@ -145,6 +156,9 @@ class Vectorizer:
                 raise ValueError(f"parameter {i} is listed twice (it is parameter {self._index[id(p)]})")
             self._index[id(p)] = i
         self._units, self._problems = self._scan()
+        # the modules whose state `why_not` reads at each step (a full walk of the model at every pass costs more
+        # than some small models' layers); a model that gains modules gets a new Vectorizer with its new parameters
+        self._watched = [(n or "<model>", m) for n, m in model.named_modules() if _may_have_problem(m)]
         self._transformers_models = hub_kernels.transformers_models(model)  # whose hub kernels `settle` aligns
         # What the routed forwards read, set by the contexts:
         self._layout: GroupLayout | None = None
@@ -202,10 +216,10 @@ class Vectorizer:
         the per-position picture (read now: train mode, checkpointing and compilation can change after this object
         was built); otherwise the reasons, in one line."""
         problems = list(self._problems)
-        for name, module in self.model.named_modules():
+        for name, module in self._watched:
             problem = _module_problem(module)
             if problem:
-                problems.append(f"{name or '<model>'} ({type(module).__name__}): {problem}")
+                problems.append(f"{name} ({type(module).__name__}): {problem}")
         return "; ".join(problems) if problems else None
 
     def covered(self) -> list[tuple[str, nn.Module, Rule | None]]:

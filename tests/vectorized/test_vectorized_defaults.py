@@ -196,3 +196,45 @@ def test_the_path_line_is_logged_under_off_too_and_names_a_parameter_by_its_name
     sam = MicroBatchSAM(model, micro_batch_size=2, vectorize="auto")
     sam.backward(batch, reads_outside)
     assert sam.path == "sequential" and "fc2.weight (parameter 2) [3, 8] (read by" in sam.path_reason
+
+
+def test_msam_path_is_the_latest_path_line(tmp_path, caplog):
+    """`trainer.msam_path` is None before the first perturbed step, then the last line the log printed: the
+    vectorized step's, or the sequential step's with the setting that decided it."""
+    import logging
+
+    args = sgd_args(tmp_path / "unstarted", 7, msam_rho=0.1, msam_micro_batch_size=3)
+    assert MSAMTrainer(model=tiny_bert(), args=args, train_dataset=bert_data(7)).msam_path is None
+    with caplog.at_level(logging.INFO, logger="hf_msam"):
+        vectorized = run(tiny_bert(), tmp_path, "auto", msam_micro_batch_size=3)
+        off = run(tiny_bert(), tmp_path, "off", msam_micro_batch_size=3, msam_vectorize="off")
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("mSAM step:")]
+    assert logged == [f"mSAM step: {vectorized.msam_path}.", f"mSAM step: {off.msam_path}."]
+    assert vectorized.msam_path.startswith("vectorized (3 micro-batches")
+    assert off.msam_path.endswith("because vectorize='off' (--msam_vectorize off)")
+
+
+def test_a_rule_that_changes_perturb_alone_does_not_inherit_its_parents_group_form():
+    """The vectorized step forms all e_j at once with `perturb_groups` only where that form belongs to the rule's
+    `perturb`: a SAM subclass that changes `perturb` (here: e_j halved) gets its own rule, j by j."""
+    from reference import MLP, mlp_dataset
+    from test_trainer_reference import stack
+
+    from hf_msam import SAMDescent, SAMPerturbation
+
+    class Halved(SAMPerturbation):
+        def perturb(self, params, grads, rho=None):
+            e, norm, ok = super().perturb(params, grads, rho)
+            return [t.mul_(0.5) for t in e], norm, ok
+
+    batch = stack(mlp_dataset(8))
+    rho = 0.2
+    results = {}
+    for name, rule, vectorize in [("halved", Halved(rho), "on"), ("half_rho", SAMPerturbation(rho / 2), "off")]:
+        torch.manual_seed(0)
+        model = MLP().double()
+        sam = MicroBatchSAM(model, micro_batch_size=2, vectorize=vectorize, perturbation=rule, descent=SAMDescent())
+        sam.backward(batch, lambda mb: model(**mb)["loss"])
+        results[name] = [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(results["halved"], results["half_rho"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
