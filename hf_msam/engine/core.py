@@ -39,6 +39,7 @@ from ..methods.functional import check_outputs
 from ..methods.sam import SAMDescent, SAMPerturbation
 from ..ops import local, unaliased, weighted
 from .choose import choose_strategy
+from .head import HeadStep
 from .sequential import reuse_step, sequential_step
 from .state import MSAMStats, check_trainable, with_info
 from .vectorized import FellBack, VectorizedStep
@@ -173,6 +174,7 @@ class MicroBatchSAM:
         self._mode = "perturbed"
         self.vectorize = vectorize
         self.vectorized = VectorizedStep(self)  # the vectorized strategy, with what it keeps across steps
+        self.head = HeadStep(self)  # the output-layer strategy (logits-SAM)
         # Called when the vectorized step gives up after a pass whose loss `loss_fn` computed (the step then starts
         # again with one pass per micro-batch): a trainer undoes that pass's side effects there (TRL's metrics).
         self.on_discard: Callable[[], None] | None = None
@@ -255,6 +257,9 @@ class MicroBatchSAM:
             weights = [None] if len(micro_batches) == 1 else micro_batch_weights(micro_batches, size_fn)
             self.begin_call(step, len(micro_batches))
             choice = choose_strategy(self, micro_batches, layout, decomposable)
+            if choice.strategy == "head":  # logits-SAM: the output layer alone perturbed, the body run once
+                return self.head.step(micro_batches, batch, choice.layout, choice.reason, weights, loss_fn, size_fn,
+                                      rho, sync_weight)
             if choice.strategy == "vectorized":
                 sync = None  # synchronized scope: what each micro-batch weighs in the union (see sync_weight)
                 if self.sync_perturbation:

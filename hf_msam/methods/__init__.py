@@ -62,3 +62,4 @@ __all__ = [
 from . import precondition, gsam, fsam, looksam, momentum  # noqa: E402,F401,I001  (precondition.py registers sam)
 from . import functional  # noqa: E402,F401
 from . import flat_lora  # noqa: E402,F401
+from . import logits_sam  # noqa: E402,F401
