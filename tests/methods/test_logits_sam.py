@@ -237,3 +237,69 @@ def test_a_model_without_an_output_layer_is_refused():
 def test_copy_of_the_rule_state_is_empty():
     rule = build_method("logits_sam", rho=0.2, adaptive=True)[0]
     assert rule.enabled and rule.adaptive and rule.state_dict() == {} and "adaptive=True" in repr(copy.copy(rule))
+
+
+# -- TRL's SFT and DPO with their defaults (the fused LM head, hf_msam/integrations/trl_fused_head.py) ----------------
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    pytest.importorskip("trl")
+    from trl_helpers import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def counted(model):
+    """The model, with the number of its body's forwards (a layer's pre-hook) in `model.body_calls`."""
+    model.body_calls = []
+    model.model.layers[0].register_forward_pre_hook(lambda m, a: model.body_calls.append(torch.is_grad_enabled()))
+    return model
+
+
+def trl_run(llama_dir, tmp_path, kind, vectorize, rho=0.1):
+    from datasets import Dataset
+    from test_trl import COMMON, dpo_common, load
+    from test_vectorized_arch import without_float32_casts  # noqa: F401  (the caller patches)
+    from transformers import AutoTokenizer
+    from trl_helpers import PREFERENCES, PROMPT_COMPLETION
+
+    from hf_msam.trl import MSAMDPOConfig, MSAMDPOTrainer, MSAMSFTConfig, MSAMSFTTrainer
+
+    model = counted(load(llama_dir))
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    settings = dict(msam_method="logits_sam", msam_rho=rho, msam_vectorize=vectorize)
+    if kind == "sft":
+        args = MSAMSFTConfig(str(tmp_path / f"sft-{vectorize}-{rho}"), **{**COMMON, "max_steps": 2, "per_device_train_batch_size": 5,
+                             "msam_micro_batch_size": 2, **settings})  # fmt: skip
+        trainer = MSAMSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(PROMPT_COMPLETION[:10]),
+                                 processing_class=tokenizer)  # fmt: skip
+    else:
+        args = MSAMDPOConfig(**dpo_common(tmp_path / f"dpo-{vectorize}-{rho}", max_steps=2, per_device_train_batch_size=3),
+                             msam_micro_batch_size=1, **settings)  # fmt: skip
+        trainer = MSAMDPOTrainer(model=model, ref_model=load(llama_dir), args=args,
+                                 train_dataset=Dataset.from_list(PREFERENCES), processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_trl_fused_head_vectorized_equals_sequential(llama_dir, tmp_path, monkeypatch, kind):
+    """TRL's defaults (fused LM head): the vectorized form equals one micro-batch at a time at test_trl_fused_head.py's
+    tolerances, the body runs once per step on it (k per step on the other), and the perturbation moved the update."""
+    from test_trl import load, trainable
+    from test_trl_fused_head import TIGHT as FUSED
+    from test_vectorized_arch import without_float32_casts
+
+    without_float32_casts(monkeypatch)
+    on, off = trl_run(llama_dir, tmp_path, kind, "on"), trl_run(llama_dir, tmp_path, kind, "off")
+    assert on.msam_engine.path == "vectorized" and off.msam_engine.path == "sequential"
+    assert "lm_head" in on.msam_engine.path_line
+    for name, a in trainable(on.model).items():
+        torch.testing.assert_close(a, trainable(off.model)[name], **FUSED, msg=name)
+    # micro-batches over the two steps: SFT 5 rows by 2, then the last 3 rows (3 + 2); DPO 3 pairs by 1, then 2 (3 + 2)
+    assert on.model.body_calls.count(True) == 2 and off.model.body_calls.count(True) == 5
+    plain = trainable(trl_run(llama_dir, tmp_path, kind, "off", rho=0.0).model)
+    start = trainable(load(llama_dir))
+    assert max((plain[n] - start[n]).abs().max().item() for n in plain) > 1e-3
+    assert max((plain[n] - a).abs().max().item() for n, a in trainable(off.model).items()) > 100 * FUSED["atol"]
