@@ -303,3 +303,63 @@ def test_trl_fused_head_vectorized_equals_sequential(llama_dir, tmp_path, monkey
     start = trainable(load(llama_dir))
     assert max((plain[n] - start[n]).abs().max().item() for n in plain) > 1e-3
     assert max((plain[n] - a).abs().max().item() for n, a in trainable(off.model).items()) > 100 * FUSED["atol"]
+
+
+# -- DDP ---------------------------------------------------------------------------------------------------------------
+
+
+def union_reference_grads(models, batches, size, rho=RHO):
+    """Synchronized scope: g_j the mean over the devices of their j-th micro-batch's head gradients (equal sizes), each
+    device's descent at W + e_j; `.grad` of each model gets its own device's Σ_j c_j ∇L_j."""
+    heads = [m.lm_head for m in models]
+    state = [{} for _ in models]
+    handles = [h.register_forward_hook(lambda m, a, o, s=s: F.linear(a[0], s["w"], m.bias)) for h, s in zip(heads, state)]
+    try:
+        parts = [split(b, size) for b in batches]
+        for j in range(len(parts[0])):
+            gs = []
+            for model, head, s, p in zip(models, heads, state, parts):
+                s["w"] = head.weight.detach().clone().requires_grad_(True)
+                gs.append(torch.autograd.grad(model(**p[j]).loss, s["w"])[0])
+            g = sum(gs) / len(gs)
+            e = rho * g / (g.norm() + EPS)
+            for model, head, s, p, b in zip(models, heads, state, parts, batches):
+                s["w"] = head.weight + e
+                (model(**p[j]).loss * (p[j]["labels"].shape[0] / b["labels"].shape[0])).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_process_ddp_equals_the_per_device_reference(tmp_path):
+    """2 gloo processes, 2 SGD steps: device-local (sequential and vectorized) and synchronized perturbations; DDP
+    averages the devices' descents once per step (the token counts are equal on both)."""
+    from conftest import torchrun_ranks
+
+    ranks = torchrun_ranks(tmp_path, "ddp_logits_sam_script.py", timeout=600)
+    assert ranks[0]["world_size"] == 2
+    on, sync = ranks[0]["runs"]["on"]["final"], ranks[0]["runs"]["sync"]["final"]
+    assert max((on[n] - sync[n]).abs().max().item() for n in on) > 1e-6  # the scopes differ
+    for name in ("off", "on", "sync"):
+        runs = [r["runs"][name] for r in ranks]
+        assert runs[0]["path"] == ("sequential" if name == "off" else "vectorized")
+        assert not torch.equal(runs[0]["batches"][0]["input_ids"], runs[1]["batches"][0]["input_ids"])
+        for n, a in runs[0]["final"].items():
+            assert torch.equal(a, runs[1]["final"][n]), n  # all-reduced once per step: the ranks end in sync
+        model = llama(True)
+        model.load_state_dict(ranks[0]["initial"], strict=False)  # tied: lm_head.weight is embed_tokens.weight
+        for step in range(2):
+            copies = [copy.deepcopy(model) for _ in ranks]
+            batches = [run["batches"][step] for run in runs]
+            if name == "sync":
+                union_reference_grads(copies, batches, 2)
+            else:
+                for c, b in zip(copies, batches):
+                    reference_grads(c, b, 2)
+            with torch.no_grad():
+                for (n, p), a, b in zip(model.named_parameters(), copies[0].parameters(), copies[1].parameters()):
+                    p -= 0.5 * (a.grad + b.grad) / 2
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(runs[0]["final"][n], p.detach(), **TIGHT, msg=f"{name}: {n}")
