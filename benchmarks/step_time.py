@@ -63,6 +63,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -127,6 +128,7 @@ METHOD_ROWS = [
     ("fsam", "F-SAM", (("msam_method", "fsam"),)),
     ("functional", "Functional-SAM", (("msam_method", "functional"),)),
     ("precond", "SAM, Adam-preconditioned", (("msam_precondition", "adam"),)),
+    ("logits_sam", "logits-SAM", (("msam_method", "logits_sam"),)),
 ]
 
 
@@ -482,6 +484,29 @@ class HandwrittenMethod:
             self.model(**batch).loss.backward()
             with torch.no_grad():
                 torch._foreach_copy_(self.params, self.w)
+            return
+        if method == "logits_sam":  # the paper's step: one body forward, g from the head's input, the head again at W + e
+            head = self.model.get_output_embeddings() or self.model.classifier
+            w_at = head.weight.detach().requires_grad_(True)  # the head's use alone (the tied embedding reads W)
+            seen = {}
+
+            def at_w(module, args, out):
+                seen["h"] = args[0]
+                return F.linear(args[0], w_at, module.bias)
+
+            handle = head.register_forward_hook(at_w)
+            try:
+                out = self.model(**batch)
+            finally:
+                handle.remove()
+            (g,) = torch.autograd.grad(out.loss, w_at, retain_graph=True)  # reaches the head's output only
+            e = g.mul_(self.rho / (g.norm() + 1e-12))
+            logits = F.linear(seen.pop("h"), head.weight + e, head.bias)
+            del out, g, e
+            labels = batch["labels"]
+            if logits.dim() == 3:  # causal LM: next-token cross-entropy
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)).backward()
             return
         if method == "functional":  # J_F(w + e)ᵀ ∇_F L(w): ∇_F L from the clean pass, back through the perturbed logits
             out = self.model(**batch)

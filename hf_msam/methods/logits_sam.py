@@ -126,7 +126,7 @@ class LogitsSAMPerturbation(PerturbationRule):
 
 
 @register_method("logits_sam", paper="logits-SAM, Luo et al., ICLR 2026, arXiv 2603.18258",
-                 cost="1 pass per micro-batch, the output layer twice",
+                 cost="1 pass of the body per micro-batch (vectorized: per group), the output layer twice",
                  flags=("msam_rho", "msam_adaptive", "msam_eps"))
 def build(args):
     if args.msam_precondition != "none":
