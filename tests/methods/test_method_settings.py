@@ -237,7 +237,7 @@ def test_a_setting_is_declared_with_a_default_of_a_plain_type(registered):
 def test_a_method_registered_before_parsing_is_in_the_help_docstring_and_table(registered):
     before = HfArgumentParser(MSAMTrainingArguments).format_help()
     assert "scaled" not in before
-    for name in ("sam", "gsam", "fsam", "looksam", "momentum", "functional", "flat_lora"):
+    for name in ("sam", "gsam", "fsam", "looksam", "momentum", "functional", "flat_lora", "logits_sam"):
         assert f"{name} (" in " ".join(before.split())
     register_scaled(registered)
     registered("percent", paper="100% of SAM")(lambda args: (SAMPerturbation(), SAMDescent()))  # a "%" for argparse
@@ -245,7 +245,7 @@ def test_a_method_registered_before_parsing_is_in_the_help_docstring_and_table(r
     helps = {a.dest: " ".join(a.help.split()) for a in parser._actions}
     assert "scaled (SAM at a fraction of the radius; 2 passes per micro-batch)" in helps["msam_method"]
     assert "scaled: factor (float, default 0.5), flip (bool, default False)" in helps["msam_method_args"]
-    assert "Works with msam_method sam, fsam, momentum, scaled, percent;" in helps["msam_sync_perturbation"]
+    assert "Works with msam_method sam, fsam, momentum, logits_sam, scaled, percent;" in helps["msam_sync_perturbation"]
     text = " ".join(parser.format_help().split())  # argparse %-formats each help: the "%" of a paper is kept
     assert "percent (100% of SAM)" in text and "scaled: factor (float, default 0.5)" in text
     doc = " ".join(MSAMArguments.__doc__.split())
@@ -271,13 +271,13 @@ def test_a_method_registered_after_the_parser_is_built_is_in_its_help_and_parses
     text = " ".join(parser.format_help().split())
     assert "scaled (SAM at a fraction of the radius; 2 passes per micro-batch)" in text
     assert "scaled: factor (float, default 0.5), flip (bool, default False)" in text
-    assert "Works with msam_method sam, fsam, momentum, scaled;" in text
+    assert "Works with msam_method sam, fsam, momentum, logits_sam, scaled;" in text
     (args,) = parser.parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--msam_method", "scaled", "--msam_method_args", "factor=0.25", "--msam_rho", "0.4"]
     )
     assert build_method(args.msam_method, args)[0].rho == pytest.approx(0.1)  # the parsed setting reaches the method
     registered("latecomer")(lambda args: (SAMPerturbation(), SAMDescent()))
-    with pytest.raises(ValueError, match=r"registered methods \(sam, .*, flat_lora, scaled, latecomer\), got 'nope'"):
+    with pytest.raises(ValueError, match=r"registered methods \(sam, .*, flat_lora, logits_sam, scaled, latecomer\), got 'nope'"):
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--msam_method", "nope"])
     REGISTRY.pop("latecomer")  # unregistered: the same parser's help forgets it
     assert "latecomer" not in parser.format_help()

@@ -64,7 +64,7 @@ def test_own_method_trains_by_name_and_matches_a_reference(tmp_path, registered)
 
 def test_unknown_method_lists_the_registered_ones(tmp_path, registered):
     registered("mine")(lambda args: (SAMPerturbation(args.msam_rho), SAMDescent()))
-    with pytest.raises(ValueError, match=r"registered methods \(sam, gsam, fsam, looksam, momentum, functional, flat_lora, mine\), got 'nope'"):
+    with pytest.raises(ValueError, match=r"registered methods \(sam, gsam, fsam, looksam, momentum, functional, flat_lora, logits_sam, mine\), got 'nope'"):
         MSAMTrainingArguments(str(tmp_path), msam_method="nope")
 
 
