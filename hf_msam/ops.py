@@ -86,14 +86,34 @@ def scale_to_radius(
     return d
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`; t itself when it is already (no call into torch: the step calls this per tensor)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+class GroupFactor:
+    """A [k] factor, broadcast against tensors stacked [k, ...]: `of(t)` is f in t's dtype, shaped [k, 1, ..., 1] for
+    t's dims, formed once per (dtype, dims) rather than once per tensor."""
+
+    def __init__(self, f: torch.Tensor):
+        self.f, self._shaped = f, {}
+
+    def of(self, t: torch.Tensor) -> torch.Tensor:
+        key = (t.dtype, t.dim())
+        found = self._shaped.get(key)
+        if found is None:
+            found = self._shaped[key] = as_dtype(self.f, t.dtype).view(-1, *[1] * (t.dim() - 1))
+        return found
+
+
 def scale_groups_to_radius(
     d: list[torch.Tensor], norms: torch.Tensor, rho: float | torch.Tensor, eps: float, ok: torch.Tensor
 ) -> list[torch.Tensor]:
     """`scale_to_radius` for every j of tensors stacked [k, ...] at once: d[j] ← ρ·d[j]/(‖d_j‖ + eps), or 0 where
     ok[j] is False (norms and ok of shape [k])."""
-    scale = torch.where(ok, rho / (norms + eps), torch.zeros_like(norms))
+    scale = GroupFactor(torch.where(ok, rho / (norms + eps), torch.zeros_like(norms)))
     for t in d:
-        t.mul_(scale.to(t.dtype).view(-1, *[1] * (t.dim() - 1)))
+        t.mul_(scale.of(t))
         t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # a skipped d_j may hold inf/nan (see scale_to_radius)
     return d
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..methods.base import PerturbationRule
-from ..ops import SHARD_GROUP, SHARDED_PARAMS, device_scalar, divide_where_positive, scoped
+from ..ops import GroupFactor, SHARD_GROUP, SHARDED_PARAMS, device_scalar, divide_where_positive, scoped
 from .interface import Engine
 
 
@@ -54,9 +54,9 @@ def per_micro_batch(parts: list[torch.Tensor], c: list[float | torch.Tensor]) ->
     """g_j = part_j / c_j, in place on tensors stacked [k, ...]: the whole batch's loss is Σ_j c_j·L_j, so micro-batch
     j's part of its gradient is c_j·g_j (a micro-batch with c_j = 0, no counted token, gets g_j = 0: skipped)."""
     c_t = torch.stack([device_scalar(w, parts[0].device) for w in c])
-    inverse = divide_where_positive(torch.ones_like(c_t), c_t)
+    inverse = GroupFactor(divide_where_positive(torch.ones_like(c_t), c_t))
     for t in parts:
-        t.mul_(inverse.to(t.dtype).view(-1, *([1] * (t.dim() - 1))))
+        t.mul_(inverse.of(t))
     return parts
 
 

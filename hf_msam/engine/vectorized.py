@@ -86,6 +86,15 @@ class VectorizedStep:
     def step(self, batch, layout: GroupLayout, weights, loss_fn, rho, sync=None) -> torch.Tensor:
         """Steps 1-4 for all k micro-batches at once; returns the clean loss (detached). `sync`: each micro-batch's
         weight a_j in the union over devices (synchronized scope), None for device-local perturbations."""
+        try:
+            with self.vectorizer.routing():  # the layers routed once for both passes
+                return self._step(batch, layout, weights, loss_fn, rho, sync)
+        except NotVectorizable as err:  # found before any pass (the model's state), or when the routes came off
+            if self.engine.path == "vectorized" or self.verified:
+                raise
+            raise self._refuse(err) from err
+
+    def _step(self, batch, layout: GroupLayout, weights, loss_fn, rho, sync=None) -> torch.Tensor:
         engine = self.engine
         vec, k = self.vectorizer, layout.k
         params = vec.params

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.graph import get_gradient_edge
 
-from ..ops import unaliased
+from ..ops import as_dtype, unaliased
 from .layout import GroupLayout, NotVectorizable
 from .units import _no_autocast, _Unit
 
@@ -53,7 +53,7 @@ class Capture:
         total: list[torch.Tensor | None] = [None] * len(params)
 
         def add(i: int, g: torch.Tensor) -> None:
-            g = g.to(params[i].dtype)
+            g = as_dtype(g, params[i].dtype)
             total[i] = g if total[i] is None else total[i] + g
 
         with _no_autocast(loss.device.type):  # the contractions run in the dtype of each layer's output gradient

@@ -70,10 +70,12 @@ class GroupLayout:
 
     def positions(self, device: torch.device | str) -> Positions:
         """The index tensors of this layout on `device`, built on first use (one host-to-device copy)."""
-        device = torch.device(device)
-        found = self._positions.get(device)
+        found = self._positions.get(device)  # a torch.device, as layers pass x.device: found without converting
         if found is None:
-            found = self._positions[device] = Positions(self, device)
+            device = torch.device(device)
+            found = self._positions.get(device)
+            if found is None:
+                found = self._positions[device] = Positions(self, device)
         return found
 
 
@@ -165,8 +167,8 @@ class Positions:
         if self.axis == 1:
             x = x[0]
         if self.gather is None:
-            return x.unflatten(0, (self.k, self.r))  # a view
-        y = x.index_select(0, self.gather).unflatten(0, (self.k, self.r))
+            return x.view(self.k, self.r, *x.shape[1:])  # splitting dim 0: always a view
+        y = x.index_select(0, self.gather).view(self.k, self.r, *x.shape[1:])
         if zero_pad and self.real is not None:
             y = y * self.real.view(self.k, self.r, *[1] * (y.dim() - 2)).to(y.dtype)
         return y

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import as_dtype
 from .layout import Positions
 
 __all__ = ["compute_dtype", "perturbed_matmul"]
@@ -13,14 +14,14 @@ __all__ = ["compute_dtype", "perturbed_matmul"]
 
 def _matmul_group_grad(x: torch.Tensor, delta: torch.Tensor, pos: Positions, transposed: bool) -> torch.Tensor:
     """Σ_{i∈B_j} δ_i x_iᵀ for every j ([k, out, in]), or its transpose ([k, in, out], GPT-2's Conv1D)."""
-    a = pos.grouped(x.to(delta.dtype)).flatten(1, -2)  # [k, m, in], m = r · (positions per row)
+    a = pos.grouped(as_dtype(x, delta.dtype)).flatten(1, -2)  # [k, m, in], m = r · (positions per row)
     d = pos.grouped(delta, zero_pad=True).flatten(1, -2)  # [k, m, out]; padding slots are zero
     return torch.bmm(a.transpose(1, 2), d) if transposed else torch.bmm(d.transpose(1, 2), a)
 
 
 def _matmul_delta(x: torch.Tensor, out: torch.Tensor, e_w, e_b, pos: Positions, transposed: bool) -> torch.Tensor:
     """Δ_i = e_W,j x_i + e_b,j for position i of group j (e_W stored [k, in, out] when `transposed`)."""
-    xg = pos.grouped(x.to(out.dtype))  # [k, r, *mid, in]
+    xg = pos.grouped(as_dtype(x, out.dtype))  # [k, r, *mid, in]
     a = xg.flatten(1, -2)  # [k, m, in]
     d = a.new_zeros(()).expand(*a.shape[:2], out.shape[-1])
     if e_w is not None:
@@ -43,36 +44,46 @@ def _perturbed_weight(w: torch.Tensor, e, transposed: bool, dtype: torch.dtype) 
     """W + e_j for every j, as [k, in, out] (the right operand of x_j @ ·), in the compute dtype. `e` is the stacked
     [k, *W.shape] perturbation, or a callable that forms the stacked W + e_j itself in W's dtype (Flat-LoRA's noise,
     drawn again from its seeds)."""
-    w_e = (w + e if isinstance(e, torch.Tensor) else e(w)).to(dtype)
+    w_e = as_dtype(w + e if isinstance(e, torch.Tensor) else e(w), dtype)
     return w_e if transposed else w_e.transpose(1, 2)
+
+
+# Stacked W + e_j of at most this many bytes are kept from the forward for the backward instead of formed again: on a
+# small layer the second elementwise pass costs more than its memory is worth; large layers never keep k copies.
+KEEP_PERTURBED_BYTES = 1 << 20
 
 
 class _PerturbedMatmul(torch.autograd.Function):
     """y_j = x_j (W + e_j)ᵀ for all groups j in one bmm; x: [k, m, in], W: [out, in] ([in, out] when `transposed`).
 
     Autograd would keep the k perturbed copies W + e_j alive until the backward; this keeps W and e and adds them
-    again there. The gradient for W is Σ_j y_jᵀ-gradient · x_j over all groups: one matmul, as for a plain layer.
-    x is kept only when a gradient for W or e will need it (a frozen base layer under LoRA keeps none).
+    again there (for a layer whose k copies fit in `KEEP_PERTURBED_BYTES`, it keeps them). The gradient for W is
+    Σ_j y_jᵀ-gradient · x_j over all groups: one matmul, as for a plain layer. x is kept only when a gradient for W
+    or e will need it (a frozen base layer under LoRA keeps none).
     """
 
     @staticmethod
     def forward(ctx, x, w, e, transposed, dtype):
         keep_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         tensor_e = isinstance(e, torch.Tensor)
-        ctx.save_for_backward(x if keep_x else None, w, e if tensor_e else None)
+        w_e = _perturbed_weight(w, e, transposed, dtype)
+        keep_w_e = ctx.needs_input_grad[0] and w_e.numel() * w_e.element_size() <= KEEP_PERTURBED_BYTES
+        ctx.save_for_backward(x if keep_x else None, w, e if tensor_e else None, w_e if keep_w_e else None)
         ctx.transposed, ctx.dtype, ctx.form = transposed, dtype, None if tensor_e else e
-        return torch.bmm(x, _perturbed_weight(w, e, transposed, dtype))
+        return torch.bmm(x, w_e)
 
     @staticmethod
     def backward(ctx, dy):
-        x, w, e = ctx.saved_tensors
+        x, w, e, w_e = ctx.saved_tensors
         e = e if ctx.form is None else ctx.form
         dx = dw = de = None
         if ctx.needs_input_grad[0]:
-            dx = torch.bmm(dy, _perturbed_weight(w, e, ctx.transposed, ctx.dtype).transpose(1, 2))
+            if w_e is None:
+                w_e = _perturbed_weight(w, e, ctx.transposed, ctx.dtype)
+            dx = torch.bmm(dy, w_e.transpose(1, 2))
         if _engine_uses(ctx, 1):  # not in a capture, whose autograd.grad asks for the groups' parts only
             dy_flat, x_flat = dy.flatten(0, 1), x.flatten(0, 1)  # padding slots have dy = 0: they add nothing
-            dw = (x_flat.t().mm(dy_flat) if ctx.transposed else dy_flat.t().mm(x_flat)).to(w.dtype)
+            dw = as_dtype(x_flat.t().mm(dy_flat) if ctx.transposed else dy_flat.t().mm(x_flat), w.dtype)
         if _engine_uses(ctx, 2):  # e requiring grad: its gradient is each group's own
             de = (torch.bmm(x.transpose(1, 2), dy) if ctx.transposed else torch.bmm(dy.transpose(1, 2), x)).to(e.dtype)
         return dx, dw, de, None, None
@@ -95,11 +106,11 @@ def _perturbed_matmul(x, w, b, e_w, e_b, pos: Positions, transposed: bool) -> to
     """The output at w + e_j of a Linear (or Conv1D): (W + e_j) x_i + b + e_b,j for position i of group j, at the cost
     of the plain layer (Δ = e_j x_i alone would cost as much as the layer again, forward and backward)."""
     dtype = _compute_dtype(x)
-    xg = pos.grouped(x).to(dtype)  # [k, r, *mid, in]; padding repeats a real position, its output is dropped
+    xg = as_dtype(pos.grouped(x), dtype)  # [k, r, *mid, in]; padding repeats a real position, its output is dropped
     y = _PerturbedMatmul.apply(xg.flatten(1, -2), w, e_w, transposed, dtype)  # [k, m, out]
     if b is not None:
         bias = b if e_b is None else b + e_b  # [out], or [k, out]
-        y = y + bias.to(dtype).unsqueeze(-2)
+        y = y + as_dtype(bias, dtype).unsqueeze(-2)
     return pos.ungrouped(y.reshape(*xg.shape[:-1], y.shape[-1]))
 
 

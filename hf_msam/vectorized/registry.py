@@ -36,6 +36,12 @@ class Rule:
     delta: Callable[[nn.Module, torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor], Positions], torch.Tensor]
     refuse: Callable[[nn.Module], str | None] | None = None
     forward_at: ForwardAt | None = None
+    # True for a layer whose parameters are broadcast over the batch's rows ([1, ...] added to or concatenated with
+    # [B, ...]: a ViT's class token and position embeddings): it runs its own forward once with each row's
+    # parameters, p + e_j of the row's group, stacked [B, ...], and its group gradients come back through zero
+    # probes (then `group_grad` and `delta` are not called). Only for layers whose forward uses the parameters by
+    # broadcasting alone (a registered rule's predicate says so); rows layouts only.
+    per_row: bool = False
 
 
 RULES: dict[type, Rule] = {}

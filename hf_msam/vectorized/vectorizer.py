@@ -260,6 +260,24 @@ class Vectorizer:
             yield
 
     @contextlib.contextmanager
+    def routing(self) -> Iterator[None]:
+        """Keeps the covered layers' forwards routed for its duration, so that the `capture` and `perturbed`
+        contexts inside do not each route and restore them (a forward outside those contexts runs the layer as it
+        is). What the contexts check at their end is checked here."""
+        reason = self.why_not()
+        if reason:
+            raise NotVectorizable(reason)
+        if self._installed:
+            yield
+            return
+        self._install()
+        try:
+            yield
+            self.check_routing()
+        finally:
+            self._uninstall()
+
+    @contextlib.contextmanager
     def _active(self, layout: GroupLayout, e: list[torch.Tensor] | None = None, capture: Capture | None = None):
         reason = self.why_not()
         if reason:
@@ -353,6 +371,8 @@ class Vectorizer:
     def _rule_forward(self, unit: _Unit, inner: Callable, *args, **kwargs):
         if self._suspended or self._layout is None:  # inactive: left inside someone's wrapper after the context
             return inner(*args, **kwargs)
+        if unit.rule.per_row:
+            return self._per_row_forward(unit, inner, *args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()))
         pos = self._layout.positions(x.device)
         broadcast = pos.broadcasts(x)
@@ -384,6 +404,42 @@ class Vectorizer:
                 capture._regions.append(([out.grad_fn], {x.grad_fn}))
             else:
                 capture._record(unit, x, out)
+        return out
+
+    def _per_row_forward(self, unit: _Unit, inner: Callable, *args, **kwargs):
+        """A rule with `per_row`: the layer's own forward, once, with parameter p replaced by [B, ...]: row i's
+        p + t_j, t = e (perturbed), z (capture: a zero probe whose gradient is each group's part), or both."""
+        capture = self._capture if torch.is_grad_enabled() else None
+        if self._e is None and capture is None:
+            return inner(*args, **kwargs)
+        some = next(iter(unit.wanted.values()))
+        pos = self._layout.positions(self.params[some].device)
+        if pos.axis != 0:
+            raise NotVectorizable(f"{unit.where}: its parameters are broadcast over rows, and the batch is packed")
+        recording = capture is not None and not _recomputing()
+        rows = pos.group_ids(1)
+        weights = {}
+        for name, i in unit.wanted.items():
+            p = self.params[i]
+            if p.dim() < 1 or p.shape[0] != 1:
+                raise NotVectorizable(f"{unit.where}: its parameter {name} {list(p.shape)} is not broadcast over rows")
+            t = None if self._e is None else self._e[i]
+            if capture is not None:
+                z = _probe(p, pos.k)
+                if recording:
+                    capture._probes.append((i, z))
+                t = z if t is None else t + z
+            weights[f"module.{name}"] = (p + t).flatten(0, 1).index_select(0, rows)  # [B, *p.shape[1:]]
+        try:
+            out = torch.func.functional_call(_Bare(unit.module, inner), weights, args, kwargs)
+        except (NotVectorizable, *_CHECKPOINT_STOP):
+            raise
+        except Exception as err:  # a use of the parameters other than broadcasting over rows
+            raise NotVectorizable(f"{unit.where} with each row's own parameters failed: {type(err).__name__}: {err}") from err
+        if recording:
+            leaves = [v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor)]
+            outputs = [y.grad_fn for y in pytree.tree_leaves(out) if isinstance(y, torch.Tensor)]
+            capture._regions.append((outputs, {v.grad_fn for v in leaves}))
         return out
 
     # -- a layer without one: torch.func ----------------------------------------------------------

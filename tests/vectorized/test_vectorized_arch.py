@@ -378,7 +378,7 @@ def test_fallback_modules_per_architecture():
         return Vectorizer(model, [p for p in model.parameters() if p.requires_grad]).fallback_modules()
 
     assert fallbacks("bert-padded") == [] and fallbacks("gpt2-tied-sft") == []  # rules cover every layer
-    assert fallbacks("vit") == ["vit.embeddings (ViTEmbeddings)"]  # cls_token, position_embeddings; its Conv2d inside
+    assert fallbacks("vit") == []  # ViTEmbeddings runs per row, its Conv2d on the conv rule
     # LlamaRMSNorm and Qwen2RMSNorm: the rule for transformers' Llama-style norms (tests/vectorized/test_vectorized_rmsnorm.py)
     assert fallbacks("llama-sdpa-sft") == [] and fallbacks("qwen2-sft") == []
     lora = fallbacks("lora-llama-sft")
