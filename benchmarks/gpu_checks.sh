@@ -12,7 +12,8 @@
 # are installed into /tmp/site first and put on the path. GPU_CHECKS_PARTS picks parts (default: all):
 #     GPU_CHECKS_PARTS="versions fsdp" bash benchmarks/gpu_checks.sh
 set -u
-PARTS=" ${GPU_CHECKS_PARTS:-versions precision fsdp steptime} "  # also: sweep (the vectorized step), trl (SFT, DPO)
+PARTS=" ${GPU_CHECKS_PARTS:-versions precision fsdp steptime} "  # also: sweep (the vectorized step), trl (SFT, DPO),
+# cost (mSAM(8) against SAM through the Trainer, issue 31's measurement)
 OUT=${OUT:-$PWD/gpu_checks_out}
 mkdir -p "$OUT"
 TOTAL=${GPU_CHECKS_SECONDS:-380}  # the methods rows of step_time only run if they fit in this
@@ -90,6 +91,20 @@ if [[ $PARTS == *" trl "* ]]; then
     part trl-step-time 150 python3 benchmarks/trl_step_time.py --trainer both --batch 16 --micro_batch 4 --steps 8 \
         --json "$OUT/trl_step_time.json"
     [ -f "$OUT/trl_step_time.json" ] && echo "PASS trl-step-time: $OUT/trl_step_time.json" >>"$RESULTS"
+fi
+
+# 7. mSAM(8) against SAM through the Trainer (benchmarks/trainer_cost.py), BERT, GPT-2, Llama, ViT, LoRA-Llama at the
+#    small and medium sizes, fp32 and bf16. GPU_CHECKS_PARTS="versions cost" bash benchmarks/gpu_checks.sh
+if [[ $PARTS == *" cost "* ]]; then
+    for size in small medium; do
+        part "cost-$size-fp32" 75 python3 benchmarks/trainer_cost.py --device cuda --size $size --rounds 2 --steps 12 \
+            --json "$OUT/cost_${size}_fp32.json"
+        part "cost-$size-bf16" 75 python3 benchmarks/trainer_cost.py --device cuda --bf16 --size $size --rounds 2 \
+            --steps 12 --json "$OUT/cost_${size}_bf16.json"
+    done
+    for f in cost_small_fp32 cost_small_bf16 cost_medium_fp32 cost_medium_bf16; do
+        [ -f "$OUT/$f.json" ] && echo "PASS $f: $OUT/$f.json" >>"$RESULTS"
+    done
 fi
 
 # 4. step time on CUDA: the main rows, then the methods rows if they fit

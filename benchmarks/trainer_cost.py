@@ -112,17 +112,26 @@ def measure(model: str, size_name: str, micro_batch_size: int | None, opts: dict
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
+            if torch.cuda.is_available() and opts.get("device") == "cuda":
+                torch.cuda.synchronize()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available() and opts.get("device") == "cuda":
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
 
     steps = opts["warmup"] + opts["steps"]
+    cuda = opts.get("device") == "cuda" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory(prefix="trainer_cost_") as out:
         args = MSAMTrainingArguments(
             output_dir=out, per_device_train_batch_size=opts["batch_size"], max_steps=steps, optim="sgd",
             learning_rate=1e-3, logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
-            use_cpu=True, seed=0, msam_rho=RHO, msam_micro_batch_size=micro_batch_size,
+            use_cpu=opts.get("device", "cpu") == "cpu", bf16=opts.get("bf16", False), seed=0, msam_rho=RHO,
+            msam_micro_batch_size=micro_batch_size,
         )  # fmt: skip
         trainer = MSAMTrainer(model=build(model, size), args=args, callbacks=[Clock()],
                               train_dataset=examples(model, size, steps * opts["batch_size"]))  # fmt: skip
@@ -130,7 +139,7 @@ def measure(model: str, size_name: str, micro_batch_size: int | None, opts: dict
     path = getattr(trainer, "msam_path", None)
     del trainer
     return {"median_s": statistics.median(times[opts["warmup"] :]), "path": None if path is None else str(path),
-            "threads": torch.get_num_threads()}  # fmt: skip
+            "threads": torch.get_num_threads(), "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
 
 def worker() -> None:
@@ -183,7 +192,8 @@ class Worker:
 def run(opts: argparse.Namespace) -> dict:
     micro = opts.batch_size // opts.k
     methods = {"sam": None, f"msam{opts.k}": micro}
-    request_opts = {"steps": opts.steps, "warmup": opts.warmup, "batch_size": opts.batch_size}
+    request_opts = {"steps": opts.steps, "warmup": opts.warmup, "batch_size": opts.batch_size, "device": opts.device,
+                    "bf16": opts.bf16}
     revisions: dict[str, Path] = {"head": ROOT}
     tmp = None
     if opts.base:
@@ -195,6 +205,7 @@ def run(opts: argparse.Namespace) -> dict:
     workers = {name: Worker(tree, opts.threads) for name, tree in revisions.items()}
     medians: dict[tuple, list[float]] = {}
     paths: dict[tuple, str | None] = {}
+    peaks: dict[tuple, int | None] = {}
     started = time.perf_counter()
     try:
         for r in range(opts.rounds):
@@ -207,6 +218,7 @@ def run(opts: argparse.Namespace) -> dict:
                                                   opts=request_opts)  # fmt: skip
                     medians.setdefault((rev, model, method), []).append(result["median_s"])
                     paths[(rev, model, method)] = result["path"]
+                    peaks[(rev, model, method)] = result.get("peak_bytes")
             print(f"round {r + 1}/{opts.rounds} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     finally:
         for w in workers.values():
@@ -224,12 +236,14 @@ def run(opts: argparse.Namespace) -> dict:
                 "ratio": msam / sam, "target": TARGETS.get(opts.size), "meets": msam / sam <= TARGETS.get(opts.size, 9e9),
                 "path": paths[(rev, model, f"msam{opts.k}")],
                 "rounds_ms": {m: [round(1000 * t, 2) for t in medians[(rev, model, m)]] for m in methods},
+                "peak_bytes": {m: peaks[(rev, model, m)] for m in methods},  # CUDA only
             })  # fmt: skip
     import torch
     import transformers
 
     return {
-        "size": opts.size, **SIZES[opts.size], "batch_size": opts.batch_size, "k": opts.k, "steps": opts.steps,
+        "size": opts.size, **SIZES[opts.size], "device": opts.device, "bf16": opts.bf16, "batch_size": opts.batch_size,
+        "k": opts.k, "steps": opts.steps,
         "warmup": opts.warmup, "rounds": opts.rounds, "threads": opts.threads, "base": opts.base,
         "torch": torch.__version__, "transformers": transformers.__version__, "rows": rows,
         "wall_s": round(time.perf_counter() - started, 1),
@@ -259,6 +273,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; each figure is the best round's")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in the workers")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: the first GPU (the Trainer's own choice); the step is timed after a synchronization")
+    parser.add_argument("--bf16", action="store_true", help="the Trainer's --bf16 (autocast)")
     parser.add_argument("--base", help="also measure this revision (a git worktree of it), rounds alternating")
     parser.add_argument("--json", help="also write the JSON result to this path")
     opts = parser.parse_args(argv)

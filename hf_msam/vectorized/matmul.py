@@ -48,29 +48,40 @@ def _perturbed_weight(w: torch.Tensor, e, transposed: bool, dtype: torch.dtype) 
     return w_e if transposed else w_e.transpose(1, 2)
 
 
+# On a CPU, where adding W + e_j again is a pass through memory as long as the matmul itself on a mid-size layer,
+# a layer keeps its stacked W + e_j for the backward when they take at most this many bytes. On a GPU, where
+# memory is what limits and the addition is nearly free, it always forms them again.
+KEEP_ON_CPU_BYTES = 64 << 20
+
+
 class _PerturbedMatmul(torch.autograd.Function):
     """y_j = x_j (W + e_j)ᵀ for all groups j in one bmm; x: [k, m, in], W: [out, in] ([in, out] when `transposed`).
 
     Autograd would keep the k perturbed copies W + e_j alive until the backward; this keeps W and e and adds them
-    again there. The gradient for W is Σ_j y_jᵀ-gradient · x_j over all groups: one matmul, as for a plain layer.
-    x is kept only when a gradient for W or e will need it (a frozen base layer under LoRA keeps none).
+    again there (on a CPU, see `KEEP_ON_CPU_BYTES`, it keeps them). The gradient for W is Σ_j y_jᵀ-gradient · x_j
+    over all groups: one matmul, as for a plain layer. x is kept only when a gradient for W or e will need it (a
+    frozen base layer under LoRA keeps none).
     """
 
     @staticmethod
     def forward(ctx, x, w, e, transposed, dtype):
         keep_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         tensor_e = isinstance(e, torch.Tensor)
-        ctx.save_for_backward(x if keep_x else None, w, e if tensor_e else None)
+        w_e = _perturbed_weight(w, e, transposed, dtype)
+        keep = ctx.needs_input_grad[0] and w.device.type == "cpu" and w_e.numel() * w_e.element_size() <= KEEP_ON_CPU_BYTES
+        ctx.save_for_backward(x if keep_x else None, w, e if tensor_e else None, w_e if keep else None)
         ctx.transposed, ctx.dtype, ctx.form = transposed, dtype, None if tensor_e else e
-        return torch.bmm(x, _perturbed_weight(w, e, transposed, dtype))
+        return torch.bmm(x, w_e)
 
     @staticmethod
     def backward(ctx, dy):
-        x, w, e = ctx.saved_tensors
+        x, w, e, w_e = ctx.saved_tensors
         e = e if ctx.form is None else ctx.form
         dx = dw = de = None
         if ctx.needs_input_grad[0]:
-            dx = torch.bmm(dy, _perturbed_weight(w, e, ctx.transposed, ctx.dtype).transpose(1, 2))
+            if w_e is None:
+                w_e = _perturbed_weight(w, e, ctx.transposed, ctx.dtype)
+            dx = torch.bmm(dy, w_e.transpose(1, 2))
         if _engine_uses(ctx, 1):  # not in a capture, whose autograd.grad asks for the groups' parts only
             dy_flat, x_flat = dy.flatten(0, 1), x.flatten(0, 1)  # padding slots have dy = 0: they add nothing
             dw = as_dtype(x_flat.t().mm(dy_flat) if ctx.transposed else dy_flat.t().mm(x_flat), w.dtype)
