@@ -79,23 +79,22 @@ class AdamPreconditionedPerturbation(SAMPerturbation):
             inverse.append(v.div(bias).sqrt_().add_(group["eps"]).reciprocal_())
         return inverse
 
-    def perturb(self, params, grads, rho=None):
-        inverse = self.preconditioner(params)
-        if inverse is not None:  # g ← P g, in g's storage
-            for g, p_inv in zip(grads, inverse):
-                if p_inv is not None:
-                    g.mul_(p_inv.to(g.dtype))
-        norm = global_norm(grads)
-        ok = usable(norm)
-        return scale_to_radius(grads, norm, self.rho if rho is None else rho, self.eps, ok), norm, ok
-
-    def perturb_groups(self, params, grads, rho=None):
-        # The same for g stacked [k, ...]: P broadcasts over j.
+    def _precondition(self, params, grads) -> None:
+        """g ← P g in g's storage (g may be stacked [k, ...]: P broadcasts over j); nothing before the first step."""
         inverse = self.preconditioner(params)
         if inverse is not None:
             for g, p_inv in zip(grads, inverse):
                 if p_inv is not None:
                     g.mul_(p_inv.to(g.dtype))
+
+    def perturb(self, params, grads, rho=None):
+        self._precondition(params, grads)
+        norm = global_norm(grads)
+        ok = usable(norm)
+        return scale_to_radius(grads, norm, self.rho if rho is None else rho, self.eps, ok), norm, ok
+
+    def perturb_groups(self, params, grads, rho=None):
+        self._precondition(params, grads)
         norms = group_norms(grads)
         ok = usable(norms)
         return scale_groups_to_radius(grads, norms, self.rho if rho is None else rho, self.eps, ok), norms, ok
