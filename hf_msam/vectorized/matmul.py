@@ -64,14 +64,18 @@ class _PerturbedMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, e, transposed, dtype):
+    def forward(ctx, x, w, e, transposed, dtype, bias=None):
         keep_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         tensor_e = isinstance(e, torch.Tensor)
         w_e = _perturbed_weight(w, e, transposed, dtype)
         keep = ctx.needs_input_grad[0] and w.device.type == "cpu" and w_e.numel() * w_e.element_size() <= KEEP_ON_CPU_BYTES
         ctx.save_for_backward(x if keep_x else None, w, e if tensor_e else None, w_e if keep else None)
         ctx.transposed, ctx.dtype, ctx.form = transposed, dtype, None if tensor_e else e
-        return torch.bmm(x, w_e)
+        ctx.bias_dim = None if bias is None else bias.dim()
+        if bias is None:
+            return torch.bmm(x, w_e)
+        # the bias ([out], or [k, out] with e_b) added by the matmul itself: one pass over the output less
+        return torch.baddbmm(bias.view(-1, 1, bias.shape[-1]), x, w_e)
 
     @staticmethod
     def backward(ctx, dy):
@@ -87,7 +91,10 @@ class _PerturbedMatmul(torch.autograd.Function):
             dw = as_dtype(x_flat.t().mm(dy_flat) if ctx.transposed else dy_flat.t().mm(x_flat), w.dtype)
         if _engine_uses(ctx, 2):  # e requiring grad: its gradient is each group's own
             de = (torch.bmm(x.transpose(1, 2), dy) if ctx.transposed else torch.bmm(dy.transpose(1, 2), x)).to(e.dtype)
-        return dx, dw, de, None, None
+        db = None
+        if ctx.bias_dim is not None and ctx.needs_input_grad[5]:
+            db = dy.sum(1) if ctx.bias_dim == 2 else dy.sum((0, 1))  # padding slots have dy = 0
+        return dx, dw, de, None, None, db
 
 
 def _engine_uses(ctx, i: int) -> bool:
@@ -108,10 +115,8 @@ def _perturbed_matmul(x, w, b, e_w, e_b, pos: Positions, transposed: bool) -> to
     of the plain layer (Δ = e_j x_i alone would cost as much as the layer again, forward and backward)."""
     dtype = _compute_dtype(x)
     xg = as_dtype(pos.grouped(x), dtype)  # [k, r, *mid, in]; padding repeats a real position, its output is dropped
-    y = _PerturbedMatmul.apply(xg.flatten(1, -2), w, e_w, transposed, dtype)  # [k, m, out]
-    if b is not None:
-        bias = b if e_b is None else b + e_b  # [out], or [k, out]
-        y = y + as_dtype(bias, dtype).unsqueeze(-2)
+    bias = None if b is None else as_dtype(b if e_b is None else b + e_b, dtype)  # [out], or [k, out]
+    y = _PerturbedMatmul.apply(xg.flatten(1, -2), w, e_w, transposed, dtype, bias)  # [k, m, out]
     return pos.ungrouped(y.reshape(*xg.shape[:-1], y.shape[-1]))
 
 
