@@ -121,7 +121,8 @@ def method_page(name: str) -> str:
         lines += [f"- `{kind.__module__}.{kind.__qualname__}`: {_first_paragraph(kind.__doc__)}"]
     if module.__doc__:
         lines += ["", f"From the docstring of `{module.__name__}`:", "", inspect.cleandoc(module.__doc__)]
-    lines += ["", "See [the overview](../methods.md) for what every method shares and what the trainer refuses."]
+    lines += ["", "See [the overview](../methods.md) for what every method shares and what the trainer refuses, and "
+              "[the evidence](../evidence.md) for where the methods helped in our studies and where nothing did."]
     return "\n".join(lines) + "\n"
 
 

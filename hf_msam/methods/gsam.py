@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import dot
-from .registry import is_finite, register_method, require
+from .registry import MEASURED, is_finite, register_method, require
 from .base import DescentRule
 from .sam import SAMPerturbation
 
@@ -41,7 +41,7 @@ class GSAMDescent(DescentRule):
         return g_p
 
 
-@register_method("gsam", paper="GSAM, Zhuang et al., ICLR 2022", cost="2 passes per micro-batch",
+@register_method("gsam", paper="GSAM, Zhuang et al., ICLR 2022", cost="2 passes per micro-batch; 0.95x SAM" + MEASURED,
                  flags=("msam_rho", "msam_adaptive", "msam_adaptive_eta", "msam_eps"),
                  dedicated_flags={"alpha": "msam_gsam_alpha"})
 def build(args, alpha: float = 0.1):

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..ops import global_norm, group_norms, scale_groups_to_radius, scale_to_radius, usable
 from .base import PerturbationRule
-from .registry import register_method
+from .registry import MEASURED, register_method
 from .sam import SAMDescent
 
 __all__ = ["LogitsSAMPerturbation", "body_of", "output_layer", "unwrapped"]
@@ -126,7 +126,8 @@ class LogitsSAMPerturbation(PerturbationRule):
 
 
 @register_method("logits_sam", paper="logits-SAM, Luo et al., ICLR 2026, arXiv 2603.18258",
-                 cost="1 pass of the body per micro-batch (vectorized: per group), the output layer twice",
+                 cost=("1 pass of the body per micro-batch (vectorized: per group), the output layer twice; 1.00x a plain step on a "
+                       "tiny Llama, 1.28x at hidden 256 and vocabulary 8,000" + MEASURED),
                  flags=("msam_rho", "msam_adaptive", "msam_eps"))
 def build(args):
     if args.msam_precondition != "none":

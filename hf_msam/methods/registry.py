@@ -172,6 +172,9 @@ def _settings_of(name: str, factory: Factory, dedicated_flags: Mapping[str, str]
     return tuple(settings)
 
 
+MEASURED = " (measured on a CPU: benchmarks/README.md)"  # appended to a built-in method's measured cost
+
+
 def register_method(
     name: str,
     *,
