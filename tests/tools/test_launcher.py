@@ -297,6 +297,24 @@ def test_accelerate_launch_two_processes(tmp_path):
     assert all("msam/sharpness" in entry for entry in log_history(out) if "loss" in entry)
 
 
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path):
+    """`torchrun -m hf_msam run` on 2 CPU processes (gloo), as docs/launcher.md says: identical weights on both ranks."""
+    script = write(tmp_path / "train.py", HF_PARSER_SCRIPT)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        "-m", "hf_msam", "run", str(script), "--output_dir", str(out), *TRAIN_ARGS,
+        "--per_device_train_batch_size", "4", "--msam_micro_batch_size", "2",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 perturbations per optimizer step (2 process(es) x 1 accumulation step(s) x 2 micro-batch(es))" in proc.stderr
+    rank0, rank1 = (torch.load(out / f"weights_rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+
 def test_run_applies_the_flags_to_msam_arguments_built_by_the_script(tmp_path, capsys):
     # A script that builds hf_msam's own MSAMTrainingArguments (not transformers.TrainingArguments) still gets the
     # --msam_* flags given to the launcher, over the values it set itself; outside the launcher they are gone again.
