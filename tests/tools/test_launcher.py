@@ -274,25 +274,30 @@ def test_console_script(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_accelerate_launch_two_processes(tmp_path):
-    """`accelerate launch -m hf_msam run` on 2 CPU processes (gloo): one announcement, identical weights on both ranks."""
+def launch_two_processes(tmp_path, launcher: list[str]):
+    """`LAUNCHER -m hf_msam run train.py ...` on 2 CPU processes (gloo): the finished process, its output folder."""
     script = write(tmp_path / "train.py", HF_PARSER_SCRIPT)
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()),
-        "-m", "hf_msam", "run", str(script), "--output_dir", str(out), *TRAIN_ARGS,
+        sys.executable, "-m", *launcher, "-m", "hf_msam", "run", str(script), "--output_dir", str(out), *TRAIN_ARGS,
         "--per_device_train_batch_size", "4", "--msam_micro_batch_size", "2",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-
-    assert proc.stderr.count("hf-msam: running train.py with mSAM") == 1  # main process only
     assert "4 perturbations per optimizer step (2 process(es) x 1 accumulation step(s) x 2 micro-batch(es))" in proc.stderr
     rank0, rank1 = (torch.load(out / f"weights_rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    return proc, out
+
+
+def test_accelerate_launch_two_processes(tmp_path):
+    """`accelerate launch -m hf_msam run` on 2 CPU processes (gloo): one announcement, identical weights on both ranks."""
+    proc, out = launch_two_processes(tmp_path, [
+        "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+    ])  # fmt: skip
+    assert proc.stderr.count("hf-msam: running train.py with mSAM") == 1  # main process only
     assert json.loads((out / "script_report.json").read_text())["args"]["msam_micro_batch_size"] == 2
     assert all("msam/sharpness" in entry for entry in log_history(out) if "loss" in entry)
 
@@ -300,19 +305,7 @@ def test_accelerate_launch_two_processes(tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
     """`torchrun -m hf_msam run` on 2 CPU processes (gloo), as docs/launcher.md says: identical weights on both ranks."""
-    script = write(tmp_path / "train.py", HF_PARSER_SCRIPT)
-    out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        "-m", "hf_msam", "run", str(script), "--output_dir", str(out), *TRAIN_ARGS,
-        "--per_device_train_batch_size", "4", "--msam_micro_batch_size", "2",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "4 perturbations per optimizer step (2 process(es) x 1 accumulation step(s) x 2 micro-batch(es))" in proc.stderr
-    rank0, rank1 = (torch.load(out / f"weights_rank{r}.pt") for r in (0, 1))
-    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    launch_two_processes(tmp_path, ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())])
 
 
 def test_run_applies_the_flags_to_msam_arguments_built_by_the_script(tmp_path, capsys):
