@@ -84,7 +84,7 @@ def _read_settings(path: Path) -> dict[str, Any]:
     if not isinstance(args, _Opaque):
         raise RunError(f"{path.name} holds a {type(args).__name__}, not training arguments")
     settings = {k: v for k, v in vars(args).items() if k.startswith("msam_")}
-    return {k: v for k, v in settings.items() if isinstance(v, (bool, int, float, type(None)))}
+    return {k: v for k, v in settings.items() if isinstance(v, (bool, int, float, str, type(None)))}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -241,6 +241,13 @@ def _settings_cells(run: Run) -> list[str]:
     ]
 
 
+def _quantization_backend_cell(run: Run) -> str:
+    """`--msam_quantization_backend`: "?" when the run saved no training_args.bin; simulated, the default, otherwise."""
+    if run.settings is None:
+        return "?"
+    return _text(run.settings.get("msam_quantization_backend", "simulated"))
+
+
 def _eval_metrics(runs: list[Run]) -> list[str]:
     """The final evaluation metrics any run has, eval_loss first."""
     keys = {k for run in runs for k in (*run.results, *(k for log in run.log_history for k in log))}
@@ -253,8 +260,11 @@ def write_report(runs: list[Run], skipped: list[tuple[str, str]], path: Path, fi
     """The Markdown report: one row a run, the figure below, then the runs that were skipped."""
     metrics = _eval_metrics(runs)
     quantized = [k for k in QUANTIZATION if any(run.final(k) is not None for run in runs)]
+    # Which backend quantized: a column once a run used another than the default (simulated) one, or may have.
+    backends = quantized and any(_quantization_backend_cell(run) != "simulated" for run in runs
+                                 if any(run.final(k) is not None for k in quantized))  # fmt: skip
     header = ["run", "ρ", "micro-batch", "ASAM", "steps", *metrics, *FLATNESS.values(),
-              *(QUANTIZATION[k] for k in quantized), "train time"]
+              *(QUANTIZATION[k] for k in quantized), *(["quantization"] if backends else []), "train time"]
     rows = [
         [
             _code(run.name),
@@ -263,6 +273,7 @@ def write_report(runs: list[Run], skipped: list[tuple[str, str]], path: Path, fi
             *(_number(run.final(k)) for k in metrics),
             *((eigenvalue_cell if k == "eval_hessian_top_eigenvalue" else _number)(run.final(k)) for k in FLATNESS),
             *(_number(run.final(k)) for k in quantized),
+            *([_quantization_backend_cell(run)] if backends else []),
             _duration(run.final("train_runtime")),
         ]
         for run in runs
@@ -277,7 +288,10 @@ def write_report(runs: list[Run], skipped: list[tuple[str, str]], path: Path, fi
         "training; ?: no training_args.bin)."
         + (" Δloss intb (Δaccuracy intb) is the change of the evaluation loss (accuracy) with every linear layer's "
            "weights rounded to b bits, symmetric per output row (`--msam_eval_quantization`; smaller means more robust "
-           "to quantization)." if quantized else ""),
+           "to quantization)." if quantized else "")
+        + (" quantization is the run's `--msam_quantization_backend`: simulated (weights rounded in place to "
+           "±(2^(b−1) − 1)) or torchao (torchao's weight-only configs, integers in [−2^(b−1), 2^(b−1) − 1]): "
+           "compare the Δ of runs with the same one." if backends else ""),
         "",
         "| " + " | ".join(map(_text, header)) + " |",
         "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",

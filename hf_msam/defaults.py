@@ -29,4 +29,5 @@ MSAM_DEFAULTS: dict[str, Any] = {
     "msam_flatness_iters": 100,
     "msam_eval_landscape": False,
     "msam_eval_quantization": False,
+    "msam_quantization_backend": "simulated",
 }

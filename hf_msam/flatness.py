@@ -28,6 +28,7 @@ docs/flatness.md). `loss_landscape` does not support FSDP2.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import math
@@ -58,6 +59,7 @@ __all__ = [
     "hessian_trace",
     "loss_landscape",
     "plot_loss_landscape",
+    "quantization_backend_name",
     "quantization_sensitivity",
     "quantize_rows",
     "sharpness",
@@ -772,35 +774,184 @@ def _loss_and_accuracy(model: nn.Module, data: list[tuple[Mapping[str, Any], int
     return loss / total, accuracy
 
 
+QUANTIZATION_BACKENDS = ("simulated", "torchao")
+_TORCHAO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what torchao's quantize_affine takes
+
+
+def _torchao() -> tuple[Any, str]:
+    """(torchao.quantization, torchao's version), or ImportError saying how to install it."""
+    needs = ("quantize_", "Int8WeightOnlyConfig", "IntxWeightOnlyConfig", "MappingType", "PerAxis", "PerRow")
+    message = ('quantization_sensitivity(backend="torchao") needs torchao >= 0.18 (tested with 0.18.0): '
+               'pip install "hf-msam[quantization]", or use backend="simulated".')  # fmt: skip
+    try:
+        import torchao  # first, so that a torchao hidden from sys.modules is missing even if a submodule is cached
+        from torchao import quantization
+    except ImportError as error:
+        raise ImportError(message) from error
+    version = getattr(torchao, "__version__", "unknown")
+    if not all(hasattr(quantization, name) for name in needs):
+        raise ImportError(f"{message} Found torchao {version}, which lacks some of {', '.join(needs)}.")
+    return quantization, version
+
+
+def _torchao_config(ao: Any, version: str, bits: int) -> tuple[Any, str]:
+    """torchao's weight-only config that stores each nn.Linear weight as b-bit integers, symmetric, one scale per
+    output row, and the name of what it does."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(
+            f"backend='torchao' quantizes to 2 to 8 bits (Int8WeightOnlyConfig, IntxWeightOnlyConfig's torch.int2 to "
+            f"torch.int7), got {bits!r}."
+        )
+    if bits == 8:  # the int8 weight-only config: int8 weights cast to the activations' dtype in the matmul, then scaled
+        config = ao.Int8WeightOnlyConfig(granularity=ao.PerRow(), set_inductor_config=False)
+        name = "Int8WeightOnlyConfig(granularity=PerRow())"
+    else:  # int8 storage of b-bit values, dequantized (q − 0)·s at each call of F.linear
+        config = ao.IntxWeightOnlyConfig(
+            weight_dtype=getattr(torch, f"int{bits}"), granularity=ao.PerAxis(0), mapping_type=ao.MappingType.SYMMETRIC
+        )
+        name = f"IntxWeightOnlyConfig(weight_dtype=torch.int{bits}, granularity=PerAxis(0), mapping_type=SYMMETRIC)"
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return config, f"torchao {version} {name}: integers in [{low}, {high}], scale max|w_row|/{(high - low) / 2:g}"
+
+
+def quantization_backend_name(backend: str) -> str:
+    """One line on what `quantization_sensitivity(backend=...)` runs, for reports (torchao's version read from its
+    installed metadata, without importing it)."""
+    if backend == "simulated":
+        return "simulated (each weight rounded in place with quantize_rows: integers in ±(2^(b−1) − 1))"
+    if backend == "torchao":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = version("torchao")
+        except PackageNotFoundError:
+            installed = "(not installed)"
+        return (f"torchao {installed} (Int8WeightOnlyConfig for 8 bits, IntxWeightOnlyConfig below; integers in "
+                "[−2^(b−1), 2^(b−1) − 1], symmetric per output row)")  # fmt: skip
+    raise ValueError(f"backend must be one of {', '.join(map(repr, QUANTIZATION_BACKENDS))}, got {backend!r}.")
+
+
+def _simulated_backend(bits: int) -> str:
+    levels = 2 ** (bits - 1) - 1
+    return f"simulated (quantize_rows): integers in [{-levels}, {levels}], scale max|w_row|/{levels}, in the weights' dtype"
+
+
+def _torchao_quantized_copy(model: nn.Module, ao: Any, config: Any) -> tuple[nn.Module, int]:
+    """A deep copy of `model` whose nn.Linear weights (each tensor once, a tied embedding sharing the head's quantized
+    weight) torchao's `quantize_` has replaced with its quantized tensors; GPT-2's Conv1D layers are first turned into
+    the nn.Linear they compute (weight transposed, bias kept), since torchao's tensors implement F.linear, not
+    torch.addmm. Returns the copy and the number of Conv1D layers converted."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is a dependency; without it, only nn.Linear
+        Conv1D = ()  # noqa: N806
+    quantized = copy.deepcopy(model).eval()
+    converted = 0
+    for name, module in list(quantized.named_modules()):
+        if Conv1D and isinstance(module, Conv1D):
+            nx, nf = module.weight.shape
+            linear = nn.Linear(nx, nf, bias=False, device="meta")  # no initialization: both are set here
+            linear.weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=module.weight.requires_grad)
+            linear.bias = module.bias
+            parent, _, child = name.rpartition(".")
+            setattr(quantized.get_submodule(parent), child, linear.train(module.training))
+            converted += 1
+    targets, originals = set(), {}
+    for name, weight, _ in _quantizable_weights(quantized):
+        module = quantized.get_submodule(name.removesuffix(".weight"))
+        if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            raise ValueError(
+                f"backend='torchao' cannot quantize {name.removesuffix('.weight')} ({type(module).__name__}: the "
+                "output projection of nn.MultiheadAttention, which reads its weight directly; torchao's quantize_ "
+                "leaves it out). Use backend='simulated'."
+            )
+        if weight.dtype not in _TORCHAO_DTYPES:
+            raise ValueError(
+                f"backend='torchao' quantizes float32, bfloat16 or float16 weights (torchao's quantize_affine); {name} "
+                f"is {weight.dtype}. Cast the model (e.g. model.float()) or use backend='simulated'."
+            )
+        targets.add(id(module))
+        originals[id(module)] = weight
+    ao.quantize_(quantized, config, filter_fn=lambda module, fqn: id(module) in targets)
+    # quantize_ sets a new Parameter on each linear: a module that shared its weight (a tied input embedding) gets it.
+    new = {id(originals[key]): module.weight for module in quantized.modules() if (key := id(module)) in originals}
+    for module in quantized.modules():
+        weight = module._parameters.get("weight")
+        if weight is not None and id(weight) in new and weight is not new[id(weight)]:
+            module.weight = new[id(weight)]
+    return quantized, converted
+
+
 def quantization_sensitivity(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
     bits: Iterable[int] = (8, 4, 3),
     *,
     size_fn: SizeFn | None = None,
-) -> dict[int, dict[str, float | None]]:
+    backend: str = "simulated",
+) -> dict[int, dict[str, Any]]:
     """How much the model's loss and accuracy change when its weights are rounded to few bits: {b: {"loss": Δloss,
-    "accuracy": Δaccuracy or None}} for each b of `bits`, Δ = quantized − full precision.
+    "accuracy": Δaccuracy or None, "backend": what was run}} for each b of `bits`, Δ = quantized − full precision.
 
-    Every nn.Linear and Conv1D weight (the LM head included; embeddings, norms and biases excluded) is rounded with
-    `quantize_rows` (symmetric, one scale per output row), as weight-only post-training quantization does; the
-    model runs in eval mode on `batches` (see the module docstring for the mean loss) and is restored bitwise
-    afterwards, in the train/eval mode each module was in. Accuracy is the argmax's over labels that are not -100
-    (None for outputs without logits of the labels' shape). Flatter minima are expected to lose less
-    (sharpness-aware pretraining, arXiv 2605.02105). Simulated quantization in the weights' own dtype: no
-    quantized kernels are run. Not under FSDP2."""
+    Every nn.Linear and Conv1D weight (the LM head included; embeddings, norms and biases excluded) is quantized
+    symmetric, one scale per output row, as weight-only post-training quantization does; the model runs in eval
+    mode on `batches` (see the module docstring for the mean loss) and is left bitwise as it was, in the train/eval
+    mode each module was in. Accuracy is the argmax's over labels that are not -100 (None for outputs without logits
+    of the labels' shape). Flatter minima are expected to lose less (sharpness-aware pretraining, arXiv 2605.02105).
+    Not under FSDP2.
+
+    `backend="simulated"` (default): each weight rounded in place with `quantize_rows` (integers in ±(2^(b−1) − 1),
+    scale max|w_row|/(2^(b−1) − 1)) in the weights' own dtype, then restored; no quantized tensors, any b >= 2.
+    `backend="torchao"` (`pip install "hf-msam[quantization]"`): real weight-only quantization with torchao's configs
+    on a deep copy of the model (the caller's is not touched; it costs a copy's memory): b = 8
+    `Int8WeightOnlyConfig(granularity=PerRow())`, b = 2..7 `IntxWeightOnlyConfig(weight_dtype=torch.int{b},
+    granularity=PerAxis(0), mapping_type=SYMMETRIC)`, both with integers in [−2^(b−1), 2^(b−1) − 1] and scale
+    max|w_row|/(2^(b−1) − ½), zero point 0, q = clamp(round(w·(1/s)))·s (so not `quantize_rows`' grid, on which a
+    row's largest |w| is exact: here it lands half a step away). GPT-2's Conv1D layers are converted to the nn.Linear
+    they compute in the copy first (their "backend" entry says how many); float32, bfloat16 or float16 weights only.
+    """
     from .integrations.torch_internals import is_fsdp2
 
+    if backend not in QUANTIZATION_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, QUANTIZATION_BACKENDS))}, got {backend!r}.")
     if is_fsdp2(model):
         raise NotImplementedError("quantization_sensitivity does not support FSDP2: measure the unsharded model.")
     bits = list(bits)
     weights = _quantizable_weights(model)
     if not weights:
         raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D weight to quantize.")
+    if backend == "torchao":
+        ao, version = _torchao()
+        configs = {b: _torchao_config(ao, version, b) for b in bits}  # every b checked before any measure
     device = weights[0][1].device
     data = _materialize(batches, device, size_fn)
+    result: dict[int, dict[str, Any]] = {}
+
+    def entry(loss: float, accuracy: float | None, what: str) -> dict[str, Any]:
+        known = accuracy is not None and base_accuracy is not None
+        return {"loss": loss - base_loss, "accuracy": accuracy - base_accuracy if known else None, "backend": what}
+
+    if backend == "torchao":
+        with _measuring(model), torch.no_grad():
+            base_loss, base_accuracy = _loss_and_accuracy(model, data)
+            for b in bits:
+                config, what = configs[b]
+                try:
+                    quantized, converted = _torchao_quantized_copy(model, ao, config)
+                    loss, accuracy = _loss_and_accuracy(quantized, data)
+                except ValueError:
+                    raise
+                except Exception as error:  # a device, dtype or layer torchao's tensors do not run on
+                    raise RuntimeError(
+                        f"torchao could not quantize or run {type(model).__name__} ({weights[0][1].dtype} on {device}) "
+                        f"with {what.split(':')[0]}: {type(error).__name__}: {error}. Use backend='simulated'."
+                    ) from error
+                del quantized
+                if converted:
+                    what += f"; {converted} GPT-2 Conv1D layer(s) converted to nn.Linear (weight transposed) first"
+                result[b] = entry(loss, accuracy, what)
+        return result
     saved = [w.detach().clone() for _, w, _ in weights]
-    result: dict[int, dict[str, float | None]] = {}
     with _measuring(model), torch.no_grad():
         base_loss, base_accuracy = _loss_and_accuracy(model, data)
         try:
@@ -808,10 +959,7 @@ def quantization_sensitivity(
                 for (_, w, dim), original in zip(weights, saved):
                     w.copy_(quantize_rows(original, b, dim))
                 loss, accuracy = _loss_and_accuracy(model, data)
-                result[b] = {
-                    "loss": loss - base_loss,
-                    "accuracy": None if accuracy is None or base_accuracy is None else accuracy - base_accuracy,
-                }
+                result[b] = entry(loss, accuracy, _simulated_backend(b))
         finally:
             for (_, w, _), original in zip(weights, saved):
                 w.copy_(original)
@@ -833,8 +981,11 @@ def _first_batches(dataloader: Iterable[Any], count: int) -> list[Any]:
 
 def check_flatness_supported(trainer: Any) -> None:
     """Raise NotImplementedError, naming the flags, when the trainer's `msam_eval_*` flags ask for measures its setup
-    cannot take: run when the trainer is built, so a run does not fail at its first evaluation."""
+    cannot take (ImportError when `--msam_quantization_backend torchao` finds no torchao): run when the trainer is
+    built, so a run does not fail at its first evaluation."""
     args = trainer.args
+    if msam_setting(args, "msam_eval_quantization") and msam_setting(args, "msam_quantization_backend") == "torchao":
+        _torchao()  # ImportError, saying what to install, when the trainer is built rather than at its first evaluation
     flags = [f"--{name}" for name in ("msam_eval_flatness", "msam_eval_landscape") if msam_setting(args, name)]
     if not flags:
         return
@@ -855,7 +1006,11 @@ def check_flatness_supported(trainer: Any) -> None:
 
 
 def evaluate_flatness(
-    trainer: Any, eval_dataset: Any = None, metric_key_prefix: str = "eval", quantization: bool = False
+    trainer: Any,
+    eval_dataset: Any = None,
+    metric_key_prefix: str = "eval",
+    quantization: bool = False,
+    quantization_backend: str = "simulated",
 ) -> dict[str, float]:
     """What [`MSAMTrainer.evaluate`] adds to an evaluation, per the trainer's `msam_eval_*` flags.
 
@@ -866,7 +1021,8 @@ def evaluate_flatness(
     micro-batch, whatever the run trained with: runs compare on equal footing. With
     `msam_eval_landscape`, writes `loss_landscape.json` and `loss_landscape.png` (1-D) to `output_dir`,
     overwriting those of the previous evaluation. With `quantization`, adds `{prefix}_int{b}_loss_delta` (and
-    `{prefix}_int{b}_accuracy_delta` where the accuracy is known) for b = 8, 4, 3 (`quantization_sensitivity`).
+    `{prefix}_int{b}_accuracy_delta` where the accuracy is known) for b = 8, 4, 3 (`quantization_sensitivity`, with
+    its `backend=quantization_backend`: the trainer passes `msam_quantization_backend`).
 
     With several processes, every process measures its own shard's first batches, with no collective
     inside (the model is unwrapped); the three numbers are then averaged across processes, which all
@@ -900,7 +1056,9 @@ def evaluate_flatness(
         names = ("hessian_top_eigenvalue", "hessian_trace", "sharpness")
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in zip(names, values)}
     if quantization:
-        deltas = quantization_sensitivity(model, batches, **{k: v for k, v in common.items() if k == "size_fn"})
+        deltas = quantization_sensitivity(
+            model, batches, backend=quantization_backend, **{k: v for k, v in common.items() if k == "size_fn"}
+        )
         names = [f"{metric_key_prefix}_int{b}_{what}_delta" for b in deltas for what in ("loss", "accuracy")
                  if deltas[b][what] is not None]  # fmt: skip
         values = [deltas[b][what] for b in deltas for what in ("loss", "accuracy") if deltas[b][what] is not None]

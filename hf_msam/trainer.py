@@ -16,7 +16,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.training_args import OptimizerNames
 
 from .batches import SequenceBoundsRecorder, splitter_for, trl_bases
-from .flatness import check_flatness_supported, evaluate_flatness
+from .flatness import check_flatness_supported, evaluate_flatness, quantization_backend_name
 from .integrations import transformers as transformers_adapter
 from .methods import DescentRule, PerturbationRule, build_method, check_compatible
 from .methods.sam import SAMPerturbation
@@ -694,9 +694,12 @@ class MSAMMixin:
             last.update({k: v for k, v in log.items() if k in names})
         if not last:
             return []
-        return ["", "## Flatness", "", "Measured on the evaluation set at the last evaluation (`hf_msam.flatness`; lower "
-                "means flatter, or less changed by quantization):", "",
-                *(f"- {names[k]}: {last[k]:.6g}" for k in names if k in last)]  # fmt: skip
+        lines = ["", "## Flatness", "", "Measured on the evaluation set at the last evaluation (`hf_msam.flatness`; "
+                 "lower means flatter, or less changed by quantization):", "",
+                 *(f"- {names[k]}: {last[k]:.6g}" for k in names if k in last)]  # fmt: skip
+        if any(k.startswith("eval_int") for k in last):
+            lines.append(f"- quantization backend: {quantization_backend_name(msam_setting(self.args, 'msam_quantization_backend'))}")
+        return lines
 
     # -- flatness ---------------------------------------------------------------------------------
     def evaluate(
@@ -711,7 +714,10 @@ class MSAMMixin:
         if isinstance(eval_dataset if eval_dataset is not None else self.eval_dataset, dict):
             return metrics  # super() evaluated each dataset through this method, flatness included
         quantization = bool(msam_setting(self.args, "msam_eval_quantization"))
-        flatness = evaluate_flatness(self, eval_dataset, metric_key_prefix, quantization=quantization)
+        flatness = evaluate_flatness(
+            self, eval_dataset, metric_key_prefix, quantization=quantization,
+            quantization_backend=msam_setting(self.args, "msam_quantization_backend"),
+        )  # fmt: skip
         if flatness:
             self.log(flatness)
             metrics.update(flatness)

@@ -217,6 +217,9 @@ class MSAMArguments:
         msam_eval_quantization (`bool`, *optional*, defaults to `False`):
             Every evaluation also reports `eval_int{b}_loss_delta` (and `eval_int{b}_accuracy_delta`) for b = 8, 4, 3:
             how much rounding the linear layers' weights to b bits changes them (`quantization_sensitivity`).
+        msam_quantization_backend (`str`, *optional*, defaults to `"simulated"`):
+            How `msam_eval_quantization` quantizes: `simulated` (the weights rounded in place, `quantize_rows`) or
+            `torchao` (torchao's weight-only configs on a copy of the model; `pip install "hf-msam[quantization]"`).
     """)
 
     msam_rho: float = field(
@@ -407,8 +410,21 @@ class MSAMArguments:
         metadata={
             "help": "At every evaluation, also report eval_int8/int4/int3_loss_delta (and _accuracy_delta where the "
             "model's logits give one): the change of the loss when every nn.Linear and Conv1D weight, the LM head "
-            "included, is rounded to that many bits, symmetric per output row (weight-only quantization, simulated), "
+            "included, is rounded to that many bits, symmetric per output row (weight-only quantization, simulated unless "
+            "--msam_quantization_backend torchao), "
             "on the first --msam_flatness_batches evaluation batches. Flatter minima are expected to lose less."
+        },
+    )
+    msam_quantization_backend: str = field(
+        default=MSAM_DEFAULTS["msam_quantization_backend"],
+        metadata={
+            "help": "How --msam_eval_quantization quantizes. simulated: each weight rounded in place to b bits "
+            "(integers in +-(2^(b-1) - 1), scale max|w_row|/(2^(b-1) - 1)), then restored. torchao: real weight-only "
+            "quantization of a copy of the model with torchao's Int8WeightOnlyConfig (8 bits) and "
+            "IntxWeightOnlyConfig (4 and 3 bits), symmetric per output row (integers in [-2^(b-1), 2^(b-1) - 1], "
+            "scale max|w_row|/(2^(b-1) - 1/2)); needs pip install \"hf-msam[quantization]\" and float32, bfloat16 "
+            "or float16 weights.",
+            "choices": ["simulated", "torchao"],
         },
     )
 
@@ -485,6 +501,11 @@ def check_msam_settings(args: Any) -> None:
     if msam_setting(args, "msam_flat_lora_schedule") not in ("cosine", "constant"):
         raise ValueError(
             f"--msam_flat_lora_schedule must be 'cosine' or 'constant', got {msam_setting(args, 'msam_flat_lora_schedule')!r}."
+        )
+    if msam_setting(args, "msam_quantization_backend") not in ("simulated", "torchao"):
+        raise ValueError(
+            "--msam_quantization_backend must be 'simulated' or 'torchao', got "
+            f"{msam_setting(args, 'msam_quantization_backend')!r}."
         )
     if msam_setting(args, "msam_rho_schedule") not in ("constant", "lr"):
         raise ValueError(f"--msam_rho_schedule must be 'constant' or 'lr', got {msam_setting(args, 'msam_rho_schedule')!r}.")
