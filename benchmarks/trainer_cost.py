@@ -109,17 +109,18 @@ def measure(model: str, size_name: str, micro_batch_size: int | None, opts: dict
 
     size = SIZES[size_name]
     times: list[float] = []
+    clock = time.thread_time if opts.get("clock") == "thread" else time.perf_counter
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             if torch.cuda.is_available() and opts.get("device") == "cuda":
                 torch.cuda.synchronize()
-            self.t0 = time.perf_counter()
+            self.t0 = clock()
 
         def on_step_end(self, args, state, control, **kwargs):
             if torch.cuda.is_available() and opts.get("device") == "cuda":
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t0)
+            times.append(clock() - self.t0)
 
     steps = opts["warmup"] + opts["steps"]
     cuda = opts.get("device") == "cuda" and torch.cuda.is_available()
@@ -142,6 +143,62 @@ def measure(model: str, size_name: str, micro_batch_size: int | None, opts: dict
             "threads": torch.get_num_threads(), "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
 
+def measure_lockstep(model: str, size_name: str, micro_batch_sizes: dict, opts: dict) -> dict:
+    """--lockstep: one fresh MSAMTrainer per method, all trained at once on this thread, taking their steps in turn.
+
+    Each trainer's `train()` runs in a greenlet (a coroutine on the same OS thread: one pool of torch threads, as
+    in one training run) that hands control back at the start of every step; a round-robin resumes them one after
+    another, so step i of every method runs within a few hundred milliseconds of the others and the ratio of two
+    methods' step i cancels a shared machine's drift, which is minutes long. Returns each method's step times
+    after the warmup, in order."""
+    try:
+        import greenlet
+    except ImportError as err:
+        raise SystemExit("--lockstep needs the greenlet package: pip install greenlet") from err
+    import torch
+    from transformers import TrainerCallback
+
+    from hf_msam import MSAMTrainer, MSAMTrainingArguments
+
+    size = SIZES[size_name]
+    clock = time.thread_time if opts.get("clock") == "thread" else time.perf_counter
+    scheduler = greenlet.getcurrent()
+    times: dict[str, list[float]] = {name: [] for name in micro_batch_sizes}
+
+    class Turn(TrainerCallback):
+        def __init__(self, name):
+            self.name = name
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            scheduler.switch()  # the other methods take their step; this one's clock starts when it is resumed
+            self.t0 = clock()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times[self.name].append(clock() - self.t0)
+
+    steps = opts["warmup"] + opts["steps"]
+    trainers = {}
+    with tempfile.TemporaryDirectory(prefix="trainer_cost_") as out:
+        for name, micro in micro_batch_sizes.items():
+            args = MSAMTrainingArguments(
+                output_dir=f"{out}/{name}", per_device_train_batch_size=opts["batch_size"], max_steps=steps,
+                optim="sgd", learning_rate=1e-3, logging_strategy="no", save_strategy="no", report_to="none",
+                disable_tqdm=True, use_cpu=True, seed=0, msam_rho=RHO, msam_micro_batch_size=micro,
+            )  # fmt: skip
+            trainers[name] = MSAMTrainer(model=build(model, size), args=args, callbacks=[Turn(name)],
+                                         train_dataset=examples(model, size, steps * opts["batch_size"]))  # fmt: skip
+        runs = {name: greenlet.greenlet(trainer.train) for name, trainer in trainers.items()}
+        while any(not run.dead for run in runs.values()):
+            for run in runs.values():
+                if not run.dead:
+                    run.switch()  # an exception in a trainer comes out here
+    return {
+        "times_s": {name: t[opts["warmup"] :] for name, t in times.items()},
+        "path": {name: None if t.msam_path is None else str(t.msam_path) for name, t in trainers.items()},
+        "threads": torch.get_num_threads(),
+    }
+
+
 def worker() -> None:
     """Answers one JSON request per line on stdin (model, size, micro_batch_size, opts) with one JSON line."""
     import torch
@@ -152,6 +209,10 @@ def worker() -> None:
     print(MARK, json.dumps({"ready": True, "hf_msam": str(Path(hf_msam.__file__).parent)}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
+        if request.get("lockstep"):
+            answer = measure_lockstep(request["model"], request["size"], request["micro_batch_sizes"], request["opts"])
+            print(MARK, json.dumps(answer), flush=True)
+            continue
         answer = measure(request["model"], request["size"], request["micro_batch_size"], request["opts"])
         print(MARK, json.dumps(answer), flush=True)
 
@@ -193,7 +254,7 @@ def run(opts: argparse.Namespace) -> dict:
     micro = opts.batch_size // opts.k
     methods = {"sam": None, f"msam{opts.k}": micro}
     request_opts = {"steps": opts.steps, "warmup": opts.warmup, "batch_size": opts.batch_size, "device": opts.device,
-                    "bf16": opts.bf16}
+                    "bf16": opts.bf16, "clock": opts.clock}
     revisions: dict[str, Path] = {"head": ROOT}
     tmp = None
     if opts.base:
@@ -208,6 +269,8 @@ def run(opts: argparse.Namespace) -> dict:
     peaks: dict[tuple, int | None] = {}
     started = time.perf_counter()
     try:
+        if opts.lockstep:
+            return lockstep_rounds(opts, methods, revisions, workers, request_opts, started)
         for r in range(opts.rounds):
             order = [(rev, m) for rev in revisions for m in methods]
             if r % 2:
@@ -238,12 +301,49 @@ def run(opts: argparse.Namespace) -> dict:
                 "rounds_ms": {m: [round(1000 * t, 2) for t in medians[(rev, model, m)]] for m in methods},
                 "peak_bytes": {m: peaks[(rev, model, m)] for m in methods},  # CUDA only
             })  # fmt: skip
+    return summary(opts, rows, started)
+
+
+def lockstep_rounds(opts, methods: dict, revisions: dict, workers: dict, request_opts: dict, started: float) -> dict:
+    """--lockstep: each round trains SAM and mSAM at once in each revision's worker, a step of each in turn (the
+    order alternating between rounds); the ratio is the median over all rounds' steps of mSAM's step i over SAM's
+    step i, and each round's own median is kept (`rounds_ratio`) to show the spread."""
+    msam = f"msam{opts.k}"
+    steps: dict[tuple, dict[str, list[list[float]]]] = {}
+    paths: dict[tuple, str | None] = {}
+    for r in range(opts.rounds):
+        order = list(methods)[:: 1 if r % 2 == 0 else -1]
+        for model in opts.models:
+            for rev in list(revisions)[:: 1 if r % 2 == 0 else -1]:
+                result = workers[rev].measure(lockstep=True, model=model, size=opts.size, opts=request_opts,
+                                              micro_batch_sizes={m: methods[m] for m in order})  # fmt: skip
+                for m in methods:
+                    steps.setdefault((rev, model), {}).setdefault(m, []).append(result["times_s"][m])
+                paths[(rev, model)] = result["path"][msam]
+        print(f"round {r + 1}/{opts.rounds} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    rows = []
+    for model in opts.models:
+        for rev in revisions:
+            sam_rounds, msam_rounds = steps[(rev, model)]["sam"], steps[(rev, model)][msam]
+            per_round = [[b / a for a, b in zip(sam, ms)] for sam, ms in zip(sam_rounds, msam_rounds)]
+            ratio = statistics.median([x for one in per_round for x in one])
+            rows.append({
+                "model": model, "revision": rev, "ratio": ratio,
+                "sam_ms": 1000 * statistics.median([t for one in sam_rounds for t in one]),
+                f"{msam}_ms": 1000 * statistics.median([t for one in msam_rounds for t in one]),
+                "target": TARGETS.get(opts.size), "meets": ratio <= TARGETS.get(opts.size, 9e9),
+                "path": paths[(rev, model)], "rounds_ratio": [round(statistics.median(one), 3) for one in per_round],
+            })  # fmt: skip
+    return summary(opts, rows, started)
+
+
+def summary(opts, rows: list[dict], started: float) -> dict:
     import torch
     import transformers
 
     return {
         "size": opts.size, **SIZES[opts.size], "device": opts.device, "bf16": opts.bf16, "batch_size": opts.batch_size,
-        "k": opts.k, "steps": opts.steps,
+        "k": opts.k, "steps": opts.steps, "clock": opts.clock, "lockstep": opts.lockstep,
         "warmup": opts.warmup, "rounds": opts.rounds, "threads": opts.threads, "base": opts.base,
         "torch": torch.__version__, "transformers": transformers.__version__, "rows": rows,
         "wall_s": round(time.perf_counter() - started, 1),
@@ -277,8 +377,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="cuda: the first GPU (the Trainer's own choice); the step is timed after a synchronization")
     parser.add_argument("--bf16", action="store_true", help="the Trainer's --bf16 (autocast)")
     parser.add_argument("--base", help="also measure this revision (a git worktree of it), rounds alternating")
+    parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                        help="wall: elapsed time (the issue's protocol); thread: the CPU time of the training thread "
+                        "(with --threads 1 only), which other processes and a virtual machine's stolen time do not "
+                        "enter: the work itself, steady where the wall clock of a shared machine is not")  # fmt: skip
+    parser.add_argument("--lockstep", action="store_true",
+                        help="train SAM and mSAM at once, a step of each in turn on one thread (greenlets: pip "
+                        "install greenlet), and take the median of the per-step ratios: a shared machine's drift "
+                        "cancels (CPU only)")  # fmt: skip
     parser.add_argument("--json", help="also write the JSON result to this path")
     opts = parser.parse_args(argv)
+    if opts.lockstep and opts.device != "cpu":
+        parser.error("--lockstep is for the CPU (a GPU does not drift like a shared CPU): leave it out with --device cuda")
+    if opts.clock == "thread" and (opts.threads != 1 or opts.device != "cpu"):
+        parser.error("--clock thread counts the training thread's CPU time alone: use it with --threads 1 on the CPU")
     result = run(opts)
     print(json.dumps(result, indent=1))
     print(table(result))
