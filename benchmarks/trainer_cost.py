@@ -6,6 +6,7 @@ and SGD, each in a fresh trainer. A round trains every (model, method) for --ste
 after --warmup; rounds alternate the order of the methods, and each figure is the best of --rounds rounds (a shared
 machine's noise is about ±0.2 in the ratio with one round). The ratio is mSAM's best median over SAM's.
 
+    python benchmarks/trainer_cost.py --lockstep               # SAM and mSAM step by step in turn (pip install greenlet)
     python benchmarks/trainer_cost.py                          # the small size: hidden 64, 2 layers, sequence 16
     python benchmarks/trainer_cost.py --size medium            # hidden 256, 4 layers, sequence 64
     python benchmarks/trainer_cost.py --models bert vit --rounds 3 --steps 20
@@ -13,7 +14,9 @@ machine's noise is about ±0.2 in the ratio with one round). The ratio is mSAM's
 
 With --base, two worker processes import hf_msam from the base revision's worktree and from this tree, and the
 rounds alternate between them as between the methods (A B, B A, ...), so both revisions see the same machine.
-Prints a JSON object and a table; --json also writes the JSON to a file. Targets (issue 31): mSAM(8) at most 1.3x
+With --lockstep (CPU), each round trains SAM and mSAM at once on one thread, a step of each in turn, and the ratio is
+the median of mSAM's step i over SAM's step i: the measurement to trust on a machine that drifts over minutes (see
+`measure_lockstep`). Prints a JSON object and a table; --json also writes the JSON to a file. Targets (issue 31): mSAM(8) at most 1.3x
 SAM at the small size, at most 1.15x at the medium size.
 """
 
