@@ -54,9 +54,8 @@ def _norm_forward_at(module, x, e, pos):
         p = p + e[name] if name in e else p.unsqueeze(0)
         return as_dtype(p, x.dtype).view(p.shape[0], 1, *mid, *p.shape[1:])
 
-    y = x_hat * per_group("weight")
-    bias = per_group("bias")
-    return pos.ungrouped(y if bias is None else y + bias)
+    weight, bias = per_group("weight"), per_group("bias")
+    return pos.ungrouped(x_hat * weight if bias is None else torch.addcmul(bias, x_hat, weight))  # one pass, not two
 
 
 register_rule(nn.LayerNorm, Rule(("weight", "bias"), _norm_group_grad, _norm_delta, forward_at=_norm_forward_at))
