@@ -16,8 +16,8 @@ With --base, two worker processes import hf_msam from the base revision's worktr
 rounds alternate between them as between the methods (A B, B A, ...), so both revisions see the same machine.
 With --lockstep (CPU), each round trains SAM and mSAM at once on one thread, a step of each in turn, and the ratio is
 the median of mSAM's step i over SAM's step i: the measurement to trust on a machine that drifts over minutes (see
-`measure_lockstep`). Prints a JSON object and a table; --json also writes the JSON to a file. Targets (issue 31): mSAM(8) at most 1.3x
-SAM at the small size, at most 1.15x at the medium size.
+`measure_lockstep`). Prints a JSON object and a table; --json also writes the JSON to a file. Targets (issue 31):
+mSAM(8) at most 1.3x SAM at the small size, at most 1.15x at the medium size.
 """
 
 from __future__ import annotations
