@@ -22,7 +22,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 import zipfile
@@ -219,12 +218,39 @@ def table(rows: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ main
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def study_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser with what every task of the study takes: seeds, model size, vocabulary, sequence length."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--size", choices=["small", "tiny"], default="small")
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--seq", type=int, default=64)
+    return p
+
+
+def parse_with_run_arguments(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """The study's own arguments, and those of every run of it (its folder, where to publish, torch threads)."""
+    p.add_argument("--work", default=str(HERE / "runs"))
+    p.add_argument("--publish", default=None)
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def prepare_run(a: argparse.Namespace) -> Path:
+    """Torch threads, the Hub offline, transformers quiet; the work folder, made."""
+    torch.set_num_threads(a.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def main(argv=None) -> dict:
+    p = study_parser(__doc__)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--micro", type=int, default=8, help="msam_micro_batch_size of the SAM-family runs")
     p.add_argument("--rho", type=float, default=0.05)
@@ -236,19 +262,8 @@ def main(argv=None) -> dict:
     p.add_argument("--flat_sigma", type=float, default=0.05)
     p.add_argument("--tasks", nargs="+", default=["lm", "lora"], choices=["lm", "lora"])
     p.add_argument("--methods", nargs="+", default=None, help="subset of the task-1 methods (default: all)")
-    p.add_argument("--work", default=str(HERE / "runs"))
-    p.add_argument("--publish", default=None)
-    p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args(argv)
-
-    torch.set_num_threads(a.threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    work = Path(a.work)
-    work.mkdir(parents=True, exist_ok=True)
+    a = parse_with_run_arguments(p, argv)
+    work = prepare_run(a)
 
     pre_train_txt, pre_val_txt = split(read_reviews("drugsComTrain.tsv"), 0.1)
     lora_train_txt, lora_val_txt = split(read_reviews("drugsComTest.tsv"), 0.2)

@@ -13,10 +13,8 @@ See README.md here (section "Extension").
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -319,11 +317,7 @@ def plots(out: dict, pub: Path, seeds: list[int]) -> list[str]:
 
 # --------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--size", choices=["small", "tiny"], default="small")
-    p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--seq", type=int, default=64)
+    p = base.study_parser(__doc__)
     p.add_argument("--pre_steps", type=int, default=300, help="task 1's steps of the pretrained AdamW model")
     p.add_argument("--rho", type=float, default=0.05)
     p.add_argument("--late", type=float, default=0.5, help="msam_start of late-phase mSAM")
@@ -339,19 +333,8 @@ def main(argv=None) -> dict:
     p.add_argument("--ft_val_blocks", type=int, default=128)
     p.add_argument("--tasks", nargs="+", default=["dpo", "ft"], choices=["pretrain", "dpo", "ft"])
     p.add_argument("--methods", nargs="+", default=None)
-    p.add_argument("--work", default=str(HERE / "runs"))
-    p.add_argument("--publish", default=None)
-    p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args(argv)
-
-    torch.set_num_threads(a.threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    work = Path(a.work)
-    work.mkdir(parents=True, exist_ok=True)
+    a = base.parse_with_run_arguments(p, argv)
+    work = base.prepare_run(a)
     t_start = time.perf_counter()
 
     pre_train_txt, pre_val_txt = base.split(base.read_reviews("drugsComTrain.tsv"), 0.1)
