@@ -11,6 +11,8 @@ the steps after the first `--warmup`, from `on_step_begin` to `on_step_end`) of,
     SAM                     one micro-batch per device: two passes, the floor of any (m)SAM step
     mSAM sequential         --micro_batch rows (DPO: pairs) per perturbation, one pass per micro-batch
     mSAM vectorized         the same micro-batches, every one in one forward and one backward per pass
+    logits-SAM              --msam_method logits_sam on the same micro-batches: the output layer perturbed per
+                            micro-batch, the body run once per step (its default vectorized form)
 
 Each configuration runs in a fresh process (its own peak memory: on CUDA `max_memory_allocated`, on CPU the peak
 resident set size, which also counts the interpreter and libraries, the same in every process). Prints a table and
@@ -37,6 +39,7 @@ ROWS = {
     "SAM": {"msam_rho": 0.05},
     "mSAM sequential": {"msam_rho": 0.05, "msam_vectorize": "off"},
     "mSAM vectorized": {"msam_rho": 0.05, "msam_vectorize": "on"},
+    "logits-SAM": {"msam_rho": 0.05, "msam_method": "logits_sam"},
 }
 
 
@@ -99,7 +102,7 @@ def run_one(kind: str, row: str, opts: argparse.Namespace, queue) -> None:
     )  # fmt: skip
     model = LlamaForCausalLM(config)
     extra = dict(ROWS[row])
-    if row.startswith("mSAM"):
+    if row.startswith(("mSAM", "logits-SAM")):
         extra["msam_micro_batch_size"] = opts.micro_batch
     common = dict(
         per_device_train_batch_size=opts.batch, max_steps=opts.steps + opts.warmup, learning_rate=1e-4, bf16=False,

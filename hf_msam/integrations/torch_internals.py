@@ -6,6 +6,10 @@ Tested with torch 2.13.0 and 2.14.1.
 - FSDP2 (`torch.distributed.fsdp.fully_shard`): `FSDPModule`, and each module's `_get_fsdp_state()` with its
   parameter groups (`_fsdp_param_groups`, a list since torch 2.12; `_fsdp_param_group` before), whose
   `reduce_grads`/`all_reduce_grads` flags say whether a backward reduce-scatters.
+- The autograd engine's state: `torch._C._will_engine_execute_node` (whether the backward now running reaches a
+  node), `torch._C._current_autograd_node` (whether a backward node is running), and
+  `torch._C._autograd._top_saved_tensors_default_hooks` (whose pack hook is torch.utils.checkpoint's inside a
+  non-reentrant checkpoint region).
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ def missing_upstream_names() -> list[str]:
         return [*missing, "torch.distributed.fsdp.FSDPModule"]
     if not hasattr(FSDPModule, "_get_fsdp_state"):
         missing.append("torch.distributed.fsdp.FSDPModule._get_fsdp_state")
+    for name in ("_will_engine_execute_node", "_current_autograd_node"):
+        if not hasattr(torch._C, name):
+            missing.append(f"torch._C.{name}")
+    if not hasattr(torch._C._autograd, "_top_saved_tensors_default_hooks"):
+        missing.append("torch._C._autograd._top_saved_tensors_default_hooks")
     return missing
 
 
@@ -74,3 +83,37 @@ def fsdp2_reduces_every_backward(model: nn.Module):
     finally:
         for g, (reduce_grads, all_reduce_grads) in zip(groups, saved):
             g.reduce_grads, g.all_reduce_grads = reduce_grads, all_reduce_grads
+
+
+def will_compute_gradient(ctx: Any, i: int) -> bool:
+    """In a custom autograd Function's backward: whether the backward now running uses the gradient of the
+    Function's input i. `ctx.needs_input_grad[i]` only says the input requires grad; `torch.autograd.grad` with
+    `inputs` runs part of the graph, and an input outside that part needs no gradient. Where torch cannot say, True.
+    The inputs before i must be tensors: `ctx.next_functions` has an entry per tensor input only."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    try:
+        node = ctx.next_functions[i][0]
+        return node is None or torch._C._will_engine_execute_node(node)
+    except (AttributeError, RuntimeError):
+        return True
+
+
+def in_backward() -> bool:
+    """True while the autograd engine runs a backward node (a forward called now is activation checkpointing's
+    recomputation of a region, not a new pass)."""
+    return torch._C._current_autograd_node() is not None
+
+
+def in_checkpoint_region() -> bool:
+    """True inside torch.utils.checkpoint's non-reentrant region (its saved-tensor hooks are on top of the stack) or
+    in its recomputation. Where torch's private function is missing, False outside a backward."""
+    if in_backward():
+        return True
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    try:
+        hooks = top(True) if top is not None else None
+    except TypeError:
+        return False
+    pack = hooks[0] if hooks else None
+    return pack is not None and "_checkpoint_hook" in getattr(pack, "__qualname__", "")

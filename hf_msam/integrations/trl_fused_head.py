@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ..vectorized import outside
+from .torch_internals import will_compute_gradient
 
 TESTED = {"trl": ("1.16.0",)}
 
@@ -123,6 +124,9 @@ class _GroupedHeadFunction(torch.autograd.Function):
     def backward(ctx, grad_logprobs, grad_entropy, *_):
         weight, bias, e_w, e_b = ctx.saved_tensors
         needs_hidden, needs_w, needs_b, _, _, needs_zw, needs_zb = ctx.needs_input_grad[:7]
+        # logits-SAM's autograd.grad to the probes alone uses no gradient of the hidden states, which TRL's backward
+        # would compute (one more [tokens, vocab] x [vocab, H] product) because they require grad.
+        needs_hidden = will_compute_gradient(ctx, 0)
         grad_hidden = grad_w = grad_b = grad_zw = grad_zb = None
         k = len(ctx.contexts)
         for j, (index, sub) in enumerate(ctx.contexts):

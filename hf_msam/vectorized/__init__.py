@@ -66,7 +66,8 @@ copy gets its own output gradient and its own group's perturbation.
 
 **Activation checkpointing** (torch.utils.checkpoint, non-reentrant: transformers' default) recomputes a region's
 forward in the backward to get its saved tensors back. The backwards therefore run inside the contexts, so that the
-recomputation takes the routed forwards again and saves the same tensors; it records nothing (`_recomputing`).
+recomputation takes the routed forwards again and saves the same tensors; it records nothing
+(`torch_internals.in_backward`).
 Inside a region the capture does not keep the layer's input and output edge (that would keep the activations
 checkpointing frees): the layer runs at w + z_j with probes z as in the fallback, and ∂L/∂z_j is g_j, computed in
 the backward as it goes. Reentrant checkpointing runs its forward without autograd and refuses autograd.grad:

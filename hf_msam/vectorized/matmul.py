@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..integrations.torch_internals import will_compute_gradient
 from ..ops import as_dtype
 from .layout import Positions
 
@@ -86,28 +87,15 @@ class _PerturbedMatmul(torch.autograd.Function):
             if w_e is None:
                 w_e = _perturbed_weight(w, e, ctx.transposed, ctx.dtype)
             dx = torch.bmm(dy, w_e.transpose(1, 2))
-        if _engine_uses(ctx, 1):  # not in a capture, whose autograd.grad asks for the groups' parts only
+        if will_compute_gradient(ctx, 1):  # not in a capture, whose autograd.grad asks for the groups' parts only
             dy_flat, x_flat = dy.flatten(0, 1), x.flatten(0, 1)  # padding slots have dy = 0: they add nothing
             dw = as_dtype(x_flat.t().mm(dy_flat) if ctx.transposed else dy_flat.t().mm(x_flat), w.dtype)
-        if _engine_uses(ctx, 2):  # e requiring grad: its gradient is each group's own
+        if will_compute_gradient(ctx, 2):  # e requiring grad: its gradient is each group's own
             de = (torch.bmm(x.transpose(1, 2), dy) if ctx.transposed else torch.bmm(dy.transpose(1, 2), x)).to(e.dtype)
         db = None
         if ctx.bias_dim is not None and ctx.needs_input_grad[5]:
             db = dy.sum(1) if ctx.bias_dim == 2 else dy.sum((0, 1))  # padding slots have dy = 0
         return dx, dw, de, None, None, db
-
-
-def _engine_uses(ctx, i: int) -> bool:
-    """Whether the backward now running will use the gradient of input i of this Function (autograd.grad with
-    `inputs` skips the rest of the graph; `needs_input_grad` only says the input requires grad). Where torch cannot
-    say, it is computed."""
-    if not ctx.needs_input_grad[i]:
-        return False
-    try:
-        node = ctx.next_functions[i][0]
-        return node is None or torch._C._will_engine_execute_node(node)
-    except (AttributeError, RuntimeError):
-        return True
 
 
 def _perturbed_matmul(x, w, b, e_w, e_b, pos: Positions, transposed: bool) -> torch.Tensor:

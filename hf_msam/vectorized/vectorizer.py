@@ -16,6 +16,7 @@ from torch.utils import checkpoint as torch_checkpoint
 
 from ..integrations import hub_kernels
 from ..integrations.patching import set_on_instance
+from ..integrations.torch_internals import in_backward, in_checkpoint_region
 from .layout import GroupLayout, NotVectorizable, Positions, _take
 from .outside import _ACTIVE, READERS, OutsideCall
 from .capture import Capture
@@ -96,26 +97,6 @@ def _probe(p: torch.Tensor, k: int) -> torch.Tensor:
     requires grad, so that no k copies of the parameter are allocated (the gradient with respect to the view is
     materialized, [k, *p.shape], and is each group's own)."""
     return torch.zeros((), dtype=p.dtype, device=p.device, requires_grad=True).expand(k, *p.shape)
-
-
-def _recomputing() -> bool:
-    """True while autograd runs a backward node: a forward called now is activation checkpointing's recomputation
-    of a region (its saved tensors), not a new pass, so it records nothing."""
-    return torch._C._current_autograd_node() is not None
-
-
-def _in_checkpoint() -> bool:
-    """True inside torch.utils.checkpoint's non-reentrant region (its saved-tensor hooks are on top of the stack) or
-    in its recomputation. Reads a private torch function; where it is missing, False."""
-    if _recomputing():
-        return True
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    try:
-        hooks = top(True) if top is not None else None
-    except TypeError:
-        return False
-    pack = hooks[0] if hooks else None
-    return pack is not None and "_checkpoint_hook" in getattr(pack, "__qualname__", "")
 
 
 def _routed(unit: _Unit, forward: Callable, own: Callable | None) -> Callable:
@@ -335,7 +316,7 @@ class Vectorizer:
         found = [None if t is None else self._index.get(id(t)) for t in tensors]
         if all(i is None for i in found):
             return None
-        capture = self._capture if torch.is_grad_enabled() and not _recomputing() else None
+        capture = self._capture if torch.is_grad_enabled() and not in_backward() else None
         e = [None if i is None or self._e is None else self._e[i] for i in found]
         probes: list[torch.Tensor | None] = []
         for i in found:
@@ -385,7 +366,7 @@ class Vectorizer:
         # activations checkpointing frees): the layer runs at w + z_j, z a zero [k, ...] tensor autograd
         # differentiates, as the fallback does, and ∂L/∂z_j is group j's gradient. The recomputation in the backward
         # takes the same path (same saved tensors) and records nothing.
-        probed = capture is not None and _in_checkpoint()
+        probed = capture is not None and in_checkpoint_region()
         if probed:
             z = {name: _probe(self.params[i], pos.k) for name, i in unit.wanted.items()}
             e = z if e is None else {name: e[name] + z[name] for name in e}
@@ -398,7 +379,7 @@ class Vectorizer:
                 out = out.expand(pos.extent, *out.shape[1:])
             if e is not None:
                 out = out + unit.rule.delta(unit.module, x, out, e, pos)
-        if capture is not None and out.requires_grad and not _recomputing():
+        if capture is not None and out.requires_grad and not in_backward():
             if probed:
                 capture._probes.extend((i, z[name]) for name, i in unit.wanted.items())
                 capture._regions.append(([out.grad_fn], {x.grad_fn}))
@@ -416,7 +397,7 @@ class Vectorizer:
         pos = self._layout.positions(self.params[some].device)
         if pos.axis != 0:
             raise NotVectorizable(f"{unit.where}: its parameters are broadcast over rows, and the batch is packed")
-        recording = capture is not None and not _recomputing()
+        recording = capture is not None and not in_backward()
         rows = pos.group_ids(1)
         weights = {}
         for name, i in unit.wanted.items():
@@ -447,7 +428,7 @@ class Vectorizer:
         capture = self._capture if torch.is_grad_enabled() else None
         if self._suspended or self._layout is None or (self._e is None and capture is None):
             return inner(*args, **kwargs)
-        recomputing = _recomputing()  # activation checkpointing's recomputation: the same computation, no records
+        recomputing = in_backward()  # activation checkpointing's recomputation: the same computation, no records
         leaves, spec = pytree.tree_flatten((args, kwargs))
         some = next(iter(unit.wanted.values()))
         pos = self._layout.positions(self.params[some].device)

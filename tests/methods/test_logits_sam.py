@@ -291,8 +291,22 @@ def test_trl_fused_head_vectorized_equals_sequential(llama_dir, tmp_path, monkey
     from test_trl_fused_head import TIGHT as FUSED
     from test_vectorized_arch import without_float32_casts
 
+    import trl.trainer.utils as trl_utils
+
     without_float32_casts(monkeypatch)
+    # TRL's backward is asked for the hidden states' gradient only where the pass uses it: not in the first pass's
+    # autograd.grad to the head's weight alone (that would be one more [tokens, vocab] x [vocab, H] product).
+    fused, hidden_wanted = trl_utils._ChunkedLogProbFunction, []
+
+    def backward(ctx, *grads):
+        hidden_wanted.append(ctx.needs_input_grad[0])
+        return original_backward(ctx, *grads)
+
+    original_backward = fused.backward
+    monkeypatch.setattr(fused, "backward", staticmethod(backward))
     on, off = trl_run(llama_dir, tmp_path, kind, "on"), trl_run(llama_dir, tmp_path, kind, "off")
+    # once per group of each pass: the first pass's backward without it, the perturbed pass's with it; 5 groups a run
+    assert hidden_wanted.count(False) == hidden_wanted.count(True) == 10, hidden_wanted
     assert on.msam_engine.path == "vectorized" and off.msam_engine.path == "sequential"
     assert "lm_head" in on.msam_engine.path_line
     for name, a in trainable(on.model).items():
