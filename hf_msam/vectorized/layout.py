@@ -152,9 +152,12 @@ class Positions:
         [1, T] of BERT and GPT-2)."""
         return self.axis == 0 and self.extent > 1 and x.dim() >= 1 and x.shape[0] == 1
 
-    def check(self, x: torch.Tensor, where: str) -> None:
+    def check(self, x: torch.Tensor, where: str | object) -> None:
+        """Raise NotVectorizable unless x carries the batch; `where` names the layer (an object with a `where`
+        property, such as a unit, is read only when the check fails)."""
         if not self.carries_batch(x):
             want = f"[{self.extent}, ...]" if self.axis == 0 else f"[1, {self.extent}, ...]"
+            where = where if isinstance(where, str) else where.where
             raise NotVectorizable(
                 f"{where} got an input of shape {list(x.shape)}, whose leading dims are not the batch's ({want} for "
                 f"{self.layout}): the layer sees the batch reshaped, so its positions cannot be assigned to groups."
@@ -172,6 +175,21 @@ class Positions:
         if zero_pad and self.real is not None:
             y = y * self.real.view(self.k, self.r, *[1] * (y.dim() - 2)).to(y.dtype)
         return y
+
+    def as_groups(self, x: torch.Tensor, zero_pad: bool = False) -> torch.Tensor:
+        """[extent, *mid, f] (or [1, extent, *mid, f]) -> [k, m, f], m = r · prod(mid): `grouped` with the positions
+        of each group in one dim, as the grouped matmuls take them (one view where the groups are the batch's rows
+        as they are, which have no padding)."""
+        if self.gather is None and self.axis == 0 and x.is_contiguous():
+            return x.view(self.k, -1, x.shape[-1])
+        return self.grouped(x, zero_pad).flatten(1, -2)
+
+    def from_groups(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of `as_groups` for an output y [k, m, f'] of an input x: [extent, *mid, f'] (or [1, ...])."""
+        if self.gather is None and self.axis == 0 and self.slot is None and self.k * self.r == self.extent:
+            return y.view(*x.shape[:-1], y.shape[-1])
+        mid = x.shape[1:-1] if self.axis == 0 else x.shape[2:-1]
+        return self.ungrouped(y.view(self.k, self.r, *mid, y.shape[-1]))
 
     def ungrouped(self, y: torch.Tensor) -> torch.Tensor:
         """[k, r, *rest] -> [extent, *rest] (or [1, extent, *rest]): each position's value back in its place; the

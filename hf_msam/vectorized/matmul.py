@@ -15,8 +15,8 @@ __all__ = ["compute_dtype", "perturbed_matmul"]
 
 def _matmul_group_grad(x: torch.Tensor, delta: torch.Tensor, pos: Positions, transposed: bool) -> torch.Tensor:
     """Σ_{i∈B_j} δ_i x_iᵀ for every j ([k, out, in]), or its transpose ([k, in, out], GPT-2's Conv1D)."""
-    a = pos.grouped(as_dtype(x, delta.dtype)).flatten(1, -2)  # [k, m, in], m = r · (positions per row)
-    d = pos.grouped(delta, zero_pad=True).flatten(1, -2)  # [k, m, out]; padding slots are zero
+    a = pos.as_groups(as_dtype(x, delta.dtype))  # [k, m, in], m = r · (positions per row)
+    d = pos.as_groups(delta, zero_pad=True)  # [k, m, out]; padding slots are zero
     return torch.bmm(a.transpose(1, 2), d) if transposed else torch.bmm(d.transpose(1, 2), a)
 
 
@@ -65,24 +65,25 @@ class _PerturbedMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, e, transposed, dtype, bias=None):
+    def forward(ctx, x, w, e, transposed, dtype, b=None, e_b=None):
         keep_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         tensor_e = isinstance(e, torch.Tensor)
         w_e = _perturbed_weight(w, e, transposed, dtype)
         keep = ctx.needs_input_grad[0] and w.device.type == "cpu" and w_e.numel() * w_e.element_size() <= KEEP_ON_CPU_BYTES
         ctx.save_for_backward(x if keep_x else None, w, e if tensor_e else None, w_e if keep else None)
         ctx.transposed, ctx.dtype, ctx.form = transposed, dtype, None if tensor_e else e
-        ctx.bias_dim = None if bias is None else bias.dim()
-        if bias is None:
+        if b is None:
             return torch.bmm(x, w_e)
-        # the bias ([out], or [k, out] with e_b) added by the matmul itself: one pass over the output less
+        # the bias (b, or b + e_b,j for group j, added in b's dtype) added by the matmul itself: one pass less
+        ctx.b_dtype, ctx.e_b_dtype = b.dtype, None if e_b is None else e_b.dtype
+        bias = as_dtype(b if e_b is None else b + e_b, dtype)
         return torch.baddbmm(bias.view(-1, 1, bias.shape[-1]), x, w_e)
 
     @staticmethod
     def backward(ctx, dy):
         x, w, e, w_e = ctx.saved_tensors
         e = e if ctx.form is None else ctx.form
-        dx = dw = de = None
+        dx = dw = de = db = de_b = None
         if ctx.needs_input_grad[0]:
             if w_e is None:
                 w_e = _perturbed_weight(w, e, ctx.transposed, ctx.dtype)
@@ -92,20 +93,19 @@ class _PerturbedMatmul(torch.autograd.Function):
             dw = as_dtype(x_flat.t().mm(dy_flat) if ctx.transposed else dy_flat.t().mm(x_flat), w.dtype)
         if will_compute_gradient(ctx, 2):  # e requiring grad: its gradient is each group's own
             de = (torch.bmm(x.transpose(1, 2), dy) if ctx.transposed else torch.bmm(dy.transpose(1, 2), x)).to(e.dtype)
-        db = None
-        if ctx.bias_dim is not None and ctx.needs_input_grad[5]:
-            db = dy.sum(1) if ctx.bias_dim == 2 else dy.sum((0, 1))  # padding slots have dy = 0
-        return dx, dw, de, None, None, db
+        if ctx.needs_input_grad[5]:
+            db = as_dtype(dy.sum((0, 1)), ctx.b_dtype)  # padding slots have dy = 0
+        if ctx.needs_input_grad[6]:  # e_b requiring grad (a probe): each group's own
+            de_b = as_dtype(dy.sum(1), ctx.e_b_dtype)
+        return dx, dw, de, None, None, db, de_b
 
 
 def _perturbed_matmul(x, w, b, e_w, e_b, pos: Positions, transposed: bool) -> torch.Tensor:
     """The output at w + e_j of a Linear (or Conv1D): (W + e_j) x_i + b + e_b,j for position i of group j, at the cost
     of the plain layer (Δ = e_j x_i alone would cost as much as the layer again, forward and backward)."""
     dtype = _compute_dtype(x)
-    xg = as_dtype(pos.grouped(x), dtype)  # [k, r, *mid, in]; padding repeats a real position, its output is dropped
-    bias = None if b is None else as_dtype(b if e_b is None else b + e_b, dtype)  # [out], or [k, out]
-    y = _PerturbedMatmul.apply(xg.flatten(1, -2), w, e_w, transposed, dtype, bias)  # [k, m, out]
-    return pos.ungrouped(y.reshape(*xg.shape[:-1], y.shape[-1]))
+    xg = as_dtype(pos.as_groups(x), dtype)  # [k, m, in]; padding repeats a real position, its output is dropped
+    return pos.from_groups(_PerturbedMatmul.apply(xg, w, e_w, transposed, dtype, b, e_b), x)  # e_b: only with b
 
 
 compute_dtype = _compute_dtype

@@ -359,7 +359,7 @@ class Vectorizer:
         broadcast = pos.broadcasts(x)
         if broadcast:  # [1, ...] broadcast over the batch (position ids): every row uses it, one copy per row (views)
             x = x.expand(pos.extent, *x.shape[1:])
-        pos.check(x, unit.where)
+        pos.check(x, unit)
         capture = self._capture if torch.is_grad_enabled() else None
         e = None if self._e is None else {name: self._e[i] for name, i in unit.wanted.items()}
         # Inside activation checkpointing, the capture does not keep x and the output's edge (that would keep the
