@@ -112,8 +112,8 @@ def scale_groups_to_radius(
     """`scale_to_radius` for every j of tensors stacked [k, ...] at once: d[j] ← ρ·d[j]/(‖d_j‖ + eps), or 0 where
     ok[j] is False (norms and ok of shape [k])."""
     scale = GroupFactor(torch.where(ok, rho / (norms + eps), torch.zeros_like(norms)))
+    torch._foreach_mul_(d, [scale.of(t) for t in d])
     for t in d:
-        t.mul_(scale.of(t))
         t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # a skipped d_j may hold inf/nan (see scale_to_radius)
     return d
 

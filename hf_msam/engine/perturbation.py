@@ -55,8 +55,7 @@ def per_micro_batch(parts: list[torch.Tensor], c: list[float | torch.Tensor]) ->
     j's part of its gradient is c_j·g_j (a micro-batch with c_j = 0, no counted token, gets g_j = 0: skipped)."""
     c_t = torch.stack([device_scalar(w, parts[0].device) for w in c])
     inverse = GroupFactor(divide_where_positive(torch.ones_like(c_t), c_t))
-    for t in parts:
-        t.mul_(inverse.of(t))
+    torch._foreach_mul_(parts, [inverse.of(t) for t in parts])  # one call: [k, 1, ..] broadcast against each tensor
     return parts
 
 
