@@ -123,7 +123,7 @@ class _GroupedHeadFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, *_):
         weight, bias, e_w, e_b = ctx.saved_tensors
-        needs_hidden, needs_w, needs_b, _, _, needs_zw, needs_zb = ctx.needs_input_grad[:7]
+        _, needs_w, needs_b, _, _, needs_zw, needs_zb = ctx.needs_input_grad[:7]
         # logits-SAM's autograd.grad to the probes alone uses no gradient of the hidden states, which TRL's backward
         # would compute (one more [tokens, vocab] x [vocab, H] product) because they require grad.
         needs_hidden = will_compute_gradient(ctx, 0)
