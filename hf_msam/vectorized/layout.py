@@ -186,10 +186,10 @@ class Positions:
 
     def from_groups(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The inverse of `as_groups` for an output y [k, m, f'] of an input x: [extent, *mid, f'] (or [1, ...])."""
-        if self.gather is None and self.axis == 0 and self.slot is None and self.k * self.r == self.extent:
-            return y.view(*x.shape[:-1], y.shape[-1])
+        if self.gather is None and self.axis == 0:  # rows in order: no padding, positions are slots
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         mid = x.shape[1:-1] if self.axis == 0 else x.shape[2:-1]
-        return self.ungrouped(y.view(self.k, self.r, *mid, y.shape[-1]))
+        return self.ungrouped(y.reshape(self.k, self.r, *mid, y.shape[-1]))
 
     def ungrouped(self, y: torch.Tensor) -> torch.Tensor:
         """[k, r, *rest] -> [extent, *rest] (or [1, extent, *rest]): each position's value back in its place; the

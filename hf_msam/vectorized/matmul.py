@@ -22,15 +22,14 @@ def _matmul_group_grad(x: torch.Tensor, delta: torch.Tensor, pos: Positions, tra
 
 def _matmul_delta(x: torch.Tensor, out: torch.Tensor, e_w, e_b, pos: Positions, transposed: bool) -> torch.Tensor:
     """Δ_i = e_W,j x_i + e_b,j for position i of group j (e_W stored [k, in, out] when `transposed`)."""
-    xg = pos.grouped(as_dtype(x, out.dtype))  # [k, r, *mid, in]
-    a = xg.flatten(1, -2)  # [k, m, in]
+    a = pos.as_groups(as_dtype(x, out.dtype))  # [k, m, in]
     d = a.new_zeros(()).expand(*a.shape[:2], out.shape[-1])
     if e_w is not None:
         e_w = e_w.to(out.dtype)
         d = torch.bmm(a, e_w if transposed else e_w.transpose(1, 2))  # [k, m, out]
     if e_b is not None:
         d = d + e_b.to(out.dtype).unsqueeze(1)
-    return pos.ungrouped(d.reshape(*xg.shape[:-1], out.shape[-1]))
+    return pos.from_groups(d, x)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
