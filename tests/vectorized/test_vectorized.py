@@ -721,3 +721,26 @@ def test_no_host_sync():
     for p in params:
         p.grad = None
     check_case(case)
+
+
+@pytest.mark.parametrize("shape, sizes", [((8, 5, 6), [2, 2, 2, 2]), ((7, 6), [3, 3, 1])])
+def test_a_linear_whose_bias_alone_moves_sees_its_groups_bias(shape, sizes):
+    """A frozen weight and a trainable bias take the Δ path (y + e_b,j), in equal groups (one view) and uneven ones
+    (padding): each group's rows equal F.linear at b + e_b,j, and each group's gradient of a sum of its rows' outputs."""
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 4).double()
+    lin.weight.requires_grad_(False)
+    x = torch.randn(*shape, dtype=torch.float64)
+    vec, layout = Vectorizer(lin, [lin.bias]), GroupLayout.rows(sizes)
+    e = torch.randn(len(sizes), 4, dtype=torch.float64)
+    with vec.routing(), vec.perturbed(layout, [e]):
+        y = lin(x)
+    expected = torch.cat([F.linear(xs, lin.weight, lin.bias + e[j]) for j, xs in enumerate(x.split(sizes))])
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+    assert (y - lin(x)).abs().max() > 0.1  # the perturbation moved the output
+    with vec.routing(), vec.capture(layout) as capture:
+        g = capture.group_gradients((lin(x) ** 2).sum())[0]
+    for j, xs in enumerate(x.split(sizes)):
+        b = lin.bias.detach().clone().requires_grad_(True)
+        (g_j,) = torch.autograd.grad((F.linear(xs, lin.weight, b) ** 2).sum(), b)
+        torch.testing.assert_close(g[j], g_j, rtol=0, atol=1e-12)
